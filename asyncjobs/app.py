@@ -1,0 +1,96 @@
+"""The composition root: an ``App`` wires store, hub, queue, workers and web from a ``Config``."""
+
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from .config import Config
+from .errors import ConfigError
+from .hub import Hub
+from .queue import JobQueue
+from .store import SQLiteStore
+from .tasks import TaskRegistry
+from .web import WebSettings, make_web_app
+from .worker import Workers
+
+log = logging.getLogger("asyncjobs")
+
+
+def _check_supported(config: Config) -> None:
+    """Settings of the protocol this version does not implement yet must not be silently ignored."""
+    if config.auth.tokens:
+        raise ConfigError("auth.tokens: authentication is not supported by this version; leave it empty")
+    if config.callbacks.allow_hosts or config.callbacks.secret:
+        raise ConfigError("callbacks: callbacks are not supported by this version; leave [callbacks] empty")
+
+
+def sweep_interval_s(config: Config) -> float:
+    """Often enough that retention and expiry are honoured within a fraction of the shortest of them."""
+    shortest = min(config.jobs.retention, config.jobs.tombstone_retention, config.jobs.max_age)
+    return max(0.05, min(10.0, shortest / 4))
+
+
+class App:
+    """Everything one asyncjobs service holds; no module-level state, so two can share a process."""
+
+    def __init__(self, config: Config, *, registry: TaskRegistry | None = None) -> None:
+        _check_supported(config)
+        self.config = config
+        self.registry = registry or TaskRegistry.from_modules(config.tasks.modules, config.tasks.overrides)
+        self.store = SQLiteStore(config.store.path, synchronous=config.store.synchronous)
+        self.hub = Hub()
+        self.queue = JobQueue(
+            store=self.store,
+            hub=self.hub,
+            registry=self.registry,
+            workers=config.queue.workers,
+            max_queued=config.queue.max_queued,
+            retention_s=config.jobs.retention,
+            tombstone_retention_s=config.jobs.tombstone_retention,
+            max_age_s=config.jobs.max_age,
+            cancel_grace_s=config.jobs.cancel_grace,
+        )
+        self.workers = Workers(self.queue, count=config.queue.workers, sweep_interval_s=sweep_interval_s(config))
+        self.web = make_web_app(self.queue, WebSettings(
+            monitor_style=config.protocol.monitor,
+            max_body_bytes=config.server.max_body_bytes,
+            max_wait_s=config.server.max_wait,
+        ))
+        self.web.cleanup_ctx.append(self._lifecycle)
+        self._started = False
+
+    async def _lifecycle(self, _app: web.Application) -> AsyncIterator[None]:
+        await self.start()
+        yield
+        await self.stop()
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        await self.store.open()
+        try:
+            await self.queue.start()
+            await self.workers.start()
+        except BaseException:
+            await self.store.close()
+            raise
+        self._started = True
+        log.info("asyncjobs started: %d workers, tasks %s, store %s", self.config.queue.workers,
+                 ", ".join(self.registry.names()), self.config.store.path)
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Stop accepting submits (503) and let running jobs finish within the grace period."""
+        self.queue.accepting = False
+        if self._started:
+            await self.workers.stop(self.config.queue.shutdown_grace if grace_s is None else grace_s)
+
+    async def stop(self) -> None:
+        if not self._started:
+            return
+        await self.drain()
+        await self.store.close()
+        self._started = False
+        log.info("asyncjobs stopped")

@@ -1,0 +1,85 @@
+"""The ``asyncjobs`` command line: ``serve`` runs the service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+from aiohttp import web
+
+from . import config as config_module
+from .app import App
+from .errors import ConfigError, StoreError
+from .web import ProblemRunner
+
+log = logging.getLogger("asyncjobs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asyncjobs", description="Asynchronous request-reply jobs over HTTP.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the service")
+    serve.add_argument("--config", help="config file (default: ./config.toml if it exists)")
+    serve.add_argument("--host", help="address to listen on")
+    serve.add_argument("--port", type=int, help="port to listen on (0: any free port)")
+    serve.add_argument("--db", help="SQLite file of the store")
+    serve.add_argument("--workers", type=int, help="worker coroutines")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    pairs = {("server", "host"): args.host, ("server", "port"): args.port,
+             ("store", "path"): args.db, ("queue", "workers"): args.workers}
+    out: dict[str, dict[str, Any]] = {}
+    for (section, key), value in pairs.items():
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+async def serve(app: App) -> None:
+    """Run until SIGINT/SIGTERM, then drain: 503 for submits, running jobs get the grace period."""
+    runner = ProblemRunner(app.web, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, app.config.server.host, app.config.server.port)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        log.info("asyncjobs listening on http://%s:%d", host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down: no new jobs; running jobs get %.0fs", app.config.queue.shutdown_grace)
+        await app.drain()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_module.load(args.config, overrides=_flag_overrides(args))
+        app = App(cfg)
+        asyncio.run(serve(app))
+    except ConfigError as exc:
+        print(f"asyncjobs: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"asyncjobs: store error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"asyncjobs: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

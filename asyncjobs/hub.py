@@ -1,0 +1,105 @@
+"""The hub: an in-process change feed of jobs, with bounded queues per subscriber."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Iterable
+
+from .models import Job
+
+
+class Subscription:
+    """Receives the jobs published for the ids it watches (or for all, with ``everything``).
+
+    The buffer is bounded: when a slow consumer lets it fill, ``overflowed``
+    is set and the subscription stops buffering, so its owner can close it.
+    """
+
+    def __init__(self, hub: "Hub", job_ids: Iterable[str], *, everything: bool, maxsize: int) -> None:
+        self._hub = hub
+        self.job_ids: set[str] = set(job_ids)
+        self.everything = everything
+        self._buffer: deque[Job] = deque()
+        self._maxsize = maxsize
+        self._ready = asyncio.Event()
+        self.overflowed = False
+
+    def _push(self, job: Job) -> None:
+        if self.overflowed:
+            return
+        if len(self._buffer) >= self._maxsize:
+            self.overflowed = True
+            self._buffer.clear()
+        else:
+            self._buffer.append(job)
+        self._ready.set()
+
+    async def get(self, timeout_s: float | None = None) -> Job | None:
+        """The next job published, or None after ``timeout_s`` or on overflow."""
+        if not self._buffer and not self.overflowed:
+            self._ready.clear()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._ready.wait()
+            except TimeoutError:
+                return None
+        return self._buffer.popleft() if self._buffer else None
+
+    def add(self, job_ids: Iterable[str]) -> None:
+        self._hub._add(self, job_ids)
+
+    def remove(self, job_ids: Iterable[str]) -> None:
+        self._hub._remove(self, job_ids)
+
+    def close(self) -> None:
+        self._hub._remove(self, list(self.job_ids))
+        self._hub._everything.discard(self)
+
+    def __enter__(self) -> "Subscription":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Hub:
+    """Publishes each change of a job once to every subscription that watches it."""
+
+    def __init__(self, *, maxsize: int = 1024) -> None:
+        self._by_job: dict[str, set[Subscription]] = {}
+        self._everything: set[Subscription] = set()
+        self._maxsize = maxsize
+
+    def subscribe(self, job_ids: Iterable[str] = (), *, everything: bool = False,
+                  maxsize: int | None = None) -> Subscription:
+        sub = Subscription(self, (), everything=everything, maxsize=maxsize or self._maxsize)
+        self._add(sub, job_ids)
+        if everything:
+            self._everything.add(sub)
+        return sub
+
+    def publish(self, job: Job) -> None:
+        for sub in self._by_job.get(job.id, ()):
+            sub._push(job)
+        for sub in self._everything:
+            if job.id not in sub.job_ids:
+                sub._push(job)
+
+    @property
+    def subscriptions(self) -> int:
+        return len({s for subs in self._by_job.values() for s in subs} | self._everything)
+
+    def _add(self, sub: Subscription, job_ids: Iterable[str]) -> None:
+        for job_id in job_ids:
+            sub.job_ids.add(job_id)
+            self._by_job.setdefault(job_id, set()).add(sub)
+
+    def _remove(self, sub: Subscription, job_ids: Iterable[str]) -> None:
+        for job_id in list(job_ids):
+            sub.job_ids.discard(job_id)
+            subs = self._by_job.get(job_id)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._by_job[job_id]

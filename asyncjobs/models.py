@@ -1,0 +1,130 @@
+"""The job record, its statuses and the pure transitions between them."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from .errors import InvalidTransition
+
+
+class Status(StrEnum):
+    """A job's status; the values are the wire strings."""
+
+    QUEUED = "queued"  # stored, waiting for a worker (or for its run_at)
+    RUNNING = "running"  # a worker runs its handler
+    SUCCEEDED = "succeeded"  # terminal: the handler returned
+    FAILED = "failed"  # terminal: raised, timed out, or was interrupted too often
+    CANCELED = "canceled"  # terminal: canceled by a client or by expiry
+
+
+TERMINAL_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELED})
+PENDING_STATUSES = frozenset({Status.QUEUED, Status.RUNNING})
+
+# (from, to) pairs a job may take; anything else is a bug in the caller.
+ALLOWED_TRANSITIONS = frozenset(
+    {
+        (Status.QUEUED, Status.RUNNING),
+        (Status.QUEUED, Status.CANCELED),
+        (Status.RUNNING, Status.SUCCEEDED),
+        (Status.RUNNING, Status.FAILED),
+        (Status.RUNNING, Status.CANCELED),
+        (Status.RUNNING, Status.QUEUED),  # retry, or requeue after a restart
+    }
+)
+
+
+def new_job_id() -> str:
+    """128 random bits, URL-safe (22 characters)."""
+    return secrets.token_urlsafe(16)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One submission of a task. ``params`` and ``result`` are encoded bytes."""
+
+    id: str
+    task: str
+    params: bytes
+    status: Status
+    priority: int
+    created_at: float
+    expires_at: float
+    run_at: float
+    max_attempts: int
+    seq: int = 0  # submission order, assigned by the store
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    version: int = 1
+    progress: dict[str, Any] | None = None
+    result: bytes | None = None  # JSON, or raw bytes when result_type is set
+    result_type: str | None = None  # content type of a bytes result
+    error: dict[str, str] | None = None
+    owner: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+def _move(job: Job, to: Status, **changes: Any) -> Job:
+    if (job.status, to) not in ALLOWED_TRANSITIONS:
+        raise InvalidTransition(f"job {job.id}: {job.status} -> {to} is not allowed")
+    return dataclasses.replace(job, status=to, version=job.version + 1, **changes)
+
+
+def start(job: Job, now: float) -> Job:
+    """A worker takes the job: one more attempt."""
+    return _move(job, Status.RUNNING, started_at=now, attempts=job.attempts + 1, error=None)
+
+
+def succeed(job: Job, now: float, *, result: bytes, result_type: str | None, retention_s: float) -> Job:
+    return _move(
+        job,
+        Status.SUCCEEDED,
+        finished_at=now,
+        expires_at=now + retention_s,
+        result=result,
+        result_type=result_type,
+    )
+
+
+def fail(job: Job, now: float, *, error_type: str, message: str, retention_s: float) -> Job:
+    return _move(
+        job,
+        Status.FAILED,
+        finished_at=now,
+        expires_at=now + retention_s,
+        error={"type": error_type, "message": message},
+    )
+
+
+def cancel(job: Job, now: float, *, retention_s: float, message: str = "canceled by request") -> Job:
+    return _move(
+        job,
+        Status.CANCELED,
+        finished_at=now,
+        expires_at=now + retention_s,
+        error={"type": "canceled", "message": message},
+    )
+
+
+def requeue(job: Job, *, run_at: float, refund_attempt: bool = False) -> Job:
+    """Back to the queue: a retry (after a backoff) or a job interrupted by shutdown."""
+    attempts = job.attempts - 1 if refund_attempt else job.attempts
+    return _move(job, Status.QUEUED, run_at=run_at, started_at=None, progress=None, attempts=attempts)
+
+
+def with_progress(job: Job, progress: dict[str, Any]) -> Job:
+    if job.status is not Status.RUNNING:
+        raise InvalidTransition(f"job {job.id}: progress while {job.status}")
+    return dataclasses.replace(job, progress=progress, version=job.version + 1)
+
+
+def is_expired(job: Job, now: float) -> bool:
+    """Past ``expires_at`` the job answers 410: retention ran out, or it never finished in time."""
+    return now >= job.expires_at

@@ -1,0 +1,223 @@
+"""Pure HTTP decisions of the protocol: status codes, headers and the job representation.
+
+Nothing here does I/O, so every rule can be tested without a server.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+from urllib.parse import urlencode
+
+from . import codec
+from .errors import BadRequest
+from .models import Job, Status
+
+JOBS_PATH = "/jobs"
+MAX_LIST_LIMIT = 500
+DEFAULT_LIST_LIMIT = 50
+MAX_RETRY_AFTER_S = 60
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A status code and the headers that go with it (the body is the caller's)."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+# -- the representation ----------------------------------------------------
+
+def job_url(job_id: str) -> str:
+    return f"{JOBS_PATH}/{job_id}"
+
+
+def job_links(job_id: str) -> dict[str, Any]:
+    url = job_url(job_id)
+    return {
+        "self": url,
+        "result": f"{url}/result",
+        "events": f"{url}/events",
+        "cancel": {"href": f"{url}/cancel", "method": "POST"},
+        "delete": {"href": url, "method": "DELETE"},
+    }
+
+
+def job_body(job: Job, *, eta: float | None = None, queue_position: int | None = None) -> dict[str, Any]:
+    """The job representation of the protocol, ready for ``codec.dumps``."""
+    result: Any = None
+    if job.status is Status.SUCCEEDED and job.result is not None:
+        if job.result_type is None:
+            result = codec.Fragment(job.result)
+        else:
+            result = {"content_type": job.result_type, "size": len(job.result),
+                      "href": f"{job_url(job.id)}/result"}
+    pending = job.status in (Status.QUEUED, Status.RUNNING)
+    return {
+        "id": job.id,
+        "task": job.task,
+        "status": job.status.value,
+        "created_at": codec.isotime(job.created_at),
+        "started_at": codec.isotime(job.started_at),
+        "finished_at": codec.isotime(job.finished_at),
+        "expires_at": codec.isotime(job.expires_at),
+        "attempts": job.attempts,
+        "priority": job.priority,
+        "version": job.version,
+        "progress": job.progress if job.status is Status.RUNNING or job.terminal else None,
+        "eta": codec.isotime(eta) if pending else None,
+        "queue_position": queue_position if job.status is Status.QUEUED else None,
+        "run_at": codec.isotime(job.run_at) if job.status is Status.QUEUED else None,
+        "result": result,
+        "error": job.error if job.status in (Status.FAILED, Status.CANCELED) else None,
+        "links": job_links(job.id),
+    }
+
+
+# -- caching ---------------------------------------------------------------
+
+def etag(job: Job) -> str:
+    """Weak: ``eta`` and ``queue_position`` may move between versions."""
+    return f'W/"{job.version}"'
+
+
+def etag_matches(if_none_match: str | None, current: str) -> bool:
+    """Weak comparison (RFC 9110 13.1.2) of an ``If-None-Match`` list against ``current``."""
+    if not if_none_match:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    wanted = current.removeprefix("W/")
+    return any(tag.strip().removeprefix("W/") == wanted for tag in if_none_match.split(","))
+
+
+def job_headers(job: Job) -> dict[str, str]:
+    return {"ETag": etag(job), **NO_STORE}
+
+
+def retry_after_s(eta: float | None, now: float) -> int:
+    """Seconds until the next poll is worth it: from the ETA, at least 1, at most a minute."""
+    if eta is None:
+        return 1
+    return int(min(MAX_RETRY_AFTER_S, max(1, math.ceil(eta - now))))
+
+
+# -- answers -----------------------------------------------------------------
+
+def submit_answer(job: Job, *, eta: float | None, now: float) -> Answer:
+    url = job_url(job.id)
+    return Answer(202, {"Location": url, "Content-Location": url,
+                        "Retry-After": str(retry_after_s(eta, now)), **job_headers(job)})
+
+
+def monitor_answer(job: Job, *, eta: float | None, now: float, style: str = "rest",
+                   redirect: bool = True) -> Answer:
+    """The status monitor: rest (200 / 303 / 200) or flow (202 while pending, 200 when done)."""
+    headers = job_headers(job)
+    pending = job.status in (Status.QUEUED, Status.RUNNING)
+    if pending:
+        headers["Retry-After"] = str(retry_after_s(eta, now))
+        if style == "flow":
+            return Answer(202, {**headers, "Location": job_url(job.id)})
+        return Answer(200, headers)
+    if job.status is Status.SUCCEEDED and style == "rest" and redirect:
+        return Answer(303, {**headers, "Location": f"{job_url(job.id)}/result"})
+    return Answer(200, headers)
+
+
+def result_answer(job: Job, *, eta: float | None, now: float) -> Answer:
+    """200 with the result; 404 while it does not exist yet; 409 when it never will."""
+    headers = job_headers(job)
+    if job.status is Status.SUCCEEDED:
+        return Answer(200, headers)
+    if job.status in (Status.QUEUED, Status.RUNNING):
+        return Answer(404, {**headers, "Retry-After": str(retry_after_s(eta, now))})
+    return Answer(409, headers)
+
+
+def cancel_answer(job: Job, *, stopped: bool) -> Answer:
+    return Answer(200 if stopped else 202, job_headers(job))
+
+
+# -- request parsing -----------------------------------------------------------
+
+_JSON_TYPE = re.compile(r"^application/(?:[\w.+-]+\+)?json$", re.IGNORECASE)
+
+
+def is_json_content_type(content_type: str | None) -> bool:
+    if not content_type:
+        return False
+    return bool(_JSON_TYPE.match(content_type.split(";", 1)[0].strip()))
+
+
+def parse_submit(body: Any) -> tuple[Any, Any, int, float]:
+    """Check a submit body's shape: (task, params, priority, delay_s)."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object", errors=[{"field": "", "message": "expected object"}])
+    errors = []
+    unknown = sorted(set(body) - {"task", "params", "priority", "delay", "callback_url"})
+    for name in unknown:
+        errors.append({"field": name, "message": "is not a field of a submit"})
+    params = body.get("params", {})
+    if params is None:
+        params = {}
+    priority = body.get("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool) or not -2**31 <= priority < 2**31:
+        errors.append({"field": "priority", "message": "expected an integer"})
+    delay = body.get("delay", 0)
+    if delay is None:
+        delay = 0
+    if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not 0 <= delay <= 10**9:
+        errors.append({"field": "delay", "message": "expected a number of seconds, 0 or more"})
+    if "callback_url" in body:
+        errors.append({"field": "callback_url", "message": "callbacks are not enabled on this server"})
+    if errors:
+        raise BadRequest("invalid submit: " + "; ".join(f"{e['field']} {e['message']}" for e in errors),
+                         errors=errors)
+    return body.get("task"), params, priority, float(delay)
+
+
+def parse_list_query(query: Mapping[str, str], known_tasks: list[str]) -> tuple[str | None, str | None, int, int | None]:
+    """(status, task, limit, before_seq) from ``GET /jobs``'s query; BadRequest if off."""
+    errors = []
+    status = query.get("status")
+    if status is not None and status not in {s.value for s in Status}:
+        errors.append({"field": "status", "message": f"expected one of {', '.join(s.value for s in Status)}"})
+    task = query.get("task")
+    limit = DEFAULT_LIST_LIMIT
+    if "limit" in query:
+        try:
+            limit = int(query["limit"])
+            if not 1 <= limit <= MAX_LIST_LIMIT:
+                raise ValueError
+        except ValueError:
+            errors.append({"field": "limit", "message": f"expected an integer from 1 to {MAX_LIST_LIMIT}"})
+    before = None
+    if "cursor" in query:
+        try:
+            before = int(query["cursor"])
+            if before < 1:
+                raise ValueError
+        except ValueError:
+            errors.append({"field": "cursor", "message": "not a cursor this server gave out"})
+    if errors:
+        raise BadRequest("invalid list query", errors=errors)
+    return status, task, limit, before
+
+
+def next_page_url(*, status: str | None, task: str | None, limit: int, cursor: int | None) -> str | None:
+    """The next page's URL, or None when this page is the last."""
+    if cursor is None:
+        return None
+    params = [("status", status), ("task", task), ("limit", str(limit)), ("cursor", str(cursor))]
+    return f"{JOBS_PATH}?{urlencode([(k, v) for k, v in params if v is not None])}"
+
+
+def parse_bool(value: str | None, default: bool) -> bool:
+    if value is None:
+        return default
+    return value.strip().lower() not in ("false", "0", "no", "off")

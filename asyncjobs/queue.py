@@ -1,0 +1,337 @@
+"""The queue: the one writer of jobs. Every change is persisted, then published, then logged."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import codec
+from .errors import BadRequest, Conflict, Gone, NotFound, ServiceUnavailable
+from .hub import Hub
+from .models import Job, Status, cancel, is_expired, new_job_id, with_progress
+from .store import Store
+from .tasks import TaskRegistry, validate
+
+log = logging.getLogger("asyncjobs.queue")
+
+PROGRESS_PERSIST_INTERVAL_S = 0.5  # progress reaches waiters at once, the store at most this often
+EXPIRED = "expired before it finished"  # the cancel reason the sweep gives
+
+
+@dataclass(eq=False)
+class Execution:
+    """A job a worker is running: its live record and how to stop it."""
+
+    job: Job
+    stored_version: int
+    stop: Callable[[], None] = lambda: None  # set by the worker
+    cancel_reason: str | None = None
+    delete_when_done: bool = False
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    last_persist: float = 0.0
+    pending_write: asyncio.Task | None = None
+
+    def request_cancel(self, reason: str) -> None:
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+            self.stop()
+
+
+class RunTimes:
+    """A moving estimate (EWMA) of each task's run time, for ETAs."""
+
+    def __init__(self, *, alpha: float = 0.2) -> None:
+        self.alpha = alpha
+        self._mean: dict[str, float] = {}
+
+    def record(self, task: str, seconds: float) -> None:
+        old = self._mean.get(task)
+        self._mean[task] = seconds if old is None else old + self.alpha * (seconds - old)
+
+    def mean(self, task: str) -> float | None:
+        return self._mean.get(task)
+
+    def snapshot(self) -> dict[str, float]:
+        return dict(self._mean)
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job with what is derived at read time: its ETA and queue position."""
+
+    job: Job
+    eta: float | None = None
+    queue_position: int | None = None
+
+
+class JobQueue:
+    """Submit, read, cancel, delete and list jobs; the workers report through it."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        hub: Hub,
+        registry: TaskRegistry,
+        workers: int,
+        max_queued: int,
+        retention_s: float,
+        tombstone_retention_s: float,
+        max_age_s: float,
+        cancel_grace_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.hub = hub
+        self.registry = registry
+        self.workers = workers
+        self.max_queued = max_queued
+        self.retention_s = retention_s
+        self.tombstone_retention_s = tombstone_retention_s
+        self.max_age_s = max_age_s
+        self.cancel_grace_s = cancel_grace_s
+        self.clock = clock
+        self.running: dict[str, Execution] = {}
+        self.run_times = RunTimes()
+        self.wakeup = asyncio.Event()  # set when there may be work for the dispatcher
+        self.accepting = True
+        self.queued = 0  # jobs queued in the store, kept in memory for backpressure
+        self.next_due: float | None = None  # earliest run_at of a delayed job, if any
+        self._background: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        requeued, failed = await self.store.recover(now=self.clock(), retention_s=self.retention_s)
+        if requeued or failed:
+            log.warning("recovered %d interrupted jobs: %d queued again, %d failed", requeued + failed,
+                        requeued, failed)
+        self.queued = await self.store.count_queued()
+        self.next_due = await self.store.next_run_at(after=self.clock())
+        self.wakeup.set()
+
+    # -- submit ------------------------------------------------------------
+    def check_params(self, task_name: Any, params: Any) -> None:
+        """Raise ``BadRequest`` (with ``errors``) unless task and params are acceptable."""
+        if not isinstance(task_name, str) or not task_name:
+            raise BadRequest("'task' must be a non-empty string naming a registered task",
+                             errors=[{"field": "task", "message": "is required"}])
+        spec = self.registry.get(task_name)
+        if spec is None:
+            raise BadRequest(f"unknown task {task_name!r}; GET /tasks lists the registered ones",
+                             errors=[{"field": "task", "message": f"unknown task {task_name!r}"}])
+        if not isinstance(params, dict):
+            raise BadRequest("'params' must be a JSON object",
+                             errors=[{"field": "params", "message": "expected object"}])
+        errors = validate(params, spec.schema)
+        if errors:
+            raise BadRequest(f"invalid params for task {task_name!r}",
+                             errors=[{**e, "field": f"params.{e['field']}" if e["field"] != "params" else "params"}
+                                     for e in errors])
+
+    async def submit(self, task_name: Any, params: Any, *, priority: int = 0, delay_s: float = 0.0,
+                     owner: str = "") -> Job:
+        self.check_params(task_name, params)
+        if not self.accepting:
+            raise ServiceUnavailable("the server is shutting down", headers={"Retry-After": "5"})
+        if self.queued >= self.max_queued:
+            raise ServiceUnavailable(f"the queue holds its maximum of {self.max_queued} jobs",
+                                     headers={"Retry-After": "5"})
+        spec = self.registry.get(task_name)
+        assert spec is not None
+        now = self.clock()
+        job = Job(
+            id=new_job_id(), task=task_name, params=codec.dumps(params), status=Status.QUEUED,
+            priority=priority, created_at=now, expires_at=now + self.max_age_s, run_at=now + delay_s,
+            max_attempts=spec.max_attempts, owner=owner,
+        )
+        self.queued += 1
+        try:
+            job = await self.store.insert(job)
+        except BaseException:
+            self.queued -= 1
+            raise
+        self.hub.publish(job)
+        self._due_at(job.run_at)
+        log.debug("job %s submitted (%s)", job.id, job.task)
+        return job
+
+    # -- read --------------------------------------------------------------
+    async def find(self, job_id: str, *, owner: str | None = None) -> Job:
+        """The job as it is now; ``NotFound`` or ``Gone`` otherwise."""
+        execution = self.running.get(job_id)
+        if execution is not None and (owner is None or execution.job.owner == owner):
+            job = execution.job
+        else:
+            found = await self.store.lookup(job_id)
+            if owner is not None and found.owner is not None and found.owner != owner:
+                raise NotFound(f"no job {job_id}")
+            if found.gone:
+                raise Gone(f"job {job_id} has expired")
+            if found.job is None:
+                raise NotFound(f"no job {job_id}")
+            job = found.job
+        if is_expired(job, self.clock()):
+            raise Gone(f"job {job_id} has expired", job_status=job.status.value)
+        return job
+
+    async def view(self, job: Job) -> JobView:
+        """Add the ETA and, for a queued job, its position."""
+        now = self.clock()
+        mean = self.run_times.mean(job.task)
+        if job.status is Status.QUEUED:
+            position = await self.store.queue_position(job)
+            eta = None
+            if mean is not None:
+                waves = math.ceil(position / max(1, self.workers))
+                eta = max(now, job.run_at) + waves * mean
+            return JobView(job, eta, position)
+        if job.status is Status.RUNNING and job.started_at is not None:
+            elapsed = now - job.started_at
+            fraction = (job.progress or {}).get("fraction")
+            if isinstance(fraction, (int, float)) and 0.05 <= fraction <= 1:
+                return JobView(job, job.started_at + elapsed / fraction)
+            if mean is not None:
+                return JobView(job, max(job.started_at + mean, now))
+        return JobView(job)
+
+    async def list(self, *, status: str | None = None, task: str | None = None, owner: str | None = None,
+                   before_seq: int | None = None, limit: int = 50) -> tuple[list[Job], int | None]:
+        """A page of jobs, newest first, and the cursor of the next page (None: this is the last)."""
+        jobs = await self.store.list(status=status, task=task, owner=owner, before_seq=before_seq, limit=limit)
+        now = self.clock()
+        live = [self.running[j.id].job if j.id in self.running else j for j in jobs]
+        cursor = jobs[-1].seq if len(jobs) == limit else None
+        return [j for j in live if not is_expired(j, now)], cursor
+
+    # -- cancel and delete ---------------------------------------------------
+    async def cancel(self, job_id: str, *, owner: str | None = None) -> tuple[Job, bool]:
+        """Cancel; returns the job and whether it has stopped (False: still stopping after the grace)."""
+        for _ in range(5):
+            job = await self.find(job_id, owner=owner)
+            if job.status is Status.CANCELED:
+                return job, True
+            if job.terminal:
+                raise Conflict(f"job {job_id} has already {job.status.value}", job_status=job.status.value)
+            execution = self.running.get(job_id)
+            if execution is not None:
+                return await self._stop_running(execution, "canceled by request")
+            new = cancel(job, self.clock(), retention_s=self.retention_s)
+            if await self.store.update(new, expected_version=job.version):
+                self.queued -= 1
+                self.hub.publish(new)
+                log.info("job %s canceled while queued", job_id)
+                return new, True
+            await asyncio.sleep(0)  # claimed or changed meanwhile: look again
+        raise ServiceUnavailable(f"job {job_id} kept changing; try again", headers={"Retry-After": "1"})
+
+    async def _stop_running(self, execution: Execution, reason: str) -> tuple[Job, bool]:
+        execution.request_cancel(reason)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.cancel_grace_s):
+                await execution.done.wait()
+        return execution.job, execution.done.is_set()
+
+    async def delete(self, job_id: str, *, owner: str | None = None) -> bool:
+        """Forget the job (canceling it first); False while a running handler is still stopping."""
+        job = await self.find(job_id, owner=owner)
+        if not job.terminal:
+            job, stopped = await self.cancel(job_id, owner=owner)
+            if not stopped:
+                execution = self.running.get(job_id)
+                if execution is not None:
+                    execution.delete_when_done = True
+                    return False
+        await self.store.delete(job_id)
+        log.info("job %s deleted", job_id)
+        return True
+
+    # -- reports from the workers -------------------------------------------
+    def progress(self, execution: Execution, fraction: float | None, message: str | None) -> None:
+        """A handler's progress: to waiters at once, to the store at most every half second."""
+        report: dict[str, Any] = {"fraction": fraction, "message": message}
+        if execution.job.status is not Status.RUNNING or execution.job.progress == report:
+            return
+        execution.job = with_progress(execution.job, report)
+        self.hub.publish(execution.job)
+        now = time.monotonic()
+        if now - execution.last_persist >= PROGRESS_PERSIST_INTERVAL_S and execution.pending_write is None:
+            execution.last_persist = now
+            execution.pending_write = asyncio.create_task(self._persist_progress(execution))
+
+    async def _persist_progress(self, execution: Execution) -> None:
+        job = execution.job
+        try:
+            if await self.store.update(job, expected_version=execution.stored_version):
+                execution.stored_version = job.version
+        except Exception as exc:  # a lost progress report is not worth failing the job
+            log.warning("job %s: progress not stored: %s", job.id, exc)
+        finally:
+            execution.pending_write = None
+
+    async def finish(self, execution: Execution, new: Job) -> None:
+        """Persist a running job's next state (terminal, or queued again), then publish it."""
+        if execution.pending_write is not None:
+            await execution.pending_write
+        if not await self.store.update(new, expected_version=execution.stored_version):
+            log.warning("job %s changed under its worker; its outcome %s was not stored", new.id, new.status)
+        execution.stored_version = new.version
+        execution.job = new
+        if new.status is Status.QUEUED:
+            self.queued += 1
+            self._due_at(new.run_at)
+        self.hub.publish(new)
+        if execution.delete_when_done:
+            await self.store.delete(new.id)
+        log.info("job %s %s (attempt %d)", new.id, new.status.value, new.attempts)
+
+    async def claim(self, limit: int) -> list[Job]:
+        """Take up to ``limit`` due jobs for the workers, respecting each task's concurrency."""
+        running_by_task: dict[str, int] = {}
+        for execution in self.running.values():
+            running_by_task[execution.job.task] = running_by_task.get(execution.job.task, 0) + 1
+        room = {
+            spec.name: None if spec.concurrency is None else spec.concurrency - running_by_task.get(spec.name, 0)
+            for spec in self.registry
+        }
+        jobs = await self.store.claim(now=self.clock(), limit=limit, tasks=room)
+        self.queued -= len(jobs)
+        for job in jobs:
+            self.hub.publish(job)
+        return jobs
+
+    def _due_at(self, run_at: float) -> None:
+        if run_at > self.clock():
+            self.next_due = run_at if self.next_due is None else min(self.next_due, run_at)
+        self.wakeup.set()
+
+    async def refresh_next_due(self) -> None:
+        """After a claim: the next delayed job's time, or None if every queued job is due."""
+        self.next_due = await self.store.next_run_at(after=self.clock())
+
+    # -- housekeeping --------------------------------------------------------
+    async def sweep(self) -> None:
+        """Expire jobs past ``expires_at`` and forget old tombstones."""
+        now = self.clock()
+        result = await self.store.sweep(now=now, retention_s=self.retention_s,
+                                        tombstone_retention_s=self.tombstone_retention_s)
+        for job in result.expired_queued:
+            self.queued -= 1
+            self.hub.publish(cancel(job, now, retention_s=job.expires_at - now,
+                                    message="expired before it could run"))
+        for job_id in result.expired_running:
+            execution = self.running.get(job_id)
+            if execution is not None:
+                execution.request_cancel(EXPIRED)
+        if result.tombstoned or result.forgotten:
+            log.info("sweep: %d jobs expired to tombstones, %d tombstones forgotten",
+                     result.tombstoned, result.forgotten)
+
+    def spawn(self, coro: Any, name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task

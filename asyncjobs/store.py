@@ -1,0 +1,477 @@
+"""The store: the one module that speaks SQL. SQLite via aiosqlite, one writer, group commit.
+
+``Store`` is the narrow interface a second backend (PostgreSQL) implements;
+``SQLiteStore`` is the embedded one. Every write goes through one writer
+connection whose loop takes all writes waiting at that moment and commits them
+in one transaction (group commit); a caller's await returns only after that
+commit. Reads use a separate read-only connection (WAL lets them run beside
+the writer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterable, Protocol
+
+import aiosqlite
+
+from . import codec
+from .errors import StoreError
+from .models import Job, Status, fail, requeue, start
+
+log = logging.getLogger("asyncjobs.store")
+
+# Each entry migrates the schema from version i to i + 1 (PRAGMA user_version).
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE jobs (
+        seq          INTEGER PRIMARY KEY,
+        id           TEXT    NOT NULL UNIQUE,
+        task         TEXT    NOT NULL,
+        params       BLOB    NOT NULL,
+        status       TEXT    NOT NULL,
+        priority     INTEGER NOT NULL,
+        created_at   REAL    NOT NULL,
+        started_at   REAL,
+        finished_at  REAL,
+        expires_at   REAL    NOT NULL,
+        run_at       REAL    NOT NULL,
+        attempts     INTEGER NOT NULL,
+        max_attempts INTEGER NOT NULL,
+        version      INTEGER NOT NULL,
+        progress     BLOB,
+        result       BLOB,
+        result_type  TEXT,
+        error        BLOB,
+        owner        TEXT    NOT NULL DEFAULT ''
+    );
+    CREATE INDEX jobs_dispatch ON jobs (priority DESC, seq) WHERE status = 'queued';
+    CREATE INDEX jobs_due ON jobs (run_at) WHERE status = 'queued';
+    CREATE INDEX jobs_running ON jobs (status) WHERE status = 'running';
+    CREATE INDEX jobs_expiry ON jobs (expires_at);
+    CREATE INDEX jobs_status_seq ON jobs (status, seq);
+    CREATE INDEX jobs_task_seq ON jobs (task, seq);
+    CREATE TABLE tombstones (
+        id         TEXT PRIMARY KEY,
+        owner      TEXT NOT NULL DEFAULT '',
+        gone_until REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX tombstones_gone ON tombstones (gone_until);
+    """,
+)
+
+_COLUMNS = (
+    "seq, id, task, params, status, priority, created_at, started_at, finished_at, expires_at,"
+    " run_at, attempts, max_attempts, version, progress, result, result_type, error, owner"
+)
+_MUTABLE = (
+    "status", "started_at", "finished_at", "expires_at", "run_at", "attempts",
+    "version", "progress", "result", "result_type", "error",
+)
+
+
+def _row_to_job(row: sqlite3.Row | tuple) -> Job:
+    (seq, id_, task, params, status, priority, created_at, started_at, finished_at, expires_at,
+     run_at, attempts, max_attempts, version, progress, result, result_type, error, owner) = row
+    return Job(
+        id=id_, seq=seq, task=task, params=params, status=Status(status), priority=priority,
+        created_at=created_at, started_at=started_at, finished_at=finished_at,
+        expires_at=expires_at, run_at=run_at, attempts=attempts, max_attempts=max_attempts,
+        version=version, progress=codec.loads(progress) if progress else None,
+        result=result, result_type=result_type,
+        error=codec.loads(error) if error else None, owner=owner,
+    )
+
+
+def _mutable_values(job: Job) -> tuple:
+    return (
+        job.status.value, job.started_at, job.finished_at, job.expires_at, job.run_at,
+        job.attempts, job.version,
+        codec.dumps(job.progress) if job.progress is not None else None,
+        job.result, job.result_type,
+        codec.dumps(job.error) if job.error is not None else None,
+    )
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What the store knows of an id: the job, or a tombstone, or nothing."""
+
+    job: Job | None = None
+    gone: bool = False
+    owner: str | None = None
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    expired_queued: list[Job]  # canceled by expiry (already tombstoned)
+    expired_running: list[str]  # ids whose handler must be stopped
+    tombstoned: int
+    forgotten: int
+
+
+class Store(Protocol):
+    """What the queue needs of a store. Every method that writes commits before it returns."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def insert(self, job: Job) -> Job: ...
+    async def update(self, job: Job, *, expected_version: int) -> bool: ...
+    async def delete(self, job_id: str) -> bool: ...
+    async def lookup(self, job_id: str) -> Lookup: ...
+    async def list(self, *, status: str | None, task: str | None, owner: str | None,
+                   before_seq: int | None, limit: int) -> list[Job]: ...
+    async def claim(self, *, now: float, limit: int, tasks: dict[str, int | None]) -> list[Job]: ...
+    async def recover(self, *, now: float, retention_s: float) -> tuple[int, int]: ...
+    async def requeue_running(self, jobs: Iterable[Job]) -> None: ...
+    async def sweep(self, *, now: float, retention_s: float, tombstone_retention_s: float) -> SweepResult: ...
+    async def queue_position(self, job: Job) -> int: ...
+    async def count_queued(self) -> int: ...
+    async def next_run_at(self, *, after: float) -> float | None: ...
+    async def counts(self) -> dict[str, int]: ...
+
+
+WriteOp = Callable[[aiosqlite.Connection], Awaitable[Any]]
+
+
+class SQLiteStore:
+    """The embedded store: one SQLite file in WAL mode."""
+
+    def __init__(self, path: str | Path, *, synchronous: str = "full", max_batch: int = 512) -> None:
+        self.path = str(path)
+        self.synchronous = synchronous
+        self.max_batch = max_batch
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._pending: asyncio.Queue[tuple[WriteOp, asyncio.Future]] = asyncio.Queue()
+        self._writer_task: asyncio.Task | None = None
+        self.commits = 0  # transactions committed, for tests and metrics
+
+    # -- lifecycle -------------------------------------------------------
+    async def open(self) -> None:
+        try:
+            if self.path != ":memory:":
+                parent = Path(self.path).resolve().parent
+                if not parent.is_dir():
+                    raise StoreError(f"store.path {self.path}: folder {parent} does not exist")
+            self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._pragmas(self._writer)
+            await self._migrate(self._writer)
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._reader.execute("PRAGMA busy_timeout = 5000")
+            await self._reader.execute("PRAGMA query_only = 1")
+        except sqlite3.Error as exc:
+            await self._close_connections()
+            raise StoreError(f"store.path {self.path}: cannot open the SQLite store: {exc}") from exc
+        self._writer_task = asyncio.create_task(self._write_loop(), name="asyncjobs-store-writer")
+
+    async def _pragmas(self, db: aiosqlite.Connection) -> None:
+        await db.execute("PRAGMA busy_timeout = 5000")
+        mode = await (await db.execute("PRAGMA journal_mode = WAL")).fetchone()
+        if self.path != ":memory:" and mode and mode[0].lower() != "wal":
+            raise StoreError(f"store.path {self.path}: cannot switch to WAL mode (got {mode[0]})")
+        await db.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+        await db.execute("PRAGMA foreign_keys = ON")
+
+    async def _migrate(self, db: aiosqlite.Connection) -> None:
+        (current,) = await (await db.execute("PRAGMA user_version")).fetchone()
+        if current > len(MIGRATIONS):
+            raise StoreError(
+                f"store.path {self.path}: schema version {current} is newer than this asyncjobs knows"
+                f" ({len(MIGRATIONS)}); upgrade asyncjobs"
+            )
+        for version in range(current, len(MIGRATIONS)):
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        await db.execute(statement)
+                await db.execute(f"PRAGMA user_version = {version + 1}")
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            log.info("store schema migrated to version %d", version + 1)
+
+    async def close(self) -> None:
+        if self._writer_task is not None:
+            self._writer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer_task
+            self._writer_task = None
+        await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+        self._reader = self._writer = None
+
+    # -- the writer ------------------------------------------------------
+    async def _write(self, op: WriteOp) -> Any:
+        if self._writer_task is None or self._writer_task.done():
+            raise StoreError("the store is closed")
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending.put_nowait((op, fut))
+        # The write must not be lost if the caller is cancelled after queueing it;
+        # the caller only stops waiting (the op still commits).
+        return await asyncio.shield(fut)
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self._pending.get()]
+            while len(batch) < self.max_batch and not self._pending.empty():
+                batch.append(self._pending.get_nowait())
+            try:
+                await self._run_batch(batch)
+            except asyncio.CancelledError:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(StoreError("the store is closed"))
+                raise
+
+    async def _run_batch(self, batch: list[tuple[WriteOp, asyncio.Future]]) -> None:
+        db = self._writer
+        assert db is not None
+        try:
+            results = await self._transaction(db, [op for op, _ in batch])
+        except sqlite3.Error as exc:
+            if len(batch) == 1:
+                _settle(batch[0][1], error=StoreError(f"store write failed: {exc}"))
+                log.error("store write failed: %s", exc)
+                return
+            # One op spoiled the batch: run each alone so the others still commit.
+            for item in batch:
+                await self._run_batch([item])
+            return
+        self.commits += 1
+        for (_, fut), result in zip(batch, results):
+            _settle(fut, result=result)
+
+    @staticmethod
+    async def _transaction(db: aiosqlite.Connection, ops: list[WriteOp]) -> list[Any]:
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            results = [await op(db) for op in ops]
+            await db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await db.execute("ROLLBACK")
+            raise
+        return results
+
+    # -- writes ----------------------------------------------------------
+    async def insert(self, job: Job) -> Job:
+        async def op(db: aiosqlite.Connection) -> int:
+            cur = await db.execute(
+                f"INSERT INTO jobs ({_COLUMNS}) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.task, job.params, job.status.value, job.priority, job.created_at,
+                 job.started_at, job.finished_at, job.expires_at, job.run_at, job.attempts,
+                 job.max_attempts, job.version,
+                 codec.dumps(job.progress) if job.progress is not None else None,
+                 job.result, job.result_type,
+                 codec.dumps(job.error) if job.error is not None else None, job.owner),
+            )
+            return cur.lastrowid
+
+        seq = await self._write(op)
+        return _replace_seq(job, seq)
+
+    async def update(self, job: Job, *, expected_version: int) -> bool:
+        """Write the job's mutable fields if the stored version is still ``expected_version``."""
+        assignments = ", ".join(f"{c} = ?" for c in _MUTABLE)
+
+        async def op(db: aiosqlite.Connection) -> bool:
+            cur = await db.execute(
+                f"UPDATE jobs SET {assignments} WHERE id = ? AND version = ?",
+                (*_mutable_values(job), job.id, expected_version),
+            )
+            return cur.rowcount == 1
+
+        return await self._write(op)
+
+    async def delete(self, job_id: str) -> bool:
+        async def op(db: aiosqlite.Connection) -> bool:
+            cur = await db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            await db.execute("DELETE FROM tombstones WHERE id = ?", (job_id,))
+            return cur.rowcount == 1
+
+        return await self._write(op)
+
+    async def claim(self, *, now: float, limit: int, tasks: dict[str, int | None]) -> list[Job]:
+        """Move up to ``limit`` due queued jobs to running, best first.
+
+        ``tasks`` maps each runnable task to how many more of it may start now
+        (None: no cap); jobs of other tasks are left queued.
+        """
+        open_tasks = [t for t, room in tasks.items() if room is None or room > 0]
+        if limit <= 0 or not open_tasks:
+            return []
+
+        async def op(db: aiosqlite.Connection) -> list[Job]:
+            room = dict(tasks)
+            marks = ", ".join("?" for _ in open_tasks)
+            cur = await db.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE status = 'queued' AND run_at <= ?"
+                f" AND task IN ({marks}) ORDER BY priority DESC, seq LIMIT ?",
+                (now, *open_tasks, limit * 4),
+            )
+            claimed: list[Job] = []
+            for row in await cur.fetchall():
+                job = _row_to_job(row)
+                left = room.get(job.task)
+                if left is not None:
+                    if left <= 0:
+                        continue
+                    room[job.task] = left - 1
+                claimed.append(start(job, now))
+                if len(claimed) == limit:
+                    break
+            await db.executemany(
+                "UPDATE jobs SET status = 'running', started_at = ?, attempts = ?, version = ?, error = NULL"
+                " WHERE id = ?",
+                [(j.started_at, j.attempts, j.version, j.id) for j in claimed],
+            )
+            return claimed
+
+        return await self._write(op)
+
+    async def recover(self, *, now: float, retention_s: float) -> tuple[int, int]:
+        """After a crash: running jobs go back to the queue, or fail as interrupted past their attempts."""
+
+        async def op(db: aiosqlite.Connection) -> tuple[int, int]:
+            cur = await db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE status = 'running'")
+            rows = [_row_to_job(r) for r in await cur.fetchall()]
+            requeued = failed = 0
+            for job in rows:
+                if job.attempts < job.max_attempts:
+                    new = requeue(job, run_at=now)
+                    requeued += 1
+                else:
+                    new = fail(job, now, error_type="interrupted",
+                               message="the server stopped while the job ran, and it has no attempts left",
+                               retention_s=retention_s)
+                    failed += 1
+                await db.execute(
+                    f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in _MUTABLE)} WHERE id = ?",
+                    (*_mutable_values(new), new.id),
+                )
+            return requeued, failed
+
+        return await self._write(op)
+
+    async def requeue_running(self, jobs: Iterable[Job]) -> None:
+        """Write jobs interrupted by a shutdown back as queued (their versions are the caller's)."""
+        jobs = list(jobs)
+
+        async def op(db: aiosqlite.Connection) -> None:
+            await db.executemany(
+                f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in _MUTABLE)} WHERE id = ?",
+                [(*_mutable_values(j), j.id) for j in jobs],
+            )
+
+        if jobs:
+            await self._write(op)
+
+    async def sweep(self, *, now: float, retention_s: float, tombstone_retention_s: float) -> SweepResult:
+        """Expire what is past ``expires_at`` into tombstones, and forget old tombstones."""
+
+        async def op(db: aiosqlite.Connection) -> SweepResult:
+            cur = await db.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE expires_at <= ? LIMIT 5000", (now,)
+            )
+            expired = [_row_to_job(r) for r in await cur.fetchall()]
+            running = [j.id for j in expired if j.status is Status.RUNNING]
+            gone = [j for j in expired if j.status is not Status.RUNNING]
+            await db.executemany(
+                "INSERT OR REPLACE INTO tombstones (id, owner, gone_until) VALUES (?, ?, ?)",
+                [(j.id, j.owner, now + tombstone_retention_s) for j in gone],
+            )
+            await db.executemany("DELETE FROM jobs WHERE id = ?", [(j.id,) for j in gone])
+            cur = await db.execute("DELETE FROM tombstones WHERE gone_until <= ?", (now,))
+            return SweepResult(
+                expired_queued=[j for j in gone if j.status is Status.QUEUED],
+                expired_running=running,
+                tombstoned=len(gone),
+                forgotten=cur.rowcount,
+            )
+
+        return await self._write(op)
+
+    # -- reads -----------------------------------------------------------
+    async def _fetchall(self, sql: str, params: tuple = ()) -> list:
+        if self._reader is None:
+            raise StoreError("the store is closed")
+        try:
+            cur = await self._reader.execute(sql, params)
+            return list(await cur.fetchall())
+        except sqlite3.Error as exc:
+            raise StoreError(f"store read failed: {exc}") from exc
+
+    async def lookup(self, job_id: str) -> Lookup:
+        rows = await self._fetchall(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        if rows:
+            job = _row_to_job(rows[0])
+            return Lookup(job=job, owner=job.owner)
+        rows = await self._fetchall("SELECT owner FROM tombstones WHERE id = ?", (job_id,))
+        if rows:
+            return Lookup(gone=True, owner=rows[0][0])
+        return Lookup()
+
+    async def list(self, *, status: str | None, task: str | None, owner: str | None,
+                   before_seq: int | None, limit: int) -> list[Job]:
+        where, params = [], []
+        for column, value in (("status", status), ("task", task), ("owner", owner)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if before_seq is not None:
+            where.append("seq < ?")
+            params.append(before_seq)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = await self._fetchall(
+            f"SELECT {_COLUMNS} FROM jobs {clause} ORDER BY seq DESC LIMIT ?", (*params, limit)
+        )
+        return [_row_to_job(r) for r in rows]
+
+    async def queue_position(self, job: Job) -> int:
+        """1 for the next job to run, counting due and delayed jobs alike."""
+        rows = await self._fetchall(
+            "SELECT COUNT(*) FROM jobs WHERE status = 'queued'"
+            " AND (priority > ? OR (priority = ? AND seq < ?))",
+            (job.priority, job.priority, job.seq),
+        )
+        return rows[0][0] + 1
+
+    async def count_queued(self) -> int:
+        rows = await self._fetchall("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")
+        return rows[0][0]
+
+    async def next_run_at(self, *, after: float) -> float | None:
+        """The earliest run_at after ``after`` among queued jobs (delayed or backed off)."""
+        rows = await self._fetchall("SELECT MIN(run_at) FROM jobs WHERE status = 'queued' AND run_at > ?", (after,))
+        return rows[0][0]
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self._fetchall("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+        return {s.value: 0 for s in Status} | {status: n for status, n in rows}
+
+
+def _settle(fut: asyncio.Future, *, result: Any = None, error: BaseException | None = None) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
+def _replace_seq(job: Job, seq: int) -> Job:
+    return dataclasses.replace(job, seq=seq)

@@ -1,0 +1,291 @@
+"""Tasks: the ``@task`` decorator, the registry built from modules, and params validation."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import types
+import typing
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Literal, Mapping
+
+from .config import TaskOverride
+from .errors import ConfigError
+
+_ATTR = "__asyncjobs_task__"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+CONTEXT_PARAM = "ctx"  # a handler parameter of this name receives the JobContext
+
+
+class TaskFailure(Exception):
+    """Raise in a handler to fail the job with an error type of your choosing."""
+
+    def __init__(self, message: str, *, type: str = "exception") -> None:
+        super().__init__(message)
+        self.type = type
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Blob:
+    """Return from a handler for a bytes result served with its own content type."""
+
+    data: bytes
+    content_type: str = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    fn: Callable[..., Any]
+    schema: dict[str, Any]
+    route: tuple[str, str] | None = None  # (method, path)
+    timeout: float | None = None  # seconds; None: no limit
+    retries: int = 0
+    retry_delay: float = 1.0  # seconds before the first retry; doubles each time
+    concurrency: int | None = None  # jobs of this task running at once; None: any
+    unique: bool = False
+    description: str = ""
+    is_async: bool = field(default=False)
+    wants_context: bool = field(default=False)
+
+    @property
+    def max_attempts(self) -> int:
+        return 1 + self.retries
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "route": {"method": self.route[0], "path": self.route[1]} if self.route else None,
+            "params_schema": self.schema,
+            "timeout": self.timeout,
+            "retries": self.retries,
+            "concurrency": self.concurrency,
+            "unique": self.unique,
+        }
+
+
+def task(
+    name: str | None = None,
+    *,
+    route: str | None = None,
+    timeout: float | None = None,
+    retries: int = 0,
+    retry_delay: float = 1.0,
+    concurrency: int | None = None,
+    unique: bool = False,
+    schema: dict[str, Any] | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Mark a function as a task handler; modules listed in ``tasks.modules`` are scanned for them.
+
+    ``route`` mounts the task on its own path, e.g. ``"POST /thumbnails"`` or
+    ``"DELETE /items/{item_id}"``. ``schema`` (a JSON Schema subset) replaces
+    the one derived from the signature.
+    """
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        task_name = name or fn.__name__
+        if not _NAME_RE.match(task_name):
+            raise ValueError(f"task name {task_name!r}: use letters, digits, '_', '.', '-'")
+        setattr(fn, _ATTR, TaskSpec(
+            name=task_name,
+            fn=fn,
+            schema=schema if schema is not None else schema_from_signature(fn),
+            route=_parse_route(route) if route else None,
+            timeout=timeout,
+            retries=retries,
+            retry_delay=retry_delay,
+            concurrency=concurrency,
+            unique=unique,
+            description=inspect.getdoc(fn) or "",
+            is_async=inspect.iscoroutinefunction(fn),
+            wants_context=CONTEXT_PARAM in inspect.signature(fn).parameters,
+        ))
+        return fn
+
+    return decorate
+
+
+def _parse_route(route: str) -> tuple[str, str]:
+    method, _, path = route.strip().partition(" ")
+    method = method.upper()
+    if method not in _METHODS or not path.startswith("/"):
+        raise ValueError(f"route {route!r}: expected 'METHOD /path', METHOD one of {', '.join(_METHODS)}")
+    return method, path.strip()
+
+
+# -- schema from a signature ----------------------------------------------
+
+def _type_schema(annotation: Any) -> dict[str, Any]:
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return {}
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return {"anyOf": [_type_schema(a) for a in args]}
+    if origin is Literal:
+        return {"enum": list(args)}
+    if annotation is type(None):
+        return {"type": "null"}
+    simple = {bool: "boolean", int: "integer", float: "number", str: "string"}
+    if annotation in simple:
+        return {"type": simple[annotation]}
+    if annotation is list or origin is list:
+        return {"type": "array", **({"items": _type_schema(args[0])} if args else {})}
+    if annotation is dict or origin is dict:
+        return {"type": "object"}
+    return {}
+
+
+def schema_from_signature(fn: Callable[..., Any]) -> dict[str, Any]:
+    hints = typing.get_type_hints(fn)
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    extra_allowed = False
+    for param in inspect.signature(fn).parameters.values():
+        if param.name == CONTEXT_PARAM:
+            continue
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            extra_allowed = True
+            continue
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            continue
+        prop = _type_schema(hints.get(param.name, param.annotation))
+        if param.default is inspect.Parameter.empty:
+            required.append(param.name)
+        else:
+            prop = {**prop, "default": param.default}
+        properties[param.name] = prop
+    schema: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": extra_allowed}
+    if required:
+        schema["required"] = required
+    return schema
+
+
+# -- validation (a JSON Schema subset) --------------------------------------
+
+_JSON_TYPES: dict[str, Callable[[Any], bool]] = {
+    "null": lambda v: v is None,
+    "boolean": lambda v: isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "string": lambda v: isinstance(v, str),
+    "array": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+}
+
+
+def validate(value: Any, schema: Mapping[str, Any], path: str = "") -> list[dict[str, str]]:
+    """Errors as ``[{"field", "message"}]``; empty when ``value`` fits ``schema``."""
+    here = path or "params"
+    if "anyOf" in schema:
+        if not any(not validate(value, s, path) for s in schema["anyOf"]):
+            return [{"field": here, "message": "does not match any allowed form"}]
+    kind = schema.get("type")
+    if kind is not None:
+        kinds = [kind] if isinstance(kind, str) else list(kind)
+        if not any(_JSON_TYPES[k](value) for k in kinds):
+            return [{"field": here, "message": f"expected {' or '.join(kinds)}, got {_json_type_name(value)}"}]
+    if "enum" in schema and value not in schema["enum"]:
+        return [{"field": here, "message": f"expected one of {schema['enum']}"}]
+    errors: list[dict[str, str]] = []
+    if _JSON_TYPES["number"](value):
+        for key, ok, words in (
+            ("minimum", lambda b: value >= b, "at least"),
+            ("maximum", lambda b: value <= b, "at most"),
+            ("exclusiveMinimum", lambda b: value > b, "more than"),
+            ("exclusiveMaximum", lambda b: value < b, "less than"),
+        ):
+            if key in schema and not ok(schema[key]):
+                errors.append({"field": here, "message": f"must be {words} {schema[key]}"})
+    if isinstance(value, str):
+        if "minLength" in schema and len(value) < schema["minLength"]:
+            errors.append({"field": here, "message": f"must have at least {schema['minLength']} characters"})
+        if "maxLength" in schema and len(value) > schema["maxLength"]:
+            errors.append({"field": here, "message": f"must have at most {schema['maxLength']} characters"})
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            errors += validate(item, schema["items"], f"{path}[{i}]" if path else f"[{i}]")
+    if isinstance(value, dict):
+        errors += _validate_object(value, schema, path)
+    return errors
+
+
+def _validate_object(value: dict[str, Any], schema: Mapping[str, Any], path: str) -> list[dict[str, str]]:
+    errors: list[dict[str, str]] = []
+    properties = schema.get("properties", {})
+    for name in schema.get("required", ()):
+        if name not in value:
+            errors.append({"field": _join(path, name), "message": "is required"})
+    for name, item in value.items():
+        if name in properties:
+            errors += validate(item, properties[name], _join(path, name))
+        elif schema.get("additionalProperties", True) is False:
+            errors.append({"field": _join(path, name), "message": "is not a parameter of this task"})
+    return errors
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _json_type_name(value: Any) -> str:
+    return next((k for k in ("null", "boolean", "integer", "number", "string", "array", "object")
+                 if _JSON_TYPES[k](value)), type(value).__name__)
+
+
+# -- the registry ---------------------------------------------------------
+
+class TaskRegistry:
+    """The tasks one App runs, by name; built from modules, then per-task overrides."""
+
+    def __init__(self, specs: Mapping[str, TaskSpec] | None = None) -> None:
+        self._specs: dict[str, TaskSpec] = dict(specs or {})
+
+    def add(self, fn_or_spec: Callable[..., Any] | TaskSpec) -> TaskSpec:
+        spec = fn_or_spec if isinstance(fn_or_spec, TaskSpec) else getattr(fn_or_spec, _ATTR, None)
+        if spec is None:
+            raise ValueError(f"{fn_or_spec!r} is not decorated with @task")
+        if spec.name in self._specs and self._specs[spec.name].fn is not spec.fn:
+            raise ConfigError(f"task {spec.name!r} is defined twice")
+        self._specs[spec.name] = spec
+        return spec
+
+    @classmethod
+    def from_modules(cls, modules: list[str], overrides: Mapping[str, TaskOverride] | None = None) -> "TaskRegistry":
+        registry = cls()
+        for module_name in modules:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as exc:
+                raise ConfigError(f"tasks.modules: cannot import {module_name!r}: {exc}") from None
+            for value in vars(module).values():
+                if callable(value) and hasattr(value, _ATTR):
+                    registry.add(value)
+        registry.apply(overrides or {})
+        return registry
+
+    def apply(self, overrides: Mapping[str, TaskOverride]) -> None:
+        for name, override in overrides.items():
+            if name not in self._specs:
+                raise ConfigError(f"[tasks.{name}]: no such task (known: {', '.join(sorted(self._specs))})")
+            changes = {k: v for k, v in vars(override).items() if v is not None}
+            self._specs[name] = replace(self._specs[name], **changes)
+
+    def get(self, name: str) -> TaskSpec | None:
+        return self._specs.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __iter__(self):
+        return iter(self._specs.values())
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)

@@ -1,0 +1,247 @@
+"""Workers: the dispatcher that claims due jobs and the coroutines that run their handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from . import codec
+from .errors import Canceled, StoreError
+from .models import Job, Status, cancel, fail, requeue, succeed
+from .queue import EXPIRED, Execution, JobQueue
+from .tasks import Blob, TaskFailure, TaskSpec
+
+log = logging.getLogger("asyncjobs.worker")
+
+SHUTDOWN = "the server is shutting down"
+MAX_BACKOFF_S = 3600.0
+
+
+class JobContext:
+    """What a handler gets as ``ctx``: its job's id and attempt, progress reports, cancel checks.
+
+    ``progress`` works from the event loop (await it) and from a sync handler's
+    thread (call it); in a thread it raises ``Canceled`` once the job is canceled.
+    """
+
+    def __init__(self, queue: JobQueue, execution: Execution, loop: asyncio.AbstractEventLoop) -> None:
+        self._queue = queue
+        self._execution = execution
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._canceled = threading.Event()
+        self.job_id = execution.job.id
+        self.attempt = execution.job.attempts
+
+    @property
+    def canceled(self) -> bool:
+        return self._canceled.is_set()
+
+    def check_canceled(self) -> None:
+        """Raise ``Canceled`` if the job was canceled (for sync handlers)."""
+        if self._canceled.is_set():
+            raise Canceled(self._execution.cancel_reason or "canceled")
+
+    def progress(self, fraction: float | None = None, message: str | None = None) -> asyncio.Future:
+        if fraction is not None:
+            fraction = min(1.0, max(0.0, float(fraction)))
+        message = None if message is None else str(message)[:1000]
+        if threading.get_ident() == self._loop_thread:
+            self._queue.progress(self._execution, fraction, message)
+            done = self._loop.create_future()
+            done.set_result(None)
+            return done
+        self.check_canceled()
+        self._loop.call_soon_threadsafe(self._queue.progress, self._execution, fraction, message)
+        return _DONE
+
+
+class _Done:
+    """An awaitable that is already finished, returned to sync callers of ``progress``."""
+
+    def __await__(self):  # pragma: no cover - sync callers do not await
+        return iter(())
+
+
+_DONE: Any = _Done()
+
+
+def backoff_s(spec: TaskSpec, attempts: int) -> float:
+    """Exponential backoff with jitter before attempt ``attempts + 1``."""
+    base = spec.retry_delay * 2 ** max(0, attempts - 1)
+    return min(MAX_BACKOFF_S, base * random.uniform(0.75, 1.25))
+
+
+class Workers:
+    """Runs up to ``count`` jobs at once; async handlers on the loop, sync ones in threads."""
+
+    def __init__(self, queue: JobQueue, *, count: int, sweep_interval_s: float = 1.0) -> None:
+        self.queue = queue
+        self.count = count
+        self.sweep_interval_s = sweep_interval_s
+        self._executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix="asyncjobs-handler")
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._dispatcher: asyncio.Task | None = None
+        self._sweeper: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="asyncjobs-dispatcher")
+        self._sweeper = asyncio.create_task(self._sweep_loop(), name="asyncjobs-sweeper")
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop taking jobs; give running ones ``grace_s``; put the rest back in the queue."""
+        for task in (self._dispatcher, self._sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._tasks:
+            log.info("waiting up to %.1fs for %d running jobs", grace_s, len(self._tasks))
+            await asyncio.wait(list(self._tasks.values()), timeout=grace_s)
+        for execution in list(self.queue.running.values()):
+            execution.request_cancel(SHUTDOWN)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()), timeout=1.0)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- dispatch --------------------------------------------------------
+    async def _dispatch_loop(self) -> None:
+        queue = self.queue
+        while True:
+            timeout = None
+            if queue.next_due is not None:
+                timeout = max(0.0, queue.next_due - queue.clock())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await queue.wakeup.wait()
+            queue.wakeup.clear()
+            free = self.count - len(queue.running)
+            if free <= 0:
+                continue
+            try:
+                jobs = await queue.claim(free)
+                if queue.next_due is not None and queue.next_due <= queue.clock():
+                    await queue.refresh_next_due()
+            except StoreError as exc:
+                log.error("cannot claim jobs: %s", exc)
+                await asyncio.sleep(1.0)
+                queue.wakeup.set()
+                continue
+            for job in jobs:
+                self._launch(job)
+            if len(jobs) == free:
+                queue.wakeup.set()  # there may be more
+
+    def _launch(self, job: Job) -> None:
+        execution = Execution(job=job, stored_version=job.version)
+        self.queue.running[job.id] = execution
+        task = asyncio.create_task(self._run(execution), name=f"asyncjobs-job-{job.id}")
+        self._tasks[job.id] = task
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            try:
+                await self.queue.sweep()
+            except StoreError as exc:
+                log.error("sweep failed: %s", exc)
+            await asyncio.sleep(self.sweep_interval_s)
+
+    # -- running one job -------------------------------------------------
+    async def _run(self, execution: Execution) -> None:
+        job = execution.job
+        spec = self.queue.registry.get(job.task)
+        started = time.monotonic()
+        try:
+            if spec is None:
+                new = self._failed(execution, None, "exception", f"task {job.task!r} is no longer registered")
+            else:
+                new = await self._outcome(spec, execution)
+                if new.status in (Status.SUCCEEDED, Status.FAILED):
+                    self.queue.run_times.record(job.task, time.monotonic() - started)
+            try:
+                await self.queue.finish(execution, new)
+            except StoreError as exc:
+                log.error("job %s: outcome not stored (%s); it will be recovered at the next start", job.id, exc)
+        finally:
+            self.queue.running.pop(job.id, None)
+            self._tasks.pop(job.id, None)
+            execution.done.set()
+            self.queue.wakeup.set()
+
+    async def _outcome(self, spec: TaskSpec, execution: Execution) -> Job:
+        """Run the handler and turn what happened into the job's next state."""
+        loop = asyncio.get_running_loop()
+        ctx = JobContext(self.queue, execution, loop)
+        params = codec.loads(execution.job.params)
+        if spec.wants_context:
+            params["ctx"] = ctx
+        if spec.is_async:
+            handler: asyncio.Future = asyncio.ensure_future(spec.fn(**params))
+        else:
+            handler = loop.run_in_executor(self._executor, lambda: spec.fn(**params))
+
+        def stop() -> None:
+            ctx._canceled.set()
+            if spec.is_async:
+                handler.cancel()
+
+        execution.stop = stop
+        if execution.cancel_reason is not None:
+            stop()
+        done, _ = await asyncio.wait({handler}, timeout=spec.timeout)
+        if not done:
+            stop()
+            if spec.is_async:
+                await asyncio.wait({handler}, timeout=1.0)
+            return self._failed(execution, spec, "timeout", f"the handler ran longer than its {spec.timeout:g}s timeout")
+        if execution.cancel_reason is not None:
+            with contextlib.suppress(BaseException):
+                handler.result()  # consume it; a cancel requested wins over whatever the handler did
+            return self._canceled(execution)
+        try:
+            value = handler.result()
+        except TaskFailure as exc:
+            return self._failed(execution, spec, exc.type, exc.message)
+        except (asyncio.CancelledError, Canceled):
+            return self._canceled(execution)
+        except Exception as exc:
+            log.info("job %s: handler raised %s", execution.job.id, exc.__class__.__name__, exc_info=exc)
+            return self._failed(execution, spec, "exception", f"{exc.__class__.__name__}: {exc}")
+        return self._succeeded(execution, value)
+
+    def _succeeded(self, execution: Execution, value: Any) -> Job:
+        now = self.queue.clock()
+        if isinstance(value, Blob):
+            result, result_type = value.data, value.content_type
+        elif isinstance(value, (bytes, bytearray)):
+            result, result_type = bytes(value), "application/octet-stream"
+        else:
+            try:
+                result, result_type = codec.dumps(value), None
+            except TypeError as exc:
+                return fail(execution.job, now, error_type="exception",
+                            message=f"the handler returned a value that is not JSON: {exc}",
+                            retention_s=self.queue.retention_s)
+        return succeed(execution.job, now, result=result, result_type=result_type,
+                       retention_s=self.queue.retention_s)
+
+    def _failed(self, execution: Execution, spec: TaskSpec | None, error_type: str, message: str) -> Job:
+        job, now = execution.job, self.queue.clock()
+        if spec is not None and job.attempts < job.max_attempts:
+            return requeue(job, run_at=now + backoff_s(spec, job.attempts))
+        return fail(job, now, error_type=error_type, message=message, retention_s=self.queue.retention_s)
+
+    def _canceled(self, execution: Execution) -> Job:
+        job, now = execution.job, self.queue.clock()
+        reason = execution.cancel_reason or "canceled"
+        if reason == SHUTDOWN:
+            return requeue(job, run_at=now, refund_attempt=True)
+        if reason == EXPIRED:
+            return cancel(job, now, retention_s=job.expires_at - now, message=reason)
+        return cancel(job, now, retention_s=self.queue.retention_s, message=reason)
