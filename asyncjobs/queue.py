@@ -201,10 +201,11 @@ class JobQueue:
     async def list(self, *, status: str | None = None, task: str | None = None, owner: str | None = None,
                    before_seq: int | None = None, limit: int = 50) -> tuple[list[Job], int | None]:
         """A page of jobs, newest first, and the cursor of the next page (None: this is the last)."""
-        jobs = await self.store.list(status=status, task=task, owner=owner, before_seq=before_seq, limit=limit)
+        jobs = await self.store.list(status=status, task=task, owner=owner, before_seq=before_seq, limit=limit + 1)
+        cursor = jobs[limit - 1].seq if len(jobs) > limit else None
+        jobs = jobs[:limit]
         now = self.clock()
         live = [self.running[j.id].job if j.id in self.running else j for j in jobs]
-        cursor = jobs[-1].seq if len(jobs) == limit else None
         return [j for j in live if not is_expired(j, now)], cursor
 
     # -- cancel and delete ---------------------------------------------------

@@ -169,6 +169,9 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             await self._close_connections()
             raise StoreError(f"store.path {self.path}: cannot open the SQLite store: {exc}") from exc
+        except BaseException:
+            await self._close_connections()
+            raise
         self._writer_task = asyncio.create_task(self._write_loop(), name="asyncjobs-store-writer")
 
     async def _pragmas(self, db: aiosqlite.Connection) -> None:
@@ -319,9 +322,9 @@ class SQLiteStore:
             room = dict(tasks)
             marks = ", ".join("?" for _ in open_tasks)
             cur = await db.execute(
-                f"SELECT {_COLUMNS} FROM jobs WHERE status = 'queued' AND run_at <= ?"
+                f"SELECT {_COLUMNS} FROM jobs WHERE status = 'queued' AND run_at <= ? AND expires_at > ?"
                 f" AND task IN ({marks}) ORDER BY priority DESC, seq LIMIT ?",
-                (now, *open_tasks, limit * 4),
+                (now, now, *open_tasks, limit * 4),
             )
             claimed: list[Job] = []
             for row in await cur.fetchall():

@@ -9,12 +9,13 @@ from http import HTTPStatus
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
 from . import codec, protocol
 from .errors import BadRequest, PayloadTooLarge, ProblemError, UnsupportedMediaType
-from .models import Job, Status
+from .models import Job
 from .queue import JobQueue
 from .tasks import TaskSpec
 
@@ -97,6 +98,8 @@ class _ProblemRequestHandler(RequestHandler):
         detail = "the request could not be parsed as HTTP" if status == 400 else "the server failed to answer"
         if status == 400 and exc is not None and getattr(exc, "message", None):
             detail = f"malformed request: {exc.message}"
+        if isinstance(exc, LineTooLong):
+            status, detail = 431, f"a request line or header is too long: {exc.message}"
         problem = problem_response(problem_body(status, detail))
         problem.force_close()
         del response
@@ -235,8 +238,8 @@ async def list_jobs(request: web.Request) -> web.Response:
         headers["Link"] = f'<{next_url}>; rel="next"'
     bodies = []
     for job in jobs:
-        view = await queue.view(job) if job.status is Status.RUNNING else None
-        bodies.append(protocol.job_body(job, eta=view.eta if view else None))
+        view = await queue.view(job)
+        bodies.append(protocol.job_body(job, eta=view.eta, queue_position=view.queue_position))
     return json_response({"jobs": bodies, "next": next_url}, headers=headers)
 
 

@@ -1,0 +1,69 @@
+"""Configuration: defaults, the file, environment overrides, and errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from asyncjobs import config
+from asyncjobs.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_empty_file_gives_the_protocol_defaults(tmp_path):
+    """Every key has a default, so an empty file works."""
+    path = tmp_path / "c.toml"
+    path.write_text("")
+    cfg = config.load(path, environ={})
+    assert cfg.server.port == 8080 and cfg.queue.workers == 8 and cfg.store.synchronous == "full"
+    assert cfg.jobs.retention == 86400 and cfg.protocol.monitor == "rest"
+    assert cfg.tasks.modules == ["asyncjobs.builtin"]
+
+
+def test_shipped_config_matches_the_defaults():
+    """The top-level config.toml is valid and spells out the defaults."""
+    assert config.load(ROOT / "config.toml", environ={}) == config.Config()
+
+
+def test_environment_overrides_the_file_and_flags_override_both(tmp_path):
+    """ASYNCJOBS_<SECTION>_<KEY> beats the file; explicit overrides (flags) beat the environment."""
+    path = tmp_path / "c.toml"
+    path.write_text("[queue]\nworkers = 2\n[server]\nport = 9000\n")
+    env = {"ASYNCJOBS_QUEUE_WORKERS": "16", "ASYNCJOBS_PROTOCOL_MONITOR": "flow",
+           "ASYNCJOBS_STORE_PATH": "/tmp/x.db", "ASYNCJOBS_URL": "http://client.only"}
+    cfg = config.load(path, environ=env, overrides={"server": {"port": 1234}})
+    assert cfg.queue.workers == 16 and cfg.protocol.monitor == "flow"
+    assert cfg.store.path == "/tmp/x.db" and cfg.server.port == 1234
+
+
+@pytest.mark.parametrize("text,named", [
+    ("[queue]\nwrokers = 2\n", "queue.wrokers"),
+    ('[queue]\nworkers = "many"\n', "queue.workers"),
+    ("[queue]\nworkers = 0\n", "queue.workers"),
+    ("[jobs]\nretention = -1\n", "jobs.retention"),
+    ('[store]\nsynchronous = "off"\n', "store.synchronous"),
+    ('[protocol]\nmonitor = "azure"\n', "protocol.monitor"),
+    ("[nope]\nx = 1\n", "[nope]"),
+    ("[tasks]\nmodules = 3\n", "tasks.modules"),
+    ('[tasks.sleep]\ntimeuot = 3\n', "tasks.sleep.timeuot"),
+    ("[server]\nport = true\n", "server.port"),
+    ("not toml at all [", "not valid TOML"),
+])
+def test_errors_name_the_key(tmp_path, text, named):
+    """A wrong key or value stops the load with a message naming it."""
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=__import__("re").escape(named)):
+        config.load(path, environ={})
+
+
+def test_bad_environment_value_is_named(tmp_path):
+    """An override from the environment is checked like the file."""
+    with pytest.raises(ConfigError, match="queue.workers"):
+        config.load(None, environ={"ASYNCJOBS_QUEUE_WORKERS": "abc"})
+
+
+def test_missing_file_is_an_error(tmp_path):
+    """An explicit config path that does not exist is an error, not a silent default."""
+    with pytest.raises(ConfigError, match="no such config file"):
+        config.load(tmp_path / "missing.toml", environ={})

@@ -1,0 +1,77 @@
+"""The job record's transitions, tested as a table without I/O."""
+
+import itertools
+
+import pytest
+
+from asyncjobs.errors import InvalidTransition
+from asyncjobs.models import (ALLOWED_TRANSITIONS, TERMINAL_STATUSES, Job, Status, cancel, fail,
+                              is_expired, new_job_id, requeue, start, succeed, with_progress)
+
+
+def make_job(status: Status = Status.QUEUED, **changes) -> Job:
+    base = dict(id="j1", task="echo", params=b"{}", status=status, priority=0, created_at=100.0,
+                expires_at=1000.0, run_at=100.0, max_attempts=1)
+    return Job(**{**base, **changes})
+
+
+MOVES = {
+    Status.RUNNING: lambda j: start(j, 200.0),
+    Status.SUCCEEDED: lambda j: succeed(j, 200.0, result=b"1", result_type=None, retention_s=10),
+    Status.FAILED: lambda j: fail(j, 200.0, error_type="exception", message="x", retention_s=10),
+    Status.CANCELED: lambda j: cancel(j, 200.0, retention_s=10),
+    Status.QUEUED: lambda j: requeue(j, run_at=300.0),
+}
+
+
+@pytest.mark.parametrize("source,target", list(itertools.product(Status, Status)))
+def test_transition_table(source, target):
+    """Exactly the allowed (from, to) pairs succeed; each bumps the version by one."""
+    job = make_job(source)
+    if (source, target) in ALLOWED_TRANSITIONS:
+        moved = MOVES[target](job)
+        assert moved.status is target and moved.version == job.version + 1
+    else:
+        with pytest.raises(InvalidTransition):
+            MOVES[target](job)
+
+
+def test_terminal_statuses_have_no_way_out():
+    """No transition leaves a terminal status."""
+    assert not [pair for pair in ALLOWED_TRANSITIONS if pair[0] in TERMINAL_STATUSES]
+
+
+def test_start_counts_attempts_and_terminal_sets_retention():
+    """Starting counts an attempt; finishing sets finished_at and expires_at = finished_at + retention."""
+    running = start(make_job(), 150.0)
+    assert running.attempts == 1 and running.started_at == 150.0
+    done = succeed(running, 160.0, result=b"null", result_type=None, retention_s=30)
+    assert done.finished_at == 160.0 and done.expires_at == 190.0 and done.terminal
+
+
+def test_requeue_can_refund_the_attempt():
+    """A job interrupted by shutdown goes back without spending an attempt."""
+    running = start(make_job(), 150.0)
+    assert requeue(running, run_at=151.0, refund_attempt=True).attempts == 0
+    assert requeue(running, run_at=151.0).attempts == 1
+
+
+def test_progress_only_while_running():
+    """Progress is a change of a running job; on any other status it is refused."""
+    running = start(make_job(), 150.0)
+    assert with_progress(running, {"fraction": 0.5, "message": None}).version == running.version + 1
+    with pytest.raises(InvalidTransition):
+        with_progress(make_job(), {"fraction": 0.5})
+
+
+def test_expiry_is_a_point_in_time():
+    """A job is expired from expires_at on."""
+    job = make_job(expires_at=500.0)
+    assert not is_expired(job, 499.9) and is_expired(job, 500.0)
+
+
+def test_job_ids_are_url_safe_and_unguessable():
+    """Ids are 22 URL-safe characters (128 random bits) and do not repeat."""
+    ids = {new_job_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(len(i) == 22 and all(c.isalnum() or c in "-_" for c in i) for i in ids)
