@@ -44,7 +44,10 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 async def serve(app: App) -> None:
     """Run until SIGINT/SIGTERM, then drain: 503 for submits, running jobs get the grace period."""
-    runner = ProblemRunner(app.web, access_log=None, handle_signals=False)
+    # Handlers are cancelled when their client goes away (a long poll frees its waiter at once);
+    # at shutdown, waiters still open after a short while are cut.
+    runner = ProblemRunner(app.web, access_log=None, handle_signals=False, handler_cancellation=True,
+                           shutdown_timeout=2.0)
     await runner.setup()
     try:
         site = web.TCPSite(runner, app.config.server.host, app.config.server.port)

@@ -16,18 +16,26 @@ class Subscription:
     is set and the subscription stops buffering, so its owner can close it.
     """
 
-    def __init__(self, hub: "Hub", job_ids: Iterable[str], *, everything: bool, maxsize: int) -> None:
+    def __init__(self, hub: "Hub", job_ids: Iterable[str], *, everything: bool, maxsize: int,
+                 conflate: bool) -> None:
         self._hub = hub
         self.job_ids: set[str] = set(job_ids)
         self.everything = everything
         self._buffer: deque[Job] = deque()
         self._maxsize = maxsize
+        self._conflate = conflate
         self._ready = asyncio.Event()
         self.overflowed = False
 
     def _push(self, job: Job) -> None:
         if self.overflowed:
             return
+        if self._conflate:
+            # Only the latest state matters to this subscriber: keep one job per id.
+            for i, queued in enumerate(self._buffer):
+                if queued.id == job.id:
+                    del self._buffer[i]
+                    break
         if len(self._buffer) >= self._maxsize:
             self.overflowed = True
             self._buffer.clear()
@@ -45,6 +53,14 @@ class Subscription:
             except TimeoutError:
                 return None
         return self._buffer.popleft() if self._buffer else None
+
+    def watch_everything(self) -> None:
+        self.everything = True
+        self._hub._everything.add(self)
+
+    def unwatch_everything(self) -> None:
+        self.everything = False
+        self._hub._everything.discard(self)
 
     def add(self, job_ids: Iterable[str]) -> None:
         self._hub._add(self, job_ids)
@@ -72,8 +88,9 @@ class Hub:
         self._maxsize = maxsize
 
     def subscribe(self, job_ids: Iterable[str] = (), *, everything: bool = False,
-                  maxsize: int | None = None) -> Subscription:
-        sub = Subscription(self, (), everything=everything, maxsize=maxsize or self._maxsize)
+                  maxsize: int | None = None, conflate: bool = False) -> Subscription:
+        """Watch ``job_ids`` (or every job). With ``conflate``, a newer state replaces an unread older one."""
+        sub = Subscription(self, (), everything=everything, maxsize=maxsize or self._maxsize, conflate=conflate)
         self._add(sub, job_ids)
         if everything:
             self._everything.add(sub)

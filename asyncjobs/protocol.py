@@ -221,3 +221,130 @@ def parse_bool(value: str | None, default: bool) -> bool:
     if value is None:
         return default
     return value.strip().lower() not in ("false", "0", "no", "off")
+
+
+# -- waiting: Prefer, long polls, submit-and-wait ----------------------------------
+
+def parse_prefer(header: str | None) -> dict[str, str]:
+    """Preferences of an RFC 7240 ``Prefer`` header, names lower-cased; malformed parts are ignored."""
+    prefs: dict[str, str] = {}
+    for item in (header or "").split(","):
+        token = item.split(";", 1)[0].strip()
+        if not token:
+            continue
+        name, _, value = token.partition("=")
+        name = name.strip().lower()
+        if name and name not in prefs:
+            prefs[name] = value.strip().strip('"')
+    return prefs
+
+
+def _seconds(value: str) -> float | None:
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def requested_wait(query: Mapping[str, str], prefer: str | None) -> float | None:
+    """Seconds a request asks to be held: ``?wait=N`` (a 400 if malformed) or ``Prefer: wait=N`` (ignored if malformed)."""
+    if "wait" in query:
+        seconds = _seconds(query["wait"])
+        if seconds is None:
+            raise BadRequest("wait must be a number of seconds, 0 or more",
+                             errors=[{"field": "wait", "message": "expected a non-negative number"}])
+        return seconds
+    value = parse_prefer(prefer).get("wait")
+    return None if value is None else _seconds(value)
+
+
+def applied_wait(requested: float, max_wait_s: float) -> float:
+    return min(requested, max_wait_s)
+
+
+def wait_headers(applied: float | None) -> dict[str, str]:
+    """``Preference-Applied`` says how long the server actually waited (clamped); ``Vary`` always."""
+    headers = {"Vary": "Prefer"}
+    if applied is not None:
+        headers["Preference-Applied"] = f"wait={applied:g}"
+    return headers
+
+
+def submit_wait_answer(job: Job, *, eta: float | None, now: float) -> Answer:
+    """After ``Prefer: wait``: 201 if it succeeded, 200 if it failed or was canceled, else the usual 202."""
+    if job.status is Status.SUCCEEDED:
+        return Answer(201, {"Location": f"{job_url(job.id)}/result", "Content-Location": job_url(job.id),
+                            **job_headers(job)})
+    if job.terminal:
+        return Answer(200, {"Content-Location": job_url(job.id), **job_headers(job)})
+    return submit_answer(job, eta=eta, now=now)
+
+
+def long_poll_done(job: Job, if_none_match: str | None) -> bool:
+    """A long poll answers once the job is terminal, or (with If-None-Match) once it changed at all."""
+    if if_none_match:
+        return not etag_matches(if_none_match, etag(job))
+    return job.terminal
+
+
+# -- Server-Sent Events ------------------------------------------------------------
+
+def parse_last_event_id(value: str | None) -> int | None:
+    """Event ids are job versions; anything else is treated as absent."""
+    if value is None:
+        return None
+    try:
+        version = int(value.strip())
+    except ValueError:
+        return None
+    return version if version >= 0 else None
+
+
+def sse_event_name(job: Job, last_status: Status | None) -> str:
+    return "status" if job.status is not last_status else "progress"
+
+
+def sse_event(job: Job, name: str, body: dict[str, Any]) -> bytes:
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (job.version, name.encode(), codec.dumps(body))
+
+
+SSE_KEEPALIVE = b": keep-alive\n\n"
+
+
+# -- the WebSocket channel ------------------------------------------------------------
+
+MAX_IDS_PER_SOCKET = 10_000
+
+
+@dataclass(frozen=True)
+class WsCommand:
+    op: str  # "subscribe" | "unsubscribe"
+    jobs: list[str] | None  # None: every job the caller may see ("*")
+    progress: bool = False
+
+
+def parse_ws_frame(data: Any) -> WsCommand:
+    """A client frame (already JSON-decoded) as a command; ``BadRequest`` saying what is wrong."""
+    if not isinstance(data, dict):
+        raise BadRequest("a frame must be a JSON object")
+    op = data.get("op")
+    if op not in ("subscribe", "unsubscribe"):
+        raise BadRequest("op must be 'subscribe' or 'unsubscribe'")
+    jobs = data.get("jobs")
+    if jobs == "*":
+        ids = None
+    elif isinstance(jobs, list) and all(isinstance(j, str) and 0 < len(j) <= 200 for j in jobs):
+        ids = list(dict.fromkeys(jobs))
+        if len(ids) > MAX_IDS_PER_SOCKET:
+            raise BadRequest(f"at most {MAX_IDS_PER_SOCKET} ids per frame")
+    else:
+        raise BadRequest('jobs must be a list of job ids or "*"')
+    progress = data.get("progress", False)
+    if not isinstance(progress, bool):
+        raise BadRequest("progress must be true or false")
+    return WsCommand(op=op, jobs=ids, progress=progress)
+
+
+def ws_error(status: int, detail: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "error", "status": status, "detail": detail, **extra}

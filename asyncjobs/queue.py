@@ -178,6 +178,28 @@ class JobQueue:
             raise Gone(f"job {job_id} has expired", job_status=job.status.value)
         return job
 
+    async def wait(self, job_id: str, *, timeout_s: float, until: Callable[[Job], bool],
+                   owner: str | None = None) -> Job:
+        """The first state of the job for which ``until`` holds, or its state when ``timeout_s`` runs out.
+
+        Subscribes before reading, so a change between the read and the wait is not missed.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        with self.hub.subscribe([job_id], conflate=True) as sub:
+            job = await self.find(job_id, owner=owner)
+            while not until(job):
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                newer = await sub.get(remaining)
+                if newer is None:
+                    break
+                job = newer
+        if is_expired(job, self.clock()):
+            raise Gone(f"job {job_id} has expired", job_status=job.status.value)
+        return job
+
     async def view(self, job: Job) -> JobView:
         """Add the ETA and, for a queued job, its position."""
         now = self.clock()

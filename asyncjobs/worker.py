@@ -36,6 +36,8 @@ class JobContext:
         self._loop = loop
         self._loop_thread = threading.get_ident()
         self._canceled = threading.Event()
+        self._report_lock = threading.Lock()
+        self._report: tuple[float | None, str | None] | None = None  # latest from a thread, not yet applied
         self.job_id = execution.job.id
         self.attempt = execution.job.attempts
 
@@ -58,8 +60,18 @@ class JobContext:
             done.set_result(None)
             return done
         self.check_canceled()
-        self._loop.call_soon_threadsafe(self._queue.progress, self._execution, fraction, message)
+        with self._report_lock:
+            flush_pending = self._report is not None
+            self._report = (fraction, message)
+        if not flush_pending:  # reports from a busy thread are coalesced: one loop wake-up at a time
+            self._loop.call_soon_threadsafe(self._apply_report)
         return _DONE
+
+    def _apply_report(self) -> None:
+        with self._report_lock:
+            report, self._report = self._report, None
+        if report is not None:
+            self._queue.progress(self._execution, *report)
 
 
 class _Done:

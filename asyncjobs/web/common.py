@@ -1,0 +1,122 @@
+"""What every web handler shares: settings, app keys, JSON and problem answers, the error middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from .. import codec, protocol
+from ..errors import BadRequest, PayloadTooLarge, ProblemError, UnsupportedMediaType
+from ..queue import JobQueue
+
+log = logging.getLogger("asyncjobs.web")
+
+PROBLEM_TYPE = "application/problem+json"
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    monitor_style: str = "rest"
+    max_body_bytes: int = 1_048_576
+    max_wait_s: float = 60.0
+    sse_keepalive_s: float = 15.0  # comment lines on idle event streams, so proxies keep them open
+    ws_heartbeat_s: float = 30.0  # WebSocket pings; a peer that does not answer is closed
+    ws_buffer: int = 1024  # events waiting for a slow socket before it is closed
+
+
+@dataclass
+class Waiters:
+    """How many clients are waiting right now, by channel (shown by /healthz)."""
+
+    long_polls: int = 0
+    event_streams: int = 0
+    websockets: int = 0
+
+
+QUEUE_KEY = web.AppKey("asyncjobs_queue", JobQueue)
+SETTINGS_KEY = web.AppKey("asyncjobs_settings", WebSettings)
+WAITERS_KEY = web.AppKey("asyncjobs_waiters", Waiters)
+
+
+# -- responses -----------------------------------------------------------------
+
+def json_response(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=codec.dumps(body), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def problem_body(status: int, detail: str, title: str | None = None) -> dict[str, Any]:
+    return {"type": "about:blank", "title": title or HTTPStatus(status).phrase, "status": status, "detail": detail}
+
+
+def problem_response(problem: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
+    response = web.Response(body=codec.dumps(problem), status=problem["status"],
+                            headers={**protocol.NO_STORE, **(headers or {})})
+    response.content_type = PROBLEM_TYPE
+    return response
+
+
+_KEPT_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate")
+
+
+@web.middleware
+async def problems_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    """Every error becomes problem details (RFC 9457); a bug becomes a bare 500, never a traceback."""
+    try:
+        return await handler(request)
+    except ProblemError as exc:
+        return problem_response(exc.problem(), exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        detail = _http_exception_detail(request, exc)
+        headers = {k: exc.headers[k] for k in _KEPT_HEADERS if k in exc.headers}
+        return problem_response(problem_body(exc.status, detail), headers)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return problem_response(problem_body(500, "the server failed to answer this request; it has been logged"))
+
+
+def _http_exception_detail(request: web.Request, exc: web.HTTPException) -> str:
+    if exc.status == 404:
+        return f"no resource at {request.path}"
+    if exc.status == 405:
+        return f"{request.method} is not allowed on {request.path}; allowed: {exc.headers.get('Allow', '')}"
+    if exc.status == 413:
+        return f"the body is larger than the limit of {request.app[SETTINGS_KEY].max_body_bytes} bytes"
+    text = (exc.text or "").strip()
+    return text if text and not text.startswith(f"{exc.status}:") else exc.reason
+
+
+# -- reading requests ----------------------------------------------------------
+
+async def read_json(request: web.Request, *, required: bool = True) -> Any:
+    """The body as JSON: 415 if not JSON, 413 if too large, 400 if malformed."""
+    settings = request.app[SETTINGS_KEY]
+    if not request.body_exists:
+        if required:
+            raise BadRequest("the body is empty; send a JSON object")
+        return None
+    if not protocol.is_json_content_type(request.headers.get("Content-Type")):
+        raise UnsupportedMediaType(
+            f"the body must be application/json, not {request.headers.get('Content-Type') or 'untyped'}")
+    if request.content_length is not None and request.content_length > settings.max_body_bytes:
+        raise PayloadTooLarge(f"the body is larger than the limit of {settings.max_body_bytes} bytes")
+    raw = await request.read()
+    try:
+        return codec.loads(raw)
+    except codec.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+
+
+def job_id_of(request: web.Request) -> str:
+    return request.match_info["job_id"]
+
+

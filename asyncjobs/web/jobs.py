@@ -1,0 +1,153 @@
+"""The REST endpoints of jobs and tasks: handlers that do I/O around ``protocol``'s decisions."""
+
+from __future__ import annotations
+
+from typing import Awaitable, Callable
+
+from aiohttp import web
+
+from .. import protocol
+from ..errors import BadRequest
+from ..models import Job
+from ..queue import JobQueue
+from ..tasks import TaskSpec
+from .common import (QUEUE_KEY, SETTINGS_KEY, WAITERS_KEY, json_response, problem_body, problem_response,
+                     job_id_of, read_json)
+
+
+async def _accepted(queue: JobQueue, job: Job, extra: dict[str, str] | None = None) -> web.Response:
+    view = await queue.view(job)
+    answer = protocol.submit_answer(job, eta=view.eta, now=queue.clock())
+    return json_response(protocol.job_body(job, eta=view.eta, queue_position=view.queue_position),
+                         status=answer.status, headers={**answer.headers, **(extra or {})})
+
+
+async def submit(request: web.Request) -> web.Response:
+    queue = request.app[QUEUE_KEY]
+    task, params, priority, delay_s = protocol.parse_submit(await read_json(request))
+    job = await queue.submit(task, params, priority=priority, delay_s=delay_s)
+    return await _answer_submit(request, queue, job)
+
+
+async def _answer_submit(request: web.Request, queue: JobQueue, job: Job) -> web.Response:
+    """202 at once; with ``Prefer: wait=N``, hold up to N seconds for a terminal state (201 / 200)."""
+    requested = protocol.requested_wait({}, request.headers.get("Prefer"))
+    if requested is None:
+        return await _accepted(queue, job, {"Vary": "Prefer"})
+    applied = protocol.applied_wait(requested, request.app[SETTINGS_KEY].max_wait_s)
+    job = await _held(request, queue.wait(job.id, timeout_s=applied, until=lambda j: j.terminal))
+    view = await queue.view(job)
+    answer = protocol.submit_wait_answer(job, eta=view.eta, now=queue.clock())
+    return json_response(protocol.job_body(job, eta=view.eta, queue_position=view.queue_position),
+                         status=answer.status, headers={**answer.headers, **protocol.wait_headers(applied)})
+
+
+async def _held(request: web.Request, waiting: Awaitable[Job]) -> Job:
+    """Await a wait for a job while it is counted as an open long poll."""
+    waiters = request.app[WAITERS_KEY]
+    waiters.long_polls += 1
+    try:
+        return await waiting
+    finally:
+        waiters.long_polls -= 1
+
+
+def task_route_handler(spec: TaskSpec) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A task on its own route: path parameters and the JSON body become its params."""
+
+    async def handle(request: web.Request) -> web.Response:
+        queue = request.app[QUEUE_KEY]
+        body = await read_json(request, required=False)
+        if body is not None and not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object", errors=[{"field": "", "message": "expected object"}])
+        params = dict(body or {})
+        for name, value in request.match_info.items():
+            if name in params and params[name] != value:
+                raise BadRequest(f"{name!r} is given in the path and, differently, in the body",
+                                 errors=[{"field": name, "message": "differs from the path"}])
+            params[name] = value
+        job = await queue.submit(spec.name, params)
+        return await _answer_submit(request, queue, job)
+
+    return handle
+
+
+async def monitor(request: web.Request) -> web.StreamResponse:
+    """The status monitor; with ``?wait=N`` or ``Prefer: wait=N`` a long poll."""
+    queue = request.app[QUEUE_KEY]
+    settings = request.app[SETTINGS_KEY]
+    job_id = job_id_of(request)
+    if_none_match = request.headers.get("If-None-Match")
+    requested = protocol.requested_wait(request.query, request.headers.get("Prefer"))
+    applied = None if requested is None else protocol.applied_wait(requested, settings.max_wait_s)
+    if applied:
+        job = await _held(request, queue.wait(job_id, timeout_s=applied,
+                                              until=lambda j: protocol.long_poll_done(j, if_none_match)))
+    else:
+        job = await queue.find(job_id)
+    wait_headers = protocol.wait_headers(applied)
+    if protocol.etag_matches(if_none_match, protocol.etag(job)):
+        return web.Response(status=304, headers={**protocol.job_headers(job), **wait_headers})
+    view = await queue.view(job)
+    answer = protocol.monitor_answer(job, eta=view.eta, now=queue.clock(), style=settings.monitor_style,
+                                     redirect=protocol.parse_bool(request.query.get("redirect"), True))
+    return json_response(protocol.job_body(job, eta=view.eta, queue_position=view.queue_position),
+                         status=answer.status, headers={**answer.headers, **wait_headers})
+
+
+async def result(request: web.Request) -> web.Response:
+    queue = request.app[QUEUE_KEY]
+    job = await queue.find(job_id_of(request))
+    view = await queue.view(job) if not job.terminal else None
+    answer = protocol.result_answer(job, eta=view.eta if view else None, now=queue.clock())
+    if answer.status == 200:
+        response = web.Response(body=job.result or b"null", headers=answer.headers)
+        response.content_type = job.result_type or "application/json"
+        return response
+    if answer.status == 404:
+        problem = problem_body(404, f"job {job.id} is {job.status.value}; its result does not exist yet")
+        return problem_response({**problem, "job_status": job.status.value}, answer.headers)
+    problem = problem_body(409, f"job {job.id} {job.status.value}; it has no result and never will")
+    return problem_response({**problem, "job_status": job.status.value, "error": job.error}, answer.headers)
+
+
+async def cancel(request: web.Request) -> web.Response:
+    queue = request.app[QUEUE_KEY]
+    job, stopped = await queue.cancel(job_id_of(request))
+    answer = protocol.cancel_answer(job, stopped=stopped)
+    return json_response(protocol.job_body(job), status=answer.status, headers=answer.headers)
+
+
+async def delete(request: web.Request) -> web.Response:
+    queue = request.app[QUEUE_KEY]
+    job_id = job_id_of(request)
+    if await queue.delete(job_id):
+        return web.Response(status=204, headers=protocol.NO_STORE)
+    job = await queue.find(job_id)
+    return json_response(protocol.job_body(job), status=202, headers=protocol.job_headers(job))
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    queue = request.app[QUEUE_KEY]
+    status, task, limit, before = protocol.parse_list_query(request.query, queue.registry.names())
+    jobs, cursor = await queue.list(status=status, task=task, before_seq=before, limit=limit)
+    next_url = protocol.next_page_url(status=status, task=task, limit=limit, cursor=cursor)
+    headers = dict(protocol.NO_STORE)
+    if next_url:
+        headers["Link"] = f'<{next_url}>; rel="next"'
+    bodies = []
+    for job in jobs:
+        view = await queue.view(job)
+        bodies.append(protocol.job_body(job, eta=view.eta, queue_position=view.queue_position))
+    return json_response({"jobs": bodies, "next": next_url}, headers=headers)
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    registry = request.app[QUEUE_KEY].registry
+    return json_response({"tasks": [registry.get(name).describe() for name in registry.names()]})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness, and how many clients are waiting on each channel."""
+    waiters = request.app[WAITERS_KEY]
+    return json_response({"status": "ok", "waiting": vars(waiters)}, headers=protocol.NO_STORE)

@@ -1,0 +1,212 @@
+"""Pushing job changes to clients: Server-Sent Events per job and the WebSocket channel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+from dataclasses import dataclass, field
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from .. import codec, protocol
+from ..errors import BadRequest, Gone, NotFound
+from ..hub import Subscription
+from ..models import Job, Status
+from ..queue import JobQueue
+from .common import QUEUE_KEY, SETTINGS_KEY, WAITERS_KEY, job_id_of
+
+log = logging.getLogger("asyncjobs.web")
+
+SOCKETS_KEY = web.AppKey("asyncjobs_sockets", weakref.WeakSet)
+MAX_FRAME_BYTES = 1 << 20
+
+
+async def _body(queue: JobQueue, job: Job) -> dict:
+    view = await queue.view(job)
+    return protocol.job_body(job, eta=view.eta, queue_position=view.queue_position)
+
+
+# -- Server-Sent Events -----------------------------------------------------------
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """The job now, then an event per change (``status`` or ``progress``), ending after the terminal one."""
+    queue = request.app[QUEUE_KEY]
+    settings = request.app[SETTINGS_KEY]
+    waiters = request.app[WAITERS_KEY]
+    last_seen = protocol.parse_last_event_id(request.headers.get("Last-Event-ID"))
+    with queue.hub.subscribe([job_id_of(request)], conflate=True) as sub:
+        job = await queue.find(job_id_of(request))  # 404 / 410 come as problems, before the stream
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        waiters.event_streams += 1
+        try:
+            last_status: Status | None = None
+            if last_seen is None or job.version > last_seen:
+                await response.write(protocol.sse_event(job, "status", await _body(queue, job)))
+            last_status = job.status
+            while not job.terminal:
+                newer = await sub.get(settings.sse_keepalive_s)
+                if newer is None:
+                    await response.write(protocol.SSE_KEEPALIVE)
+                    continue
+                if newer.version <= job.version:
+                    continue
+                job = newer
+                name = protocol.sse_event_name(job, last_status)
+                await response.write(protocol.sse_event(job, name, await _body(queue, job)))
+                last_status = job.status
+        except (ConnectionResetError, ConnectionError):
+            pass  # the client went away
+        finally:
+            waiters.event_streams -= 1
+        return response
+
+
+# -- WebSocket ----------------------------------------------------------------------
+
+@dataclass
+class _Socket:
+    """One client's subscriptions and what it was last sent, per job."""
+
+    ws: web.WebSocketResponse
+    sub: Subscription
+    progress_ids: set[str] = field(default_factory=set)
+    progress_all: bool = False
+    sent: dict[str, tuple[Status, int]] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def wants(self, job: Job) -> bool:
+        """Status changes always; progress only where asked; never an older version than already sent."""
+        prev = self.sent.get(job.id)
+        if prev is not None and job.version <= prev[1]:
+            return False
+        if prev is None or prev[0] is not job.status:
+            return True
+        return self.progress_all or job.id in self.progress_ids
+
+    def mark_sent(self, job: Job) -> None:
+        if job.terminal and job.id not in self.sub.job_ids:
+            self.sent.pop(job.id, None)  # seen through "*": nothing more will come for it
+        else:
+            self.sent[job.id] = (job.status, job.version)
+
+    async def send_job(self, queue: JobQueue, job: Job) -> None:
+        if self.wants(job):
+            self.mark_sent(job)
+            await self.send({"type": "job", "job": await _body(queue, job)})
+
+    async def send(self, message: dict) -> None:
+        await self.ws.send_str(codec.dumps(message).decode())
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    queue = request.app[QUEUE_KEY]
+    settings = request.app[SETTINGS_KEY]
+    waiters = request.app[WAITERS_KEY]
+    ws = web.WebSocketResponse(heartbeat=settings.ws_heartbeat_s, max_msg_size=MAX_FRAME_BYTES)
+    await ws.prepare(request)
+    request.app[SOCKETS_KEY].add(ws)
+    waiters.websockets += 1
+    sock = _Socket(ws=ws, sub=queue.hub.subscribe(maxsize=settings.ws_buffer))
+    sender = asyncio.create_task(_send_changes(queue, sock), name="asyncjobs-ws-sender")
+    try:
+        async for msg in ws:
+            if msg.type is WSMsgType.TEXT:
+                await _handle_frame(queue, sock, msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                await sock.send(protocol.ws_error(400, "binary frames are not understood; send JSON text frames"))
+    finally:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+        sock.sub.close()
+        waiters.websockets -= 1
+    return ws
+
+
+async def _send_changes(queue: JobQueue, sock: _Socket) -> None:
+    """Forward published changes; a consumer too slow to keep its buffer bounded is closed."""
+    try:
+        while not sock.ws.closed:
+            job = await sock.sub.get()
+            if job is None:
+                if sock.sub.overflowed:
+                    log.info("closing a WebSocket that fell too far behind")
+                    await sock.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too slow: events overflowed")
+                    return
+                continue
+            async with sock.lock:
+                await sock.send_job(queue, job)
+    except (ConnectionResetError, ConnectionError):
+        pass
+
+
+async def _handle_frame(queue: JobQueue, sock: _Socket, text: str) -> None:
+    try:
+        command = protocol.parse_ws_frame(codec.loads(text))
+    except codec.JSONDecodeError:
+        await sock.send(protocol.ws_error(400, "a frame must be JSON"))
+        return
+    except BadRequest as exc:
+        await sock.send(protocol.ws_error(400, exc.detail))
+        return
+    async with sock.lock:  # keep "subscribed" and the states it promises ahead of later changes
+        if command.op == "unsubscribe":
+            await _unsubscribe(sock, command)
+        else:
+            await _subscribe(queue, sock, command)
+
+
+async def _subscribe(queue: JobQueue, sock: _Socket, command: protocol.WsCommand) -> None:
+    if command.jobs is None:
+        sock.sub.watch_everything()
+        sock.progress_all = sock.progress_all or command.progress
+        await sock.send({"type": "subscribed", "jobs": "*"})
+        return
+    room = protocol.MAX_IDS_PER_SOCKET - len(sock.sub.job_ids)
+    if len(set(command.jobs) - sock.sub.job_ids) > room:
+        await sock.send(protocol.ws_error(400, f"a socket may watch at most {protocol.MAX_IDS_PER_SOCKET} jobs"))
+        return
+    known, finished, errors = [], [], []
+    for job_id in command.jobs:
+        sock.sub.add([job_id])  # subscribe before reading, so no change falls in between
+        try:
+            job = await queue.find(job_id)
+        except (NotFound, Gone) as exc:
+            sock.sub.remove([job_id])
+            errors.append(protocol.ws_error(exc.status, exc.detail, id=job_id))
+            continue
+        known.append(job_id)
+        if command.progress:
+            sock.progress_ids.add(job_id)
+        if job.terminal:
+            finished.append(job)
+    await sock.send({"type": "subscribed", "jobs": known})
+    for error in errors:
+        await sock.send(error)
+    for job in finished:
+        await sock.send_job(queue, job)
+
+
+async def _unsubscribe(sock: _Socket, command: protocol.WsCommand) -> None:
+    if command.jobs is None:
+        sock.sub.unwatch_everything()
+        removed: list[str] | str = "*"
+        sock.progress_all = False
+    else:
+        sock.sub.remove(command.jobs)
+        for job_id in command.jobs:
+            sock.progress_ids.discard(job_id)
+            sock.sent.pop(job_id, None)
+        removed = command.jobs
+    await sock.send({"type": "unsubscribed", "jobs": removed})
+
+
+async def close_sockets(app: web.Application) -> None:
+    """At shutdown: tell every socket the server is going away."""
+    for ws in list(app[SOCKETS_KEY]):
+        with contextlib.suppress(Exception):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")

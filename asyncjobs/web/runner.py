@@ -1,0 +1,47 @@
+"""A runner whose low-level HTTP errors are problem details too."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_server import Server
+
+from .common import problem_body, problem_response
+
+
+class _ProblemRequestHandler(RequestHandler):
+    """Answers requests the HTTP parser rejects with problem details, not text/html."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        response = super().handle_error(request, status, exc, message)  # logs, checks nothing was sent
+        detail = "the request could not be parsed as HTTP" if status == 400 else "the server failed to answer"
+        if status == 400 and exc is not None and getattr(exc, "message", None):
+            detail = f"malformed request: {exc.message}"
+        if isinstance(exc, LineTooLong):
+            status, detail = 431, f"a request line or header is too long: {exc.message}"
+        problem = problem_response(problem_body(status, detail))
+        problem.force_close()
+        del response
+        return problem
+
+
+class _ProblemServer(Server):
+    def __call__(self) -> RequestHandler:
+        handler = super().__call__()
+        handler.__class__ = _ProblemRequestHandler
+        return handler
+
+
+class ProblemRunner(web.AppRunner):
+    """An ``AppRunner`` whose low-level errors (bad request lines, huge headers) are problem details too."""
+
+    async def _make_server(self) -> Server:
+        server = await super()._make_server()
+        server.__class__ = _ProblemServer
+        return server
