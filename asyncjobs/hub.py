@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .models import Job
 
@@ -26,6 +26,7 @@ class Subscription:
         self._conflate = conflate
         self._ready = asyncio.Event()
         self.overflowed = False
+        self.on_overflow: Callable[[], None] | None = None  # told once, when the buffer overflows
 
     def _push(self, job: Job) -> None:
         if self.overflowed:
@@ -39,6 +40,8 @@ class Subscription:
         if len(self._buffer) >= self._maxsize:
             self.overflowed = True
             self._buffer.clear()
+            if self.on_overflow is not None:
+                self.on_overflow()
         else:
             self._buffer.append(job)
         self._ready.set()

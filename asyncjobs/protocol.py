@@ -283,7 +283,7 @@ def submit_wait_answer(job: Job, *, eta: float | None, now: float) -> Answer:
 
 def long_poll_done(job: Job, if_none_match: str | None) -> bool:
     """A long poll answers once the job is terminal, or (with If-None-Match) once it changed at all."""
-    if if_none_match:
+    if if_none_match and not job.terminal:
         return not etag_matches(if_none_match, etag(job))
     return job.terminal
 

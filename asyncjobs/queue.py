@@ -309,7 +309,7 @@ class JobQueue:
         self.hub.publish(new)
         if execution.delete_when_done:
             await self.store.delete(new.id)
-        log.info("job %s %s (attempt %d)", new.id, new.status.value, new.attempts)
+        log.debug("job %s %s (attempt %d)", new.id, new.status.value, new.attempts)
 
     async def claim(self, limit: int) -> list[Job]:
         """Take up to ``limit`` due jobs for the workers, respecting each task's concurrency."""

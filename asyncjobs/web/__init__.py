@@ -20,6 +20,7 @@ def make_web_app(queue: JobQueue, settings: WebSettings) -> web.Application:
     app[SETTINGS_KEY] = settings
     app[WAITERS_KEY] = Waiters()
     app[push.SOCKETS_KEY] = weakref.WeakSet()
+    app[push.CLOSING_KEY] = set()
     app.on_shutdown.append(push.close_sockets)
     router = app.router
     router.add_post("/jobs", jobs.submit)

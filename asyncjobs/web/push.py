@@ -20,6 +20,7 @@ from .common import QUEUE_KEY, SETTINGS_KEY, WAITERS_KEY, job_id_of
 log = logging.getLogger("asyncjobs.web")
 
 SOCKETS_KEY = web.AppKey("asyncjobs_sockets", weakref.WeakSet)
+CLOSING_KEY = web.AppKey("asyncjobs_closing", set)
 MAX_FRAME_BYTES = 1 << 20
 
 
@@ -107,11 +108,21 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     settings = request.app[SETTINGS_KEY]
     waiters = request.app[WAITERS_KEY]
     ws = web.WebSocketResponse(heartbeat=settings.ws_heartbeat_s, max_msg_size=MAX_FRAME_BYTES)
+    transport = request.transport
     await ws.prepare(request)
     request.app[SOCKETS_KEY].add(ws)
     waiters.websockets += 1
     sock = _Socket(ws=ws, sub=queue.hub.subscribe(maxsize=settings.ws_buffer))
     sender = asyncio.create_task(_send_changes(queue, sock), name="asyncjobs-ws-sender")
+
+    def too_slow() -> None:
+        # The sender may be stuck in a send to a peer that stopped reading: stop it, then close.
+        sender.cancel()
+        closing = asyncio.create_task(_close_slow(ws, transport))
+        request.app[CLOSING_KEY].add(closing)
+        closing.add_done_callback(request.app[CLOSING_KEY].discard)
+
+    sock.sub.on_overflow = too_slow
     try:
         async for msg in ws:
             if msg.type is WSMsgType.TEXT:
@@ -128,20 +139,29 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 
 
 async def _send_changes(queue: JobQueue, sock: _Socket) -> None:
-    """Forward published changes; a consumer too slow to keep its buffer bounded is closed."""
+    """Forward published changes (an overflow of the buffer is handled by ``too_slow``)."""
     try:
-        while not sock.ws.closed:
+        while not sock.ws.closed and not sock.sub.overflowed:
             job = await sock.sub.get()
-            if job is None:
-                if sock.sub.overflowed:
-                    log.info("closing a WebSocket that fell too far behind")
-                    await sock.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too slow: events overflowed")
-                    return
-                continue
-            async with sock.lock:
-                await sock.send_job(queue, job)
+            if job is not None:
+                async with sock.lock:
+                    await sock.send_job(queue, job)
     except (ConnectionResetError, ConnectionError):
         pass
+
+
+async def _close_slow(ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None) -> None:
+    """Send a 1008 close, then cut the connection: a peer this far behind cannot be waited for."""
+    log.info("closing a WebSocket that fell too far behind")
+    try:
+        async with asyncio.timeout(1.0):
+            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too slow: events overflowed")
+    except (TimeoutError, ConnectionError, asyncio.CancelledError):
+        # CancelledError too: the stopped sender's cancel also cancels the drain waiter it shared with close().
+        pass
+    finally:
+        if transport is not None:
+            transport.abort()  # a graceful close would wait for the peer to read what is buffered
 
 
 async def _handle_frame(queue: JobQueue, sock: _Socket, text: str) -> None:

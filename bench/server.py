@@ -1,0 +1,89 @@
+"""Start and measure an `asyncjobs serve` process for the benchmarks (127.0.0.1 only)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+
+
+class Server:
+    def __init__(self, *, workers: int = 8, synchronous: str = "full", max_wait: int = 600,
+                 extra_config: str = "", db: Path | None = None, env: dict[str, str] | None = None) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="asyncjobs-bench-"))
+        self.db = db or self.dir / "bench.db"
+        config = self.dir / "config.toml"
+        config.write_text(
+            f'[server]\nmax_wait = {max_wait}\n[store]\nsynchronous = "{synchronous}"\n'
+            f'[queue]\nworkers = {workers}\nmax_queued = 10000000\n'
+            f'[tasks]\nmodules = ["asyncjobs.builtin", "bench_tasks"]\n{extra_config}'
+        )
+        self.log = self.dir / "server.log"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("ASYNCJOBS_")}
+        full_env["PYTHONPATH"] = os.pathsep.join([str(BENCH), str(ROOT), full_env.get("PYTHONPATH", "")])
+        full_env.update(env or {})
+        self.started_at = time.monotonic()
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "asyncjobs", "serve", "--config", str(config), "--port", "0",
+                 "--db", str(self.db)],
+                env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
+            )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            match = re.search(r"listening on (http://[\d.]+:\d+)", self.log.read_text(errors="replace"))
+            if match:
+                self.url = match.group(1)
+                self.ready_s = time.monotonic() - self.started_at
+                host, port = self.url.removeprefix("http://").split(":")
+                self.host, self.port = host, int(port)
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.log.read_text())
+            time.sleep(0.01)
+        raise RuntimeError("server did not start")
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def machine() -> str:
+    import platform
+    import sqlite3
+
+    cores = os.cpu_count()
+    return (f"{cores} cores, Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
+            f"{platform.system()} {platform.release()}")
