@@ -7,6 +7,7 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
+from . import callbacks
 from .config import Config
 from .errors import ConfigError
 from .hub import Hub
@@ -19,12 +20,27 @@ from .worker import Workers
 log = logging.getLogger("asyncjobs")
 
 
-def _check_supported(config: Config) -> None:
-    """Settings of the protocol this version does not implement yet must not be silently ignored."""
-    if config.auth.tokens:
-        raise ConfigError("auth.tokens: authentication is not supported by this version; leave it empty")
-    if config.callbacks.allow_hosts or config.callbacks.secret:
-        raise ConfigError("callbacks: callbacks are not supported by this version; leave [callbacks] empty")
+def _callback_key(config: Config) -> bytes | None:
+    """Callbacks need both an allow-list and a secret to sign with; either alone is a mistake."""
+    if not config.callbacks.allow_hosts:
+        if config.callbacks.secret:
+            callbacks.parse_secret(config.callbacks.secret)  # still refuse a malformed one
+        return None
+    if not config.callbacks.secret:
+        raise ConfigError("callbacks.secret: callbacks are allowed (callbacks.allow_hosts) but unsigned;"
+                          ' set a "whsec_<base64>" secret')
+    return callbacks.parse_secret(config.callbacks.secret)
+
+
+def _tokens(config: Config) -> tuple[tuple[str, bytes], ...]:
+    seen: dict[str, str] = {}
+    for principal, token in config.auth.tokens.items():
+        if len(token) < 16:
+            raise ConfigError(f"auth.tokens.{principal}: a token needs at least 16 characters")
+        if token in seen:
+            raise ConfigError(f"auth.tokens.{principal}: the same token as {seen[token]}")
+        seen[token] = principal
+    return tuple((p, t.encode()) for p, t in config.auth.tokens.items())
 
 
 def sweep_interval_s(config: Config) -> float:
@@ -37,7 +53,7 @@ class App:
     """Everything one asyncjobs service holds; no module-level state, so two can share a process."""
 
     def __init__(self, config: Config, *, registry: TaskRegistry | None = None) -> None:
-        _check_supported(config)
+        callback_key = _callback_key(config)
         self.config = config
         self.registry = registry or TaskRegistry.from_modules(config.tasks.modules, config.tasks.overrides)
         self.store = SQLiteStore(config.store.path, synchronous=config.store.synchronous)
@@ -54,10 +70,16 @@ class App:
             cancel_grace_s=config.jobs.cancel_grace,
         )
         self.workers = Workers(self.queue, count=config.queue.workers, sweep_interval_s=sweep_interval_s(config))
+        self.deliverer = None if callback_key is None else callbacks.Deliverer(
+            store=self.store, wakeup=self.queue.deliveries, key=callback_key,
+            max_attempts=config.callbacks.max_attempts, retry_delay_s=config.callbacks.retry_delay,
+            timeout_s=config.callbacks.timeout)
         self.web = make_web_app(self.queue, WebSettings(
             monitor_style=config.protocol.monitor,
             max_body_bytes=config.server.max_body_bytes,
             max_wait_s=config.server.max_wait,
+            tokens=_tokens(config),
+            callback_hosts=tuple(h.lower() for h in config.callbacks.allow_hosts),
         ))
         self.web.cleanup_ctx.append(self._lifecycle)
         self._started = False
@@ -74,6 +96,8 @@ class App:
         try:
             await self.queue.start()
             await self.workers.start()
+            if self.deliverer is not None:
+                await self.deliverer.start()
         except BaseException:
             await self.store.close()
             raise
@@ -91,6 +115,8 @@ class App:
         if not self._started:
             return
         await self.drain()
+        if self.deliverer is not None:
+            await self.deliverer.stop()
         await self.store.close()
         self._started = False
         log.info("asyncjobs stopped")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime, timezone
 from typing import Any
 
@@ -18,6 +19,11 @@ def dumps(obj: Any) -> bytes:
 
 def dumps_pretty(obj: Any) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_INDENT_2)
+
+
+def fingerprint(obj: Any) -> str:
+    """A stable hash of a JSON value (object keys sorted), for comparing requests and params."""
+    return hashlib.sha256(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 def loads(data: bytes | str) -> Any:

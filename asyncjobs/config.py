@@ -56,6 +56,8 @@ class CallbacksConfig:
     allow_hosts: list[str] = field(default_factory=list)
     secret: str = ""
     max_attempts: int = 8
+    retry_delay: float = 1.0  # seconds before the second attempt; doubles each time
+    timeout: float = 10.0  # seconds one attempt may take
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,8 @@ _CHOICES = {
     ("store", "synchronous"): ("full", "normal"),
     ("protocol", "monitor"): ("rest", "flow"),
 }
-_POSITIVE = {("server", "max_body_bytes"), ("server", "max_wait"), ("queue", "workers"), ("queue", "max_queued")}
+_POSITIVE = {("server", "max_body_bytes"), ("server", "max_wait"), ("queue", "workers"), ("queue", "max_queued"),
+             ("callbacks", "max_attempts"), ("callbacks", "timeout")}
 
 
 def _coerce(name: str, value: Any, kind: Any) -> Any:

@@ -64,7 +64,11 @@ class Job:
     result: bytes | None = None  # JSON, or raw bytes when result_type is set
     result_type: str | None = None  # content type of a bytes result
     error: dict[str, str] | None = None
-    owner: str = ""
+    owner: str = ""  # the principal that submitted it ("" with auth off)
+    idempotency_key: str | None = None
+    request_hash: str | None = None  # of the submit that carried the idempotency key
+    unique_key: str | None = None  # hash of the params, for tasks declared unique
+    callback_url: str | None = None
 
     @property
     def terminal(self) -> bool:

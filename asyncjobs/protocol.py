@@ -154,8 +154,21 @@ def is_json_content_type(content_type: str | None) -> bool:
     return bool(_JSON_TYPE.match(content_type.split(";", 1)[0].strip()))
 
 
-def parse_submit(body: Any) -> tuple[Any, Any, int, float]:
-    """Check a submit body's shape: (task, params, priority, delay_s)."""
+@dataclass(frozen=True)
+class Submit:
+    task: Any
+    params: Any
+    priority: int = 0
+    delay_s: float = 0.0
+    callback_url: str | None = None
+
+    def fingerprint(self) -> str:
+        """What makes two submits "the same request" for an Idempotency-Key."""
+        return codec.fingerprint([self.task, self.params, self.priority, self.delay_s, self.callback_url])
+
+
+def parse_submit(body: Any) -> Submit:
+    """Check a submit body's shape (the task and params are checked against the registry later)."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object", errors=[{"field": "", "message": "expected object"}])
     errors = []
@@ -173,12 +186,31 @@ def parse_submit(body: Any) -> tuple[Any, Any, int, float]:
         delay = 0
     if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not 0 <= delay <= 10**9:
         errors.append({"field": "delay", "message": "expected a number of seconds, 0 or more"})
-    if "callback_url" in body:
-        errors.append({"field": "callback_url", "message": "callbacks are not enabled on this server"})
+    callback_url = body.get("callback_url")
+    if callback_url is not None and (not isinstance(callback_url, str) or len(callback_url) > 2000):
+        errors.append({"field": "callback_url", "message": "expected a URL"})
     if errors:
         raise BadRequest("invalid submit: " + "; ".join(f"{e['field']} {e['message']}" for e in errors),
                          errors=errors)
-    return body.get("task"), params, priority, float(delay)
+    return Submit(body.get("task"), params, priority, float(delay), callback_url)
+
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def parse_idempotency_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    key = value.strip()
+    if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or not key.isprintable():
+        raise BadRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters",
+                         errors=[{"field": "Idempotency-Key", "message": "malformed"}])
+    return key
+
+
+def see_other_answer(job: Job) -> Answer:
+    """A unique task's live job already does this work: go there."""
+    return Answer(303, {"Location": job_url(job.id), **job_headers(job)})
 
 
 def parse_list_query(query: Mapping[str, str], known_tasks: list[str]) -> tuple[str | None, str | None, int, int | None]:

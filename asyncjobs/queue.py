@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import codec
-from .errors import BadRequest, Conflict, Gone, NotFound, ServiceUnavailable
+from .errors import BadRequest, Conflict, Gone, NotFound, ServiceUnavailable, UnprocessableContent
 from .hub import Hub
 from .models import Job, Status, cancel, is_expired, new_job_id, with_progress
-from .store import Store
+from .store import Inserted, Store
 from .tasks import TaskRegistry, validate
 
 log = logging.getLogger("asyncjobs.queue")
@@ -102,6 +102,7 @@ class JobQueue:
         self.accepting = True
         self.queued = 0  # jobs queued in the store, kept in memory for backpressure
         self.next_due: float | None = None  # earliest run_at of a delayed job, if any
+        self.deliveries = asyncio.Event()  # set when a callback delivery was scheduled
         self._background: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -133,7 +134,13 @@ class JobQueue:
                                      for e in errors])
 
     async def submit(self, task_name: Any, params: Any, *, priority: int = 0, delay_s: float = 0.0,
-                     owner: str = "") -> Job:
+                     owner: str = "", idempotency_key: str | None = None, request_hash: str | None = None,
+                     callback_url: str | None = None) -> Inserted:
+        """Store a new job (committed before this returns), or find the one this submit repeats.
+
+        A repeated ``idempotency_key`` with another ``request_hash`` is a 422; a unique task's live
+        job with equal params is returned as a duplicate for the caller to redirect to.
+        """
         self.check_params(task_name, params)
         if not self.accepting:
             raise ServiceUnavailable("the server is shutting down", headers={"Retry-After": "5"})
@@ -146,18 +153,26 @@ class JobQueue:
         job = Job(
             id=new_job_id(), task=task_name, params=codec.dumps(params), status=Status.QUEUED,
             priority=priority, created_at=now, expires_at=now + self.max_age_s, run_at=now + delay_s,
-            max_attempts=spec.max_attempts, owner=owner,
+            max_attempts=spec.max_attempts, owner=owner, idempotency_key=idempotency_key,
+            request_hash=request_hash, unique_key=codec.fingerprint(params) if spec.unique else None,
+            callback_url=callback_url,
         )
         self.queued += 1
         try:
-            job = await self.store.insert(job)
+            inserted = await self.store.insert(job)
         except BaseException:
             self.queued -= 1
             raise
-        self.hub.publish(job)
-        self._due_at(job.run_at)
-        log.debug("job %s submitted (%s)", job.id, job.task)
-        return job
+        if inserted.duplicate is not None:
+            self.queued -= 1
+            if inserted.duplicate == "idempotency" and inserted.job.request_hash != request_hash:
+                raise UnprocessableContent(
+                    "this Idempotency-Key was used before with a different request; use a new key")
+            return inserted
+        self.hub.publish(inserted.job)
+        self._due_at(inserted.job.run_at)
+        log.debug("job %s submitted (%s)", inserted.job.id, inserted.job.task)
+        return inserted
 
     # -- read --------------------------------------------------------------
     async def find(self, job_id: str, *, owner: str | None = None) -> Job:
@@ -243,7 +258,10 @@ class JobQueue:
             if execution is not None:
                 return await self._stop_running(execution, "canceled by request")
             new = cancel(job, self.clock(), retention_s=self.retention_s)
-            if await self.store.update(new, expected_version=job.version):
+            deliver = new.callback_url is not None
+            if await self.store.update(new, expected_version=job.version, deliver=deliver):
+                if deliver:
+                    self.deliveries.set()
                 self.queued -= 1
                 self.hub.publish(new)
                 log.info("job %s canceled while queued", job_id)
@@ -299,10 +317,13 @@ class JobQueue:
         """Persist a running job's next state (terminal, or queued again), then publish it."""
         if execution.pending_write is not None:
             await execution.pending_write
-        if not await self.store.update(new, expected_version=execution.stored_version):
+        deliver = new.terminal and new.callback_url is not None
+        if not await self.store.update(new, expected_version=execution.stored_version, deliver=deliver):
             log.warning("job %s changed under its worker; its outcome %s was not stored", new.id, new.status)
         execution.stored_version = new.version
         execution.job = new
+        if deliver:
+            self.deliveries.set()
         if new.status is Status.QUEUED:
             self.queued += 1
             self._due_at(new.run_at)

@@ -64,11 +64,31 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX tombstones_gone ON tombstones (gone_until);
     """,
+    """
+    ALTER TABLE jobs ADD COLUMN idempotency_key TEXT;
+    ALTER TABLE jobs ADD COLUMN request_hash TEXT;
+    ALTER TABLE jobs ADD COLUMN unique_key TEXT;
+    ALTER TABLE jobs ADD COLUMN callback_url TEXT;
+    CREATE UNIQUE INDEX jobs_idempotency ON jobs (owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX jobs_unique ON jobs (owner, task, unique_key)
+        WHERE unique_key IS NOT NULL AND status IN ('queued', 'running');
+    CREATE INDEX jobs_owner_seq ON jobs (owner, seq);
+    CREATE TABLE deliveries (
+        job_id     TEXT PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
+        url        TEXT    NOT NULL,
+        attempts   INTEGER NOT NULL DEFAULT 0,
+        next_at    REAL    NOT NULL,
+        state      TEXT    NOT NULL DEFAULT 'pending',
+        last_error TEXT
+    ) WITHOUT ROWID;
+    CREATE INDEX deliveries_due ON deliveries (next_at) WHERE state = 'pending';
+    """,
 )
 
 _COLUMNS = (
     "seq, id, task, params, status, priority, created_at, started_at, finished_at, expires_at,"
-    " run_at, attempts, max_attempts, version, progress, result, result_type, error, owner"
+    " run_at, attempts, max_attempts, version, progress, result, result_type, error, owner,"
+    " idempotency_key, request_hash, unique_key, callback_url"
 )
 _MUTABLE = (
     "status", "started_at", "finished_at", "expires_at", "run_at", "attempts",
@@ -78,7 +98,8 @@ _MUTABLE = (
 
 def _row_to_job(row: sqlite3.Row | tuple) -> Job:
     (seq, id_, task, params, status, priority, created_at, started_at, finished_at, expires_at,
-     run_at, attempts, max_attempts, version, progress, result, result_type, error, owner) = row
+     run_at, attempts, max_attempts, version, progress, result, result_type, error, owner,
+     idempotency_key, request_hash, unique_key, callback_url) = row
     return Job(
         id=id_, seq=seq, task=task, params=params, status=Status(status), priority=priority,
         created_at=created_at, started_at=started_at, finished_at=finished_at,
@@ -86,6 +107,8 @@ def _row_to_job(row: sqlite3.Row | tuple) -> Job:
         version=version, progress=codec.loads(progress) if progress else None,
         result=result, result_type=result_type,
         error=codec.loads(error) if error else None, owner=owner,
+        idempotency_key=idempotency_key, request_hash=request_hash, unique_key=unique_key,
+        callback_url=callback_url,
     )
 
 
@@ -109,6 +132,21 @@ class Lookup:
 
 
 @dataclass(frozen=True)
+class Inserted:
+    """What a submit stored: the new job, or the existing one it duplicates and why."""
+
+    job: Job
+    duplicate: str | None = None  # None: new; "idempotency": same key; "unique": same live task and params
+
+
+@dataclass(frozen=True)
+class Delivery:
+    job_id: str
+    url: str
+    attempts: int
+
+
+@dataclass(frozen=True)
 class SweepResult:
     expired_queued: list[Job]  # canceled by expiry (already tombstoned)
     expired_running: list[str]  # ids whose handler must be stopped
@@ -121,8 +159,8 @@ class Store(Protocol):
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
-    async def insert(self, job: Job) -> Job: ...
-    async def update(self, job: Job, *, expected_version: int) -> bool: ...
+    async def insert(self, job: Job) -> Inserted: ...
+    async def update(self, job: Job, *, expected_version: int, deliver: bool = False) -> bool: ...
     async def delete(self, job_id: str) -> bool: ...
     async def lookup(self, job_id: str) -> Lookup: ...
     async def list(self, *, status: str | None, task: str | None, owner: str | None,
@@ -134,7 +172,20 @@ class Store(Protocol):
     async def queue_position(self, job: Job) -> int: ...
     async def count_queued(self) -> int: ...
     async def next_run_at(self, *, after: float) -> float | None: ...
+    async def due_deliveries(self, *, now: float, limit: int) -> list[Delivery]:
+        rows = await self._fetchall(
+            "SELECT job_id, url, attempts FROM deliveries WHERE state = 'pending' AND next_at <= ?"
+            " ORDER BY next_at LIMIT ?", (now, limit))
+        return [Delivery(job_id, url, attempts) for job_id, url, attempts in rows]
+
+    async def next_delivery_at(self) -> float | None:
+        rows = await self._fetchall("SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'")
+        return rows[0][0]
+
     async def counts(self) -> dict[str, int]: ...
+    async def due_deliveries(self, *, now: float, limit: int) -> list[Delivery]: ...
+    async def next_delivery_at(self) -> float | None: ...
+    async def delivery_attempted(self, job_id: str, *, ok: bool, next_at: float | None, error: str | None) -> None: ...
 
 
 WriteOp = Callable[[aiosqlite.Connection], Awaitable[Any]]
@@ -271,24 +322,43 @@ class SQLiteStore:
         return results
 
     # -- writes ----------------------------------------------------------
-    async def insert(self, job: Job) -> Job:
-        async def op(db: aiosqlite.Connection) -> int:
+    async def insert(self, job: Job) -> Inserted:
+        """Store a new job, unless it repeats a live unique job or an idempotency key (then return that one)."""
+
+        async def op(db: aiosqlite.Connection) -> Inserted:
+            if job.idempotency_key is not None:
+                cur = await db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE owner = ? AND idempotency_key = ?",
+                                       (job.owner, job.idempotency_key))
+                row = await cur.fetchone()
+                if row is not None:
+                    return Inserted(_row_to_job(row), "idempotency")
+            if job.unique_key is not None:
+                cur = await db.execute(
+                    f"SELECT {_COLUMNS} FROM jobs WHERE owner = ? AND task = ? AND unique_key = ?"
+                    " AND status IN ('queued', 'running') ORDER BY seq LIMIT 1",
+                    (job.owner, job.task, job.unique_key))
+                row = await cur.fetchone()
+                if row is not None:
+                    return Inserted(_row_to_job(row), "unique")
             cur = await db.execute(
-                f"INSERT INTO jobs ({_COLUMNS}) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO jobs ({_COLUMNS}) VALUES (NULL{', ?' * 22})",
                 (job.id, job.task, job.params, job.status.value, job.priority, job.created_at,
                  job.started_at, job.finished_at, job.expires_at, job.run_at, job.attempts,
                  job.max_attempts, job.version,
                  codec.dumps(job.progress) if job.progress is not None else None,
                  job.result, job.result_type,
-                 codec.dumps(job.error) if job.error is not None else None, job.owner),
+                 codec.dumps(job.error) if job.error is not None else None, job.owner,
+                 job.idempotency_key, job.request_hash, job.unique_key, job.callback_url),
             )
-            return cur.lastrowid
+            return Inserted(dataclasses.replace(job, seq=cur.lastrowid))
 
-        seq = await self._write(op)
-        return _replace_seq(job, seq)
+        return await self._write(op)
 
-    async def update(self, job: Job, *, expected_version: int) -> bool:
-        """Write the job's mutable fields if the stored version is still ``expected_version``."""
+    async def update(self, job: Job, *, expected_version: int, deliver: bool = False) -> bool:
+        """Write the job's mutable fields if the stored version is still ``expected_version``.
+
+        With ``deliver``, a callback delivery to ``job.callback_url`` is scheduled in the same transaction.
+        """
         assignments = ", ".join(f"{c} = ?" for c in _MUTABLE)
 
         async def op(db: aiosqlite.Connection) -> bool:
@@ -296,6 +366,10 @@ class SQLiteStore:
                 f"UPDATE jobs SET {assignments} WHERE id = ? AND version = ?",
                 (*_mutable_values(job), job.id, expected_version),
             )
+            if cur.rowcount == 1 and deliver and job.callback_url:
+                await db.execute(
+                    "INSERT OR IGNORE INTO deliveries (job_id, url, next_at) VALUES (?, ?, ?)",
+                    (job.id, job.callback_url, job.finished_at or 0.0))
             return cur.rowcount == 1
 
         return await self._write(op)
@@ -408,6 +482,17 @@ class SQLiteStore:
 
         return await self._write(op)
 
+    async def delivery_attempted(self, job_id: str, *, ok: bool, next_at: float | None, error: str | None) -> None:
+        """Record a callback attempt: delivered, to be retried at ``next_at``, or given up (None)."""
+        state = "delivered" if ok else ("pending" if next_at is not None else "failed")
+
+        async def op(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, state = ?, next_at = COALESCE(?, next_at),"
+                " last_error = ? WHERE job_id = ?", (state, next_at, error, job_id))
+
+        await self._write(op)
+
     # -- reads -----------------------------------------------------------
     async def _fetchall(self, sql: str, params: tuple = ()) -> list:
         if self._reader is None:
@@ -462,6 +547,16 @@ class SQLiteStore:
         rows = await self._fetchall("SELECT MIN(run_at) FROM jobs WHERE status = 'queued' AND run_at > ?", (after,))
         return rows[0][0]
 
+    async def due_deliveries(self, *, now: float, limit: int) -> list[Delivery]:
+        rows = await self._fetchall(
+            "SELECT job_id, url, attempts FROM deliveries WHERE state = 'pending' AND next_at <= ?"
+            " ORDER BY next_at LIMIT ?", (now, limit))
+        return [Delivery(job_id, url, attempts) for job_id, url, attempts in rows]
+
+    async def next_delivery_at(self) -> float | None:
+        rows = await self._fetchall("SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'")
+        return rows[0][0]
+
     async def counts(self) -> dict[str, int]:
         rows = await self._fetchall("SELECT status, COUNT(*) FROM jobs GROUP BY status")
         return {s.value: 0 for s in Status} | {status: n for status, n in rows}
@@ -475,6 +570,3 @@ def _settle(fut: asyncio.Future, *, result: Any = None, error: BaseException | N
     else:
         fut.set_result(result)
 
-
-def _replace_seq(job: Job, seq: int) -> Job:
-    return dataclasses.replace(job, seq=seq)

@@ -28,6 +28,18 @@ class TaskFailure(Exception):
         self.message = message
 
 
+class Retry(Exception):
+    """Raise in a handler to ask for another attempt, after ``delay_s`` (default: the task's backoff).
+
+    Without attempts left (``retries`` spent), the job fails with the given message.
+    """
+
+    def __init__(self, message: str = "the handler asked for a retry", *, delay_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.delay_s = delay_s
+
+
 @dataclass(frozen=True)
 class Blob:
     """Return from a handler for a bytes result served with its own content type."""

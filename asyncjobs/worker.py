@@ -15,7 +15,7 @@ from . import codec
 from .errors import Canceled, StoreError
 from .models import Job, Status, cancel, fail, requeue, succeed
 from .queue import EXPIRED, Execution, JobQueue
-from .tasks import Blob, TaskFailure, TaskSpec
+from .tasks import Blob, Retry, TaskFailure, TaskSpec
 
 log = logging.getLogger("asyncjobs.worker")
 
@@ -220,6 +220,8 @@ class Workers:
             value = handler.result()
         except TaskFailure as exc:
             return self._failed(execution, spec, exc.type, exc.message)
+        except Retry as exc:
+            return self._failed(execution, spec, "exception", exc.message, delay_s=exc.delay_s)
         except (asyncio.CancelledError, Canceled):
             return self._canceled(execution)
         except Exception as exc:
@@ -243,10 +245,12 @@ class Workers:
         return succeed(execution.job, now, result=result, result_type=result_type,
                        retention_s=self.queue.retention_s)
 
-    def _failed(self, execution: Execution, spec: TaskSpec | None, error_type: str, message: str) -> Job:
+    def _failed(self, execution: Execution, spec: TaskSpec | None, error_type: str, message: str,
+                delay_s: float | None = None) -> Job:
+        """Another attempt after a backoff while attempts remain; else the job fails."""
         job, now = execution.job, self.queue.clock()
         if spec is not None and job.attempts < job.max_attempts:
-            return requeue(job, run_at=now + backoff_s(spec, job.attempts))
+            return requeue(job, run_at=now + (backoff_s(spec, job.attempts) if delay_s is None else delay_s))
         return fail(job, now, error_type=error_type, message=message, retention_s=self.queue.retention_s)
 
     def _canceled(self, execution: Execution) -> Job:

@@ -112,7 +112,7 @@ def test_parse_submit_rejects(body, field):
 
 def test_parse_submit_defaults():
     """params defaults to {}, priority to 0, delay to 0."""
-    assert protocol.parse_submit({"task": "noop"}) == ("noop", {}, 0, 0.0)
+    assert protocol.parse_submit({"task": "noop"}) == protocol.Submit("noop", {}, 0, 0.0, None)
 
 
 @pytest.mark.parametrize("query,field", [

@@ -1,6 +1,7 @@
 """The store contract: every backend must pass these (today: SQLite)."""
 
 import asyncio
+import dataclasses
 import sqlite3
 
 import pytest
@@ -26,7 +27,7 @@ async def store(request, tmp_path):
 
 async def test_insert_then_lookup(store):
     """An inserted job reads back equal, with a submission sequence number."""
-    job = await store.insert(make_job())
+    job = (await store.insert(make_job())).job
     assert job.seq > 0
     found = await store.lookup(job.id)
     assert found.job == job and not found.gone
@@ -35,7 +36,7 @@ async def test_insert_then_lookup(store):
 
 async def test_update_is_checked_against_the_version(store):
     """An update applies only over the version the writer last saw."""
-    job = await store.insert(make_job())
+    job = (await store.insert(make_job())).job
     running = start(job, 101.0)
     assert await store.update(running, expected_version=job.version)
     assert not await store.update(running, expected_version=job.version)  # stale now
@@ -44,10 +45,10 @@ async def test_update_is_checked_against_the_version(store):
 
 async def test_claim_orders_by_priority_then_submission(store):
     """Claims take higher priority first, then older jobs, and only due ones."""
-    low = await store.insert(make_job(priority=0))
-    high = await store.insert(make_job(priority=5))
-    low2 = await store.insert(make_job(priority=0))
-    later = await store.insert(make_job(priority=9, run_at=500.0))
+    low = (await store.insert(make_job(priority=0))).job
+    high = (await store.insert(make_job(priority=5))).job
+    low2 = (await store.insert(make_job(priority=0))).job
+    later = (await store.insert(make_job(priority=9, run_at=500.0))).job
     claimed = await store.claim(now=200.0, limit=10, tasks={"echo": None})
     assert [j.id for j in claimed] == [high.id, low.id, low2.id]
     assert all(j.status is Status.RUNNING and j.attempts == 1 for j in claimed)
@@ -67,8 +68,8 @@ async def test_claim_respects_task_room(store):
 
 async def test_recover_requeues_or_interrupts(store):
     """Running jobs left by a crash are queued again if attempts remain, else failed as interrupted."""
-    retryable = await store.insert(make_job(max_attempts=2))
-    final = await store.insert(make_job(max_attempts=1))
+    retryable = (await store.insert(make_job(max_attempts=2))).job
+    final = (await store.insert(make_job(max_attempts=1))).job
     await store.claim(now=200.0, limit=10, tasks={"echo": None})
     assert await store.recover(now=300.0, retention_s=60) == (1, 1)
     assert (await store.lookup(retryable.id)).job.status is Status.QUEUED
@@ -78,7 +79,7 @@ async def test_recover_requeues_or_interrupts(store):
 
 async def test_sweep_tombstones_then_forgets(store):
     """Past expires_at a job becomes a tombstone (gone); past tombstone retention, nothing."""
-    job = await store.insert(make_job())
+    job = (await store.insert(make_job())).job
     running = start(job, 101.0)
     await store.update(running, expected_version=job.version)
     done = succeed(running, 102.0, result=b"1", result_type=None, retention_s=10)
@@ -93,8 +94,8 @@ async def test_sweep_tombstones_then_forgets(store):
 
 async def test_sweep_reports_expired_queued_and_running(store):
     """Unfinished jobs past expires_at: queued ones are tombstoned, running ones are reported to stop."""
-    queued = await store.insert(make_job(expires_at=150.0))
-    running = await store.insert(make_job(expires_at=150.0, task="other"))
+    queued = (await store.insert(make_job(expires_at=150.0))).job
+    running = (await store.insert(make_job(expires_at=150.0, task="other"))).job
     await store.claim(now=120.0, limit=1, tasks={"other": None})
     result = await store.sweep(now=151.0, retention_s=10, tombstone_retention_s=100)
     assert [j.id for j in result.expired_queued] == [queued.id]
@@ -103,7 +104,7 @@ async def test_sweep_reports_expired_queued_and_running(store):
 
 async def test_list_is_newest_first_with_a_stable_cursor(store):
     """Listing pages by descending sequence; new jobs do not shift later pages."""
-    jobs = [await store.insert(make_job()) for _ in range(5)]
+    jobs = [(await store.insert(make_job())).job for _ in range(5)]
     page1 = await store.list(status=None, task=None, owner=None, before_seq=None, limit=2)
     assert [j.id for j in page1] == [jobs[4].id, jobs[3].id]
     await store.insert(make_job())
@@ -115,9 +116,9 @@ async def test_list_is_newest_first_with_a_stable_cursor(store):
 
 async def test_queue_position_and_counts(store):
     """Position counts the queued jobs that run before this one."""
-    a = await store.insert(make_job(priority=0))
-    b = await store.insert(make_job(priority=1))
-    c = await store.insert(make_job(priority=0))
+    a = (await store.insert(make_job(priority=0))).job
+    b = (await store.insert(make_job(priority=1))).job
+    c = (await store.insert(make_job(priority=0))).job
     assert [await store.queue_position(j) for j in (b, a, c)] == [1, 2, 3]
     assert await store.count_queued() == 3
     assert (await store.counts())["queued"] == 3
@@ -125,7 +126,7 @@ async def test_queue_position_and_counts(store):
 
 async def test_delete_forgets_the_job(store):
     """A deleted job is neither a job nor a tombstone."""
-    job = await store.insert(make_job())
+    job = (await store.insert(make_job())).job
     assert await store.delete(job.id)
     found = await store.lookup(job.id)
     assert found.job is None and not found.gone
@@ -142,9 +143,10 @@ async def test_concurrent_writes_share_commits(store):
 
 async def test_a_failing_write_does_not_spoil_its_batch(store):
     """If one write of a batch fails, the others still commit and only it raises."""
-    job = await store.insert(make_job())
+    job = (await store.insert(make_job())).job
+    clash = dataclasses.replace(make_job(), id=job.id)  # the same id: the insert must fail
     results = await asyncio.gather(
-        store.insert(make_job()), store.insert(job), store.insert(make_job()), return_exceptions=True)
+        store.insert(make_job()), store.insert(clash), store.insert(make_job()), return_exceptions=True)
     assert isinstance(results[1], StoreError)
     assert not isinstance(results[0], Exception) and not isinstance(results[2], Exception)
     assert await store.count_queued() == 3
@@ -163,7 +165,7 @@ async def test_sqlite_file_settings(tmp_path):
             await store.close()
         with sqlite3.connect(path) as db:
             assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+            assert db.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 async def test_reopen_keeps_jobs_and_refuses_newer_schema(tmp_path):
@@ -171,7 +173,7 @@ async def test_reopen_keeps_jobs_and_refuses_newer_schema(tmp_path):
     path = tmp_path / "s.db"
     store = SQLiteStore(path)
     await store.open()
-    job = await store.insert(make_job())
+    job = (await store.insert(make_job())).job
     await store.close()
     store = SQLiteStore(path)
     await store.open()
@@ -191,3 +193,42 @@ async def test_unopenable_paths_give_clear_errors(tmp_path):
     junk.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match="junk.db"):
         await SQLiteStore(junk).open()
+
+
+async def test_idempotency_key_returns_the_first_job(store):
+    """A second insert with the same owner and key returns the first job instead of a new one."""
+    first = await store.insert(make_job(idempotency_key="k1", request_hash="h"))
+    again = await store.insert(make_job(idempotency_key="k1", request_hash="other"))
+    assert again.duplicate == "idempotency" and again.job.id == first.job.id
+    other_owner = await store.insert(make_job(idempotency_key="k1", owner="bob"))
+    assert other_owner.duplicate is None
+    assert await store.count_queued() == 2
+
+
+async def test_unique_key_matches_only_live_jobs(store):
+    """A unique job repeats only while the earlier equal job is queued or running."""
+    first = await store.insert(make_job(unique_key="u"))
+    assert (await store.insert(make_job(unique_key="u"))).job.id == first.job.id
+    running = start(first.job, 101.0)
+    await store.update(running, expected_version=first.job.version)
+    assert (await store.insert(make_job(unique_key="u"))).duplicate == "unique"
+    done = succeed(running, 102.0, result=b"1", result_type=None, retention_s=10)
+    await store.update(done, expected_version=running.version)
+    assert (await store.insert(make_job(unique_key="u"))).duplicate is None
+
+
+async def test_deliveries_are_scheduled_with_the_terminal_state(store):
+    """A terminal update with deliver=True schedules a delivery; attempts are recorded until done."""
+    job = (await store.insert(make_job(callback_url="http://127.0.0.1:9/hook"))).job
+    running = start(job, 101.0)
+    await store.update(running, expected_version=job.version)
+    done = succeed(running, 102.0, result=b"1", result_type=None, retention_s=10)
+    assert await store.update(done, expected_version=running.version, deliver=True)
+    due = await store.due_deliveries(now=103.0, limit=10)
+    assert [(d.job_id, d.url, d.attempts) for d in due] == [(job.id, "http://127.0.0.1:9/hook", 0)]
+    await store.delivery_attempted(job.id, ok=False, next_at=200.0, error="answered 500")
+    assert await store.due_deliveries(now=103.0, limit=10) == []
+    assert await store.next_delivery_at() == 200.0
+    await store.delivery_attempted(job.id, ok=True, next_at=None, error=None)
+    assert await store.due_deliveries(now=300.0, limit=10) == []
+    await store.delete(job.id)  # and a deleted job takes its deliveries with it

@@ -8,14 +8,14 @@ from aiohttp import web
 
 from ..queue import JobQueue
 from . import jobs, push
-from .common import QUEUE_KEY, SETTINGS_KEY, WAITERS_KEY, Waiters, WebSettings, problems_middleware
+from .common import QUEUE_KEY, SETTINGS_KEY, WAITERS_KEY, Waiters, WebSettings, auth_middleware, problems_middleware
 from .runner import ProblemRunner
 
 __all__ = ["ProblemRunner", "WebSettings", "make_web_app"]
 
 
 def make_web_app(queue: JobQueue, settings: WebSettings) -> web.Application:
-    app = web.Application(middlewares=[problems_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(middlewares=[problems_middleware, auth_middleware], client_max_size=settings.max_body_bytes)
     app[QUEUE_KEY] = queue
     app[SETTINGS_KEY] = settings
     app[WAITERS_KEY] = Waiters()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -11,7 +12,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from .. import codec, protocol
-from ..errors import BadRequest, PayloadTooLarge, ProblemError, UnsupportedMediaType
+from ..errors import BadRequest, PayloadTooLarge, ProblemError, Unauthorized, UnsupportedMediaType
 from ..queue import JobQueue
 
 log = logging.getLogger("asyncjobs.web")
@@ -27,6 +28,8 @@ class WebSettings:
     sse_keepalive_s: float = 15.0  # comment lines on idle event streams, so proxies keep them open
     ws_heartbeat_s: float = 30.0  # WebSocket pings; a peer that does not answer is closed
     ws_buffer: int = 1024  # events waiting for a slow socket before it is closed
+    tokens: tuple[tuple[str, bytes], ...] = ()  # (principal, bearer token); empty: auth off
+    callback_hosts: tuple[str, ...] = ()  # hosts a callback_url may name; empty: callbacks off
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Waiters:
     websockets: int = 0
 
 
+PRINCIPAL_KEY = web.RequestKey("asyncjobs_principal", str)
 QUEUE_KEY = web.AppKey("asyncjobs_queue", JobQueue)
 SETTINGS_KEY = web.AppKey("asyncjobs_settings", WebSettings)
 WAITERS_KEY = web.AppKey("asyncjobs_waiters", Waiters)
@@ -120,3 +124,47 @@ def job_id_of(request: web.Request) -> str:
     return request.match_info["job_id"]
 
 
+
+
+# -- auth ----------------------------------------------------------------------
+
+OPEN_PATHS = frozenset({"/healthz"})
+QUERY_TOKEN_SUFFIXES = ("/events", "/ws")  # browsers cannot set headers on EventSource and WebSocket
+
+
+def find_principal(tokens: tuple[tuple[str, bytes], ...], presented: str) -> str | None:
+    """Compare against every token in constant time, so timing tells nothing about which matched."""
+    given = presented.encode()
+    found = None
+    for principal, token in tokens:
+        if hmac.compare_digest(given, token):
+            found = principal
+    return found
+
+
+def presented_token(request: web.Request) -> str | None:
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    if request.path.endswith(QUERY_TOKEN_SUFFIXES):
+        return request.query.get("access_token")
+    return None
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    """With tokens configured, every endpoint but /healthz needs a bearer token; jobs belong to its principal."""
+    tokens = request.app[SETTINGS_KEY].tokens
+    if tokens and request.path not in OPEN_PATHS:
+        token = presented_token(request)
+        principal = None if token is None else find_principal(tokens, token)
+        if principal is None:
+            raise Unauthorized("a valid bearer token is required" if token is None else "the bearer token is not valid",
+                               headers={"WWW-Authenticate": 'Bearer realm="asyncjobs"'})
+        request[PRINCIPAL_KEY] = principal
+    return await handler(request)
+
+
+def principal_of(request: web.Request) -> str | None:
+    """The caller's principal, or None with auth off (every job is visible to everyone)."""
+    return request.get(PRINCIPAL_KEY)

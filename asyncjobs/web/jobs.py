@@ -6,13 +6,13 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from .. import protocol
+from .. import callbacks, protocol
 from ..errors import BadRequest
 from ..models import Job
 from ..queue import JobQueue
 from ..tasks import TaskSpec
-from .common import (QUEUE_KEY, SETTINGS_KEY, WAITERS_KEY, json_response, problem_body, problem_response,
-                     job_id_of, read_json)
+from .common import (QUEUE_KEY, SETTINGS_KEY, WAITERS_KEY, job_id_of, json_response, principal_of, problem_body,
+                     problem_response, read_json)
 
 
 async def _accepted(queue: JobQueue, job: Job, extra: dict[str, str] | None = None) -> web.Response:
@@ -24,9 +24,28 @@ async def _accepted(queue: JobQueue, job: Job, extra: dict[str, str] | None = No
 
 async def submit(request: web.Request) -> web.Response:
     queue = request.app[QUEUE_KEY]
-    task, params, priority, delay_s = protocol.parse_submit(await read_json(request))
-    job = await queue.submit(task, params, priority=priority, delay_s=delay_s)
-    return await _answer_submit(request, queue, job)
+    body = protocol.parse_submit(await read_json(request))
+    return await _submit(request, queue, body)
+
+
+async def _submit(request: web.Request, queue: JobQueue, body: protocol.Submit) -> web.Response:
+    """Store the job (or find the one this request repeats) and answer as the protocol says."""
+    settings = request.app[SETTINGS_KEY]
+    if body.callback_url is not None and not callbacks.host_allowed(body.callback_url, list(settings.callback_hosts)):
+        raise BadRequest("callback_url must be an http(s) URL on a host this server allows callbacks to"
+                         if settings.callback_hosts else "callbacks are not enabled on this server",
+                         errors=[{"field": "callback_url", "message": "host not allowed"}])
+    key = protocol.parse_idempotency_key(request.headers.get("Idempotency-Key"))
+    inserted = await queue.submit(
+        body.task, body.params, priority=body.priority, delay_s=body.delay_s, owner=principal_of(request) or "",
+        idempotency_key=key, request_hash=body.fingerprint() if key else None, callback_url=body.callback_url)
+    if inserted.duplicate == "unique":
+        answer = protocol.see_other_answer(inserted.job)
+        return json_response(protocol.job_body(inserted.job), status=answer.status, headers=answer.headers)
+    response = await _answer_submit(request, queue, inserted.job)
+    if inserted.duplicate == "idempotency":
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
 
 
 async def _answer_submit(request: web.Request, queue: JobQueue, job: Job) -> web.Response:
@@ -35,7 +54,8 @@ async def _answer_submit(request: web.Request, queue: JobQueue, job: Job) -> web
     if requested is None:
         return await _accepted(queue, job, {"Vary": "Prefer"})
     applied = protocol.applied_wait(requested, request.app[SETTINGS_KEY].max_wait_s)
-    job = await _held(request, queue.wait(job.id, timeout_s=applied, until=lambda j: j.terminal))
+    job = await _held(request, queue.wait(job.id, timeout_s=applied, until=lambda j: j.terminal,
+                                          owner=principal_of(request)))
     view = await queue.view(job)
     answer = protocol.submit_wait_answer(job, eta=view.eta, now=queue.clock())
     return json_response(protocol.job_body(job, eta=view.eta, queue_position=view.queue_position),
@@ -66,8 +86,7 @@ def task_route_handler(spec: TaskSpec) -> Callable[[web.Request], Awaitable[web.
                 raise BadRequest(f"{name!r} is given in the path and, differently, in the body",
                                  errors=[{"field": name, "message": "differs from the path"}])
             params[name] = value
-        job = await queue.submit(spec.name, params)
-        return await _answer_submit(request, queue, job)
+        return await _submit(request, queue, protocol.Submit(spec.name, params))
 
     return handle
 
@@ -81,10 +100,10 @@ async def monitor(request: web.Request) -> web.StreamResponse:
     requested = protocol.requested_wait(request.query, request.headers.get("Prefer"))
     applied = None if requested is None else protocol.applied_wait(requested, settings.max_wait_s)
     if applied:
-        job = await _held(request, queue.wait(job_id, timeout_s=applied,
+        job = await _held(request, queue.wait(job_id, timeout_s=applied, owner=principal_of(request),
                                               until=lambda j: protocol.long_poll_done(j, if_none_match)))
     else:
-        job = await queue.find(job_id)
+        job = await queue.find(job_id, owner=principal_of(request))
     wait_headers = protocol.wait_headers(applied)
     if protocol.etag_matches(if_none_match, protocol.etag(job)):
         return web.Response(status=304, headers={**protocol.job_headers(job), **wait_headers})
@@ -97,7 +116,7 @@ async def monitor(request: web.Request) -> web.StreamResponse:
 
 async def result(request: web.Request) -> web.Response:
     queue = request.app[QUEUE_KEY]
-    job = await queue.find(job_id_of(request))
+    job = await queue.find(job_id_of(request), owner=principal_of(request))
     view = await queue.view(job) if not job.terminal else None
     answer = protocol.result_answer(job, eta=view.eta if view else None, now=queue.clock())
     if answer.status == 200:
@@ -113,7 +132,7 @@ async def result(request: web.Request) -> web.Response:
 
 async def cancel(request: web.Request) -> web.Response:
     queue = request.app[QUEUE_KEY]
-    job, stopped = await queue.cancel(job_id_of(request))
+    job, stopped = await queue.cancel(job_id_of(request), owner=principal_of(request))
     answer = protocol.cancel_answer(job, stopped=stopped)
     return json_response(protocol.job_body(job), status=answer.status, headers=answer.headers)
 
@@ -121,16 +140,17 @@ async def cancel(request: web.Request) -> web.Response:
 async def delete(request: web.Request) -> web.Response:
     queue = request.app[QUEUE_KEY]
     job_id = job_id_of(request)
-    if await queue.delete(job_id):
+    if await queue.delete(job_id, owner=principal_of(request)):
         return web.Response(status=204, headers=protocol.NO_STORE)
-    job = await queue.find(job_id)
+    job = await queue.find(job_id, owner=principal_of(request))
     return json_response(protocol.job_body(job), status=202, headers=protocol.job_headers(job))
 
 
 async def list_jobs(request: web.Request) -> web.Response:
     queue = request.app[QUEUE_KEY]
     status, task, limit, before = protocol.parse_list_query(request.query, queue.registry.names())
-    jobs, cursor = await queue.list(status=status, task=task, before_seq=before, limit=limit)
+    jobs, cursor = await queue.list(status=status, task=task, before_seq=before, limit=limit,
+                                    owner=principal_of(request))
     next_url = protocol.next_page_url(status=status, task=task, limit=limit, cursor=cursor)
     headers = dict(protocol.NO_STORE)
     if next_url:

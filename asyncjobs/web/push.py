@@ -15,7 +15,7 @@ from ..errors import BadRequest, Gone, NotFound
 from ..hub import Subscription
 from ..models import Job, Status
 from ..queue import JobQueue
-from .common import QUEUE_KEY, SETTINGS_KEY, WAITERS_KEY, job_id_of
+from .common import QUEUE_KEY, SETTINGS_KEY, WAITERS_KEY, job_id_of, principal_of
 
 log = logging.getLogger("asyncjobs.web")
 
@@ -38,7 +38,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     waiters = request.app[WAITERS_KEY]
     last_seen = protocol.parse_last_event_id(request.headers.get("Last-Event-ID"))
     with queue.hub.subscribe([job_id_of(request)], conflate=True) as sub:
-        job = await queue.find(job_id_of(request))  # 404 / 410 come as problems, before the stream
+        job = await queue.find(job_id_of(request), owner=principal_of(request))  # 404/410 before the stream
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
         await response.prepare(request)
@@ -78,9 +78,12 @@ class _Socket:
     progress_all: bool = False
     sent: dict[str, tuple[Status, int]] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    principal: str | None = None  # None with auth off: every job is visible
 
     def wants(self, job: Job) -> bool:
         """Status changes always; progress only where asked; never an older version than already sent."""
+        if self.principal is not None and job.owner != self.principal:
+            return False
         prev = self.sent.get(job.id)
         if prev is not None and job.version <= prev[1]:
             return False
@@ -112,7 +115,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     request.app[SOCKETS_KEY].add(ws)
     waiters.websockets += 1
-    sock = _Socket(ws=ws, sub=queue.hub.subscribe(maxsize=settings.ws_buffer))
+    sock = _Socket(ws=ws, sub=queue.hub.subscribe(maxsize=settings.ws_buffer), principal=principal_of(request))
     sender = asyncio.create_task(_send_changes(queue, sock), name="asyncjobs-ws-sender")
 
     def too_slow() -> None:
@@ -194,7 +197,7 @@ async def _subscribe(queue: JobQueue, sock: _Socket, command: protocol.WsCommand
     for job_id in command.jobs:
         sock.sub.add([job_id])  # subscribe before reading, so no change falls in between
         try:
-            job = await queue.find(job_id)
+            job = await queue.find(job_id, owner=sock.principal)
         except (NotFound, Gone) as exc:
             sock.sub.remove([job_id])
             errors.append(protocol.ws_error(exc.status, exc.detail, id=job_id))

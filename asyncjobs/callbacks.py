@@ -1,0 +1,141 @@
+"""Callbacks: a terminal job is POSTed to its ``callback_url``, signed per Standard Webhooks.
+
+Deliveries are rows in the store, scheduled in the same transaction as the
+job's terminal state, so they survive a restart; they are retried with
+exponential backoff until a 2xx answer or the attempt budget is spent, on
+their own task, so a slow receiver never holds up a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import logging
+import random
+import time
+from typing import Callable
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from . import codec, protocol
+from .errors import ConfigError
+from .store import Delivery, Store
+
+log = logging.getLogger("asyncjobs.callbacks")
+
+
+def parse_secret(secret: str) -> bytes:
+    """The key of a ``whsec_<base64>`` secret."""
+    if not secret.startswith("whsec_"):
+        raise ConfigError('callbacks.secret: expected "whsec_" followed by base64')
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError("callbacks.secret: the part after whsec_ is not base64") from None
+    if len(key) < 16:
+        raise ConfigError("callbacks.secret: use at least 16 random bytes")
+    return key
+
+
+def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    """``v1,<base64 HMAC-SHA256 of "id.timestamp.body">``, as Standard Webhooks defines it."""
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+def host_allowed(url: str, allow_hosts: list[str]) -> bool:
+    """Only http(s) URLs whose "host" or "host:port" is in the allow-list."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        return False
+    host = parts.hostname.lower()
+    return host in allow_hosts or (port is not None and f"{host}:{port}" in allow_hosts)
+
+
+class Deliverer:
+    """Delivers due callbacks, a few at a time, until each gets a 2xx or runs out of attempts."""
+
+    def __init__(self, *, store: Store, wakeup: asyncio.Event, key: bytes, max_attempts: int,
+                 retry_delay_s: float = 1.0, timeout_s: float = 10.0, concurrency: int = 4,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.wakeup = wakeup
+        self.key = key
+        self.max_attempts = max_attempts
+        self.retry_delay_s = retry_delay_s
+        self.timeout_s = timeout_s
+        self.concurrency = concurrency
+        self.clock = clock
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        self._task = asyncio.create_task(self._loop(), name="asyncjobs-callbacks")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._session is not None:
+            await self._session.close()
+
+    async def _loop(self) -> None:
+        while True:
+            self.wakeup.clear()
+            try:
+                due = await self.store.due_deliveries(now=self.clock(), limit=self.concurrency)
+                if due:
+                    await asyncio.gather(*(self._deliver(d) for d in due))
+                    continue
+                next_at = await self.store.next_delivery_at()
+            except Exception as exc:  # the store may be briefly unavailable; try again soon
+                log.error("callback deliveries: %s", exc)
+                next_at = self.clock() + 1.0
+            timeout = None if next_at is None else max(0.0, next_at - self.clock())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self.wakeup.wait()
+
+    def backoff_s(self, attempts: int) -> float:
+        return min(3600.0, self.retry_delay_s * 2 ** (attempts - 1) * random.uniform(0.75, 1.25))
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        found = await self.store.lookup(delivery.job_id)
+        if found.job is None:
+            return  # deleted: its delivery went with it
+        job = found.job
+        body = codec.dumps(protocol.job_body(job))
+        msg_id = f"msg_{job.id}_{job.version}"
+        timestamp = int(self.clock())
+        headers = {
+            "Content-Type": "application/json",
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(self.key, msg_id, timestamp, body),
+        }
+        assert self._session is not None
+        try:
+            async with self._session.post(delivery.url, data=body, headers=headers, allow_redirects=False) as resp:
+                ok, error = 200 <= resp.status < 300, f"answered {resp.status}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            ok, error = False, f"{exc.__class__.__name__}: {exc}"
+        attempts = delivery.attempts + 1
+        next_at = None if ok or attempts >= self.max_attempts else self.clock() + self.backoff_s(attempts)
+        await self.store.delivery_attempted(job.id, ok=ok, next_at=next_at, error=None if ok else error)
+        if ok:
+            log.info("callback for job %s delivered (attempt %d)", job.id, attempts)
+        elif next_at is None:
+            log.warning("callback for job %s given up after %d attempts: %s", job.id, attempts, error)
+        else:
+            log.info("callback for job %s failed (%s); retrying in %.1fs", job.id, error, next_at - self.clock())
