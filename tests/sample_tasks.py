@@ -94,3 +94,23 @@ async def hold(ctx: Any, seconds: float = 30.0) -> str:
 async def one_at_a_time(seconds: float = 0.2) -> float:
     await asyncio.sleep(seconds)
     return time.time()
+
+
+@task(unique=True)
+async def dedupe(key: str, seconds: float = 1.0) -> str:
+    """A task declared unique: equal params share one live job."""
+    await asyncio.sleep(seconds)
+    return key
+
+
+@task(retries=2, retry_delay=0.05)
+async def ask_retry(key: str, delay_s: float = 0.3, times: int = 1) -> int:
+    """Asks for a retry explicitly (``times`` times per key), after ``delay_s``."""
+    from asyncjobs import Retry
+
+    with _lock:
+        _attempts[key] = _attempts.get(key, 0) + 1
+        n = _attempts[key]
+    if n <= times:
+        raise Retry(f"not yet ({n})", delay_s=delay_s)
+    return n
