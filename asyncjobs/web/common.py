@@ -12,7 +12,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from .. import codec, protocol
-from ..errors import BadRequest, PayloadTooLarge, ProblemError, Unauthorized, UnsupportedMediaType
+from ..errors import BadRequest, PayloadTooLarge, ProblemError, StoreError, Unauthorized, UnsupportedMediaType
 from ..queue import JobQueue
 
 log = logging.getLogger("asyncjobs.web")
@@ -75,6 +75,10 @@ async def problems_middleware(request: web.Request, handler: Callable[[web.Reque
         return await handler(request)
     except ProblemError as exc:
         return problem_response(exc.problem(), exc.headers)
+    except StoreError as exc:
+        log.error("store unavailable during %s %s: %s", request.method, request.path, exc)
+        return problem_response(problem_body(503, "the job store is unavailable; try again shortly"),
+                                {"Retry-After": "5"})
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
