@@ -167,21 +167,10 @@ class Store(Protocol):
                    before_seq: int | None, limit: int) -> list[Job]: ...
     async def claim(self, *, now: float, limit: int, tasks: dict[str, int | None]) -> list[Job]: ...
     async def recover(self, *, now: float, retention_s: float) -> tuple[int, int]: ...
-    async def requeue_running(self, jobs: Iterable[Job]) -> None: ...
     async def sweep(self, *, now: float, retention_s: float, tombstone_retention_s: float) -> SweepResult: ...
     async def queue_position(self, job: Job) -> int: ...
     async def count_queued(self) -> int: ...
     async def next_run_at(self, *, after: float) -> float | None: ...
-    async def due_deliveries(self, *, now: float, limit: int) -> list[Delivery]:
-        rows = await self._fetchall(
-            "SELECT job_id, url, attempts FROM deliveries WHERE state = 'pending' AND next_at <= ?"
-            " ORDER BY next_at LIMIT ?", (now, limit))
-        return [Delivery(job_id, url, attempts) for job_id, url, attempts in rows]
-
-    async def next_delivery_at(self) -> float | None:
-        rows = await self._fetchall("SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'")
-        return rows[0][0]
-
     async def counts(self) -> dict[str, int]: ...
     async def due_deliveries(self, *, now: float, limit: int) -> list[Delivery]: ...
     async def next_delivery_at(self) -> float | None: ...
@@ -443,19 +432,6 @@ class SQLiteStore:
             return requeued, failed
 
         return await self._write(op)
-
-    async def requeue_running(self, jobs: Iterable[Job]) -> None:
-        """Write jobs interrupted by a shutdown back as queued (their versions are the caller's)."""
-        jobs = list(jobs)
-
-        async def op(db: aiosqlite.Connection) -> None:
-            await db.executemany(
-                f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in _MUTABLE)} WHERE id = ?",
-                [(*_mutable_values(j), j.id) for j in jobs],
-            )
-
-        if jobs:
-            await self._write(op)
 
     async def sweep(self, *, now: float, retention_s: float, tombstone_retention_s: float) -> SweepResult:
         """Expire what is past ``expires_at`` into tombstones, and forget old tombstones."""
