@@ -22,7 +22,6 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from . import codec, protocol
 from .errors import ConfigError
 from .store import Delivery, Store
 
@@ -77,6 +76,7 @@ class Deliverer:
         self.clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task | None = None
+        self._in_flight: dict[str, asyncio.Task] = {}
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
@@ -87,55 +87,72 @@ class Deliverer:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for task in list(self._in_flight.values()):
+            task.cancel()
+        await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
         if self._session is not None:
             await self._session.close()
 
     async def _loop(self) -> None:
+        """Keep up to ``concurrency`` deliveries in flight; a slow receiver holds only its own slot."""
         while True:
             self.wakeup.clear()
+            next_at: float | None = None
             try:
-                due = await self.store.due_deliveries(now=self.clock(), limit=self.concurrency)
-                if due:
-                    await asyncio.gather(*(self._deliver(d) for d in due))
-                    continue
-                next_at = await self.store.next_delivery_at()
+                room = self.concurrency - len(self._in_flight)
+                if room > 0:
+                    due = await self.store.due_deliveries(now=self.clock(), limit=self.concurrency * 2)
+                    for delivery in [d for d in due if d.job_id not in self._in_flight][:room]:
+                        self._start(delivery)
+                    next_at = await self.store.next_delivery_at()
             except Exception as exc:  # the store may be briefly unavailable; try again soon
                 log.error("callback deliveries: %s", exc)
                 next_at = self.clock() + 1.0
-            timeout = None if next_at is None else max(0.0, next_at - self.clock())
+            timeout = None if next_at is None else max(0.05, next_at - self.clock())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self.wakeup.wait()
+
+    def _start(self, delivery: Delivery) -> None:
+        task = asyncio.create_task(self._deliver(delivery), name=f"asyncjobs-callback-{delivery.job_id}")
+        self._in_flight[delivery.job_id] = task
+
+        def done(_: asyncio.Task) -> None:
+            self._in_flight.pop(delivery.job_id, None)
+            self.wakeup.set()
+
+        task.add_done_callback(done)
 
     def backoff_s(self, attempts: int) -> float:
         return min(3600.0, self.retry_delay_s * 2 ** (attempts - 1) * random.uniform(0.75, 1.25))
 
     async def _deliver(self, delivery: Delivery) -> None:
-        found = await self.store.lookup(delivery.job_id)
-        if found.job is None:
-            return  # deleted: its delivery went with it
-        job = found.job
-        body = codec.dumps(protocol.job_body(job))
-        msg_id = f"msg_{job.id}_{job.version}"
         timestamp = int(self.clock())
         headers = {
             "Content-Type": "application/json",
-            "webhook-id": msg_id,
+            "webhook-id": delivery.message_id,
             "webhook-timestamp": str(timestamp),
-            "webhook-signature": sign(self.key, msg_id, timestamp, body),
+            "webhook-signature": sign(self.key, delivery.message_id, timestamp, delivery.payload),
         }
         assert self._session is not None
         try:
-            async with self._session.post(delivery.url, data=body, headers=headers, allow_redirects=False) as resp:
+            async with self._session.post(delivery.url, data=delivery.payload, headers=headers,
+                                          allow_redirects=False) as resp:
                 ok, error = 200 <= resp.status < 300, f"answered {resp.status}"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             ok, error = False, f"{exc.__class__.__name__}: {exc}"
         attempts = delivery.attempts + 1
         next_at = None if ok or attempts >= self.max_attempts else self.clock() + self.backoff_s(attempts)
-        await self.store.delivery_attempted(job.id, ok=ok, next_at=next_at, error=None if ok else error)
+        try:
+            await self.store.delivery_attempted(delivery.job_id, ok=ok, next_at=next_at,
+                                                error=None if ok else error)
+        except Exception as exc:
+            log.error("callback for job %s: attempt not recorded: %s", delivery.job_id, exc)
+            return
         if ok:
-            log.info("callback for job %s delivered (attempt %d)", job.id, attempts)
+            log.info("callback for job %s delivered (attempt %d)", delivery.job_id, attempts)
         elif next_at is None:
-            log.warning("callback for job %s given up after %d attempts: %s", job.id, attempts, error)
+            log.warning("callback for job %s given up after %d attempts: %s", delivery.job_id, attempts, error)
         else:
-            log.info("callback for job %s failed (%s); retrying in %.1fs", job.id, error, next_at - self.clock())
+            log.info("callback for job %s failed (%s); retrying in %.1fs", delivery.job_id, error,
+                     next_at - self.clock())

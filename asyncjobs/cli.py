@@ -1,4 +1,4 @@
-"""The ``asyncjobs`` command line: ``serve`` runs the service."""
+"""The ``asyncjobs`` command line: ``serve`` runs the service; every other command is the client's."""
 
 from __future__ import annotations
 
@@ -29,7 +29,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--db", help="SQLite file of the store")
     serve.add_argument("--workers", type=int, help="worker coroutines")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    for name, text in CLIENT_COMMANDS.items():  # listed for --help; main() hands them to the client
+        commands.add_parser(name, help=text, add_help=False)
     return parser
+
+
+CLIENT_COMMANDS = {
+    "submit": "submit a job (--wait: follow it and print its result)", "status": "show a job",
+    "wait": "follow a job, then print its result", "result": "print a job's result", "cancel": "cancel a job",
+    "delete": "cancel a job if needed, then forget it", "list": "list jobs", "tasks": "list the registered tasks",
+}
+
+
+def _is_client_command(argv: list[str]) -> bool:
+    """Anything but ``serve`` and a bare ``--help`` is a client command (its options may come first)."""
+    return bool(argv) and argv[0] != "serve" and argv[0] not in ("-h", "--help")
 
 
 def _flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -66,6 +80,11 @@ async def serve(app: App) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _is_client_command(argv):
+        from .client import cli as client_cli
+
+        return client_cli.main(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

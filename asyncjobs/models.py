@@ -117,6 +117,11 @@ def cancel(job: Job, now: float, *, retention_s: float, message: str = "canceled
     )
 
 
+def expire(job: Job, now: float) -> Job:
+    """A queued job whose expires_at passed: canceled, and gone (410) at once."""
+    return cancel(job, now, retention_s=job.expires_at - now, message="expired before it could run")
+
+
 def requeue(job: Job, *, run_at: float, refund_attempt: bool = False) -> Job:
     """Back to the queue: a retry (after a backoff) or a job interrupted by shutdown."""
     attempts = job.attempts - 1 if refund_attempt else job.attempts

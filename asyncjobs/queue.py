@@ -10,10 +10,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import codec
+from . import codec, protocol
 from .errors import BadRequest, Conflict, Gone, NotFound, ServiceUnavailable, UnprocessableContent
 from .hub import Hub
-from .models import Job, Status, cancel, is_expired, new_job_id, with_progress
+from .models import Job, Status, cancel, expire, is_expired, new_job_id, with_progress
 from .store import Inserted, Store
 from .tasks import TaskRegistry, validate
 
@@ -106,13 +106,15 @@ class JobQueue:
         self._background: set[asyncio.Task] = set()
 
     async def start(self) -> None:
-        requeued, failed = await self.store.recover(now=self.clock(), retention_s=self.retention_s)
+        requeued, failed = await self.store.recover(now=self.clock(), retention_s=self.retention_s,
+                                                    payload=self.callback_payload)
         if requeued or failed:
             log.warning("recovered %d interrupted jobs: %d queued again, %d failed", requeued + failed,
                         requeued, failed)
         self.queued = await self.store.count_queued()
         self.next_due = await self.store.next_run_at(after=self.clock())
         self.wakeup.set()
+        self.deliveries.set()
 
     # -- submit ------------------------------------------------------------
     def check_params(self, task_name: Any, params: Any) -> None:
@@ -258,9 +260,8 @@ class JobQueue:
             if execution is not None:
                 return await self._stop_running(execution, "canceled by request")
             new = cancel(job, self.clock(), retention_s=self.retention_s)
-            deliver = new.callback_url is not None
-            if await self.store.update(new, expected_version=job.version, deliver=deliver):
-                if deliver:
+            if await self.store.update(new, expected_version=job.version, deliver=self.callback_payload):
+                if new.callback_url is not None:
                     self.deliveries.set()
                 self.queued -= 1
                 self.hub.publish(new)
@@ -290,6 +291,11 @@ class JobQueue:
         log.info("job %s deleted", job_id)
         return True
 
+    @staticmethod
+    def callback_payload(job: Job) -> bytes:
+        """What a callback POSTs: the job's representation."""
+        return codec.dumps(protocol.job_body(job))
+
     # -- reports from the workers -------------------------------------------
     def progress(self, execution: Execution, fraction: float | None, message: str | None) -> None:
         """A handler's progress: to waiters at once, to the store at most every half second."""
@@ -318,7 +324,8 @@ class JobQueue:
         if execution.pending_write is not None:
             await execution.pending_write
         deliver = new.terminal and new.callback_url is not None
-        if not await self.store.update(new, expected_version=execution.stored_version, deliver=deliver):
+        if not await self.store.update(new, expected_version=execution.stored_version,
+                                       deliver=self.callback_payload if deliver else None):
             log.warning("job %s changed under its worker; its outcome %s was not stored", new.id, new.status)
         execution.stored_version = new.version
         execution.job = new
@@ -361,11 +368,13 @@ class JobQueue:
         """Expire jobs past ``expires_at`` and forget old tombstones."""
         now = self.clock()
         result = await self.store.sweep(now=now, retention_s=self.retention_s,
-                                        tombstone_retention_s=self.tombstone_retention_s)
+                                        tombstone_retention_s=self.tombstone_retention_s,
+                                        payload=self.callback_payload)
         for job in result.expired_queued:
             self.queued -= 1
-            self.hub.publish(cancel(job, now, retention_s=job.expires_at - now,
-                                    message="expired before it could run"))
+            self.hub.publish(expire(job, now))
+            if job.callback_url is not None:
+                self.deliveries.set()
         for job_id in result.expired_running:
             execution = self.running.get(job_id)
             if execution is not None:

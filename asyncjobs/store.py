@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Protocol
@@ -23,7 +24,7 @@ import aiosqlite
 
 from . import codec
 from .errors import StoreError
-from .models import Job, Status, fail, requeue, start
+from .models import Job, Status, expire, fail, requeue, start
 
 log = logging.getLogger("asyncjobs.store")
 
@@ -74,8 +75,10 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE unique_key IS NOT NULL AND status IN ('queued', 'running');
     CREATE INDEX jobs_owner_seq ON jobs (owner, seq);
     CREATE TABLE deliveries (
-        job_id     TEXT PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
+        job_id     TEXT PRIMARY KEY,
+        message_id TEXT    NOT NULL,
         url        TEXT    NOT NULL,
+        payload    BLOB    NOT NULL,
         attempts   INTEGER NOT NULL DEFAULT 0,
         next_at    REAL    NOT NULL,
         state      TEXT    NOT NULL DEFAULT 'pending',
@@ -141,9 +144,23 @@ class Inserted:
 
 @dataclass(frozen=True)
 class Delivery:
+    """A callback to make: the job's terminal state, already encoded, and its tries so far."""
+
     job_id: str
+    message_id: str
     url: str
+    payload: bytes
     attempts: int
+
+
+Payload = Callable[[Job], bytes]  # how the caller encodes a terminal job for its callback
+
+
+async def _schedule_delivery(db: aiosqlite.Connection, job: Job, payload: Payload) -> None:
+    if job.callback_url:
+        await db.execute(
+            "INSERT OR IGNORE INTO deliveries (job_id, message_id, url, payload, next_at) VALUES (?, ?, ?, ?, ?)",
+            (job.id, f"msg_{job.id}_{job.version}", job.callback_url, payload(job), job.finished_at or 0.0))
 
 
 @dataclass(frozen=True)
@@ -160,14 +177,15 @@ class Store(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def insert(self, job: Job) -> Inserted: ...
-    async def update(self, job: Job, *, expected_version: int, deliver: bool = False) -> bool: ...
+    async def update(self, job: Job, *, expected_version: int, deliver: Payload | None = None) -> bool: ...
     async def delete(self, job_id: str) -> bool: ...
     async def lookup(self, job_id: str) -> Lookup: ...
     async def list(self, *, status: str | None, task: str | None, owner: str | None,
                    before_seq: int | None, limit: int) -> list[Job]: ...
     async def claim(self, *, now: float, limit: int, tasks: dict[str, int | None]) -> list[Job]: ...
-    async def recover(self, *, now: float, retention_s: float) -> tuple[int, int]: ...
-    async def sweep(self, *, now: float, retention_s: float, tombstone_retention_s: float) -> SweepResult: ...
+    async def recover(self, *, now: float, retention_s: float, payload: Payload) -> tuple[int, int]: ...
+    async def sweep(self, *, now: float, retention_s: float, tombstone_retention_s: float,
+                    payload: Payload) -> SweepResult: ...
     async def queue_position(self, job: Job) -> int: ...
     async def count_queued(self) -> int: ...
     async def next_run_at(self, *, after: float) -> float | None: ...
@@ -343,10 +361,10 @@ class SQLiteStore:
 
         return await self._write(op)
 
-    async def update(self, job: Job, *, expected_version: int, deliver: bool = False) -> bool:
+    async def update(self, job: Job, *, expected_version: int, deliver: Payload | None = None) -> bool:
         """Write the job's mutable fields if the stored version is still ``expected_version``.
 
-        With ``deliver``, a callback delivery to ``job.callback_url`` is scheduled in the same transaction.
+        With ``deliver``, a callback of this state to ``job.callback_url`` is scheduled in the same transaction.
         """
         assignments = ", ".join(f"{c} = ?" for c in _MUTABLE)
 
@@ -355,10 +373,8 @@ class SQLiteStore:
                 f"UPDATE jobs SET {assignments} WHERE id = ? AND version = ?",
                 (*_mutable_values(job), job.id, expected_version),
             )
-            if cur.rowcount == 1 and deliver and job.callback_url:
-                await db.execute(
-                    "INSERT OR IGNORE INTO deliveries (job_id, url, next_at) VALUES (?, ?, ?)",
-                    (job.id, job.callback_url, job.finished_at or 0.0))
+            if cur.rowcount == 1 and deliver is not None:
+                await _schedule_delivery(db, job, deliver)
             return cur.rowcount == 1
 
         return await self._write(op)
@@ -409,7 +425,7 @@ class SQLiteStore:
 
         return await self._write(op)
 
-    async def recover(self, *, now: float, retention_s: float) -> tuple[int, int]:
+    async def recover(self, *, now: float, retention_s: float, payload: Payload) -> tuple[int, int]:
         """After a crash: running jobs go back to the queue, or fail as interrupted past their attempts."""
 
         async def op(db: aiosqlite.Connection) -> tuple[int, int]:
@@ -425,6 +441,7 @@ class SQLiteStore:
                                message="the server stopped while the job ran, and it has no attempts left",
                                retention_s=retention_s)
                     failed += 1
+                    await _schedule_delivery(db, new, payload)
                 await db.execute(
                     f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in _MUTABLE)} WHERE id = ?",
                     (*_mutable_values(new), new.id),
@@ -433,8 +450,12 @@ class SQLiteStore:
 
         return await self._write(op)
 
-    async def sweep(self, *, now: float, retention_s: float, tombstone_retention_s: float) -> SweepResult:
-        """Expire what is past ``expires_at`` into tombstones, and forget old tombstones."""
+    async def sweep(self, *, now: float, retention_s: float, tombstone_retention_s: float,
+                    payload: Payload) -> SweepResult:
+        """Expire what is past ``expires_at`` into tombstones, and forget old tombstones.
+
+        A queued job that expires is canceled; its callback (if any) is scheduled here.
+        """
 
         async def op(db: aiosqlite.Connection) -> SweepResult:
             cur = await db.execute(
@@ -448,6 +469,11 @@ class SQLiteStore:
                 [(j.id, j.owner, now + tombstone_retention_s) for j in gone],
             )
             await db.executemany("DELETE FROM jobs WHERE id = ?", [(j.id,) for j in gone])
+            for job in gone:
+                if job.status is Status.QUEUED:
+                    await _schedule_delivery(db, expire(job, now), payload)
+            await db.execute("DELETE FROM deliveries WHERE state != 'pending' AND next_at <= ?",
+                             (now - tombstone_retention_s,))
             cur = await db.execute("DELETE FROM tombstones WHERE gone_until <= ?", (now,))
             return SweepResult(
                 expired_queued=[j for j in gone if j.status is Status.QUEUED],
@@ -463,9 +489,10 @@ class SQLiteStore:
         state = "delivered" if ok else ("pending" if next_at is not None else "failed")
 
         async def op(db: aiosqlite.Connection) -> None:
+            # A finished delivery's next_at is when it finished, so the sweep can age it out.
             await db.execute(
-                "UPDATE deliveries SET attempts = attempts + 1, state = ?, next_at = COALESCE(?, next_at),"
-                " last_error = ? WHERE job_id = ?", (state, next_at, error, job_id))
+                "UPDATE deliveries SET attempts = attempts + 1, state = ?, next_at = ?, last_error = ?"
+                " WHERE job_id = ?", (state, next_at if next_at is not None else time.time(), error, job_id))
 
         await self._write(op)
 
@@ -525,9 +552,9 @@ class SQLiteStore:
 
     async def due_deliveries(self, *, now: float, limit: int) -> list[Delivery]:
         rows = await self._fetchall(
-            "SELECT job_id, url, attempts FROM deliveries WHERE state = 'pending' AND next_at <= ?"
-            " ORDER BY next_at LIMIT ?", (now, limit))
-        return [Delivery(job_id, url, attempts) for job_id, url, attempts in rows]
+            "SELECT job_id, message_id, url, payload, attempts FROM deliveries WHERE state = 'pending'"
+            " AND next_at <= ? ORDER BY next_at LIMIT ?", (now, limit))
+        return [Delivery(*row) for row in rows]
 
     async def next_delivery_at(self) -> float | None:
         rows = await self._fetchall("SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'")

@@ -71,7 +71,7 @@ async def test_recover_requeues_or_interrupts(store):
     retryable = (await store.insert(make_job(max_attempts=2))).job
     final = (await store.insert(make_job(max_attempts=1))).job
     await store.claim(now=200.0, limit=10, tasks={"echo": None})
-    assert await store.recover(now=300.0, retention_s=60) == (1, 1)
+    assert await store.recover(now=300.0, retention_s=60, payload=lambda j: b"{}") == (1, 1)
     assert (await store.lookup(retryable.id)).job.status is Status.QUEUED
     failed = (await store.lookup(final.id)).job
     assert failed.status is Status.FAILED and failed.error["type"] == "interrupted"
@@ -84,10 +84,10 @@ async def test_sweep_tombstones_then_forgets(store):
     await store.update(running, expected_version=job.version)
     done = succeed(running, 102.0, result=b"1", result_type=None, retention_s=10)
     await store.update(done, expected_version=running.version)
-    result = await store.sweep(now=113.0, retention_s=10, tombstone_retention_s=5)
+    result = await store.sweep(now=113.0, retention_s=10, tombstone_retention_s=5, payload=lambda j: b"{}")
     assert result.tombstoned == 1
     assert (await store.lookup(job.id)).gone
-    await store.sweep(now=119.0, retention_s=10, tombstone_retention_s=5)
+    await store.sweep(now=119.0, retention_s=10, tombstone_retention_s=5, payload=lambda j: b"{}")
     found = await store.lookup(job.id)
     assert not found.gone and found.job is None
 
@@ -97,7 +97,7 @@ async def test_sweep_reports_expired_queued_and_running(store):
     queued = (await store.insert(make_job(expires_at=150.0))).job
     running = (await store.insert(make_job(expires_at=150.0, task="other"))).job
     await store.claim(now=120.0, limit=1, tasks={"other": None})
-    result = await store.sweep(now=151.0, retention_s=10, tombstone_retention_s=100)
+    result = await store.sweep(now=151.0, retention_s=10, tombstone_retention_s=100, payload=lambda j: b"{}")
     assert [j.id for j in result.expired_queued] == [queued.id]
     assert result.expired_running == [running.id]
 
@@ -223,12 +223,12 @@ async def test_deliveries_are_scheduled_with_the_terminal_state(store):
     running = start(job, 101.0)
     await store.update(running, expected_version=job.version)
     done = succeed(running, 102.0, result=b"1", result_type=None, retention_s=10)
-    assert await store.update(done, expected_version=running.version, deliver=True)
+    assert await store.update(done, expected_version=running.version, deliver=lambda j: j.status.encode())
     due = await store.due_deliveries(now=103.0, limit=10)
-    assert [(d.job_id, d.url, d.attempts) for d in due] == [(job.id, "http://127.0.0.1:9/hook", 0)]
+    assert [(d.job_id, d.url, d.payload, d.attempts) for d in due] == [
+        (job.id, "http://127.0.0.1:9/hook", b"succeeded", 0)]
     await store.delivery_attempted(job.id, ok=False, next_at=200.0, error="answered 500")
     assert await store.due_deliveries(now=103.0, limit=10) == []
     assert await store.next_delivery_at() == 200.0
     await store.delivery_attempted(job.id, ok=True, next_at=None, error=None)
     assert await store.due_deliveries(now=300.0, limit=10) == []
-    await store.delete(job.id)  # and a deleted job takes its deliveries with it
