@@ -77,6 +77,7 @@ def test_client_imports_only_the_codec():
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level >= 2:
-                assert (node.module or "") in ("codec",), f"{path.name} imports ..{node.module}"
+                names = [node.module] if node.module else [alias.name for alias in node.names]
+                assert names == ["codec"], f"{path.name} imports {names} from the server package"
             if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("asyncjobs."):
                 assert node.module.startswith(("asyncjobs.client", "asyncjobs.codec")), f"{path.name}: {node.module}"
