@@ -146,9 +146,6 @@ class JobQueue:
         self.check_params(task_name, params)
         if not self.accepting:
             raise ServiceUnavailable("the server is shutting down", headers={"Retry-After": "5"})
-        if self.queued >= self.max_queued:
-            raise ServiceUnavailable(f"the queue holds its maximum of {self.max_queued} jobs",
-                                     headers={"Retry-After": "5"})
         spec = self.registry.get(task_name)
         assert spec is not None
         now = self.clock()
@@ -159,14 +156,18 @@ class JobQueue:
             request_hash=request_hash, unique_key=codec.fingerprint(params) if spec.unique else None,
             callback_url=callback_url,
         )
+        admit = self.queued < self.max_queued  # a full queue still answers replays and unique twins
         self.queued += 1
         try:
-            inserted = await self.store.insert(job)
+            inserted = await self.store.insert(job, admit=admit)
         except BaseException:
             self.queued -= 1
             raise
         if inserted.duplicate is not None:
             self.queued -= 1
+            if inserted.duplicate == "refused":
+                raise ServiceUnavailable(f"the queue holds its maximum of {self.max_queued} jobs",
+                                         headers={"Retry-After": "5"})
             if inserted.duplicate == "idempotency" and inserted.job.request_hash != request_hash:
                 raise UnprocessableContent(
                     "this Idempotency-Key was used before with a different request; use a new key")

@@ -139,7 +139,8 @@ class Inserted:
     """What a submit stored: the new job, or the existing one it duplicates and why."""
 
     job: Job
-    duplicate: str | None = None  # None: new; "idempotency": same key; "unique": same live task and params
+    duplicate: str | None = None  # None: new; "idempotency": same key; "unique": same live task and params;
+    # "refused": not stored (the queue is full)
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ class Store(Protocol):
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
-    async def insert(self, job: Job) -> Inserted: ...
+    async def insert(self, job: Job, *, admit: bool = True) -> Inserted: ...
     async def update(self, job: Job, *, expected_version: int, deliver: Payload | None = None) -> bool: ...
     async def delete(self, job_id: str) -> bool: ...
     async def lookup(self, job_id: str) -> Lookup: ...
@@ -329,24 +330,34 @@ class SQLiteStore:
         return results
 
     # -- writes ----------------------------------------------------------
-    async def insert(self, job: Job) -> Inserted:
-        """Store a new job, unless it repeats a live unique job or an idempotency key (then return that one)."""
+    async def insert(self, job: Job, *, admit: bool = True) -> Inserted:
+        """Store a new job, unless it repeats a live unique job or an idempotency key (then return that one).
+
+        Jobs past their ``expires_at`` are not matched: their keys expire with them. With ``admit``
+        False (the queue is full) nothing new is stored and the answer's ``duplicate`` is "refused".
+        """
 
         async def op(db: aiosqlite.Connection) -> Inserted:
             if job.idempotency_key is not None:
-                cur = await db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE owner = ? AND idempotency_key = ?",
-                                       (job.owner, job.idempotency_key))
+                cur = await db.execute(
+                    f"SELECT {_COLUMNS} FROM jobs WHERE owner = ? AND idempotency_key = ? AND expires_at > ?",
+                    (job.owner, job.idempotency_key, job.created_at))
                 row = await cur.fetchone()
                 if row is not None:
                     return Inserted(_row_to_job(row), "idempotency")
             if job.unique_key is not None:
                 cur = await db.execute(
                     f"SELECT {_COLUMNS} FROM jobs WHERE owner = ? AND task = ? AND unique_key = ?"
-                    " AND status IN ('queued', 'running') ORDER BY seq LIMIT 1",
-                    (job.owner, job.task, job.unique_key))
+                    " AND status IN ('queued', 'running') AND expires_at > ? ORDER BY seq LIMIT 1",
+                    (job.owner, job.task, job.unique_key, job.created_at))
                 row = await cur.fetchone()
                 if row is not None:
                     return Inserted(_row_to_job(row), "unique")
+            if not admit:
+                return Inserted(job, "refused")
+            if job.idempotency_key is not None:  # an expired job's key is free again
+                await db.execute("UPDATE jobs SET idempotency_key = NULL WHERE owner = ? AND idempotency_key = ?",
+                                 (job.owner, job.idempotency_key))
             cur = await db.execute(
                 f"INSERT INTO jobs ({_COLUMNS}) VALUES (NULL{', ?' * 22})",
                 (job.id, job.task, job.params, job.status.value, job.priority, job.created_at,

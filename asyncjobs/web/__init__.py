@@ -8,7 +8,8 @@ from aiohttp import web
 
 from ..queue import JobQueue
 from . import jobs, push
-from .common import QUEUE_KEY, SETTINGS_KEY, WAITERS_KEY, Waiters, WebSettings, auth_middleware, problems_middleware
+from .common import (QUEUE_KEY, SETTINGS_KEY, WAITERS_KEY, Waiters, WebSettings, auth_middleware, expect_handler,
+                     problems_middleware)
 from .runner import ProblemRunner
 
 __all__ = ["ProblemRunner", "WebSettings", "make_web_app"]
@@ -22,19 +23,21 @@ def make_web_app(queue: JobQueue, settings: WebSettings) -> web.Application:
     app[push.SOCKETS_KEY] = weakref.WeakSet()
     app[push.CLOSING_KEY] = set()
     app.on_shutdown.append(push.close_sockets)
-    router = app.router
-    router.add_post("/jobs", jobs.submit)
-    router.add_get("/jobs", jobs.list_jobs)
-    router.add_get("/jobs/{job_id}", jobs.monitor)
-    router.add_delete("/jobs/{job_id}", jobs.delete)
-    router.add_get("/jobs/{job_id}/result", jobs.result)
-    router.add_post("/jobs/{job_id}/cancel", jobs.cancel)
-    router.add_get("/jobs/{job_id}/events", push.events)
-    router.add_get("/ws", push.websocket)
-    router.add_get("/tasks", jobs.list_tasks)
-    router.add_get("/healthz", jobs.healthz)
-    for spec in queue.registry:
-        if spec.route is not None:
-            method, path = spec.route
-            router.add_route(method, path, jobs.task_route_handler(spec))
+    routes = [
+        ("POST", "/jobs", jobs.submit),
+        ("GET", "/jobs", jobs.list_jobs),
+        ("GET", "/jobs/{job_id}", jobs.monitor),
+        ("DELETE", "/jobs/{job_id}", jobs.delete),
+        ("GET", "/jobs/{job_id}/result", jobs.result),
+        ("POST", "/jobs/{job_id}/cancel", jobs.cancel),
+        ("GET", "/jobs/{job_id}/events", push.events),
+        ("GET", "/ws", push.websocket),
+        ("GET", "/tasks", jobs.list_tasks),
+        ("GET", "/healthz", jobs.healthz),
+    ]
+    routes += [(*spec.route, jobs.task_route_handler(spec)) for spec in queue.registry if spec.route is not None]
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler, expect_handler=expect_handler)
+        if method == "GET":
+            app.router.add_route("HEAD", path, handler, expect_handler=expect_handler)
     return app

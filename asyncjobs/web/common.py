@@ -10,6 +10,8 @@ from http import HTTPStatus
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from .. import codec, protocol
 from ..errors import BadRequest, PayloadTooLarge, ProblemError, StoreError, Unauthorized, UnsupportedMediaType
@@ -117,11 +119,18 @@ async def read_json(request: web.Request, *, required: bool = True) -> Any:
             f"the body must be application/json, not {request.headers.get('Content-Type') or 'untyped'}")
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
         raise PayloadTooLarge(f"the body is larger than the limit of {settings.max_body_bytes} bytes")
-    raw = await request.read()
     try:
-        return codec.loads(raw)
+        raw = await request.read()
+    except (HttpProcessingError, RequestPayloadError) as exc:  # e.g. a Content-Encoding the body does not match
+        request.content.feed_eof()  # nothing more can be read: aiohttp must not try to drain it after the answer
+        raise BadRequest(f"the body could not be read: {getattr(exc, 'message', '') or exc}") from None
+    try:
+        value = codec.loads(raw)
     except codec.JSONDecodeError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    if protocol.json_depth(value) > protocol.MAX_JSON_DEPTH:
+        raise BadRequest(f"the body nests deeper than {protocol.MAX_JSON_DEPTH} levels")
+    return value
 
 
 def job_id_of(request: web.Request) -> str:
@@ -172,3 +181,14 @@ async def auth_middleware(request: web.Request, handler: Callable[[web.Request],
 def principal_of(request: web.Request) -> str | None:
     """The caller's principal, or None with auth off (every job is visible to everyone)."""
     return request.get(PRINCIPAL_KEY)
+
+
+async def expect_handler(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` is honoured; any other expectation is a 417 problem."""
+    expect = request.headers.get("Expect", "")
+    if expect.lower() == "100-continue":
+        if request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the answer's own headers are still to come
+        return None
+    return problem_response(problem_body(417, f"this server cannot meet 'Expect: {expect}'"))

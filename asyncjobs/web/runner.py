@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from aiohttp import web
@@ -11,6 +12,8 @@ from aiohttp.web_server import Server
 
 from .common import problem_body, problem_response
 
+log = logging.getLogger("asyncjobs.web")
+
 
 class _ProblemRequestHandler(RequestHandler):
     """Answers requests the HTTP parser rejects with problem details, not text/html."""
@@ -19,7 +22,12 @@ class _ProblemRequestHandler(RequestHandler):
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
-        response = super().handle_error(request, status, exc, message)  # logs, checks nothing was sent
+        if status >= 500:
+            super().handle_error(request, status, exc, message)  # logs the traceback of a real failure
+        else:
+            log.info("rejected a malformed request from %s: %s", request.remote, exc or message)
+            if request.writer.output_size > 0:
+                raise ConnectionError("the answer had started; the connection is closed")
         detail = "the request could not be parsed as HTTP" if status == 400 else "the server failed to answer"
         if status == 400 and exc is not None and getattr(exc, "message", None):
             detail = f"malformed request: {exc.message}"
@@ -27,7 +35,6 @@ class _ProblemRequestHandler(RequestHandler):
             status, detail = 431, f"a request line or header is too long: {exc.message}"
         problem = problem_response(problem_body(status, detail))
         problem.force_close()
-        del response
         return problem
 
 
