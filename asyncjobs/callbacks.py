@@ -77,6 +77,7 @@ class Deliverer:
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task | None = None
         self._in_flight: dict[str, asyncio.Task] = {}
+        self._finished: set[str] = set()  # attempts that ended since the last read of due deliveries
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
@@ -101,8 +102,11 @@ class Deliverer:
             try:
                 room = self.concurrency - len(self._in_flight)
                 if room > 0:
+                    self._finished.clear()
                     due = await self.store.due_deliveries(now=self.clock(), limit=self.concurrency * 2)
-                    for delivery in [d for d in due if d.job_id not in self._in_flight][:room]:
+                    # An attempt that ended during the read may be listed as it was before: skip it.
+                    busy = self._in_flight.keys() | self._finished
+                    for delivery in [d for d in due if d.job_id not in busy][:room]:
                         self._start(delivery)
                     next_at = await self.store.next_delivery_at()
             except Exception as exc:  # the store may be briefly unavailable; try again soon
@@ -119,6 +123,7 @@ class Deliverer:
 
         def done(_: asyncio.Task) -> None:
             self._in_flight.pop(delivery.job_id, None)
+            self._finished.add(delivery.job_id)
             self.wakeup.set()
 
         task.add_done_callback(done)
