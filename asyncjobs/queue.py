@@ -251,7 +251,7 @@ class JobQueue:
     # -- cancel and delete ---------------------------------------------------
     async def cancel(self, job_id: str, *, owner: str | None = None) -> tuple[Job, bool]:
         """Cancel; returns the job and whether it has stopped (False: still stopping after the grace)."""
-        for _ in range(5):
+        for _ in range(50):
             job = await self.find(job_id, owner=owner)
             if job.status is Status.CANCELED:
                 return job, True
@@ -260,6 +260,10 @@ class JobQueue:
             execution = self.running.get(job_id)
             if execution is not None:
                 return await self._stop_running(execution, "canceled by request")
+            if job.status is Status.RUNNING:
+                # Claimed a moment ago; its worker registers it before its next await.
+                await asyncio.sleep(0.01)
+                continue
             new = cancel(job, self.clock(), retention_s=self.retention_s)
             if await self.store.update(new, expected_version=job.version, deliver=self.callback_payload):
                 if new.callback_url is not None:
@@ -340,8 +344,12 @@ class JobQueue:
             await self.store.delete(new.id)
         log.debug("job %s %s (attempt %d)", new.id, new.status.value, new.attempts)
 
-    async def claim(self, limit: int) -> list[Job]:
-        """Take up to ``limit`` due jobs for the workers, respecting each task's concurrency."""
+    async def claim(self, limit: int) -> list[Execution]:
+        """Take up to ``limit`` due jobs for the workers, respecting each task's concurrency.
+
+        Each is in ``running`` as soon as the claim returns, before any other await, so a
+        cancel never finds a claimed job that no worker will stop.
+        """
         running_by_task: dict[str, int] = {}
         for execution in self.running.values():
             running_by_task[execution.job.task] = running_by_task.get(execution.job.task, 0) + 1
@@ -351,9 +359,13 @@ class JobQueue:
         }
         jobs = await self.store.claim(now=self.clock(), limit=limit, tasks=room)
         self.queued -= len(jobs)
+        executions = []
         for job in jobs:
+            execution = Execution(job=job, stored_version=job.version)
+            self.running[job.id] = execution
+            executions.append(execution)
             self.hub.publish(job)
-        return jobs
+        return executions
 
     def _due_at(self, run_at: float) -> None:
         if run_at > self.clock():

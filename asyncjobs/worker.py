@@ -137,7 +137,9 @@ class Workers:
             if free <= 0:
                 continue
             try:
-                jobs = await queue.claim(free)
+                executions = await queue.claim(free)
+                for execution in executions:
+                    self._launch(execution)
                 if queue.next_due is not None and queue.next_due <= queue.clock():
                     await queue.refresh_next_due()
             except StoreError as exc:
@@ -145,16 +147,12 @@ class Workers:
                 await asyncio.sleep(1.0)
                 queue.wakeup.set()
                 continue
-            for job in jobs:
-                self._launch(job)
-            if len(jobs) == free:
+            if len(executions) == free:
                 queue.wakeup.set()  # there may be more
 
-    def _launch(self, job: Job) -> None:
-        execution = Execution(job=job, stored_version=job.version)
-        self.queue.running[job.id] = execution
-        task = asyncio.create_task(self._run(execution), name=f"asyncjobs-job-{job.id}")
-        self._tasks[job.id] = task
+    def _launch(self, execution: Execution) -> None:
+        job_id = execution.job.id
+        self._tasks[job_id] = asyncio.create_task(self._run(execution), name=f"asyncjobs-job-{job_id}")
 
     async def _sweep_loop(self) -> None:
         while True:
