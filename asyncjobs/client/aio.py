@@ -1,0 +1,398 @@
+"""The async client: HTTP I/O around the decisions of ``rules``."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import time
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Callable, Mapping, TypeVar
+
+import aiohttp
+
+from .. import codec
+from . import rules
+from .errors import (BadRequest, ClientError, ConnectError, ProtocolError, RequestTimeout, TransportError,
+                     Unauthorized, WaitTimeout)
+from .rules import Answer, JobState
+
+__all__ = ["Client", "JobRef"]
+
+JobRef = str | JobState  # a job id, or a state the server gave (whose URLs are then used)
+T = TypeVar("T")
+USER_AGENT = "asyncjobs-client/0.1"
+
+
+class _Unavailable(Exception):
+    """This way of waiting is not offered by the server: try the next one."""
+
+
+class _Deadline(Exception):
+    """The caller's deadline passed while waiting."""
+
+
+class Client:
+    """An asyncjobs client; use ``async with Client(url) as client:`` (or call ``close()``).
+
+    ``channels`` are the ways ``wait`` and ``events`` may use, best first: ``"websocket"``,
+    ``"long_poll"``, ``"poll"``. Each falls back to the next when the server does not offer it.
+    """
+
+    def __init__(self, url: str, *, token: str | None = None, request_timeout_s: float = 30.0,
+                 attempts: int = 4, channels: tuple[str, ...] = rules.CHANNELS, long_poll_s: float = 30.0,
+                 heartbeat_s: float = 20.0) -> None:
+        unknown = set(channels) - set(rules.CHANNELS)
+        if not channels or unknown:
+            raise ValueError(f"channels must be some of {rules.CHANNELS}, not {channels!r}")
+        self.base = rules.base_url(url)
+        self.token = token
+        self.request_timeout_s = request_timeout_s
+        self.attempts = max(1, attempts)
+        self.channels = tuple(channels)
+        self.long_poll_s = long_poll_s
+        self.heartbeat_s = heartbeat_s
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the connections (the client opens new ones if used again)."""
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    def __repr__(self) -> str:
+        return f"<Client {self.base}>"
+
+    # -- the public API ----------------------------------------------------------------
+
+    async def submit(self, task: str, params: Mapping[str, Any] | None = None, *, priority: int = 0,
+                     delay: float | None = None, idempotency_key: str | None = None,
+                     wait: float | None = None) -> JobState:
+        """Submit a job; returns it as accepted (or finished, if ``wait`` seconds sufficed: ``Prefer: wait``).
+
+        Retried on a lost connection, 502/503/504 and 429, always with the same ``Idempotency-Key``
+        (a fresh random one unless given), so a retry never creates a second job.
+        """
+        key = idempotency_key or secrets.token_urlsafe(18)
+        body = codec.dumps(rules.submit_body(task, params, priority=priority, delay_s=delay))
+        answer = await self._call("POST", self._url("jobs"), retry=True, retry_timeouts=True, data=body,
+                                  headers={**rules.submit_headers(key, wait), "Content-Type": "application/json"},
+                                  timeout_s=self.request_timeout_s + (wait or 0))
+        self._raise_for(answer)
+        return _read(answer, lambda: rules.read_submit(answer, base=self.base))
+
+    async def get(self, job: JobRef) -> JobState:
+        """The job's current state (``NotFound``, ``JobGone`` if it does not exist or has expired)."""
+        reading = await self._monitor(self._monitor_url(job), timeout_s=self.request_timeout_s)
+        if reading.job is None:
+            raise ProtocolError("the monitor answered 304 to a request without If-None-Match", url=reading.next_url)
+        return reading.job
+
+    async def wait(self, job: JobRef, timeout: float | None = None) -> JobState:
+        """Wait until the job is finished and return its final state (``succeeded``, ``failed`` or
+        ``canceled``); ``WaitTimeout`` after ``timeout`` seconds (the job keeps running)."""
+        last: JobState | None = None
+        async with aclosing(self._watch(job, timeout, progress=False)) as states:
+            async for last in states:
+                pass
+        assert last is not None and last.terminal
+        return last
+
+    def events(self, job: JobRef, *, timeout: float | None = None, progress: bool = True) -> AsyncIterator[JobState]:
+        """The job's states: the current one at once, then each change (progress too, unless
+        ``progress=False``), ending after the final one; ``WaitTimeout`` after ``timeout`` seconds.
+
+        To stop early, iterate inside ``contextlib.aclosing(...)`` so its connection closes at once.
+        """
+        return self._watch(job, timeout, progress=progress)
+
+    async def result(self, job: JobRef) -> Any:
+        """The result: the JSON value, or bytes for a result of another content type.
+
+        ``JobFailed`` / ``JobCanceled`` if it never will exist; ``ResultNotReady`` while the job runs.
+        """
+        url = job.result_url if isinstance(job, JobState) else self._url(f"{rules.job_path(job)}/result")
+        answer = await self._call("GET", url, retry=True)
+        return _read(answer, lambda: rules.read_result(answer, now=_now()))
+
+    async def cancel(self, job: JobRef) -> JobState:
+        """Cancel the job and return its state: ``canceled``, or still ``running`` if it is stopping
+        after the server's grace period. ``Conflict`` if it had already succeeded or failed."""
+        answer = await self._call("POST", rules.action_url(job, "cancel", base=self.base), retry=True)
+        self._raise_for(answer)
+        if answer.status not in (200, 202):
+            raise rules.not_asyncjobs(answer)
+        return _read(answer, lambda: rules.parse_job(answer.body, base=answer.url))
+
+    async def delete(self, job: JobRef) -> None:
+        """Cancel the job if needed, then forget it: afterwards it answers ``NotFound``."""
+        answer = await self._call("DELETE", rules.action_url(job, "delete", base=self.base), retry=False)
+        self._raise_for(answer)
+        if answer.status not in (202, 204):
+            raise rules.not_asyncjobs(answer)
+
+    async def tasks(self) -> list[dict[str, Any]]:
+        """The registered tasks: name, description, route, params schema, timeout, retries."""
+        answer = await self._call("GET", self._url("tasks"), retry=True)
+        self._raise_for(answer)
+        body = answer.body
+        if answer.status != 200 or not isinstance(body, dict) or not isinstance(body.get("tasks"), list):
+            raise rules.not_asyncjobs(answer)
+        return body["tasks"]
+
+    async def list(self, *, status: str | None = None, task: str | None = None,
+                   page_size: int | None = None) -> AsyncIterator[JobState]:
+        """Every job this caller may see, newest first, page after page (filters: ``status``, ``task``)."""
+        url: str | None = self._url("jobs", rules.list_query(status=status, task=task, limit=page_size))
+        while url is not None:
+            answer = await self._call("GET", url, retry=True)
+            jobs, url = _read(answer, lambda: rules.read_page(answer, now=_now()))
+            for job in jobs:
+                yield job
+
+    # -- waiting ------------------------------------------------------------------------
+
+    async def _watch(self, job: JobRef, timeout: float | None, *, progress: bool) -> AsyncIterator[JobState]:
+        """States of the job, newest only, over the best channel the server offers, until the final one."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        job_id = job.id if isinstance(job, JobState) else job
+        url = self._monitor_url(job)
+        last: JobState | None = None
+        channel: str | None = self.channels[0]
+        watchers: dict[str, Callable[..., AsyncIterator[JobState]]] = {
+            "websocket": self._watch_websocket, "long_poll": self._watch_long_poll, "poll": self._watch_poll}
+        while channel is not None:
+            try:
+                async with aclosing(watchers[channel](job_id, url, deadline, progress)) as states:
+                    async for state in states:
+                        if rules.is_newer(state, last) or state.terminal:
+                            last, url = state, state.url or url
+                            yield state
+                        if state.terminal:
+                            return
+            except _Unavailable:
+                channel = rules.next_channel(self.channels, channel)
+            except (_Deadline, RequestTimeout) as exc:
+                if isinstance(exc, RequestTimeout) and rules.remaining_s(deadline, loop.time()) != 0:
+                    raise
+                status = last.status if last else "unknown"
+                raise WaitTimeout(f"job {job_id} is still {status} after {timeout:g}s; it keeps running",
+                                  job=last, url=url) from None
+        raise ProtocolError(f"the server offers none of the ways of waiting {self.channels}", url=url)
+
+    def _left(self, deadline: float | None) -> float | None:
+        """Seconds before ``deadline``; ``_Deadline`` once it has passed."""
+        left = rules.remaining_s(deadline, asyncio.get_running_loop().time())
+        if left == 0:
+            raise _Deadline
+        return left
+
+    def _timeout_for(self, deadline: float | None, extra_s: float = 0.0) -> float:
+        left = self._left(deadline)
+        limit = self.request_timeout_s + extra_s
+        return limit if left is None else min(limit, left + 0.05)
+
+    async def _watch_poll(self, job_id: str, url: str, deadline: float | None,
+                          progress: bool) -> AsyncIterator[JobState]:
+        """Plain polling, at the server's ``Retry-After``."""
+        while True:
+            reading = await self._monitor(url, timeout_s=self._timeout_for(deadline))
+            url = reading.next_url
+            if reading.job is not None:
+                yield reading.job
+            left = self._left(deadline)
+            await asyncio.sleep(rules.poll_delay_s(reading.retry_after, left))
+
+    async def _watch_long_poll(self, job_id: str, url: str, deadline: float | None,
+                               progress: bool) -> AsyncIterator[JobState]:
+        """Long polls (``?wait=N``; with ``If-None-Match`` for progress); unavailable if the server answers at once."""
+        reading = await self._monitor(url, timeout_s=self._timeout_for(deadline))
+        while True:
+            url, etag = reading.next_url, reading.etag or None
+            if reading.job is not None:
+                yield reading.job
+            wait_s = rules.long_poll_s(self._left(deadline), self.long_poll_s)
+            try:
+                reading = await self._monitor(url, wait_s=wait_s, etag=etag if progress else None,
+                                              timeout_s=self._timeout_for(deadline, wait_s))
+            except BadRequest:
+                raise _Unavailable from None  # a server that refuses ``wait``
+            if reading.job is not None and not reading.job.terminal and not reading.long_poll_honoured:
+                yield reading.job
+                raise _Unavailable  # the server ignored ``wait``
+
+    async def _watch_websocket(self, job_id: str, url: str, deadline: float | None,
+                               progress: bool) -> AsyncIterator[JobState]:
+        """Subscribe on the WebSocket channel first, then read the job, so no change falls in between."""
+        ws_url = rules.websocket_url(self.base)
+        try:
+            async with asyncio.timeout(self._timeout_for(deadline)):
+                ws = await self._http().ws_connect(ws_url, headers=self._auth(), heartbeat=self.heartbeat_s)
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in (401, 403):
+                raise Unauthorized(f"{exc.status}: the server refused the bearer token", status=exc.status,
+                                   method="GET", url=ws_url) from None
+            raise _Unavailable from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _transport_error(exc, "GET", ws_url) from None
+        async with ws:
+            await ws.send_str(rules.subscribe_frame(job_id, progress=progress).decode())
+            await self._ws_event(ws, ws_url, job_id, deadline, until="subscribed")
+            reading = await self._monitor(url, timeout_s=self._timeout_for(deadline))
+            if reading.job is not None:
+                yield reading.job
+            while True:
+                event = await self._ws_event(ws, ws_url, job_id, deadline, until="job")
+                assert event.job is not None
+                yield event.job
+
+    async def _ws_event(self, ws: aiohttp.ClientWebSocketResponse, ws_url: str, job_id: str,
+                        deadline: float | None, *, until: str) -> rules.WsEvent:
+        """The next frame about the job of kind ``until``; its error raised; ``_Unavailable`` if the socket ends."""
+        while True:
+            left = self._left(deadline)
+            limit = left
+            if until == "subscribed":
+                limit = self.request_timeout_s if left is None else min(self.request_timeout_s, left)
+            try:
+                message = await ws.receive(timeout=limit)
+            except TimeoutError:
+                self._left(deadline)  # _Deadline if that was the caller's deadline
+                raise _Unavailable from None  # no answer to the subscribe: not the channel we know
+            if message.type is not aiohttp.WSMsgType.TEXT:
+                raise _Unavailable  # closed (server restart, too slow): go on over HTTP
+            event = rules.read_ws_frame(message.data, job_id, base=self.base, url=ws_url)
+            if event is None:
+                continue
+            if event.error is not None:
+                raise event.error
+            if event.kind == until:
+                return event
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(headers={"User-Agent": USER_AGENT,
+                                                           "Accept": "application/json, application/problem+json"})
+        return self._session
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def _url(self, path: str, query: Mapping[str, str] | None = None) -> str:
+        return rules.with_query(rules.resolve(self.base, path), query or {})
+
+    def _monitor_url(self, job: JobRef) -> str:
+        return job.url if isinstance(job, JobState) and job.url else self._url(rules.job_path(
+            job.id if isinstance(job, JobState) else job))
+
+    async def _monitor(self, url: str, *, timeout_s: float, wait_s: float | None = None,
+                       etag: str | None = None) -> rules.MonitorReading:
+        """One answer of the status monitor (a long poll with ``wait_s``), without following its 303."""
+        target = url if wait_s is None else rules.with_wait(url, wait_s)
+        headers = {"If-None-Match": etag} if etag else {}
+        answer = await self._call("GET", target, retry=True, headers=headers, timeout_s=timeout_s)
+        reading = _read(answer, lambda: rules.read_monitor(answer, now=_now()))
+        if reading.redirect_without_job:  # a 303 without the job: ask for the job itself
+            answer = await self._call("GET", rules.with_query(url, {"redirect": "false"}), retry=True,
+                                      timeout_s=timeout_s)
+            reading = _read(answer, lambda: rules.read_monitor(answer, now=_now()))
+            if reading.job is None:
+                raise rules.not_asyncjobs(answer)
+        return reading
+
+    def _raise_for(self, answer: Answer) -> None:
+        error = rules.answer_error(answer, now=_now())
+        if error is not None:
+            raise error
+
+    async def _call(self, method: str, url: str, *, retry: bool, retry_timeouts: bool = False,
+                    timeout_s: float | None = None, **kwargs: Any) -> Answer:
+        """One request, repeated (when ``retry``: the request is safe to repeat) after a lost
+        connection or a 429/502/503/504, as ``rules.retry_delay_s`` says. A request that timed out
+        is repeated only with ``retry_timeouts`` (its caller has no deadline of its own)."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                answer = await self._exchange(method, url, timeout_s=timeout_s, **kwargs)
+            except (TransportError, RequestTimeout) as exc:
+                repeatable = retry and (retry_timeouts or not isinstance(exc, RequestTimeout))
+                delay = rules.retry_delay_s(attempt, self.attempts if repeatable else 1, status=None,
+                                            retry_after=None)
+                if delay is None:
+                    raise
+            else:
+                retry_after = rules.retry_after_s(answer.header("Retry-After"), now=_now())
+                delay = rules.retry_delay_s(attempt, self.attempts if retry else 1, status=answer.status,
+                                            retry_after=retry_after)
+                if delay is None or answer.status < 400:
+                    return answer
+            await asyncio.sleep(delay)
+
+    async def _exchange(self, method: str, url: str, *, timeout_s: float | None = None,
+                        headers: Mapping[str, str] | None = None, **kwargs: Any) -> Answer:
+        """One HTTP request and its whole answer; a failure to talk becomes a ``ClientError``."""
+        timeout = aiohttp.ClientTimeout(total=timeout_s or self.request_timeout_s)
+        try:
+            async with self._http().request(method, url, headers={**self._auth(), **(headers or {})},
+                                            timeout=timeout, allow_redirects=False, **kwargs) as response:
+                raw = await response.read()
+                content_type = response.headers.get("Content-Type", "")
+                names = {name.lower() for name in response.headers}
+                found = {name: ", ".join(response.headers.getall(name)) for name in names}
+                return Answer(method, str(response.url), response.status, found, content_type,
+                              rules.decode_body(content_type, raw))
+        except ProtocolError as exc:
+            exc.method, exc.url = method, url
+            raise
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _transport_error(exc, method, url) from None
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _read(answer: Answer, reader: Callable[[], T]) -> T:
+    """Run a pure reader on an answer; a ``ProtocolError`` it raises is told which request it concerns."""
+    try:
+        return reader()
+    except ProtocolError as exc:
+        exc.method = exc.method or answer.method
+        exc.url = exc.url or answer.url
+        raise
+
+
+def _reason(error: OSError) -> str:
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, socket.gaierror):
+        return "unknown host"
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    return (error.strerror or str(error) or "connection failed").lower()
+
+
+def _transport_error(exc: BaseException, method: str, url: str) -> ClientError:
+    """An aiohttp failure as one of ours: cannot connect, no answer in time, connection lost, not HTTP."""
+    if isinstance(exc, TimeoutError):
+        return RequestTimeout(f"no answer from {url} in time", method=method, url=url)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return ConnectError(f"cannot connect to {exc.host}:{exc.port}: {_reason(exc.os_error)}", method=method,
+                            url=url)
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return ProtocolError(f"the answer from {url} is not valid HTTP ({exc.message}): is this an asyncjobs server?",
+                             method=method, url=url)
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return TransportError(f"the server closed the connection without answering {method} {url}",
+                              method=method, url=url)
+    return TransportError(f"the connection to {url} failed: {exc}", method=method, url=url)

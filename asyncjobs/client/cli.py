@@ -1,0 +1,495 @@
+"""The client command line: ``asyncjobs submit|status|wait|result|cancel|delete|list|tasks``.
+
+Exit status: 0 done (the job succeeded), 1 the job failed, was canceled or does not exist,
+2 usage error (including params the server refused), 3 cannot reach the server, unauthorized,
+or not an asyncjobs server, 4 timeout, 130 interrupted (the job keeps running).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Mapping, NoReturn, Sequence, TextIO
+
+from .. import codec
+from . import rules
+from .aio import Client
+from .errors import (BadRequest, ClientError, ProblemError, ProtocolError, ServerBusy, ServerError, Timeout,
+                     TransportError, Unauthorized)
+from .rules import JobState
+
+EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+COMMANDS = ("submit", "status", "wait", "result", "cancel", "delete", "list", "tasks")
+DEFAULT_URL = "http://127.0.0.1:8080"
+TICK_S = 0.5  # how often a live progress bar is redrawn (the ETA counts down between events)
+
+
+class UsageError(Exception):
+    """The command line is wrong; the message says how."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line, and where only exact option names are options.
+
+    Job ids are URL-safe base64 and may begin with ``-``: anything that is not exactly one of the
+    options (or ``--option=value``) is an argument, so ``asyncjobs wait -x3Fq…`` works.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        """Raise instead of printing usage and exiting, so the message is one line."""
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+    def _parse_optional(self, arg_string: str) -> Any:
+        if arg_string.split("=", 1)[0] not in self._option_string_actions:
+            return None  # not one of our options: an argument (a job id may start with "-")
+        return super()._parse_optional(arg_string)
+
+
+# -- the command line ----------------------------------------------------------------------
+
+def _common() -> argparse.ArgumentParser:
+    """Options every command takes, before or after its name."""
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    common.add_argument("--url", help=f"the service (default: $ASYNCJOBS_URL, else {DEFAULT_URL})")
+    common.add_argument("--token", help="bearer token (default: $ASYNCJOBS_TOKEN)")
+    common.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The client's argument parser: common options, then one subcommand per command."""
+    common = _common()
+    parser = _Parser(prog="asyncjobs", parents=[common],
+                     description="Submit and follow jobs of an asyncjobs service.",
+                     epilog="exit status: 0 succeeded, 1 job failed/canceled/not found, 2 usage error, "
+                            "3 cannot reach the server or unauthorized, 4 timeout, 130 interrupted")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    submit = commands.add_parser("submit", parents=[common], help="submit a job",
+                                 description="Submit TASK with params key=value (values are JSON when they "
+                                             "parse as JSON, else strings) or --params JSON.")
+    submit.add_argument("task")
+    submit.add_argument("pairs", nargs="*", metavar="key=value")
+    submit.add_argument("--params", help="params as a JSON object (key=value pairs are merged over it)")
+    submit.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    submit.add_argument("--delay", type=float, help="seconds before the job may run")
+    submit.add_argument("--idempotency-key", help="repeat a submit safely with the same key")
+    submit.add_argument("--wait", action="store_true", help="follow the job and print its result")
+    _wait_options(submit)
+    for name, text in (("status", "show a job"), ("wait", "follow a job, then print its result"),
+                       ("result", "print a job's result"), ("cancel", "cancel a job"),
+                       ("delete", "cancel a job if needed, then forget it")):
+        command = commands.add_parser(name, parents=[common], help=text, description=text)
+        command.add_argument("id", metavar="ID")
+        if name == "wait":
+            _wait_options(command)
+    listing = commands.add_parser("list", parents=[common], help="list jobs, newest first")
+    listing.add_argument("--status", choices=rules.STATUSES)
+    listing.add_argument("--task")
+    listing.add_argument("--limit", type=int, help="show at most this many")
+    commands.add_parser("tasks", parents=[common], help="list the registered tasks")
+    return parser
+
+
+def _wait_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--timeout", type=float, help="give up waiting after this many seconds (exit 4)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+
+def parse_params(pairs: Sequence[str], params_json: str | None) -> dict[str, Any]:
+    """Params from ``--params JSON`` and ``key=value`` pairs; a value is JSON if it parses, else a string."""
+    params: dict[str, Any] = {}
+    if params_json is not None:
+        try:
+            params = codec.loads(params_json)
+        except codec.JSONDecodeError:
+            raise UsageError("--params is not valid JSON") from None
+        if not isinstance(params, dict):
+            raise UsageError("--params must be a JSON object")
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"expected key=value, got {pair!r}")
+        try:
+            params[key] = codec.loads(value)
+        except codec.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+@dataclass(frozen=True)
+class Settings:
+    url: str
+    token: str | None
+    json: bool
+
+
+def settings_of(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
+    """Flags first, then ``ASYNCJOBS_URL`` / ``ASYNCJOBS_TOKEN``, then the default."""
+    url = getattr(args, "url", None) or env.get("ASYNCJOBS_URL") or DEFAULT_URL
+    token = getattr(args, "token", None) or env.get("ASYNCJOBS_TOKEN") or None
+    return Settings(url=url, token=token, json=bool(getattr(args, "json", False)))
+
+
+# -- what to say --------------------------------------------------------------------------------
+
+def exit_status(error: BaseException) -> int:
+    """The exit status for an error (see the module docstring)."""
+    if isinstance(error, UsageError) or isinstance(error, BadRequest):
+        return EXIT_USAGE
+    if isinstance(error, Timeout):
+        return EXIT_TIMEOUT
+    if isinstance(error, (TransportError, ProtocolError, Unauthorized, ServerBusy, ServerError)):
+        return EXIT_UNREACHABLE
+    return EXIT_JOB
+
+
+def error_line(error: BaseException, url: str) -> str:
+    """One line saying what went wrong, for stderr."""
+    if isinstance(error, UsageError):
+        return f"asyncjobs: usage: {error}"
+    if isinstance(error, TransportError):
+        return f"asyncjobs: cannot reach the server at {url}: {error}"
+    if isinstance(error, Unauthorized):
+        return f"asyncjobs: unauthorized ({error}); give a valid --token or set ASYNCJOBS_TOKEN"
+    if isinstance(error, BadRequest) and error.errors:
+        fields = "; ".join(f"{e.get('field')}: {e.get('message')}" for e in error.errors)
+        return f"asyncjobs: refused: {error.detail or error} ({fields})"
+    if isinstance(error, ProblemError):
+        return f"asyncjobs: {error.detail or error}"
+    if isinstance(error, ClientError):
+        return f"asyncjobs: {error}"
+    return f"asyncjobs: unexpected error: {type(error).__name__}: {error}"
+
+
+def duration(seconds: float) -> str:
+    """A short human duration: ``4s``, ``2m05s``, ``1h02m``."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def describe(state: JobState, now: datetime, *, percent: bool = True) -> str:
+    """The state in words: ``running 40% step 4 of 10, eta 3s``."""
+    parts = [state.status]
+    if state.status == "queued" and state.queue_position is not None:
+        parts.append(f"(position {state.queue_position})")
+    if percent and state.fraction is not None and not state.terminal:
+        parts.append(f"{state.fraction:.0%}")
+    if state.message and not state.terminal:
+        parts.append(state.message)
+    if state.error:
+        parts.append(f"{state.error.get('type')}: {state.error.get('message')}")
+    text = " ".join(parts)
+    if state.eta is not None and not state.terminal:
+        left = (state.eta - now).total_seconds()
+        text += f", eta {duration(left)}" if left >= 0.5 else ", eta any moment"
+    return text
+
+
+def render_bar(state: JobState, now: datetime, width: int) -> str:
+    """A one-line progress bar for a terminal: ``[#####-----]  50% step 5 of 10, eta 4s``."""
+    cells = max(10, min(30, width // 4))
+    done = round(cells * min(1.0, max(0.0, state.fraction or 0.0)))
+    percent = "  --%" if state.fraction is None else f"{state.fraction:5.0%}"
+    line = f"[{'#' * done}{'-' * (cells - done)}] {percent} {describe(state, now, percent=False)}"
+    return line[:max(20, width - 1)]
+
+
+# -- output ------------------------------------------------------------------------------------
+
+@dataclass
+class Console:
+    """Where output goes: results on stdout, progress and errors on stderr."""
+
+    out: TextIO
+    err: TextIO
+    json: bool = False
+    live: bool = False  # stderr is a terminal: draw a progress bar in place
+    bar_open: bool = field(default=False, init=False)
+
+    def print(self, text: str) -> None:
+        """A line on stdout."""
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def print_json(self, value: Any) -> None:
+        """Compact JSON on one line of stdout."""
+        self.print(codec.dumps(value).decode())
+
+    def print_result(self, value: Any) -> None:
+        """A string result as it is, bytes raw, anything else as indented JSON."""
+        if isinstance(value, bytes):
+            self.out.flush()
+            buffer = getattr(self.out, "buffer", None)
+            if buffer is not None:
+                buffer.write(value)
+                buffer.flush()
+            else:
+                self.out.write(value.decode(errors="replace"))
+        elif isinstance(value, str) and not self.json:
+            self.print(value)
+        else:
+            self.print(codec.dumps_pretty(value).decode() if not self.json else codec.dumps(value).decode())
+
+    def note(self, text: str) -> None:
+        """A line on stderr (after ending a progress bar that is on screen)."""
+        self.end_bar()
+        self.err.write(text + "\n")
+        self.err.flush()
+
+    def bar(self, text: str) -> None:
+        """Redraw the progress bar in place (a terminal only)."""
+        self.err.write("\r\x1b[K" + text)
+        self.err.flush()
+        self.bar_open = True
+
+    def end_bar(self) -> None:
+        """Leave the bar's line, so what follows starts on a line of its own."""
+        if self.bar_open:
+            self.err.write("\n")
+            self.err.flush()
+            self.bar_open = False
+
+
+class Progress:
+    """Shows a job's states as they arrive: a live bar on a terminal, else a line per change."""
+
+    def __init__(self, console: Console, *, quiet: bool) -> None:
+        self.console = console
+        self.quiet = quiet
+        self.state: JobState | None = None
+        self.shown = ""
+
+    def update(self, state: JobState) -> None:
+        """Show a new state: redraw the bar, or print a line if it says something new."""
+        self.state = state
+        if self.quiet:
+            return
+        if self.console.live:
+            self.draw()
+            return
+        line = f"{state.id} {describe(state, _now())}"
+        if line != self.shown:
+            self.shown = line
+            self.console.note(line)
+
+    def draw(self) -> None:
+        """Redraw the bar from the last state (the ETA moves on with the clock)."""
+        if self.state is not None and not self.quiet:
+            width = _terminal_width(self.console.err)
+            self.console.bar(render_bar(self.state, _now(), width))
+
+    async def tick(self) -> None:
+        """Redraw the bar every ``TICK_S`` so the ETA counts down between events (cancelled at the end)."""
+        while True:
+            await asyncio.sleep(TICK_S)
+            self.draw()
+
+
+def _terminal_width(stream: TextIO) -> int:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        columns = os.get_terminal_size(stream.fileno()).columns
+        if columns >= 20:  # a pseudo-terminal without a size says 0
+            return columns
+    return 80
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# -- the commands ------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """What one invocation knows so far (the job id, for the message when it is interrupted)."""
+
+    args: argparse.Namespace
+    settings: Settings
+    console: Console
+    job_id: str | None = None
+
+
+async def follow(client: Client, job: JobState | str, run: Run) -> int:
+    """Show the job's progress until it ends; print its result (0) or say why there is none (1)."""
+    quiet = bool(getattr(run.args, "quiet", False))
+    progress = Progress(run.console, quiet=quiet)
+    ticker = asyncio.create_task(progress.tick()) if run.console.live and not quiet else None
+    final: JobState | None = None
+    try:
+        async with contextlib.aclosing(client.events(job, timeout=run.args.timeout)) as states:
+            async for final in states:
+                progress.update(final)
+    finally:
+        if ticker is not None:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+        run.console.end_bar()
+    assert final is not None
+    failure = rules.job_error(final)
+    if run.settings.json:
+        run.console.print_json(final.raw)
+    elif failure is None:
+        run.console.print_result(await client.result(final))
+    if failure is not None:
+        raise failure
+    return EXIT_OK
+
+
+async def cmd_submit(client: Client, run: Run) -> int:
+    """``submit TASK [key=value …]``: print the id, or with ``--wait`` follow the job."""
+    args = run.args
+    params = parse_params(args.pairs, args.params)
+    job = await client.submit(args.task, params, priority=args.priority, delay=args.delay,
+                              idempotency_key=args.idempotency_key)
+    run.job_id = job.id
+    if args.wait:
+        return await follow(client, job, run)
+    if run.settings.json:
+        run.console.print_json(job.raw)
+    else:
+        run.console.print(job.id)
+    return EXIT_OK
+
+
+async def cmd_status(client: Client, run: Run) -> int:
+    """``status ID``: one line describing the job (or the job as JSON)."""
+    job = await client.get(run.args.id)
+    if run.settings.json:
+        run.console.print_json(job.raw)
+    else:
+        run.console.print(f"{job.id} {job.task} {describe(job, _now())}")
+    return EXIT_OK
+
+
+async def cmd_wait(client: Client, run: Run) -> int:
+    """``wait ID``: follow the job, then print its result."""
+    run.job_id = run.args.id
+    return await follow(client, run.args.id, run)
+
+
+async def cmd_result(client: Client, run: Run) -> int:
+    """``result ID``: print the result (bytes as they are)."""
+    run.console.print_result(await client.result(run.args.id))
+    return EXIT_OK
+
+
+async def cmd_cancel(client: Client, run: Run) -> int:
+    """``cancel ID``: cancel it, and say whether it has stopped."""
+    job = await client.cancel(run.args.id)
+    if run.settings.json:
+        run.console.print_json(job.raw)
+    else:
+        run.console.print(f"{job.id} {job.status}" + ("" if job.terminal else " (stopping)"))
+    return EXIT_OK
+
+
+async def cmd_delete(client: Client, run: Run) -> int:
+    """``delete ID``: cancel it if needed and forget it."""
+    await client.delete(run.args.id)
+    if run.settings.json:
+        run.console.print_json({"id": run.args.id, "deleted": True})
+    else:
+        run.console.print(f"{run.args.id} deleted")
+    return EXIT_OK
+
+
+async def cmd_list(client: Client, run: Run) -> int:
+    """JSON lines with ``--json``; otherwise a line per job."""
+    shown = 0
+    async with contextlib.aclosing(client.list(status=run.args.status, task=run.args.task)) as jobs:
+        async for job in jobs:
+            if run.args.limit is not None and shown >= run.args.limit:
+                break
+            shown += 1
+            if run.settings.json:
+                run.console.print_json(job.raw)
+            else:
+                created = f"{job.created_at:%Y-%m-%d %H:%M:%S}" if job.created_at else "-"
+                run.console.print(f"{job.id}  {created}  {job.task}  {describe(job, _now())}")
+    return EXIT_OK
+
+
+async def cmd_tasks(client: Client, run: Run) -> int:
+    """``tasks``: each registered task with the first line of its description."""
+    tasks = await client.tasks()
+    if run.settings.json:
+        run.console.print_json(tasks)
+        return EXIT_OK
+    width = max((len(str(t.get("name"))) for t in tasks), default=0)
+    for spec in tasks:
+        first_line = (spec.get("description") or "").strip().splitlines()[:1]
+        run.console.print(f"{spec.get('name')!s:<{width}}  {first_line[0] if first_line else ''}".rstrip())
+    return EXIT_OK
+
+
+HANDLERS = {"submit": cmd_submit, "status": cmd_status, "wait": cmd_wait, "result": cmd_result,
+            "cancel": cmd_cancel, "delete": cmd_delete, "list": cmd_list, "tasks": cmd_tasks}
+
+
+async def execute(run: Run) -> int:
+    """Run the parsed command with a client that is closed afterwards."""
+    try:
+        client = Client(run.settings.url, token=run.settings.token)
+    except ValueError as exc:
+        raise UsageError(f"--url: {exc}") from None
+    async with client:
+        return await HANDLERS[run.args.command](client, run)
+
+
+def interrupted_line(run: Run) -> str:
+    """What to say on Ctrl-C: the job, if there is one, keeps running."""
+    if run.job_id is None:
+        return "asyncjobs: interrupted"
+    return (f"asyncjobs: interrupted; job {run.job_id} keeps running on the server "
+            f"(asyncjobs wait {run.job_id} to follow it, asyncjobs cancel {run.job_id} to stop it)")
+
+
+def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
+         stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """Run one client command; returns the exit status. Errors are one line on stderr, never a traceback."""
+    out, err = stdout or sys.stdout, stderr or sys.stderr
+    env = os.environ if env is None else env
+    try:
+        args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    except UsageError as exc:
+        err.write(error_line(exc, "") + "\n")
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    settings = settings_of(args, env)
+    console = Console(out, err, json=settings.json, live=_isatty(err))
+    run = Run(args, settings, console)
+    try:
+        return asyncio.run(execute(run))
+    except KeyboardInterrupt:
+        console.note(interrupted_line(run))
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())  # no second error at exit
+        return EXIT_JOB
+    except (ClientError, UsageError) as exc:
+        console.note(error_line(exc, settings.url))
+        return exit_status(exc)
+    except Exception as exc:  # a bug of ours: still one line, never a traceback
+        console.note(error_line(exc, settings.url))
+        return EXIT_JOB
+
+
+def _isatty(stream: TextIO) -> bool:
+    with contextlib.suppress(AttributeError, ValueError):
+        return stream.isatty()
+    return False

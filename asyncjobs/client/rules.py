@@ -1,0 +1,464 @@
+"""Pure decisions of the client side of the protocol: what an answer means and where to go next.
+
+Nothing here does I/O, so every rule is tested without a server; ``aio`` does the I/O around them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from typing import Any, Mapping
+from urllib.parse import quote
+
+from yarl import URL
+
+from .. import codec
+from .errors import ClientError, JobCanceled, JobError, JobFailed, ProtocolError, error_for_answer
+
+STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
+CHANNELS = ("websocket", "long_poll", "poll")  # how to wait, best first
+MAX_RETRY_AFTER_S = 60.0
+
+
+# -- the job representation ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class JobState:
+    """One job as the server described it at one moment (its ``version``)."""
+
+    id: str
+    status: str
+    task: str | None = None
+    version: int | None = None
+    fraction: float | None = None  # progress, 0..1, when the handler reports it
+    message: str | None = None  # the handler's progress message
+    eta: datetime | None = None
+    queue_position: int | None = None
+    result: Any = None  # the JSON result; for a bytes result, a {"content_type", "size", "href"} description
+    error: dict[str, Any] | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    expires_at: datetime | None = None
+    attempts: int | None = None
+    priority: int | None = None
+    url: str = ""  # the status monitor (absolute)
+    result_url: str = ""  # the result resource (absolute)
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # as received
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the job is finished: succeeded, failed or canceled."""
+        return self.status in TERMINAL_STATUSES
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An RFC 3339 time as an aware datetime; anything else is None (these fields are informative)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _link(links: Any, name: str) -> str | None:
+    link = links.get(name) if isinstance(links, dict) else None
+    if isinstance(link, dict):
+        link = link.get("href")
+    return link if isinstance(link, str) and link else None
+
+
+def parse_job(body: Any, *, base: str, monitor_url: str | None = None, result_url: str | None = None) -> JobState:
+    """The job representation as a ``JobState``; ``ProtocolError`` if ``body`` is not one.
+
+    URLs come from the answer's headers when given, else from the job's ``links``, else the
+    protocol's paths, resolved against ``base``.
+    """
+    if not isinstance(body, dict) or not isinstance(body.get("id"), str) or not body["id"]:
+        raise ProtocolError("the answer is not a job (no id): is this an asyncjobs server?")
+    if body.get("status") not in STATUSES:
+        raise ProtocolError(f"the answer is not a job (status {body.get('status')!r}): is this an asyncjobs server?")
+    job_id, links = body["id"], body.get("links")
+    progress = body.get("progress") if isinstance(body.get("progress"), dict) else {}
+    fraction = progress.get("fraction")
+    message = progress.get("message")
+    self_url = monitor_url or resolve(base, _link(links, "self") or job_path(job_id))
+    return JobState(
+        id=job_id, status=body["status"], task=body.get("task") if isinstance(body.get("task"), str) else None,
+        version=_int_or_none(body.get("version")),
+        fraction=float(fraction) if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) else None,
+        message=message if isinstance(message, str) else None,
+        eta=parse_time(body.get("eta")), queue_position=_int_or_none(body.get("queue_position")),
+        result=body.get("result"), error=body.get("error") if isinstance(body.get("error"), dict) else None,
+        created_at=parse_time(body.get("created_at")), started_at=parse_time(body.get("started_at")),
+        finished_at=parse_time(body.get("finished_at")), expires_at=parse_time(body.get("expires_at")),
+        attempts=_int_or_none(body.get("attempts")), priority=_int_or_none(body.get("priority")),
+        url=self_url,
+        result_url=result_url or resolve(base, _link(links, "result") or f"{job_path(job_id)}/result"),
+        raw=body,
+    )
+
+
+def job_error(state: JobState) -> JobError | None:
+    """``JobFailed`` / ``JobCanceled`` for a job that ended without a result, else None."""
+    if state.status not in ("failed", "canceled"):
+        return None
+    error = state.error or {}
+    reason = ": ".join(str(error[k]) for k in ("type", "message") if error.get(k))
+    message = f"job {state.id} {state.status}" + (f" ({reason})" if reason else "")
+    kind = JobFailed if state.status == "failed" else JobCanceled
+    return kind(message, job=state, url=state.url or None)
+
+
+def is_newer(state: JobState, last: JobState | None) -> bool:
+    """Whether ``state`` is news after ``last``: by ``version``, or by content if there is none."""
+    if last is None:
+        return True
+    if state.version is not None and last.version is not None:
+        return state.version > last.version
+    return state.raw != last.raw
+
+
+# -- URLs -------------------------------------------------------------------------------
+
+def base_url(url: str) -> str:
+    """The service's root URL, ending in ``/``; ``ValueError`` unless it is an http(s) URL with a host."""
+    parsed = URL(url.strip())
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    path = parsed.path if parsed.path.endswith("/") else parsed.path + "/"
+    return str(parsed.with_path(path).with_query(None).with_fragment(None))
+
+
+def resolve(base: str, ref: str) -> str:
+    """``ref`` (absolute, or relative like ``Location: /jobs/1``) made absolute against ``base``."""
+    return str(URL(base).join(URL(ref)))
+
+
+def job_path(job_id: str) -> str:
+    """The protocol's monitor path, relative to the service root (ids are opaque: quoted, never parsed)."""
+    return f"jobs/{quote(job_id, safe='')}"
+
+
+ACTION_PATHS = {"cancel": "/cancel", "delete": ""}
+
+
+def action_url(job: str | JobState, action: str, *, base: str) -> str:
+    """Where to send ``cancel`` or ``delete``: the job's own link when it has one, else the protocol's path."""
+    if isinstance(job, JobState):
+        href = _link(job.raw.get("links"), action)
+        if href:
+            return resolve(job.url or base, href)
+        job = job.id
+    return resolve(base, job_path(job) + ACTION_PATHS[action])
+
+
+def websocket_url(base: str) -> str:
+    """The WebSocket channel's URL (``ws``/``wss``) under the service root."""
+    url = URL(resolve(base, "ws"))
+    return str(url.with_scheme("wss" if url.scheme == "https" else "ws"))
+
+
+def with_query(url: str, query: Mapping[str, str]) -> str:
+    """``url`` with these query parameters set (the others kept)."""
+    return str(URL(url).update_query(dict(query))) if query else url
+
+
+def with_wait(url: str, wait_s: float) -> str:
+    """The monitor URL as a long poll of ``wait_s`` seconds."""
+    return str(URL(url).update_query(wait=f"{wait_s:g}"))
+
+
+# -- answers ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Answer:
+    """An HTTP answer as read by the client: header names lower-cased, a JSON body decoded."""
+
+    method: str
+    url: str
+    status: int
+    headers: Mapping[str, str]
+    content_type: str
+    body: Any  # decoded JSON, or bytes when the answer is not JSON
+
+    def header(self, name: str) -> str | None:
+        """A header's value (names are case-insensitive), or None."""
+        return self.headers.get(name.lower())
+
+
+_JSON_TYPE = re.compile(r"^application/(?:[\w.+-]+\+)?json$", re.IGNORECASE)
+
+
+def is_json(content_type: str) -> bool:
+    """Whether a Content-Type is JSON (``application/json`` or ``application/*+json``)."""
+    return bool(_JSON_TYPE.match(content_type.split(";", 1)[0].strip()))
+
+
+def decode_body(content_type: str, raw: bytes) -> Any:
+    """JSON bodies decoded (``ProtocolError`` if malformed); any other body stays bytes."""
+    if not is_json(content_type):
+        return raw
+    try:
+        return codec.loads(raw) if raw else None
+    except codec.JSONDecodeError:
+        raise ProtocolError(f"the answer claims {content_type or 'JSON'} but is not valid JSON") from None
+
+
+def retry_after_s(value: str | None, *, now: float) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), at most a minute."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - now
+        except (TypeError, ValueError, IndexError):
+            return None
+    if not math.isfinite(seconds):
+        return None
+    return min(MAX_RETRY_AFTER_S, max(0.0, seconds))
+
+
+def answer_error(answer: Answer, *, now: float) -> ClientError | None:
+    """The exception a 4xx/5xx answer stands for, or None for any other answer.
+
+    Problem details become typed errors; a 4xx without them (an HTML page, say) means the
+    server does not speak the protocol, except the statuses a proxy may add in front of it.
+    """
+    if answer.status < 400:
+        return None
+    retry_after = retry_after_s(answer.header("Retry-After"), now=now)
+    problem = answer.body if isinstance(answer.body, dict) else None
+    if problem is None and answer.status < 500 and answer.status not in (401, 403, 429):
+        return not_asyncjobs(answer)
+    return error_for_answer(answer.status, problem or {}, answer.headers, retry_after=retry_after,
+                            method=answer.method, url=answer.url)
+
+
+def not_asyncjobs(answer: Answer) -> ProtocolError:
+    """The error for an answer that does not follow the protocol at all."""
+    kind = answer.content_type or "no content type"
+    return ProtocolError(f"the server answered {answer.status} with {kind}, not the asyncjobs protocol: "
+                         "is this an asyncjobs server?", method=answer.method, url=answer.url)
+
+
+# -- submit ------------------------------------------------------------------------------
+
+def submit_body(task: str, params: Mapping[str, Any] | None, *, priority: int = 0,
+                delay_s: float | None = None) -> dict[str, Any]:
+    """The body of ``POST /jobs``."""
+    body: dict[str, Any] = {"task": task, "params": dict(params or {}), "priority": priority}
+    if delay_s:
+        body["delay"] = delay_s
+    return body
+
+
+def submit_headers(idempotency_key: str, wait_s: float | None) -> dict[str, str]:
+    """A submit's headers: its Idempotency-Key, and ``Prefer: wait=N`` to hold the answer."""
+    headers = {"Idempotency-Key": idempotency_key}
+    if wait_s is not None:
+        headers["Prefer"] = f"wait={max(0, math.ceil(wait_s))}"
+    return headers
+
+
+def read_submit(answer: Answer, *, base: str) -> JobState:
+    """The job a submit answer describes: 202 (``Location`` is the monitor), 201/200 after
+    ``Prefer: wait`` (``Content-Location`` is the monitor), or 303 to a unique task's live job."""
+    location = answer.header("Location")
+    if answer.status not in (200, 201, 202, 303):
+        raise not_asyncjobs(answer)
+    if answer.status in (202, 303) and not location:
+        raise ProtocolError(f"a {answer.status} answer to a submit has no Location", method=answer.method,
+                            url=answer.url)
+    content_location = answer.header("Content-Location")
+    monitor = location if answer.status in (202, 303) else content_location
+    result = location if answer.status == 201 else None
+    return parse_job(answer.body, base=answer.url, monitor_url=resolve(answer.url, monitor) if monitor else None,
+                     result_url=resolve(answer.url, result) if result else None)
+
+
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+
+
+def retry_delay_s(attempt: int, attempts: int, *, status: int | None, retry_after: float | None,
+                  first_s: float = 0.2, cap_s: float = 5.0) -> float | None:
+    """Seconds before another try of a request that is safe to repeat, or None to give up.
+
+    ``status`` None means no answer came (the connection failed or dropped). ``attempt`` counts from 1.
+    """
+    if attempt >= attempts:
+        return None
+    if status is not None and status not in RETRYABLE_STATUSES:
+        return None
+    if retry_after is not None:
+        return min(retry_after, MAX_RETRY_AFTER_S)
+    return min(cap_s, first_s * 2 ** (attempt - 1))
+
+
+# -- the status monitor -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MonitorReading:
+    """What one answer of the status monitor says."""
+
+    job: JobState | None  # None: 304, nothing changed
+    next_url: str  # where to poll next (flow style: the 202's Location)
+    retry_after: float | None
+    etag: str | None
+    long_poll_honoured: bool  # the server held the request (``Preference-Applied: wait``)
+    redirect_without_job: bool = False  # a 303 without the job: read it again with ?redirect=false
+
+
+def read_monitor(answer: Answer, *, now: float) -> MonitorReading:
+    """Read a monitor answer of either style.
+
+    rest: 200 pending, 303 to the result when succeeded, 200 failed/canceled.
+    flow: 202 with ``Location`` and ``Retry-After`` while pending, 200 when terminal.
+    Raises the typed error for 4xx/5xx (``JobGone`` for 410, ``NotFound`` for 404).
+    """
+    error = answer_error(answer, now=now)
+    if error is not None:
+        raise error
+    etag = answer.header("ETag")
+    retry_after = retry_after_s(answer.header("Retry-After"), now=now)
+    honoured = "wait" in preferences(answer.header("Preference-Applied"))
+    location = answer.header("Location")
+    if answer.status == 304:
+        return MonitorReading(None, answer.url, retry_after, etag, True)
+    if answer.status not in (200, 202, 303):
+        raise not_asyncjobs(answer)
+    if answer.status == 303 and not isinstance(answer.body, dict):
+        return MonitorReading(None, answer.url, retry_after, etag, honoured, redirect_without_job=True)
+    next_url = resolve(answer.url, location) if answer.status == 202 and location else answer.url
+    result_url = resolve(answer.url, location) if answer.status == 303 and location else None
+    job = parse_job(answer.body, base=answer.url, monitor_url=_without_query(next_url), result_url=result_url)
+    return MonitorReading(job, _without_query(next_url), retry_after, etag, honoured)
+
+
+def _without_query(url: str) -> str:
+    """Our own ``wait`` and ``redirect`` parameters removed (a flow Location's own query is kept)."""
+    parsed = URL(url)
+    query = {k: v for k, v in parsed.query.items() if k not in ("wait", "redirect")}
+    return str(parsed.with_query(query or None))
+
+
+def preferences(header: str | None) -> dict[str, str]:
+    """The preferences of a ``Prefer`` or ``Preference-Applied`` header (RFC 7240), names lower-cased."""
+    prefs: dict[str, str] = {}
+    for item in (header or "").split(","):
+        name, _, value = item.split(";", 1)[0].strip().partition("=")
+        if name.strip():
+            prefs.setdefault(name.strip().lower(), value.strip().strip('"'))
+    return prefs
+
+
+def next_channel(channels: tuple[str, ...], current: str) -> str | None:
+    """The next way of waiting after ``current`` turned out to be unavailable."""
+    index = channels.index(current) if current in channels else len(channels)
+    return channels[index + 1] if index + 1 < len(channels) else None
+
+
+def remaining_s(deadline: float | None, now: float) -> float | None:
+    """Seconds left before ``deadline`` (None: no deadline); 0 once it has passed."""
+    return None if deadline is None else max(0.0, deadline - now)
+
+
+def poll_delay_s(retry_after: float | None, remaining: float | None, *, default_s: float = 1.0,
+                 floor_s: float = 0.05) -> float:
+    """How long to sleep before the next plain poll: ``Retry-After``, never past the deadline."""
+    delay = default_s if retry_after is None else max(floor_s, retry_after)
+    return delay if remaining is None else min(delay, remaining)
+
+
+def long_poll_s(remaining: float | None, max_s: float) -> float:
+    """How long to ask the server to hold the next long poll."""
+    return max_s if remaining is None else max(0.0, min(max_s, remaining))
+
+
+# -- the WebSocket channel -------------------------------------------------------------------
+
+def subscribe_frame(job_id: str, *, progress: bool) -> bytes:
+    """The WebSocket frame that subscribes to one job (and its progress, if asked)."""
+    return codec.dumps({"op": "subscribe", "jobs": [job_id], "progress": progress})
+
+
+@dataclass(frozen=True)
+class WsEvent:
+    """A server frame that concerns the watched job: ``kind`` is ``subscribed``, ``job`` or ``error``."""
+
+    kind: str
+    job: JobState | None = None
+    error: ClientError | None = None
+
+
+def read_ws_frame(text: str, job_id: str, *, base: str, url: str) -> WsEvent | None:
+    """A WebSocket frame about ``job_id``, or None for frames about other jobs or other matters."""
+    try:
+        frame = codec.loads(text)
+    except codec.JSONDecodeError:
+        raise ProtocolError("a WebSocket frame is not JSON", url=url) from None
+    if not isinstance(frame, dict):
+        raise ProtocolError("a WebSocket frame is not a JSON object", url=url)
+    kind = frame.get("type")
+    if kind == "subscribed" and isinstance(frame.get("jobs"), list) and job_id in frame["jobs"]:
+        return WsEvent("subscribed")
+    if kind == "job" and isinstance(frame.get("job"), dict) and frame["job"].get("id") == job_id:
+        return WsEvent("job", job=parse_job(frame["job"], base=base))
+    if kind == "error" and frame.get("id") == job_id and isinstance(frame.get("status"), int):
+        return WsEvent("error", error=error_for_answer(frame["status"], frame, url=url))
+    return None
+
+
+# -- the list -----------------------------------------------------------------------------------
+
+_LINK_NEXT = re.compile(r'<([^>]*)>\s*;[^,]*rel="?next"?', re.IGNORECASE)
+
+
+def read_page(answer: Answer, *, now: float) -> tuple[list[JobState], str | None]:
+    """One page of ``GET /jobs``: its jobs and the absolute URL of the next page (None: the last)."""
+    error = answer_error(answer, now=now)
+    if error is not None:
+        raise error
+    body = answer.body
+    if answer.status != 200 or not isinstance(body, dict) or not isinstance(body.get("jobs"), list):
+        raise not_asyncjobs(answer)
+    jobs = [parse_job(item, base=answer.url) for item in body["jobs"]]
+    next_ref = body.get("next")
+    if not isinstance(next_ref, str) or not next_ref:
+        match = _LINK_NEXT.search(answer.header("Link") or "")
+        next_ref = match.group(1) if match else None
+    return jobs, resolve(answer.url, next_ref) if next_ref else None
+
+
+def list_query(*, status: str | None, task: str | None, limit: int | None) -> dict[str, str]:
+    """The query of ``GET /jobs`` for these filters."""
+    pairs = {"status": status, "task": task, "limit": None if limit is None else str(limit)}
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+# -- the result --------------------------------------------------------------------------------
+
+def read_result(answer: Answer, *, now: float) -> Any:
+    """The result resource: the JSON value, or the bytes of a result of another content type.
+
+    404 with a pending ``job_status`` raises ``ResultNotReady``; 409 raises ``JobFailed`` / ``JobCanceled``.
+    """
+    error = answer_error(answer, now=now)
+    if error is not None:
+        raise error
+    if answer.status != 200:
+        raise not_asyncjobs(answer)
+    return answer.body
