@@ -7,7 +7,7 @@ import weakref
 from aiohttp import web
 
 from ..queue import JobQueue
-from . import jobs, push
+from . import jobs, ops, pages, push
 from .common import (QUEUE_KEY, SETTINGS_KEY, WAITERS_KEY, Waiters, WebSettings, auth_middleware, expect_handler,
                      problems_middleware)
 from .runner import ProblemRunner
@@ -40,4 +40,6 @@ def make_web_app(queue: JobQueue, settings: WebSettings) -> web.Application:
         app.router.add_route(method, path, handler, expect_handler=expect_handler)
         if method == "GET":
             app.router.add_route("HEAD", path, handler, expect_handler=expect_handler)
+    ops.add_routes(app)
+    pages.add_routes(app)
     return app

@@ -7,6 +7,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from .. import callbacks, protocol
+from . import pages
 from ..errors import BadRequest
 from ..models import Job
 from ..queue import JobQueue
@@ -92,7 +93,9 @@ def task_route_handler(spec: TaskSpec) -> Callable[[web.Request], Awaitable[web.
 
 
 async def monitor(request: web.Request) -> web.StreamResponse:
-    """The status monitor; with ``?wait=N`` or ``Prefer: wait=N`` a long poll."""
+    """The status monitor; with ``?wait=N`` or ``Prefer: wait=N`` a long poll; a page for browsers."""
+    if pages.wants_html(request):
+        return await pages.job_page(request)
     queue = request.app[QUEUE_KEY]
     settings = request.app[SETTINGS_KEY]
     job_id = job_id_of(request)
