@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import re
 import signal
@@ -72,6 +73,21 @@ async def wait_status(client, job_id: str, statuses: set[str] | str, timeout_s: 
         if time.monotonic() > deadline:
             raise AssertionError(f"job {job_id} stayed {body.get('status')}, wanted {statuses}")
         await asyncio.sleep(0.02)
+
+
+async def eventually(check: Callable[[], Any], what: str, timeout_s: float = 10.0) -> Any:
+    """Poll ``check`` (sync or async) until it returns something truthy; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
 
 
 class ServerProcess:

@@ -5,16 +5,17 @@ from __future__ import annotations
 import ast
 import asyncio
 import hashlib
-import inspect
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import format_datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 import pytest
+
+from tests.conftest import eventually
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -67,19 +68,6 @@ async def connect():
     for made_client in made:
         await made_client.close()
 
-
-async def eventually(check: Callable[[], Any], what: str, timeout_s: float = 10.0) -> Any:
-    """Poll ``check`` (sync or async) until it returns something truthy; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def waiting(server: Server) -> dict[str, int]:

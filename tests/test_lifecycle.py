@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import sqlite3
 import time
 from datetime import datetime
 from typing import Any, Awaitable, Callable
 
-from tests.conftest import submit, wait_status
+from tests.conftest import submit, wait_status, eventually
 
 PROBLEM = "application/problem+json"
 TEST_MODULES = ["asyncjobs.builtin", "tests.sample_tasks"]
@@ -33,19 +32,6 @@ async def get_job(client, job_id: str) -> tuple[int, Any]:
     async with client.get(f"/jobs/{job_id}", params={"redirect": "false"}) as resp:
         return resp.status, await body_of(resp) if resp.status != 304 else None
 
-
-async def eventually(check: Callable[[], Any], what: str, timeout_s: float = 10.0) -> Any:
-    """Poll ``check`` (sync or async) until it returns something truthy; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def wait_code(client, job_id: str, code: int, timeout_s: float = 10.0) -> Any:

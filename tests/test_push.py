@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
 import json
 import time
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import pytest
 from aiohttp import WSCloseCode, WSMsgType
 
 from asyncjobs.web.common import SETTINGS_KEY
-from tests.conftest import submit, wait_status
+from tests.conftest import submit, wait_status, eventually
 
 PROBLEM = "application/problem+json"
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=30)
@@ -42,19 +41,6 @@ def start(app_factory, aiohttp_client):
 def ts(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
-
-async def eventually(check: Callable[[], Any], what: str, timeout_s: float = 10.0) -> Any:
-    """Poll ``check`` (sync or async) until it returns something truthy; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def waiting(client) -> dict[str, int]:

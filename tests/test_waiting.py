@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import math
 import time
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 import pytest
 from yarl import URL
 
-from tests.conftest import submit, wait_status
+from tests.conftest import submit, wait_status, eventually
 
 PROBLEM = "application/problem+json"
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=30)
@@ -46,19 +45,6 @@ def path_of(url: str | None) -> str:
 def vary_names(resp) -> set[str]:
     return {name.strip().lower() for name in resp.headers.get("Vary", "").split(",") if name.strip()}
 
-
-async def eventually(check: Callable[[], Any], what: str, timeout_s: float = 10.0) -> Any:
-    """Poll ``check`` (sync or async) until it returns something truthy; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def waiting(client) -> dict[str, int]:
