@@ -15,6 +15,8 @@ from .queue import JobQueue
 from .store import SQLiteStore
 from .tasks import TaskRegistry
 from .web import WebSettings, make_web_app
+from .web.common import METRICS_KEY
+from .web.metrics import Metrics
 from .worker import Workers
 
 log = logging.getLogger("asyncjobs")
@@ -58,6 +60,9 @@ class App:
         self.registry = registry or TaskRegistry.from_modules(config.tasks.modules, config.tasks.overrides)
         self.store = SQLiteStore(config.store.path, synchronous=config.store.synchronous)
         self.hub = Hub()
+        self.metrics = Metrics()
+        self.hub.add_listener(self.metrics.observe_job)
+        self.store.on_commit = self.metrics.observe_commit
         self.queue = JobQueue(
             store=self.store,
             hub=self.hub,
@@ -81,6 +86,7 @@ class App:
             tokens=_tokens(config),
             callback_hosts=tuple(h.lower() for h in config.callbacks.allow_hosts),
         ))
+        self.web[METRICS_KEY] = self.metrics
         self.web.cleanup_ctx.append(self._lifecycle)
         self._started = False
 

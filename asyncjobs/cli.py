@@ -15,6 +15,7 @@ from . import config as config_module
 from .app import App
 from .errors import ConfigError, StoreError
 from .web import ProblemRunner
+from .web.ops import access_log_options
 
 log = logging.getLogger("asyncjobs")
 
@@ -60,8 +61,8 @@ async def serve(app: App) -> None:
     """Run until SIGINT/SIGTERM, then drain: 503 for submits, running jobs get the grace period."""
     # Handlers are cancelled when their client goes away (a long poll frees its waiter at once);
     # at shutdown, waiters still open after a short while are cut.
-    runner = ProblemRunner(app.web, access_log=None, handle_signals=False, handler_cancellation=True,
-                           shutdown_timeout=2.0)
+    runner = ProblemRunner(app.web, **access_log_options(app.config.server.access_log), handle_signals=False,
+                           handler_cancellation=True, shutdown_timeout=2.0)
     await runner.setup()
     try:
         site = web.TCPSite(runner, app.config.server.host, app.config.server.port)

@@ -18,6 +18,7 @@ class ServerConfig:
     port: int = 8080
     max_body_bytes: int = 1_048_576
     max_wait: float = 60.0  # longest long poll or Prefer: wait, seconds
+    access_log: str = "off"  # "off", "text" or "json" (one JSON object a line)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ _SECTIONS: dict[str, type] = {
 }
 
 _CHOICES = {
+    ("server", "access_log"): ("off", "text", "json"),
     ("store", "synchronous"): ("full", "normal"),
     ("protocol", "monitor"): ("rest", "flow"),
 }

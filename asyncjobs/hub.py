@@ -89,6 +89,11 @@ class Hub:
         self._by_job: dict[str, set[Subscription]] = {}
         self._everything: set[Subscription] = set()
         self._maxsize = maxsize
+        self._listeners: list[Callable[[Job], None]] = []
+
+    def add_listener(self, callback: Callable[[Job], None]) -> None:
+        """Call ``callback`` with every published job, synchronously and unbuffered (e.g. for metrics)."""
+        self._listeners.append(callback)
 
     def subscribe(self, job_ids: Iterable[str] = (), *, everything: bool = False,
                   maxsize: int | None = None, conflate: bool = False) -> Subscription:
@@ -100,6 +105,8 @@ class Hub:
         return sub
 
     def publish(self, job: Job) -> None:
+        for listener in self._listeners:
+            listener(job)
         for sub in self._by_job.get(job.id, ()):
             sub._push(job)
         for sub in self._everything:

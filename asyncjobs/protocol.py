@@ -249,7 +249,7 @@ def parse_list_query(query: Mapping[str, str], known_tasks: list[str]) -> tuple[
     if "cursor" in query:
         try:
             before = int(query["cursor"])
-            if before < 1:
+            if not 1 <= before < 2**63:  # a SQLite integer
                 raise ValueError
         except ValueError:
             errors.append({"field": "cursor", "message": "not a cursor this server gave out"})

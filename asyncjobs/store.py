@@ -211,6 +211,7 @@ class SQLiteStore:
         self._pending: asyncio.Queue[tuple[WriteOp, asyncio.Future]] = asyncio.Queue()
         self._writer_task: asyncio.Task | None = None
         self.commits = 0  # transactions committed, for tests and metrics
+        self.on_commit: Callable[[float, int], None] | None = None  # told (seconds, writes) after each commit
 
     # -- lifecycle -------------------------------------------------------
     async def open(self) -> None:
@@ -302,6 +303,7 @@ class SQLiteStore:
     async def _run_batch(self, batch: list[tuple[WriteOp, asyncio.Future]]) -> None:
         db = self._writer
         assert db is not None
+        started = time.perf_counter()
         try:
             results = await self._transaction(db, [op for op, _ in batch])
         except sqlite3.Error as exc:
@@ -314,6 +316,8 @@ class SQLiteStore:
                 await self._run_batch([item])
             return
         self.commits += 1
+        if self.on_commit is not None:
+            self.on_commit(time.perf_counter() - started, len(batch))
         for (_, fut), result in zip(batch, results):
             _settle(fut, result=result)
 

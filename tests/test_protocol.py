@@ -118,6 +118,7 @@ def test_parse_submit_defaults():
 @pytest.mark.parametrize("query,field", [
     ({"status": "done"}, "status"), ({"limit": "0"}, "limit"), ({"limit": "501"}, "limit"),
     ({"limit": "x"}, "limit"), ({"cursor": "-3"}, "cursor"), ({"cursor": "abc"}, "cursor"),
+    ({"cursor": str(2**63)}, "cursor"),
 ])
 def test_list_query_rejects(query, field):
     """Bad list filters are a 400 naming the field."""

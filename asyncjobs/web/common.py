@@ -16,6 +16,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from .. import codec, protocol
 from ..errors import BadRequest, PayloadTooLarge, ProblemError, StoreError, Unauthorized, UnsupportedMediaType
 from ..queue import JobQueue
+from .metrics import Metrics
 
 log = logging.getLogger("asyncjobs.web")
 
@@ -47,6 +48,7 @@ PRINCIPAL_KEY = web.RequestKey("asyncjobs_principal", str)
 QUEUE_KEY = web.AppKey("asyncjobs_queue", JobQueue)
 SETTINGS_KEY = web.AppKey("asyncjobs_settings", WebSettings)
 WAITERS_KEY = web.AppKey("asyncjobs_waiters", Waiters)
+METRICS_KEY = web.AppKey("asyncjobs_metrics", Metrics)
 
 
 # -- responses -----------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""Prometheus metrics of one App: a registry of its own, fed by the hub and the store, read by ``/metrics``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ..models import Job, Status
+
+log = logging.getLogger("asyncjobs.metrics")
+
+_TIME_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+_COMMIT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_SEEN_MAX = 65_536  # jobs whose last status is remembered, so a repeated publish is not counted twice
+
+
+class Metrics:
+    """The metrics of one service; no global registry, so two Apps can live in one process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.jobs = Gauge("asyncjobs_jobs", "Jobs in the store, by status (read at scrape time).",
+                          ["status"], registry=r)
+        self.submitted = Counter("asyncjobs_jobs_submitted", "Jobs accepted, by task.", ["task"], registry=r)
+        self.succeeded = Counter("asyncjobs_jobs_completed", "Jobs that succeeded, by task.", ["task"], registry=r)
+        self.failed = Counter("asyncjobs_jobs_failed", "Jobs that failed, by task.", ["task"], registry=r)
+        self.canceled = Counter("asyncjobs_jobs_canceled", "Jobs canceled (by request or expiry), by task.",
+                                ["task"], registry=r)
+        self.queue_wait = Histogram("asyncjobs_queue_wait_seconds",
+                                    "From when a job was due to when a worker started it, by task.",
+                                    ["task"], buckets=_TIME_BUCKETS_S, registry=r)
+        self.run_time = Histogram("asyncjobs_run_seconds", "From start to finish of a job's last attempt, by task.",
+                                  ["task"], buckets=_TIME_BUCKETS_S, registry=r)
+        self.waiting = Gauge("asyncjobs_waiting_clients", "Clients waiting now, by channel.", ["channel"], registry=r)
+        self.commit_latency = Histogram("asyncjobs_store_commit_seconds",
+                                        "Time of one store transaction (group commit), begin to commit.",
+                                        buckets=_COMMIT_BUCKETS_S, registry=r)
+        self.commit_batch = Histogram("asyncjobs_store_commit_batch_size", "Writes grouped in one commit.",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+        self._seen: dict[str, Status] = {}
+        for status in Status:
+            self.jobs.labels(status.value)
+        for channel in ("long_poll", "event_stream", "websocket"):
+            self.waiting.labels(channel)
+
+    def observe_job(self, job: Job) -> None:
+        """A hub listener: count each change of status once (progress publishes change nothing)."""
+        try:
+            self._observe(job)
+        except Exception:  # metrics must never break the publish of a change
+            log.exception("metrics: cannot count job %s", job.id)
+
+    def _observe(self, job: Job) -> None:
+        previous = self._seen.pop(job.id, None)
+        self._seen[job.id] = job.status  # re-inserted: the dict's order is the eviction order
+        if len(self._seen) > _SEEN_MAX:
+            del self._seen[next(iter(self._seen))]
+        if previous is job.status:
+            return
+        if job.status is Status.QUEUED and job.version == 1:
+            self.submitted.labels(job.task).inc()
+        elif job.status is Status.RUNNING and job.started_at is not None and job.progress is None:  # a claim
+            self.queue_wait.labels(job.task).observe(max(0.0, job.started_at - max(job.created_at, job.run_at)))
+        elif job.terminal:
+            counter = {Status.SUCCEEDED: self.succeeded, Status.FAILED: self.failed,
+                       Status.CANCELED: self.canceled}[job.status]
+            counter.labels(job.task).inc()
+            if job.started_at is not None and job.finished_at is not None:
+                self.run_time.labels(job.task).observe(max(0.0, job.finished_at - job.started_at))
+
+    def observe_commit(self, seconds: float, batch_size: int) -> None:
+        """A store listener: one group commit took ``seconds`` for ``batch_size`` writes."""
+        self.commit_latency.observe(seconds)
+        self.commit_batch.observe(batch_size)
+
+    def exposition(self, counts: Mapping[str, int], waiting: Mapping[str, int]) -> bytes:
+        """The text format, with the gauges read just now."""
+        for status, n in counts.items():
+            self.jobs.labels(status).set(n)
+        for channel, n in waiting.items():
+            self.waiting.labels(channel).set(n)
+        return generate_latest(self.registry)

@@ -1,0 +1,176 @@
+"""Operations endpoints: /metrics (Prometheus), /openapi.json (OpenAPI 3.1) and the access log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import TEST_MODULES, submit, wait_status
+
+
+async def scrape(client) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics, parsed by prometheus_client's own parser: {(name, labels): value}."""
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(await resp.text()):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_counters_and_histograms_rise_after_jobs_of_several_tasks_run(client):
+    """Submitted, completed, failed and canceled counters and the wait/run histograms count each job once, by task."""
+    before = await scrape(client)
+    ok = [await submit(client, "noop") for _ in range(3)]
+    bad = await submit(client, "fail", {"message": "no"})
+    blocked = await submit(client, "block", {"seconds": 30})
+    for job in ok:
+        await wait_status(client, job["id"], "succeeded")
+    await wait_status(client, bad["id"], "failed")
+    await wait_status(client, blocked["id"], "running")
+    assert (await client.post(f"/jobs/{blocked['id']}/cancel")).status == 200
+    after = await scrape(client)
+
+    def rise(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert rise("asyncjobs_jobs_submitted_total", task="noop") == 3
+    assert rise("asyncjobs_jobs_submitted_total", task="fail") == 1
+    assert rise("asyncjobs_jobs_completed_total", task="noop") == 3
+    assert rise("asyncjobs_jobs_failed_total", task="fail") == 1
+    assert rise("asyncjobs_jobs_canceled_total", task="block") == 1
+    assert rise("asyncjobs_jobs_completed_total", task="fail") == 0
+    assert rise("asyncjobs_queue_wait_seconds_count", task="noop") == 3
+    assert rise("asyncjobs_queue_wait_seconds_count", task="block") == 1
+    assert rise("asyncjobs_run_seconds_count", task="noop") == 3
+    assert rise("asyncjobs_run_seconds_count", task="block") == 1
+    assert value(after, "asyncjobs_run_seconds_bucket", task="noop", le="+Inf") == 3
+    assert value(after, "asyncjobs_store_commit_seconds_count") > value(before, "asyncjobs_store_commit_seconds_count")
+
+
+async def test_jobs_by_status_gauge_matches_the_store(client):
+    """The jobs gauge is read at scrape time and agrees with GET /jobs for every status."""
+    for _ in range(2):
+        await submit(client, "noop")
+    await submit(client, "echo", {"a": 1}, delay=3600)
+    failed = await submit(client, "fail")
+    await wait_status(client, failed["id"], "failed")
+    for status in ("succeeded", "queued"):
+        deadline = time.monotonic() + 10
+        while len((await (await client.get(f"/jobs?status={status}")).json())["jobs"]) < (2 if status == "succeeded"
+                                                                                         else 1):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+    samples = await scrape(client)
+    for status in ("queued", "running", "succeeded", "failed", "canceled"):
+        listed = (await (await client.get(f"/jobs?status={status}&limit=500")).json())["jobs"]
+        assert value(samples, "asyncjobs_jobs", status=status) == len(listed), status
+
+
+async def test_waiting_gauges_follow_an_open_long_poll(client):
+    """asyncjobs_waiting_clients{channel="long_poll"} is 1 while a long poll is held and 0 after it answers."""
+    job = await submit(client, "block", {"seconds": 30})
+    poll = asyncio.create_task(client.get(f"/jobs/{job['id']}?wait=20"))
+    try:
+        deadline = time.monotonic() + 10
+        while value(await scrape(client), "asyncjobs_waiting_clients", channel="long_poll") != 1:
+            assert time.monotonic() < deadline, "the long poll never showed"
+            await asyncio.sleep(0.02)
+        await client.post(f"/jobs/{job['id']}/cancel")
+        resp = await asyncio.wait_for(poll, 10)
+        assert resp.status == 200
+    finally:
+        poll.cancel()
+    samples = await scrape(client)
+    assert value(samples, "asyncjobs_waiting_clients", channel="long_poll") == 0
+    assert ("asyncjobs_waiting_clients", (("channel", "websocket"),)) in samples
+
+
+async def test_two_apps_in_one_process_keep_their_own_metrics(make_client, tmp_path):
+    """Each App has its own registry: jobs of one never show in the other's /metrics."""
+    first, _ = await make_client()
+    second, _ = await make_client(store={"path": str(tmp_path / "second.db")})
+    job = await submit(first, "noop")
+    await wait_status(first, job["id"], "succeeded")
+    assert value(await scrape(first), "asyncjobs_jobs_submitted_total", task="noop") == 1
+    assert value(await scrape(second), "asyncjobs_jobs_submitted_total", task="noop") == 0
+
+
+async def test_openapi_describes_every_route_of_the_app(make_client):
+    """/openapi.json is OpenAPI 3.1 and names every (method, path) the app serves, task routes included."""
+    client, app = await make_client()
+    resp = await client.get("/openapi.json")
+    assert resp.status == 200 and resp.content_type == "application/json"
+    doc = await resp.json()
+    assert doc["openapi"] == "3.1.0"
+    assert {"Job", "Problem"} <= set(doc["components"]["schemas"])
+    served = set()
+    for route in app.web.router.routes():
+        if route.method in ("HEAD", "*"):
+            continue
+        info = route.resource.get_info() if route.resource is not None else {}
+        path = info.get("path") or info.get("formatter") or info.get("prefix")
+        served.add((route.method.lower(), path))
+    described = {(method, path) for path, ops in doc["paths"].items() for method in ops}
+    assert served <= described, served - described
+    assert ("post", "/thumbnails") in described and ("delete", "/items/{item_id}") in described
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            assert op["responses"], (method, path)
+            for status, answer in op["responses"].items():
+                if status.startswith(("4", "5")):
+                    assert "application/problem+json" in answer["content"], (method, path, status)
+    submit_variants = doc["paths"]["/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
+    assert {v["properties"]["task"]["const"] for v in submit_variants} == set(app.registry.names())
+    monitor = doc["paths"]["/jobs/{job_id}"]["get"]
+    assert {p["name"] for p in monitor["parameters"]} >= {"job_id", "wait", "redirect"}
+    assert {p["name"] for p in doc["paths"]["/jobs"]["get"]["parameters"]} == {"status", "task", "limit", "cursor"}
+
+
+def _config(access_log: str | None) -> str:
+    server = f'[server]\naccess_log = "{access_log}"\n' if access_log else ""
+    return server + f"[tasks]\nmodules = {TEST_MODULES!r}\n".replace("'", '"')
+
+
+@pytest.mark.parametrize("mode", ["json", "text", "off"])
+async def test_access_log_writes_one_line_per_request_only_when_enabled(server_factory, http, mode):
+    """access_log = "json" writes JSON lines (method, path, status, duration, remote); "text" a line; "off" none."""
+    server = server_factory(config_text=_config(None if mode == "off" else mode))
+    async with http.get(f"{server.url}/healthz") as resp:
+        assert resp.status == 200
+    async with http.get(f"{server.url}/jobs/nope") as resp:
+        assert resp.status == 404
+    deadline = time.monotonic() + 5
+    while mode != "off" and "/jobs/nope" not in server.log():
+        assert time.monotonic() < deadline, server.log()
+        await asyncio.sleep(0.05)
+    lines = server.log().splitlines()
+    if mode == "json":
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        assert [(r["method"], r["path"], r["status"]) for r in records] == [("GET", "/healthz", 200),
+                                                                           ("GET", "/jobs/nope", 404)]
+        assert all(r["remote"] == "127.0.0.1" and r["duration_s"] >= 0 for r in records)
+    elif mode == "text":
+        assert any("GET /jobs/nope" in line and " 404 " in line for line in lines), lines
+    else:
+        await asyncio.sleep(0.3)
+        assert not any("/healthz" in line or "/jobs/nope" in line for line in server.log().splitlines())
+
+
+def test_an_unknown_access_log_mode_stops_the_start():
+    """server.access_log accepts only off, text and json."""
+    from asyncjobs import config
+    from asyncjobs.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="server.access_log"):
+        config.from_dict({"server": {"access_log": "yaml"}})
