@@ -107,7 +107,7 @@ async def monitor(request: web.Request) -> web.StreamResponse:
                                               until=lambda j: protocol.long_poll_done(j, if_none_match)))
     else:
         job = await queue.find(job_id, owner=principal_of(request))
-    wait_headers = protocol.wait_headers(applied)
+    wait_headers = {**protocol.wait_headers(applied), "Vary": "Prefer, Accept"}  # browsers get a page
     if protocol.etag_matches(if_none_match, protocol.etag(job)):
         return web.Response(status=304, headers={**protocol.job_headers(job), **wait_headers})
     view = await queue.view(job)

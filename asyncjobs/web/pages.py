@@ -1,18 +1,231 @@
-"""HTML views for browsers: the job page and the dashboard (filled in by the browser work)."""
+"""HTML views for browsers: the job page and the dashboard.
+
+The pages are plain HTML shells filled with a few escaped values; ``static/app.js`` does the rest
+(live updates through Server-Sent Events on a job page and the WebSocket on the dashboard) with the
+same JSON endpoints every other client uses. No build step, nothing from a CDN: every file is in
+``static/`` and ships with the package.
+"""
 
 from __future__ import annotations
 
+import html
+import re
+import statistics
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
 from aiohttp import web
+
+from .. import codec, protocol
+from ..errors import Gone, NotFound
+from .common import QUEUE_KEY, SETTINGS_KEY, json_response, principal_of
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
+_STATIC_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*\.(?:css|js|svg)$")
+RECENT_FOR_RUN_TIMES = 200  # jobs the dashboard's run-time figures are computed from
+
+# Every page: only this origin's files, no inline script, not framed.
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Vary": "Accept",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Content-Security-Policy": ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                                "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
+}
+
+
+# -- content negotiation ----------------------------------------------------------
+
+def _accept_ranges(header: str) -> list[tuple[str, str, float]]:
+    """``Accept`` as (type, subtype, q); malformed entries are skipped."""
+    ranges = []
+    for part in header.split(","):
+        media, *params = part.strip().split(";")
+        kind, _, sub = media.strip().lower().partition("/")
+        if not kind or not sub:
+            continue
+        q = 1.0
+        for param in params:
+            name, _, value = param.strip().partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = min(1.0, max(0.0, float(value.strip())))
+                except ValueError:
+                    q = 0.0
+        ranges.append((kind, sub, q))
+    return ranges
+
+
+def _quality(ranges: list[tuple[str, str, float]], kind: str, sub: str) -> tuple[float, int]:
+    """The q of ``kind/sub`` from the most specific matching range (RFC 9110 12.5.1), and that specificity."""
+    best: tuple[int, float] = (-1, 0.0)
+    for r_kind, r_sub, q in ranges:
+        if r_kind == kind and r_sub == sub:
+            specificity = 2
+        elif r_kind == kind and r_sub == "*":
+            specificity = 1
+        elif r_kind == "*" and r_sub == "*":
+            specificity = 0
+        else:
+            continue
+        if specificity > best[0]:
+            best = (specificity, q)
+    return best[1], best[0]
 
 
 def wants_html(request: web.Request) -> bool:
-    """A browser asking for a page rather than JSON."""
-    return False
+    """A browser asking for a page rather than JSON.
 
+    True only when ``text/html`` is named (not just matched by ``*/*``) and ranks above
+    ``application/json``: a browser's ``text/html,…,*/*;q=0.8`` gets the page; ``*/*`` alone
+    (curl, most HTTP libraries), no ``Accept`` at all, or anything naming JSON first gets JSON.
+    """
+    header = request.headers.get("Accept")
+    if not header:
+        return False
+    ranges = _accept_ranges(header)
+    html_q, html_specificity = _quality(ranges, "text", "html")
+    json_q, _ = _quality(ranges, "application", "json")
+    return html_specificity >= 1 and html_q > 0 and html_q > json_q
+
+
+# -- rendering --------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def _template(name: str) -> str:
+    return (STATIC_DIR / name).read_text(encoding="utf-8")
+
+
+def _render(name: str, **values: str) -> str:
+    """Fill ``{{key}}`` slots with HTML-escaped values (``raw_`` keys go in as they are)."""
+    text = _template(name)
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", value if key.startswith("raw_") else html.escape(value))
+    return text
+
+
+def _script_json(value: Any) -> str:
+    """JSON safe inside a ``<script type="application/json">`` element (no ``</script>`` breakout)."""
+    return (codec.dumps(value).decode().replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
+
+
+def _page(text: str, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(text=text, status=status, content_type="text/html", charset="utf-8",
+                        headers={**PAGE_HEADERS, **(headers or {})})
+
+
+def _message_page(status: int, title: str, message: str) -> web.Response:
+    return _page(_render("message.html", title=title, message=message, status=str(status)), status=status)
+
+
+# -- the job page -------------------------------------------------------------------
 
 async def job_page(request: web.Request) -> web.StreamResponse:
-    raise web.HTTPNotAcceptable()
+    """The job as a page: the same status code as the monitor would give, but never a redirect.
+
+    A succeeded job answers ``200`` with the page rather than the JSON monitor's ``303`` to
+    ``/result``: a browser would follow the redirect silently and show a bare result document,
+    losing the task, the timings and the way back. The page shows the result itself (pretty JSON,
+    or a download link for bytes) and links to ``/jobs/{id}/result`` for the raw resource.
+    """
+    queue = request.app[QUEUE_KEY]
+    job_id = request.match_info["job_id"]
+    try:
+        job = await queue.find(job_id, owner=principal_of(request))
+    except Gone:
+        return _message_page(410, "Job expired",
+                             "This job existed, but it has expired: its record is no longer kept.")
+    except NotFound:
+        return _message_page(404, "No such job",
+                             "There is no job with this id: it never existed, it was deleted, or it is not yours.")
+    view = await queue.view(job)
+    body = protocol.job_body(job, eta=view.eta, queue_position=view.queue_position)
+    answer = protocol.monitor_answer(job, eta=view.eta, now=queue.clock(),
+                                     style=request.app[SETTINGS_KEY].monitor_style, redirect=False)
+    text = _render("job.html", id=job.id, task=job.task, status=job.status.value,
+                   raw_job_json=_script_json(body))
+    # Keep the protocol's status (200, or 202 while pending in "flow" style); not its ETag, which
+    # names the JSON representation, nor Retry-After/Location, which the page's script replaces.
+    return _page(text, status=answer.status)
+
+
+# -- the dashboard ------------------------------------------------------------------
+
+def _run_time_figures(jobs: list, estimates: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Per task, from recent jobs: runs, failures, and mean / median / max run time of the successes."""
+    durations: dict[str, list[float]] = {}
+    failed: dict[str, int] = {}
+    for job in jobs:
+        if job.status.value == "succeeded" and job.started_at is not None and job.finished_at is not None:
+            durations.setdefault(job.task, []).append(max(0.0, job.finished_at - job.started_at))
+        elif job.status.value == "failed":
+            failed[job.task] = failed.get(job.task, 0) + 1
+    figures = {}
+    for task in sorted(set(durations) | set(failed) | set(estimates)):
+        runs = durations.get(task, [])
+        figures[task] = {
+            "succeeded": len(runs),
+            "failed": failed.get(task, 0),
+            "mean_s": round(statistics.fmean(runs), 3) if runs else None,
+            "median_s": round(statistics.median(runs), 3) if runs else None,
+            "max_s": round(max(runs), 3) if runs else None,
+            "estimate_s": round(estimates[task], 3) if task in estimates else None,
+        }
+    return figures
+
+
+def _links(app: web.Application) -> dict[str, str]:
+    paths = {resource.canonical for resource in app.router.resources()}
+    links = {"self": "/", "jobs": "/jobs", "tasks": "/tasks", "websocket": "/ws", "healthz": "/healthz"}
+    for name, path in (("metrics", "/metrics"), ("openapi", "/openapi.json")):
+        if path in paths:
+            links[name] = path
+    return links
+
+
+async def summary(request: web.Request) -> dict[str, Any]:
+    """What the dashboard shows besides the job list: counts by status and run-time figures."""
+    queue = request.app[QUEUE_KEY]
+    principal = principal_of(request)
+    recent, _ = await queue.list(owner=principal, limit=RECENT_FOR_RUN_TIMES)
+    if principal is None:
+        counts = await queue.store.counts()
+    else:  # the store's counts are everyone's: with auth on, count the caller's recent jobs only
+        counts = {status: 0 for status in ("queued", "running", "succeeded", "failed", "canceled")}
+        for job in recent:
+            counts[job.status.value] += 1
+    return {
+        "service": "asyncjobs",
+        "links": _links(request.app),
+        "counts": counts,
+        "workers": queue.workers,
+        "tasks": queue.registry.names(),
+        "run_times": _run_time_figures(recent, queue.run_times.snapshot()),
+        "run_times_from": len(recent),
+    }
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    """``GET /``: the dashboard for a browser; for other clients a JSON index of links and figures."""
+    if wants_html(request):
+        return _page(_render("dashboard.html"))
+    return json_response(await summary(request), headers={**protocol.NO_STORE, "Vary": "Accept"})
+
+
+async def static_file(request: web.Request) -> web.StreamResponse:
+    """A file of ``static/``: only stylesheets, scripts and icons (the HTML templates are not served raw)."""
+    name = request.match_info["name"]
+    path = STATIC_DIR / name
+    if not _STATIC_NAME.match(name) or not path.is_file():
+        raise NotFound(f"no static file {name!r}")
+    return web.FileResponse(path, headers={
+        "Content-Type": STATIC_TYPES[path.suffix], "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
 
 def add_routes(app: web.Application) -> None:
-    """Add the page routes to ``app``."""
+    """Add the page routes to ``app``: ``GET /`` and ``GET /static/{name}`` (HEAD too)."""
+    app.router.add_get("/", index)
+    app.router.add_get("/static/{name}", static_file)

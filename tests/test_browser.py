@@ -1,0 +1,171 @@
+"""The pages in a real browser: Debian's headless Chromium, driven by Playwright, against `asyncjobs serve`.
+
+Not skipped when something is missing: without Playwright this module fails to import, and without
+``/usr/bin/chromium`` the fixture fails (``.ci/run`` installs both). Screenshots go to
+``tests/screenshots/`` (ignored by git).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
+
+from .conftest import ROOT
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SHOTS = ROOT / "tests" / "screenshots"
+TIMEOUT_MS = 20_000  # generous: a loaded two-core machine runs the server, the browser and pytest
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+
+
+@pytest.fixture(scope="module")
+def shots() -> Path:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    return SHOTS
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[BrowserContext]:
+    if shutil.which("chromium") is None and not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package (.ci/run does)")
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport=DESKTOP)
+        context.set_default_timeout(TIMEOUT_MS)
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@pytest.fixture
+def page(browser: BrowserContext) -> Iterator[Page]:
+    page = browser.pages[0] if browser.pages else browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture
+def server(server_factory):
+    return server_factory()
+
+
+def api(server, method: str, path: str, body: Any = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(server.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json", "Accept": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+def shoot(page: Page, shots: Path, name: str) -> Path:
+    path = shots / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    print(f"screenshot: {path}")
+    return path
+
+
+def progress_value(page: Page) -> float:
+    return page.eval_on_selector("#progress", "bar => bar.hasAttribute('value') ? bar.value : -1")
+
+
+def test_job_page_progress_advances_live_then_the_result_appears(page: Page, server, shots: Path):
+    """A running sleep job's page: the bar moves without a reload, then the result shows; a reload is harmless."""
+    job = api(server, "POST", "/jobs", {"task": "sleep", "params": {"seconds": 4, "steps": 8}})
+    page.goto(f"{server.url}/jobs/{job['id']}")
+    page.evaluate("window.__sameDocument = true")  # gone if the page reloads
+    expect(page.locator("#status")).to_have_text("running")
+    page.wait_for_function("() => document.getElementById('progress').value > 0")
+    first = progress_value(page)
+    assert 0 < first < 100
+    page.wait_for_function(f"() => document.getElementById('progress').value > {first}")
+    second = progress_value(page)
+    assert second > first
+    expect(page.locator("#progress-text")).to_contain_text(re.compile(r"step \d of 8"))
+    shoot(page, shots, "job-running-desktop")
+    page.set_viewport_size(PHONE)
+    shoot(page, shots, "job-running-phone")
+    page.set_viewport_size(DESKTOP)
+
+    expect(page.locator("#status")).to_have_text("succeeded")
+    expect(page.locator("#result")).to_contain_text('"slept": 4')
+    expect(page.locator("#result-link")).to_have_attribute("href", f"/jobs/{job['id']}/result")
+    expect(page.locator("#cancel")).to_be_hidden()
+    assert progress_value(page) == 100
+    assert page.evaluate("window.__sameDocument === true"), "the page reloaded"
+    shoot(page, shots, "job-succeeded-desktop")
+
+    page.reload()  # a finished job's page, opened afresh, shows the same
+    expect(page.locator("#status")).to_have_text("succeeded")
+    expect(page.locator("#result")).to_contain_text('"slept": 4')
+    page.set_viewport_size(PHONE)
+    shoot(page, shots, "job-succeeded-phone")
+
+
+def test_dashboard_form_submits_a_job_and_lists_it(page: Page, server, shots: Path):
+    """Pick a task, type JSON params, submit: the job appears in the list and goes live to succeeded."""
+    api(server, "POST", "/jobs", {"task": "echo", "params": {"warm": "up"}})
+    api(server, "POST", "/jobs", {"task": "fail", "params": {"message": "for the screenshot"}})
+    page.goto(server.url + "/")
+    expect(page.locator("#live")).to_contain_text("Live")
+    expect(page.locator("#task-select option[value='sleep']")).to_have_count(1)
+    page.get_by_label("Task", exact=True).select_option("sleep")
+    page.get_by_label("Params (JSON object)").fill('{"seconds": 1.5, "steps": 3}')
+    page.get_by_role("button", name="Submit").click()
+    result = page.locator("#submit-result")
+    expect(result).to_contain_text("Submitted")
+    href = result.locator("a").get_attribute("href")
+    job_id = href.rsplit("/", 1)[1]
+    row = page.locator(f"#recent tr[data-job-id='{job_id}']")
+    expect(row).to_be_visible()
+    expect(row).to_contain_text("sleep")
+    expect(row).to_have_attribute("data-status", "succeeded")  # pushed through the WebSocket
+    expect(page.locator("#count-succeeded")).not_to_have_text("–")
+    expect(page.locator("#runtimes tbody")).to_contain_text("sleep")
+    assert api(server, "GET", f"/jobs/{job_id}?redirect=false")["status"] == "succeeded"
+    shoot(page, shots, "dashboard-desktop")
+    page.set_viewport_size(PHONE)
+    shoot(page, shots, "dashboard-phone")
+
+    # Bad params get the server's field errors, and nothing is listed.
+    page.set_viewport_size(DESKTOP)
+    page.get_by_label("Params (JSON object)").fill('{"seconds": "soon"}')
+    page.get_by_role("button", name="Submit").click()
+    expect(result).to_contain_text("Not submitted")
+    expect(result).to_contain_text("params.seconds")
+    page.get_by_label("Params (JSON object)").fill("[1, 2")
+    page.get_by_role("button", name="Submit").click()
+    expect(page.locator("#params-error")).to_contain_text("JSON object")
+
+
+def test_cancel_button_cancels_a_running_job(page: Page, server, shots: Path):
+    job = api(server, "POST", "/jobs", {"task": "sleep", "params": {"seconds": 60, "steps": 60}})
+    page.goto(f"{server.url}/jobs/{job['id']}")
+    expect(page.locator("#status")).to_have_text("running")
+    page.get_by_role("button", name="Cancel job").click()
+    expect(page.locator("#status")).to_have_text("canceled")
+    expect(page.locator("#error-section")).to_be_visible()
+    expect(page.locator("#error-type")).to_contain_text("canceled")
+    expect(page.locator("#cancel")).to_be_hidden()
+    assert api(server, "GET", f"/jobs/{job['id']}")["status"] == "canceled"
+    shoot(page, shots, "job-canceled-desktop")
+
+
+def test_missing_job_is_a_404_page(page: Page, server, shots: Path):
+    response = page.goto(f"{server.url}/jobs/no-such-job")
+    assert response is not None and response.status == 404
+    expect(page.get_by_role("heading", name="No such job")).to_be_visible()
+    expect(page.get_by_role("link", name="Back to the dashboard")).to_be_visible()

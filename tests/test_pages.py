@@ -1,0 +1,213 @@
+"""The browser views without a browser: content negotiation, status codes, static files, no CDN."""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import make_mocked_request
+
+from asyncjobs.web import pages
+
+from .conftest import ROOT, submit, wait_status
+
+BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
+STATIC = ROOT / "asyncjobs" / "web" / "static"
+
+
+def _wants(accept: str | None) -> bool:
+    headers = {} if accept is None else {"Accept": accept}
+    return pages.wants_html(make_mocked_request("GET", "/jobs/x", headers=headers))
+
+
+@pytest.mark.parametrize("accept", [
+    BROWSER,
+    "text/html",
+    "text/*, application/json;q=0.5",
+    "application/json;q=0.9, text/html",
+])
+def test_browsers_get_html(accept):
+    assert _wants(accept)
+
+
+@pytest.mark.parametrize("accept", [
+    None,
+    "",
+    "*/*",
+    "application/json",
+    "application/json, text/html",  # equal preference: JSON, the API's own type, wins
+    "text/html;q=0.5, application/json",
+    "text/html;q=0, */*",
+    "application/*, text/html;q=0.9",
+    "image/png",
+    "text/plain, */*;q=0.5",
+    "garbage;;;, ,/",
+])
+def test_api_clients_get_json(accept):
+    assert not _wants(accept)
+
+
+async def test_running_job_page_is_html_with_the_job(client):
+    job = await submit(client, "sleep", {"seconds": 5, "steps": 5})
+    resp = await client.get(f"/jobs/{job['id']}", headers={"Accept": BROWSER})
+    assert resp.status == 200
+    assert resp.content_type == "text/html"
+    assert resp.headers["Cache-Control"] == "no-store"
+    assert "Accept" in resp.headers["Vary"]
+    assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
+    text = await resp.text()
+    assert job["id"] in text and "sleep" in text
+    assert 'id="cancel"' in text and "<progress" in text and 'aria-live="polite"' in text
+    # The same URL still answers JSON to an API client.
+    resp = await client.get(f"/jobs/{job['id']}")
+    assert resp.status == 200 and resp.content_type == "application/json"
+    assert (await resp.json())["id"] == job["id"]
+    await client.post(f"/jobs/{job['id']}/cancel")
+
+
+async def test_succeeded_job_page_is_200_not_a_redirect(client):
+    job = await submit(client, "echo", {"word": "hello"})
+    await wait_status(client, job["id"], "succeeded")
+    resp = await client.get(f"/jobs/{job['id']}", headers={"Accept": BROWSER}, allow_redirects=False)
+    assert resp.status == 200 and resp.content_type == "text/html"
+    text = await resp.text()
+    assert f"/jobs/{job['id']}/result" in text and "hello" in text
+    resp = await client.get(f"/jobs/{job['id']}", allow_redirects=False)
+    assert resp.status == 303 and resp.headers["Location"] == f"/jobs/{job['id']}/result"
+
+
+async def test_failed_job_page_carries_the_error(client):
+    job = await submit(client, "fail", {"message": "broke on purpose"})
+    await wait_status(client, job["id"], "failed")
+    resp = await client.get(f"/jobs/{job['id']}", headers={"Accept": BROWSER})
+    assert resp.status == 200
+    assert "broke on purpose" in await resp.text()
+
+
+async def test_embedded_job_cannot_break_out_of_its_script_element(client):
+    evil = "</script><script>alert(1)</script><!--"
+    job = await submit(client, "echo", {"x": evil})
+    await wait_status(client, job["id"], "succeeded")
+    text = await (await client.get(f"/jobs/{job['id']}", headers={"Accept": BROWSER})).text()
+    assert evil not in text
+    assert "<script>" not in text
+    assert text.count("</script>") == 2  # app.js and the JSON data block, nothing else
+
+
+async def test_unknown_job_is_a_404_page(client):
+    resp = await client.get("/jobs/no-such-job", headers={"Accept": BROWSER})
+    assert resp.status == 404 and resp.content_type == "text/html"
+    assert "No such job" in await resp.text()
+    resp = await client.get("/jobs/no-such-job")
+    assert resp.status == 404 and resp.content_type == "application/problem+json"
+
+
+async def test_expired_job_is_a_410_page(make_client):
+    client, _ = await make_client(jobs={"max_age": 0.2})
+    job = await submit(client, "sleep", {"seconds": 1}, delay=30)
+    await asyncio.sleep(0.4)
+    resp = await client.get(f"/jobs/{job['id']}", headers={"Accept": BROWSER})
+    assert resp.status == 410 and resp.content_type == "text/html"
+    assert "expired" in (await resp.text()).lower()
+
+
+async def test_flow_style_keeps_202_while_pending(make_client):
+    client, _ = await make_client(protocol={"monitor": "flow"})
+    job = await submit(client, "sleep", {"seconds": 1}, delay=30)
+    resp = await client.get(f"/jobs/{job['id']}", headers={"Accept": BROWSER}, allow_redirects=False)
+    assert resp.status == 202 and resp.content_type == "text/html"
+    assert "Location" not in resp.headers  # a browser would not follow it anyway; the page polls
+
+
+async def test_head_of_a_job_page(client):
+    job = await submit(client, "noop")
+    resp = await client.head(f"/jobs/{job['id']}", headers={"Accept": BROWSER})
+    assert resp.status in (200,) and resp.content_type == "text/html"
+
+
+async def test_dashboard_for_browsers_index_for_the_rest(client):
+    resp = await client.get("/", headers={"Accept": BROWSER})
+    assert resp.status == 200 and resp.content_type == "text/html"
+    text = await resp.text()
+    for needle in ('id="submit-form"', '<label for="task-select">', '<label for="params">', 'id="recent"',
+                   'id="runtimes"', 'id="counts"', 'name="viewport"', 'lang="en"'):
+        assert needle in text, needle
+    job = await submit(client, "echo", {"a": 1})
+    await wait_status(client, job["id"], "succeeded")
+    resp = await client.get("/")
+    assert resp.status == 200 and resp.content_type == "application/json"
+    body = await resp.json()
+    assert body["links"]["jobs"] == "/jobs" and body["links"]["tasks"] == "/tasks"
+    assert set(body["counts"]) == {"queued", "running", "succeeded", "failed", "canceled"}
+    assert body["counts"]["succeeded"] >= 1
+    figures = body["run_times"]["echo"]
+    assert figures["succeeded"] == 1 and figures["mean_s"] is not None and figures["max_s"] >= 0
+    assert "sleep" in body["tasks"]
+
+
+async def test_dashboard_counts_only_the_callers_jobs_with_auth(make_client):
+    client, _ = await make_client(auth={"tokens": {"alice": "a" * 32, "bob": "b" * 32}})
+    alice = {"Authorization": "Bearer " + "a" * 32}
+    bob = {"Authorization": "Bearer " + "b" * 32}
+    resp = await client.post("/jobs", json={"task": "noop"}, headers=alice)
+    assert resp.status == 202
+    job = await resp.json()
+    for _ in range(200):
+        body = await (await client.get("/", headers=alice)).json()
+        if body["counts"]["succeeded"] == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert body["counts"]["succeeded"] == 1
+    assert sum((await (await client.get("/", headers=bob)).json())["counts"].values()) == 0
+    resp = await client.get(f"/jobs/{job['id']}", headers={**bob, "Accept": BROWSER})
+    assert resp.status == 404  # another principal's job does not exist for bob, page or not
+
+
+@pytest.mark.parametrize("name,content_type", [
+    ("app.js", "text/javascript"), ("style.css", "text/css"), ("icon.svg", "image/svg+xml")])
+async def test_static_files_are_served(client, name, content_type):
+    resp = await client.get(f"/static/{name}")
+    assert resp.status == 200
+    assert resp.content_type == content_type
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    assert await resp.read() == (STATIC / name).read_bytes()
+
+
+@pytest.mark.parametrize("name", ["job.html", "nope.js", "..%2Fpages.py", "%2E%2E%2Fpages.py", "APP.JS"])
+async def test_only_assets_are_served_from_static(client, name):
+    resp = await client.get(f"/static/{name}")
+    assert resp.status == 404
+
+
+def _urls(text: str) -> list[str]:
+    return re.findall(r"""(?:src|href|action)\s*=\s*["']([^"']*)["']""", text) + \
+        re.findall(r"""url\(\s*["']?([^"')]*)""", text) + re.findall(r"""@import\s+["']([^"']+)""", text)
+
+
+async def test_no_cdn_everything_from_this_origin(client):
+    job = await submit(client, "noop")
+    pages_text = [await (await client.get(path, headers={"Accept": BROWSER})).text()
+                  for path in ("/", f"/jobs/{job['id']}", "/jobs/missing")]
+    files = [p.read_text() for p in STATIC.iterdir() if p.is_file()]
+    for text in pages_text + files:
+        for url in _urls(text):
+            assert not re.match(r"^(?:[a-z][a-z0-9+.-]*:)?//", url, re.I) or url.startswith("http://www.w3.org/"), url
+    js = (STATIC / "app.js").read_text()
+    assert "import " not in js and "require(" not in js and "eval(" not in js
+    for text in pages_text:  # no inline code: the CSP forbids it, and the only script elements are these
+        for attrs, body in re.findall(r"<script([^>]*)>(.*?)</script>", text, re.S):
+            assert 'src="/static/app.js"' in attrs or ('type="application/json"' in attrs), attrs
+        assert not re.search(r"\son[a-z]+\s*=", text), "inline event handler"
+
+
+def test_static_files_ship_with_the_package():
+    """pyproject's package data covers every file of web/static (checked for real with a built wheel)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = project["tool"]["setuptools"]["package-data"]["asyncjobs.web"]
+    files = [p.relative_to(STATIC.parent).as_posix() for p in STATIC.rglob("*") if p.is_file()]
+    assert files
+    assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files), files
