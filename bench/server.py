@@ -87,3 +87,42 @@ def machine() -> str:
     cores = os.cpu_count()
     return (f"{cores} cores, Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
             f"{platform.system()} {platform.release()}")
+
+
+def fill_store(db: Path, n: int, *, task: str = "noop", status: str = "queued", batch: int = 50_000) -> list[str]:
+    """Create ``db`` with the server's own migrations, then insert ``n`` jobs directly (fast, not through HTTP).
+
+    Rows are what asyncjobs itself writes for a `noop` job that is queued (version 1) or succeeded
+    (version 3, result ``null``); created over the last hour, expiring a day from now. Returns the ids.
+    """
+    import secrets
+    import sqlite3
+
+    if not db.exists():
+        import shutil
+        server = Server(workers=1, db=db)  # runs the migrations, then exits cleanly
+        server.stop()
+        shutil.rmtree(server.dir, ignore_errors=True)
+    ids = [secrets.token_urlsafe(16) for _ in range(n)]
+    now = time.time()
+    expires = now + 86400
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA synchronous = OFF")
+    columns = ("id, task, params, status, priority, created_at, started_at, finished_at, expires_at, run_at,"
+               " attempts, max_attempts, version, progress, result, result_type, error, owner")
+    sql = f"INSERT INTO jobs ({columns}) VALUES ({', '.join('?' * 18)})"
+    for start in range(0, n, batch):
+        rows = []
+        for i in range(start, min(n, start + batch)):
+            created = now - 3600 + 3600 * i / n
+            if status == "queued":
+                rows.append((ids[i], task, b"{}", "queued", 0, created, None, None, expires, created,
+                             0, 1, 1, None, None, None, None, ""))
+            else:
+                rows.append((ids[i], task, b"{}", "succeeded", 0, created, created + 0.001, created + 0.002,
+                             expires, created, 1, 1, 3, None, b"null", None, None, ""))
+        with conn:
+            conn.executemany(sql, rows)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return ids
