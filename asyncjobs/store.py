@@ -1,11 +1,11 @@
-"""The store: the one module that speaks SQL. SQLite via aiosqlite, one writer, group commit.
+"""The store: the one module that speaks SQL. SQLite: one writer thread with group commit, an aiosqlite reader.
 
 ``Store`` is the narrow interface a second backend (PostgreSQL) implements;
 ``SQLiteStore`` is the embedded one. Every write goes through one writer
-connection whose loop takes all writes waiting at that moment and commits them
-in one transaction (group commit); a caller's await returns only after that
-commit. Reads use a separate read-only connection (WAL lets them run beside
-the writer).
+connection, used only on its own thread, whose loop takes all writes waiting
+at that moment and runs them in one transaction, in one hop to that thread
+(group commit); a caller's await returns only after that commit. Reads use a
+separate read-only aiosqlite connection (WAL lets them run beside the writer).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import contextlib
 import dataclasses
 import logging
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import aiosqlite
 
@@ -157,9 +158,9 @@ class Delivery:
 Payload = Callable[[Job], bytes]  # how the caller encodes a terminal job for its callback
 
 
-async def _schedule_delivery(db: aiosqlite.Connection, job: Job, payload: Payload) -> None:
+def _schedule_delivery(db: sqlite3.Connection, job: Job, payload: Payload) -> None:
     if job.callback_url:
-        await db.execute(
+        db.execute(
             "INSERT OR IGNORE INTO deliveries (job_id, message_id, url, payload, next_at) VALUES (?, ?, ?, ?, ?)",
             (job.id, f"msg_{job.id}_{job.version}", job.callback_url, payload(job), job.finished_at or 0.0))
 
@@ -196,7 +197,7 @@ class Store(Protocol):
     async def delivery_attempted(self, job_id: str, *, ok: bool, next_at: float | None, error: str | None) -> None: ...
 
 
-WriteOp = Callable[[aiosqlite.Connection], Awaitable[Any]]
+WriteOp = Callable[[sqlite3.Connection], Any]  # runs on the writer thread, inside a transaction
 
 
 class SQLiteStore:
@@ -206,7 +207,8 @@ class SQLiteStore:
         self.path = str(path)
         self.synchronous = synchronous
         self.max_batch = max_batch
-        self._writer: aiosqlite.Connection | None = None
+        self._writer: sqlite3.Connection | None = None  # used only on _writer_thread
+        self._writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncjobs-store-writer")
         self._reader: aiosqlite.Connection | None = None
         self._pending: asyncio.Queue[tuple[WriteOp, asyncio.Future]] = asyncio.Queue()
         self._writer_task: asyncio.Task | None = None
@@ -215,14 +217,13 @@ class SQLiteStore:
 
     # -- lifecycle -------------------------------------------------------
     async def open(self) -> None:
+        self._writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncjobs-store-writer")
         try:
             if self.path != ":memory:":
                 parent = Path(self.path).resolve().parent
                 if not parent.is_dir():
                     raise StoreError(f"store.path {self.path}: folder {parent} does not exist")
-            self._writer = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._pragmas(self._writer)
-            await self._migrate(self._writer)
+            self._writer = await self._on_writer(self._connect_writer)
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
             await self._reader.execute("PRAGMA busy_timeout = 5000")
             await self._reader.execute("PRAGMA query_only = 1")
@@ -234,31 +235,42 @@ class SQLiteStore:
             raise
         self._writer_task = asyncio.create_task(self._write_loop(), name="asyncjobs-store-writer")
 
-    async def _pragmas(self, db: aiosqlite.Connection) -> None:
-        await db.execute("PRAGMA busy_timeout = 5000")
-        mode = await (await db.execute("PRAGMA journal_mode = WAL")).fetchone()
-        if self.path != ":memory:" and mode and mode[0].lower() != "wal":
-            raise StoreError(f"store.path {self.path}: cannot switch to WAL mode (got {mode[0]})")
-        await db.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
-        await db.execute("PRAGMA foreign_keys = ON")
+    async def _on_writer(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` on the writer's own thread (the only thread that touches the writer connection)."""
+        return await asyncio.get_running_loop().run_in_executor(self._writer_thread, fn, *args)
 
-    async def _migrate(self, db: aiosqlite.Connection) -> None:
-        (current,) = await (await db.execute("PRAGMA user_version")).fetchone()
+    def _connect_writer(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA busy_timeout = 5000")
+            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()
+            if self.path != ":memory:" and mode and mode[0].lower() != "wal":
+                raise StoreError(f"store.path {self.path}: cannot switch to WAL mode (got {mode[0]})")
+            db.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+            db.execute("PRAGMA foreign_keys = ON")
+            self._migrate(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        (current,) = db.execute("PRAGMA user_version").fetchone()
         if current > len(MIGRATIONS):
             raise StoreError(
                 f"store.path {self.path}: schema version {current} is newer than this asyncjobs knows"
                 f" ({len(MIGRATIONS)}); upgrade asyncjobs"
             )
         for version in range(current, len(MIGRATIONS)):
-            await db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE")
             try:
                 for statement in MIGRATIONS[version].split(";"):
                     if statement.strip():
-                        await db.execute(statement)
-                await db.execute(f"PRAGMA user_version = {version + 1}")
-                await db.execute("COMMIT")
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {version + 1}")
+                db.execute("COMMIT")
             except BaseException:
-                await db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
                 raise
             log.info("store schema migrated to version %d", version + 1)
 
@@ -269,12 +281,15 @@ class SQLiteStore:
                 await self._writer_task
             self._writer_task = None
         await self._close_connections()
+        self._writer_thread.shutdown(wait=False)
 
     async def _close_connections(self) -> None:
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.close()
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await self._reader.close()
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                await self._on_writer(self._writer.close)
         self._reader = self._writer = None
 
     # -- the writer ------------------------------------------------------
@@ -305,7 +320,8 @@ class SQLiteStore:
         assert db is not None
         started = time.perf_counter()
         try:
-            results = await self._transaction(db, [op for op, _ in batch])
+            # One thread hop for the whole batch: BEGIN, every op, COMMIT.
+            results = await self._on_writer(self._transaction, db, [op for op, _ in batch])
         except sqlite3.Error as exc:
             if len(batch) == 1:
                 _settle(batch[0][1], error=StoreError(f"store write failed: {exc}"))
@@ -322,14 +338,14 @@ class SQLiteStore:
             _settle(fut, result=result)
 
     @staticmethod
-    async def _transaction(db: aiosqlite.Connection, ops: list[WriteOp]) -> list[Any]:
-        await db.execute("BEGIN IMMEDIATE")
+    def _transaction(db: sqlite3.Connection, ops: list[WriteOp]) -> list[Any]:
+        db.execute("BEGIN IMMEDIATE")
         try:
-            results = [await op(db) for op in ops]
-            await db.execute("COMMIT")
+            results = [op(db) for op in ops]
+            db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
-                await db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
             raise
         return results
 
@@ -341,28 +357,28 @@ class SQLiteStore:
         False (the queue is full) nothing new is stored and the answer's ``duplicate`` is "refused".
         """
 
-        async def op(db: aiosqlite.Connection) -> Inserted:
+        def op(db: sqlite3.Connection) -> Inserted:
             if job.idempotency_key is not None:
-                cur = await db.execute(
+                cur = db.execute(
                     f"SELECT {_COLUMNS} FROM jobs WHERE owner = ? AND idempotency_key = ? AND expires_at > ?",
                     (job.owner, job.idempotency_key, job.created_at))
-                row = await cur.fetchone()
+                row = cur.fetchone()
                 if row is not None:
                     return Inserted(_row_to_job(row), "idempotency")
             if job.unique_key is not None:
-                cur = await db.execute(
+                cur = db.execute(
                     f"SELECT {_COLUMNS} FROM jobs WHERE owner = ? AND task = ? AND unique_key = ?"
                     " AND status IN ('queued', 'running') AND expires_at > ? ORDER BY seq LIMIT 1",
                     (job.owner, job.task, job.unique_key, job.created_at))
-                row = await cur.fetchone()
+                row = cur.fetchone()
                 if row is not None:
                     return Inserted(_row_to_job(row), "unique")
             if not admit:
                 return Inserted(job, "refused")
             if job.idempotency_key is not None:  # an expired job's key is free again
-                await db.execute("UPDATE jobs SET idempotency_key = NULL WHERE owner = ? AND idempotency_key = ?",
+                db.execute("UPDATE jobs SET idempotency_key = NULL WHERE owner = ? AND idempotency_key = ?",
                                  (job.owner, job.idempotency_key))
-            cur = await db.execute(
+            cur = db.execute(
                 f"INSERT INTO jobs ({_COLUMNS}) VALUES (NULL{', ?' * 22})",
                 (job.id, job.task, job.params, job.status.value, job.priority, job.created_at,
                  job.started_at, job.finished_at, job.expires_at, job.run_at, job.attempts,
@@ -383,21 +399,21 @@ class SQLiteStore:
         """
         assignments = ", ".join(f"{c} = ?" for c in _MUTABLE)
 
-        async def op(db: aiosqlite.Connection) -> bool:
-            cur = await db.execute(
+        def op(db: sqlite3.Connection) -> bool:
+            cur = db.execute(
                 f"UPDATE jobs SET {assignments} WHERE id = ? AND version = ?",
                 (*_mutable_values(job), job.id, expected_version),
             )
             if cur.rowcount == 1 and deliver is not None:
-                await _schedule_delivery(db, job, deliver)
+                _schedule_delivery(db, job, deliver)
             return cur.rowcount == 1
 
         return await self._write(op)
 
     async def delete(self, job_id: str) -> bool:
-        async def op(db: aiosqlite.Connection) -> bool:
-            cur = await db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-            await db.execute("DELETE FROM tombstones WHERE id = ?", (job_id,))
+        def op(db: sqlite3.Connection) -> bool:
+            cur = db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            db.execute("DELETE FROM tombstones WHERE id = ?", (job_id,))
             return cur.rowcount == 1
 
         return await self._write(op)
@@ -412,16 +428,16 @@ class SQLiteStore:
         if limit <= 0 or not open_tasks:
             return []
 
-        async def op(db: aiosqlite.Connection) -> list[Job]:
+        def op(db: sqlite3.Connection) -> list[Job]:
             room = dict(tasks)
             marks = ", ".join("?" for _ in open_tasks)
-            cur = await db.execute(
+            cur = db.execute(
                 f"SELECT {_COLUMNS} FROM jobs WHERE status = 'queued' AND run_at <= ? AND expires_at > ?"
                 f" AND task IN ({marks}) ORDER BY priority DESC, seq LIMIT ?",
                 (now, now, *open_tasks, limit * 4),
             )
             claimed: list[Job] = []
-            for row in await cur.fetchall():
+            for row in cur.fetchall():
                 job = _row_to_job(row)
                 left = room.get(job.task)
                 if left is not None:
@@ -431,7 +447,7 @@ class SQLiteStore:
                 claimed.append(start(job, now))
                 if len(claimed) == limit:
                     break
-            await db.executemany(
+            db.executemany(
                 "UPDATE jobs SET status = 'running', started_at = ?, attempts = ?, version = ?, error = NULL"
                 " WHERE id = ?",
                 [(j.started_at, j.attempts, j.version, j.id) for j in claimed],
@@ -443,9 +459,9 @@ class SQLiteStore:
     async def recover(self, *, now: float, retention_s: float, payload: Payload) -> tuple[int, int]:
         """After a crash: running jobs go back to the queue, or fail as interrupted past their attempts."""
 
-        async def op(db: aiosqlite.Connection) -> tuple[int, int]:
-            cur = await db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE status = 'running'")
-            rows = [_row_to_job(r) for r in await cur.fetchall()]
+        def op(db: sqlite3.Connection) -> tuple[int, int]:
+            cur = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE status = 'running'")
+            rows = [_row_to_job(r) for r in cur.fetchall()]
             requeued = failed = 0
             for job in rows:
                 if job.attempts < job.max_attempts:
@@ -456,8 +472,8 @@ class SQLiteStore:
                                message="the server stopped while the job ran, and it has no attempts left",
                                retention_s=retention_s)
                     failed += 1
-                    await _schedule_delivery(db, new, payload)
-                await db.execute(
+                    _schedule_delivery(db, new, payload)
+                db.execute(
                     f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in _MUTABLE)} WHERE id = ?",
                     (*_mutable_values(new), new.id),
                 )
@@ -472,24 +488,24 @@ class SQLiteStore:
         A queued job that expires is canceled; its callback (if any) is scheduled here.
         """
 
-        async def op(db: aiosqlite.Connection) -> SweepResult:
-            cur = await db.execute(
+        def op(db: sqlite3.Connection) -> SweepResult:
+            cur = db.execute(
                 f"SELECT {_COLUMNS} FROM jobs WHERE expires_at <= ? LIMIT 5000", (now,)
             )
-            expired = [_row_to_job(r) for r in await cur.fetchall()]
+            expired = [_row_to_job(r) for r in cur.fetchall()]
             running = [j.id for j in expired if j.status is Status.RUNNING]
             gone = [j for j in expired if j.status is not Status.RUNNING]
-            await db.executemany(
+            db.executemany(
                 "INSERT OR REPLACE INTO tombstones (id, owner, gone_until) VALUES (?, ?, ?)",
                 [(j.id, j.owner, now + tombstone_retention_s) for j in gone],
             )
-            await db.executemany("DELETE FROM jobs WHERE id = ?", [(j.id,) for j in gone])
+            db.executemany("DELETE FROM jobs WHERE id = ?", [(j.id,) for j in gone])
             for job in gone:
                 if job.status is Status.QUEUED:
-                    await _schedule_delivery(db, expire(job, now), payload)
-            await db.execute("DELETE FROM deliveries WHERE state != 'pending' AND next_at <= ?",
+                    _schedule_delivery(db, expire(job, now), payload)
+            db.execute("DELETE FROM deliveries WHERE state != 'pending' AND next_at <= ?",
                              (now - tombstone_retention_s,))
-            cur = await db.execute("DELETE FROM tombstones WHERE gone_until <= ?", (now,))
+            cur = db.execute("DELETE FROM tombstones WHERE gone_until <= ?", (now,))
             return SweepResult(
                 expired_queued=[j for j in gone if j.status is Status.QUEUED],
                 expired_running=running,
@@ -503,9 +519,9 @@ class SQLiteStore:
         """Record a callback attempt: delivered, to be retried at ``next_at``, or given up (None)."""
         state = "delivered" if ok else ("pending" if next_at is not None else "failed")
 
-        async def op(db: aiosqlite.Connection) -> None:
+        def op(db: sqlite3.Connection) -> None:
             # A finished delivery's next_at is when it finished, so the sweep can age it out.
-            await db.execute(
+            db.execute(
                 "UPDATE deliveries SET attempts = attempts + 1, state = ?, next_at = ?, last_error = ?"
                 " WHERE job_id = ?", (state, next_at if next_at is not None else time.time(), error, job_id))
 

@@ -6,7 +6,6 @@ import asyncio
 import fnmatch
 import re
 import tomllib
-from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import make_mocked_request

@@ -159,8 +159,8 @@ async def test_sqlite_file_settings(tmp_path):
         store = SQLiteStore(path, synchronous=mode)
         await store.open()
         try:
-            cur = await store._writer.execute("PRAGMA synchronous")
-            assert (await cur.fetchone())[0] == expected
+            value = await store._on_writer(lambda: store._writer.execute("PRAGMA synchronous").fetchone()[0])
+            assert value == expected
         finally:
             await store.close()
         with sqlite3.connect(path) as db:

@@ -13,7 +13,7 @@ from aiohttp.abc import AbstractAccessLogger
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from .. import codec, protocol
-from .common import METRICS_KEY, QUEUE_KEY, WAITERS_KEY, expect_handler, json_response
+from .common import METRICS_KEY, QUEUE_KEY, WAITERS_KEY, expect_handler
 from .openapi import build_document
 
 OPENAPI_KEY = web.AppKey("asyncjobs_openapi", bytes)
