@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import inspect
 import os
 import re
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import aiohttp
+from aiohttp import WSMsgType
 import pytest
 
 from asyncjobs import App
@@ -88,6 +90,23 @@ async def eventually(check: Callable[[], Any], what: str, timeout_s: float = 10.
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         await asyncio.sleep(0.02)
 
+
+
+async def recv(ws, timeout_s: float = 10.0) -> dict:
+    msg = await ws.receive(timeout=timeout_s)
+    assert msg.type is WSMsgType.TEXT, msg
+    return json.loads(msg.data)
+
+
+async def recv_until(ws, done: Callable[[dict], bool], timeout_s: float = 10.0) -> list[dict]:
+    """Frames up to and including the first for which ``done`` holds."""
+    deadline = time.monotonic() + timeout_s
+    frames = []
+    while True:
+        frame = await recv(ws, max(0.01, deadline - time.monotonic()))
+        frames.append(frame)
+        if done(frame):
+            return frames
 
 
 class ServerProcess:

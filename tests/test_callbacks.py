@@ -12,14 +12,14 @@ import sqlite3
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from aiohttp import web
 
 from asyncjobs import App
 from asyncjobs.errors import ConfigError
-from tests.conftest import TEST_MODULES, make_config, submit, wait_status
+from tests.conftest import TEST_MODULES, make_config, submit, wait_status, eventually
 
 PROBLEM = "application/problem+json"
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
@@ -100,18 +100,6 @@ async def receiver(aiohttp_server) -> Receiver:
     return recv
 
 
-async def eventually(check: Callable[[], Any], what: str, timeout_s: float = 10.0) -> Any:
-    """Poll ``check`` (sync or async) until it returns something truthy; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import WSCloseCode, WSMsgType
 
 from asyncjobs.web.common import SETTINGS_KEY
-from tests.conftest import submit, wait_status, eventually
+from tests.conftest import submit, wait_status, eventually, recv, recv_until
 
 PROBLEM = "application/problem+json"
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=30)
@@ -154,21 +154,6 @@ def check_event_sequence(events: list[SSEEvent]) -> None:
         previous = job
 
 
-async def recv(ws, timeout_s: float = 10.0) -> dict:
-    msg = await ws.receive(timeout=timeout_s)
-    assert msg.type is WSMsgType.TEXT, msg
-    return json.loads(msg.data)
-
-
-async def recv_until(ws, done: Callable[[dict], bool], timeout_s: float = 10.0) -> list[dict]:
-    """Frames up to and including the first for which ``done`` holds."""
-    deadline = time.monotonic() + timeout_s
-    frames = []
-    while True:
-        frame = await recv(ws, max(0.01, deadline - time.monotonic()))
-        frames.append(frame)
-        if done(frame):
-            return frames
 
 
 def is_final(job_id: str, status: str = "succeeded") -> Callable[[dict], bool]:

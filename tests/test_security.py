@@ -11,13 +11,12 @@ from typing import Any, Callable
 
 import aiohttp
 import pytest
-from aiohttp import WSMsgType
 
 from asyncjobs import App
 from asyncjobs.errors import ConfigError
 from asyncjobs.web import common
 from asyncjobs.web.common import find_principal
-from tests.conftest import ROOT, TEST_MODULES, make_config
+from tests.conftest import ROOT, TEST_MODULES, make_config, recv, recv_until
 
 PROBLEM = "application/problem+json"
 ALICE = "alice-token-0123456789"
@@ -86,21 +85,6 @@ async def list_ids(client, token: str, url: str = "/jobs") -> tuple[list[str], s
     return [job["id"] for job in body["jobs"]], body["next"]
 
 
-async def recv(ws, timeout_s: float = 10.0) -> dict:
-    msg = await ws.receive(timeout=timeout_s)
-    assert msg.type is WSMsgType.TEXT, msg
-    return json.loads(msg.data)
-
-
-async def recv_until(ws, done: Callable[[dict], bool], timeout_s: float = 10.0) -> list[dict]:
-    """Frames up to and including the first for which ``done`` holds."""
-    deadline = time.monotonic() + timeout_s
-    frames = []
-    while True:
-        frame = await recv(ws, max(0.01, deadline - time.monotonic()))
-        frames.append(frame)
-        if done(frame):
-            return frames
 
 
 def is_final(job_id: str) -> Callable[[dict], bool]:
