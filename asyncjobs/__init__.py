@@ -1,12 +1,10 @@
 """asyncjobs: the asynchronous request-reply pattern over HTTP, on one SQLite file."""
 
-from .app import App
 from .config import Config
 from .errors import Canceled
 from .models import Job, Status
 from .tasks import Blob, Retry, TaskFailure, TaskRegistry, task
 
-# The client's names are loaded on first use, so importing the server does not load the client.
 _CLIENT_NAMES = frozenset({
     "Client", "SyncClient", "ClientError", "TransportError", "ConnectError", "Timeout", "RequestTimeout",
     "WaitTimeout", "ProtocolError", "ProblemError", "BadRequest", "IdempotencyConflict", "Unauthorized",
@@ -20,6 +18,11 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
+    """``App`` and the client's names load on first use: a task module or a client loads neither server nor client."""
+    if name == "App":
+        from .app import App
+
+        return App
     if name in _CLIENT_NAMES:
         from . import client
 

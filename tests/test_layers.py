@@ -81,3 +81,16 @@ def test_client_imports_only_the_codec():
                 assert names == ["codec"], f"{path.name} imports {names} from the server package"
             if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("asyncjobs."):
                 assert node.module.startswith(("asyncjobs.client", "asyncjobs.codec")), f"{path.name}: {node.module}"
+
+
+def test_importing_the_client_loads_no_server_module():
+    """`import asyncjobs.client` does not load the store, queue, workers or web layer."""
+    import subprocess
+    import sys
+
+    code = ("import sys, asyncjobs.client; "
+            "print(sorted(m for m in sys.modules if m.split('.')[:2] in (['asyncjobs', 'app'], ['asyncjobs', 'store'],"
+            " ['asyncjobs', 'queue'], ['asyncjobs', 'worker'], ['asyncjobs', 'web'])))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=PACKAGE.parent, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
