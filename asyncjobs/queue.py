@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -100,7 +101,8 @@ class JobQueue:
         self.run_times = RunTimes()
         self.wakeup = asyncio.Event()  # set when there may be work for the dispatcher
         self.accepting = True
-        self.queued = 0  # jobs queued in the store, kept in memory for backpressure
+        # Jobs queued in the store by priority, kept in memory: backpressure, and the position of a new job.
+        self._queued_by_priority: Counter[int] = Counter()
         self.next_due: float | None = None  # earliest run_at of a delayed job, if any
         self.deliveries = asyncio.Event()  # set when a callback delivery was scheduled
         self._background: set[asyncio.Task] = set()
@@ -111,7 +113,7 @@ class JobQueue:
         if requeued or failed:
             log.warning("recovered %d interrupted jobs: %d queued again, %d failed", requeued + failed,
                         requeued, failed)
-        self.queued = await self.store.count_queued()
+        self._queued_by_priority = Counter(await self.store.queued_by_priority())
         self.next_due = await self.store.next_run_at(after=self.clock())
         self.wakeup.set()
         self.deliveries.set()
@@ -157,14 +159,14 @@ class JobQueue:
             callback_url=callback_url,
         )
         admit = self.queued < self.max_queued  # a full queue still answers replays and unique twins
-        self.queued += 1
+        self._count_queued(job.priority, +1)
         try:
             inserted = await self.store.insert(job, admit=admit)
         except BaseException:
-            self.queued -= 1
+            self._count_queued(job.priority, -1)
             raise
         if inserted.duplicate is not None:
-            self.queued -= 1
+            self._count_queued(job.priority, -1)
             if inserted.duplicate == "refused":
                 raise ServiceUnavailable(f"the queue holds its maximum of {self.max_queued} jobs",
                                          headers={"Retry-After": "5"})
@@ -218,12 +220,30 @@ class JobQueue:
             raise Gone(f"job {job_id} has expired", job_status=job.status.value)
         return job
 
-    async def view(self, job: Job) -> JobView:
-        """Add the ETA and, for a queued job, its position."""
+    @property
+    def queued(self) -> int:
+        return sum(self._queued_by_priority.values())
+
+    def _count_queued(self, priority: int, delta: int) -> None:
+        left = self._queued_by_priority[priority] + delta
+        if left > 0:
+            self._queued_by_priority[priority] = left
+        else:
+            del self._queued_by_priority[priority]
+
+    async def view(self, job: Job, *, just_submitted: bool = False) -> JobView:
+        """Add the ETA and, for a queued job, its position.
+
+        A job just submitted is the last of its priority, so its position comes from the in-memory
+        counts; any other queued job's from the store (a count that grows with the queue).
+        """
         now = self.clock()
         mean = self.run_times.mean(job.task)
         if job.status is Status.QUEUED:
-            position = await self.store.queue_position(job)
+            if just_submitted:
+                position = sum(n for p, n in self._queued_by_priority.items() if p >= job.priority)
+            else:
+                position = await self.store.queue_position(job)
             eta = None
             if mean is not None:
                 waves = math.ceil(position / max(1, self.workers))
@@ -268,7 +288,7 @@ class JobQueue:
             if await self.store.update(new, expected_version=job.version, deliver=self.callback_payload):
                 if new.callback_url is not None:
                     self.deliveries.set()
-                self.queued -= 1
+                self._count_queued(job.priority, -1)
                 self.hub.publish(new)
                 log.info("job %s canceled while queued", job_id)
                 return new, True
@@ -337,7 +357,7 @@ class JobQueue:
         if deliver:
             self.deliveries.set()
         if new.status is Status.QUEUED:
-            self.queued += 1
+            self._count_queued(new.priority, +1)
             self._due_at(new.run_at)
         self.hub.publish(new)
         if execution.delete_when_done:
@@ -358,7 +378,8 @@ class JobQueue:
             for spec in self.registry
         }
         jobs = await self.store.claim(now=self.clock(), limit=limit, tasks=room)
-        self.queued -= len(jobs)
+        for job in jobs:
+            self._count_queued(job.priority, -1)
         executions = []
         for job in jobs:
             execution = Execution(job=job, stored_version=job.version)
@@ -384,7 +405,7 @@ class JobQueue:
                                         tombstone_retention_s=self.tombstone_retention_s,
                                         payload=self.callback_payload)
         for job in result.expired_queued:
-            self.queued -= 1
+            self._count_queued(job.priority, -1)
             self.hub.publish(expire(job, now))
             if job.callback_url is not None:
                 self.deliveries.set()

@@ -122,6 +122,7 @@ async def test_queue_position_and_counts(store):
     assert [await store.queue_position(j) for j in (b, a, c)] == [1, 2, 3]
     assert await store.count_queued() == 3
     assert (await store.counts())["queued"] == 3
+    assert await store.queued_by_priority() == {0: 2, 1: 1}
 
 
 async def test_delete_forgets_the_job(store):

@@ -16,8 +16,9 @@ from .common import (QUEUE_KEY, SETTINGS_KEY, WAITERS_KEY, job_id_of, json_respo
                      problem_response, read_json)
 
 
-async def _accepted(queue: JobQueue, job: Job, extra: dict[str, str] | None = None) -> web.Response:
-    view = await queue.view(job)
+async def _accepted(queue: JobQueue, job: Job, extra: dict[str, str] | None = None, *,
+                    just_submitted: bool = False) -> web.Response:
+    view = await queue.view(job, just_submitted=just_submitted)
     answer = protocol.submit_answer(job, eta=view.eta, now=queue.clock())
     return json_response(protocol.job_body(job, eta=view.eta, queue_position=view.queue_position),
                          status=answer.status, headers={**answer.headers, **(extra or {})})
@@ -43,17 +44,18 @@ async def _submit(request: web.Request, queue: JobQueue, body: protocol.Submit) 
     if inserted.duplicate == "unique":
         answer = protocol.see_other_answer(inserted.job)
         return json_response(protocol.job_body(inserted.job), status=answer.status, headers=answer.headers)
-    response = await _answer_submit(request, queue, inserted.job)
+    response = await _answer_submit(request, queue, inserted.job, just_submitted=inserted.duplicate is None)
     if inserted.duplicate == "idempotency":
         response.headers["Idempotent-Replayed"] = "true"
     return response
 
 
-async def _answer_submit(request: web.Request, queue: JobQueue, job: Job) -> web.Response:
+async def _answer_submit(request: web.Request, queue: JobQueue, job: Job, *,
+                         just_submitted: bool = False) -> web.Response:
     """202 at once; with ``Prefer: wait=N``, hold up to N seconds for a terminal state (201 / 200)."""
     requested = protocol.requested_wait({}, request.headers.get("Prefer"))
     if requested is None:
-        return await _accepted(queue, job, {"Vary": "Prefer"})
+        return await _accepted(queue, job, {"Vary": "Prefer"}, just_submitted=just_submitted)
     applied = protocol.applied_wait(requested, request.app[SETTINGS_KEY].max_wait_s)
     job = await _held(request, queue.wait(job.id, timeout_s=applied, until=lambda j: j.terminal,
                                           owner=principal_of(request)))

@@ -1,0 +1,17 @@
+"""queue_position in a 202 (from in-memory counts) agrees with the monitor's (from the store)."""
+
+from tests.conftest import eventually, submit
+
+
+async def test_submit_position_matches_the_monitor(make_client):
+    """For jobs of mixed priorities behind a busy worker, each 202's position is the monitor's at that moment."""
+    client, app = await make_client(queue={"workers": 1, "shutdown_grace": 0.5})
+    blocker = await submit(client, "block", {"seconds": 30})
+    await eventually(lambda: blocker["id"] in app.queue.running, "the blocker to run")
+    for priority in (0, 5, 0, 5, 10, -1, 5):
+        accepted = await submit(client, "echo", {"p": priority}, priority=priority)
+        resp = await client.get(f"/jobs/{accepted['id']}")
+        assert accepted["queue_position"] == (await resp.json())["queue_position"], priority
+    assert app.queue.queued == await app.store.count_queued() == 7
+    await client.post(f"/jobs/{blocker['id']}/cancel")
+    await eventually(lambda: app.queue.queued == 0, "the queue to drain")
