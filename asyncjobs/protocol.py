@@ -230,7 +230,7 @@ def see_other_answer(job: Job) -> Answer:
     return Answer(303, {"Location": job_url(job.id), **job_headers(job)})
 
 
-def parse_list_query(query: Mapping[str, str], known_tasks: list[str]) -> tuple[str | None, str | None, int, int | None]:
+def parse_list_query(query: Mapping[str, str]) -> tuple[str | None, str | None, int, int | None]:
     """(status, task, limit, before_seq) from ``GET /jobs``'s query; BadRequest if off."""
     errors = []
     status = query.get("status")

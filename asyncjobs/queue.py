@@ -237,15 +237,27 @@ class JobQueue:
         A job just submitted is the last of its priority, so its position comes from the in-memory
         counts; any other queued job's from the store (a count that grows with the queue).
         """
-        now = self.clock()
-        mean = self.run_times.mean(job.task)
+        position = None
         if job.status is Status.QUEUED:
             if just_submitted:
                 position = sum(n for p, n in self._queued_by_priority.items() if p >= job.priority)
             else:
                 position = await self.store.queue_position(job)
+        return self._estimate(job, position)
+
+    async def views(self, jobs: list[Job]) -> list[JobView]:
+        """``view`` for a page of jobs, with the positions of its queued jobs read in one query."""
+        queued = [j for j in jobs if j.status is Status.QUEUED]
+        positions = await self.store.queue_positions(queued) if queued else {}
+        return [self._estimate(job, positions.get(job.id)) for job in jobs]
+
+    def _estimate(self, job: Job, position: int | None) -> JobView:
+        """The ETA from the task's mean run time, the position and the workers (or the progress)."""
+        now = self.clock()
+        mean = self.run_times.mean(job.task)
+        if job.status is Status.QUEUED:
             eta = None
-            if mean is not None:
+            if mean is not None and position is not None:
                 waves = math.ceil(position / max(1, self.workers))
                 eta = max(now, job.run_at) + waves * mean
             return JobView(job, eta, position)

@@ -15,3 +15,18 @@ async def test_submit_position_matches_the_monitor(make_client):
     assert app.queue.queued == await app.store.count_queued() == 7
     await client.post(f"/jobs/{blocker['id']}/cancel")
     await eventually(lambda: app.queue.queued == 0, "the queue to drain")
+
+
+async def test_list_positions_match_the_monitor(make_client):
+    """GET /jobs gives each queued job the same position as its monitor (one query for the whole page)."""
+    client, app = await make_client(queue={"workers": 1, "shutdown_grace": 0.5})
+    blocker = await submit(client, "block", {"seconds": 30})
+    await eventually(lambda: blocker["id"] in app.queue.running, "the blocker to run")
+    for priority in (0, 5, 0, 10, -1):
+        await submit(client, "echo", {"p": priority}, priority=priority)
+    listed = (await (await client.get("/jobs", params={"status": "queued"})).json())["jobs"]
+    assert sorted(j["queue_position"] for j in listed) == [1, 2, 3, 4, 5]
+    for job in listed:
+        monitor = await (await client.get(f"/jobs/{job['id']}")).json()
+        assert job["queue_position"] == monitor["queue_position"]
+    await client.post(f"/jobs/{blocker['id']}/cancel")

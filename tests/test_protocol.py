@@ -123,7 +123,7 @@ def test_parse_submit_defaults():
 def test_list_query_rejects(query, field):
     """Bad list filters are a 400 naming the field."""
     with pytest.raises(BadRequest) as info:
-        protocol.parse_list_query(query, [])
+        protocol.parse_list_query(query)
     assert info.value.errors[0]["field"] == field
 
 

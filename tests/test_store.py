@@ -120,6 +120,7 @@ async def test_queue_position_and_counts(store):
     b = (await store.insert(make_job(priority=1))).job
     c = (await store.insert(make_job(priority=0))).job
     assert [await store.queue_position(j) for j in (b, a, c)] == [1, 2, 3]
+    assert await store.queue_positions([c, b]) == {b.id: 1, c.id: 3}
     assert await store.count_queued() == 3
     assert (await store.counts())["queued"] == 3
     assert await store.queued_by_priority() == {0: 2, 1: 1}

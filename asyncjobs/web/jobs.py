@@ -153,17 +153,14 @@ async def delete(request: web.Request) -> web.Response:
 
 async def list_jobs(request: web.Request) -> web.Response:
     queue = request.app[QUEUE_KEY]
-    status, task, limit, before = protocol.parse_list_query(request.query, queue.registry.names())
+    status, task, limit, before = protocol.parse_list_query(request.query)
     jobs, cursor = await queue.list(status=status, task=task, before_seq=before, limit=limit,
                                     owner=principal_of(request))
     next_url = protocol.next_page_url(status=status, task=task, limit=limit, cursor=cursor)
     headers = dict(protocol.NO_STORE)
     if next_url:
         headers["Link"] = f'<{next_url}>; rel="next"'
-    bodies = []
-    for job in jobs:
-        view = await queue.view(job)
-        bodies.append(protocol.job_body(job, eta=view.eta, queue_position=view.queue_position))
+    bodies = [protocol.job_body(v.job, eta=v.eta, queue_position=v.queue_position) for v in await queue.views(jobs)]
     return json_response({"jobs": bodies, "next": next_url}, headers=headers)
 
 
