@@ -109,6 +109,16 @@ async def recv_until(ws, done: Callable[[dict], bool], timeout_s: float = 10.0) 
             return frames
 
 
+def config_text(**sections: dict[str, Any]) -> str:
+    """A TOML config with the test task modules and the given sections."""
+    sections = {"tasks": {"modules": TEST_MODULES}, **sections}
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
 class ServerProcess:
     """A real `asyncjobs serve` subprocess on 127.0.0.1 and a free port."""
 

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import ROOT, TEST_MODULES, ServerProcess
+from tests.conftest import ROOT, ServerProcess, config_text
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=15)
@@ -27,14 +27,6 @@ REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=15)
 
 # -- helpers -------------------------------------------------------------------
 
-def config_text(**sections: dict[str, Any]) -> str:
-    """A TOML config with the test task modules and the given sections."""
-    sections = {"tasks": {"modules": TEST_MODULES}, **sections}
-    lines = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-    return "\n".join(lines) + "\n"
 
 
 async def submit(http: aiohttp.ClientSession, server: ServerProcess, task: str, params: dict | None = None,

@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import ROOT, TEST_MODULES, ServerProcess, submit, wait_status
+from tests.conftest import ROOT, ServerProcess, submit, wait_status, config_text
 
 PROBLEM_TYPE = "application/problem+json"
 TERMINAL = {"succeeded", "failed", "canceled"}
@@ -144,14 +144,6 @@ async def drain(sub) -> list:
     return seen
 
 
-def config_text(**sections: dict[str, Any]) -> str:
-    """A TOML config with the test task modules and the given sections."""
-    sections = {"tasks": {"modules": TEST_MODULES}, **sections}
-    lines = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-    return "\n".join(lines) + "\n"
 
 
 def session_for(server: ServerProcess) -> aiohttp.ClientSession:
