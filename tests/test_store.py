@@ -8,6 +8,7 @@ import pytest
 
 from asyncjobs.errors import StoreError
 from asyncjobs.models import Job, Status, new_job_id, start, succeed
+from asyncjobs import store as store_module
 from asyncjobs.store import SQLiteStore
 
 
@@ -234,3 +235,20 @@ async def test_deliveries_are_scheduled_with_the_terminal_state(store):
     assert await store.next_delivery_at() == 200.0
     await store.delivery_attempted(job.id, ok=True, next_at=None, error=None)
     assert await store.due_deliveries(now=300.0, limit=10) == []
+
+
+@pytest.mark.parametrize("name", ["CLAIM_SQL", "POSITION_SQL", "POSITIONS_SQL", "BY_PRIORITY_SQL", "NEXT_RUN_SQL"])
+async def test_queue_walks_use_their_index_not_a_sort(tmp_path, name):
+    """Each statement that walks the queue goes by the queued-only index; a sort of every queued job
+    (SQLite's own choice without the hint) would make each claim cost more as the queue grows."""
+    store = SQLiteStore(tmp_path / "plan.db")
+    await store.open()
+    await store.close()
+    sql = getattr(store_module, name).format(marks="?, ?")
+    db = sqlite3.connect(tmp_path / "plan.db")
+    try:
+        plan = " | ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", (1,) * sql.count("?")))
+    finally:
+        db.close()
+    assert "TEMP B-TREE" not in plan, plan
+    assert ("jobs_due" if name == "NEXT_RUN_SQL" else "jobs_dispatch") in plan, plan
