@@ -99,6 +99,7 @@ class Workers:
         self.sweep_interval_s = sweep_interval_s
         self._executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix="asyncjobs-handler")
         self._tasks: dict[str, asyncio.Task] = {}
+        self._busy = 0  # handlers running now; a job whose outcome is being stored no longer holds a worker
         self._dispatcher: asyncio.Task | None = None
         self._sweeper: asyncio.Task | None = None
 
@@ -133,7 +134,7 @@ class Workers:
                 async with asyncio.timeout(timeout):
                     await queue.wakeup.wait()
             queue.wakeup.clear()
-            free = self.count - len(queue.running)
+            free = self.count - self._busy
             if free <= 0:
                 continue
             try:
@@ -152,6 +153,7 @@ class Workers:
 
     def _launch(self, execution: Execution) -> None:
         job_id = execution.job.id
+        self._busy += 1
         self._tasks[job_id] = asyncio.create_task(self._run(execution), name=f"asyncjobs-job-{job_id}")
 
     async def _sweep_loop(self) -> None:
@@ -167,6 +169,7 @@ class Workers:
         job = execution.job
         spec = self.queue.registry.get(job.task)
         started = time.monotonic()
+        busy = True
         try:
             if spec is None:
                 new = self._failed(execution, None, "exception", f"task {job.task!r} is no longer registered")
@@ -174,11 +177,17 @@ class Workers:
                 new = await self._outcome(spec, execution)
                 if new.status in (Status.SUCCEEDED, Status.FAILED):
                     self.queue.run_times.record(job.task, time.monotonic() - started)
+            # The worker is free while the outcome is stored: the next claim can share its commit.
+            busy = False
+            self._busy -= 1
+            self.queue.wakeup.set()
             try:
                 await self.queue.finish(execution, new)
             except StoreError as exc:
                 log.error("job %s: outcome not stored (%s); it will be recovered at the next start", job.id, exc)
         finally:
+            if busy:
+                self._busy -= 1
             self.queue.running.pop(job.id, None)
             self._tasks.pop(job.id, None)
             execution.done.set()

@@ -495,3 +495,16 @@ async def test_concurrent_submits_share_commits(make_client):
     grown = app.store.commits - before
     assert 1 <= grown < 50, grown
     assert (await cancel(client, blocker["id"]))[0] == 200
+
+
+async def test_next_claim_shares_the_commit_of_the_last_outcome(make_client):
+    """A worker is free once its handler returns: its next claim joins the commit of the outcome it
+    just stored, so a run of quick jobs costs about one commit each, not a claim and a finish each."""
+    client, app, blocker = await occupy_only_worker(make_client)
+    jobs = [await submit(client, "noop") for _ in range(20)]  # queued behind the blocker
+    before = app.store.commits
+    assert (await cancel(client, blocker["id"]))[0] == 200  # from here the 20 run back to back
+    for job in jobs:
+        await wait_status(client, job["id"], "succeeded")
+    grown = app.store.commits - before
+    assert grown <= 30, grown  # about 40 with a claim commit and an outcome commit per job
