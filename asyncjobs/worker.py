@@ -35,7 +35,7 @@ class JobContext:
         self._execution = execution
         self._loop = loop
         self._loop_thread = threading.get_ident()
-        self._canceled = threading.Event()
+        self._canceled = False  # read by a sync handler's thread; set once, from the loop
         self._report_lock = threading.Lock()
         self._report: tuple[float | None, str | None] | None = None  # latest from a thread, not yet applied
         self.job_id = execution.job.id
@@ -43,11 +43,11 @@ class JobContext:
 
     @property
     def canceled(self) -> bool:
-        return self._canceled.is_set()
+        return self._canceled
 
     def check_canceled(self) -> None:
         """Raise ``Canceled`` if the job was canceled (for sync handlers)."""
-        if self._canceled.is_set():
+        if self._canceled:
             raise Canceled(self._execution.cancel_reason or "canceled")
 
     def progress(self, fraction: float | None = None, message: str | None = None) -> asyncio.Future:
@@ -201,14 +201,11 @@ class Workers:
         if spec.wants_context:
             params["ctx"] = ctx
         if spec.is_async:
-            handler: asyncio.Future = asyncio.ensure_future(spec.fn(**params))
-        else:
-            handler = loop.run_in_executor(self._executor, lambda: spec.fn(**params))
+            return await self._outcome_async(spec, execution, ctx, params)
+        handler = loop.run_in_executor(self._executor, lambda: spec.fn(**params))
 
         def stop() -> None:
-            ctx._canceled.set()
-            if spec.is_async:
-                handler.cancel()
+            ctx._canceled = True
 
         execution.stop = stop
         if execution.cancel_reason is not None:
@@ -216,8 +213,6 @@ class Workers:
         done, _ = await asyncio.wait({handler}, timeout=spec.timeout)
         if not done:
             stop()
-            if spec.is_async:
-                await asyncio.wait({handler}, timeout=1.0)
             return self._failed(execution, spec, "timeout", f"the handler ran longer than its {spec.timeout:g}s timeout")
         if execution.cancel_reason is not None:
             with contextlib.suppress(BaseException):
@@ -225,16 +220,65 @@ class Workers:
             return self._canceled(execution)
         try:
             value = handler.result()
-        except TaskFailure as exc:
-            return self._failed(execution, spec, exc.type, exc.message)
-        except Retry as exc:
-            return self._failed(execution, spec, "exception", exc.message, delay_s=exc.delay_s)
-        except (asyncio.CancelledError, Canceled):
-            return self._canceled(execution)
-        except Exception as exc:
-            log.info("job %s: handler raised %s", execution.job.id, exc.__class__.__name__, exc_info=exc)
-            return self._failed(execution, spec, "exception", f"{exc.__class__.__name__}: {exc}")
+        except BaseException as exc:
+            return self._raised(execution, spec, exc)
         return self._succeeded(execution, value)
+
+    async def _outcome_async(self, spec: TaskSpec, execution: Execution, ctx: JobContext,
+                             params: dict[str, Any]) -> Job:
+        """An async handler runs in this job's own task: no second task and no wait set per job.
+
+        A cancel request cancels this task only while the handler is being awaited, never
+        while the outcome is being stored.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        in_handler = False
+
+        def stop() -> None:
+            ctx._canceled = True
+            if in_handler:
+                task.cancel()
+
+        execution.stop = stop
+        if execution.cancel_reason is not None:
+            ctx._canceled = True
+            return self._canceled(execution)
+        deadline = asyncio.timeout(spec.timeout)
+        value: Any = None
+        error: BaseException | None = None
+        try:
+            in_handler = True
+            async with deadline:
+                value = await spec.fn(**params)
+        except BaseException as exc:  # sorted out below, with the cancel request and the deadline
+            error = exc
+        finally:
+            in_handler = False
+        if execution.cancel_reason is not None:
+            if isinstance(error, asyncio.CancelledError):
+                task.uncancel()  # the cancel was ours and is handled here
+            return self._canceled(execution)
+        if isinstance(error, asyncio.CancelledError) and task.cancelling():
+            raise error  # cancelled from outside (the loop is closing): not the job's outcome
+        if deadline.expired():
+            return self._failed(execution, spec, "timeout", f"the handler ran longer than its {spec.timeout:g}s timeout")
+        if error is not None:
+            return self._raised(execution, spec, error)
+        return self._succeeded(execution, value)
+
+    def _raised(self, execution: Execution, spec: TaskSpec, exc: BaseException) -> Job:
+        """The next state after the handler raised ``exc``."""
+        if isinstance(exc, TaskFailure):
+            return self._failed(execution, spec, exc.type, exc.message)
+        if isinstance(exc, Retry):
+            return self._failed(execution, spec, "exception", exc.message, delay_s=exc.delay_s)
+        if isinstance(exc, (asyncio.CancelledError, Canceled)):
+            return self._canceled(execution)
+        if not isinstance(exc, Exception):
+            raise exc  # KeyboardInterrupt, SystemExit: not a job's outcome
+        log.info("job %s: handler raised %s", execution.job.id, exc.__class__.__name__, exc_info=exc)
+        return self._failed(execution, spec, "exception", f"{exc.__class__.__name__}: {exc}")
 
     def _succeeded(self, execution: Execution, value: Any) -> Job:
         now = self.queue.clock()
