@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import math
 from datetime import datetime, timezone
 from typing import Any
 
@@ -32,8 +34,15 @@ def loads(data: bytes | str) -> Any:
 
 
 def isotime(ts: float | None) -> str | None:
-    """RFC 3339 UTC with millisecond precision and a ``Z``."""
+    """RFC 3339 UTC with millisecond precision and a ``Z`` (milliseconds truncated, as ``datetime`` does)."""
     if ts is None:
         return None
-    dt = datetime.fromtimestamp(ts, tz=timezone.utc)
-    return f"{dt:%Y-%m-%dT%H:%M:%S}.{dt.microsecond // 1000:03d}Z"
+    fraction, whole = math.modf(ts)  # rounded to the microsecond as datetime.fromtimestamp does
+    seconds, micros = divmod(int(whole) * 1_000_000 + round(fraction * 1e6), 1_000_000)
+    return f"{_utc_second(seconds)}.{micros // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _utc_second(seconds: int) -> str:
+    """The date and time of a whole second; a job's times fall in few distinct seconds, so this is cached."""
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from . import codec, protocol
 from .errors import BadRequest, Conflict, Gone, NotFound, ServiceUnavailable, UnprocessableContent
 from .hub import Hub
-from .models import Job, Status, cancel, expire, is_expired, new_job_id, with_progress
+from .models import Job, JobIds, Status, cancel, expire, is_expired, with_progress
 from .store import Inserted, Store
 from .tasks import TaskRegistry, validate
 
@@ -98,6 +98,7 @@ class JobQueue:
         self.cancel_grace_s = cancel_grace_s
         self.clock = clock
         self.running: dict[str, Execution] = {}
+        self._new_id = JobIds()
         self.run_times = RunTimes()
         self.wakeup = asyncio.Event()  # set when there may be work for the dispatcher
         self.accepting = True
@@ -152,7 +153,7 @@ class JobQueue:
         assert spec is not None
         now = self.clock()
         job = Job(
-            id=new_job_id(), task=task_name, params=codec.dumps(params), status=Status.QUEUED,
+            id=self._new_id(), task=task_name, params=codec.dumps(params), status=Status.QUEUED,
             priority=priority, created_at=now, expires_at=now + self.max_age_s, run_at=now + delay_s,
             max_attempts=spec.max_attempts, owner=owner, idempotency_key=idempotency_key,
             request_hash=request_hash, unique_key=codec.fingerprint(params) if spec.unique else None,

@@ -314,9 +314,9 @@ class SQLiteStore:
             raise StoreError("the store is closed")
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending.put_nowait((op, fut))
-        # The write must not be lost if the caller is cancelled after queueing it;
-        # the caller only stops waiting (the op still commits).
-        return await asyncio.shield(fut)
+        # Once queued, the op commits with its batch even if the caller is cancelled and stops
+        # waiting (cancelling ``fut`` only drops the answer: ``_settle`` skips a done future).
+        return await fut
 
     async def _write_loop(self) -> None:
         while True:

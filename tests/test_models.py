@@ -1,11 +1,13 @@
 """The job record's transitions, tested as a table without I/O."""
 
+import base64
 import itertools
+import os
 
 import pytest
 
 from asyncjobs.errors import InvalidTransition
-from asyncjobs.models import (ALLOWED_TRANSITIONS, TERMINAL_STATUSES, Job, Status, cancel, fail,
+from asyncjobs.models import (ALLOWED_TRANSITIONS, TERMINAL_STATUSES, Job, JobIds, Status, cancel, fail,
                               is_expired, new_job_id, requeue, start, succeed, with_progress)
 
 
@@ -70,8 +72,26 @@ def test_expiry_is_a_point_in_time():
     assert not is_expired(job, 499.9) and is_expired(job, 500.0)
 
 
-def test_job_ids_are_url_safe_and_unguessable():
-    """Ids are 22 URL-safe characters (128 random bits) and do not repeat."""
-    ids = {new_job_id() for _ in range(1000)}
+@pytest.mark.parametrize("source", [new_job_id, JobIds()], ids=["new_job_id", "JobIds"])
+def test_job_ids_are_url_safe_and_unguessable(source):
+    """Ids are 22 URL-safe characters (128 random bits) and do not repeat (also across JobIds' refills)."""
+    ids = {source() for _ in range(1000)}
     assert len(ids) == 1000
     assert all(len(i) == 22 and all(c.isalnum() or c in "-_" for c in i) for i in ids)
+    assert len({base64.urlsafe_b64decode(i + "==") for i in ids}) == 1000
+
+
+def test_job_ids_differ_in_a_forked_child():
+    """A child forked after ids were drawn does not repeat the parent's next ones from a copied pool."""
+    ids = JobIds()
+    ids()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, ids().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    assert len(child) == 22 and child != ids()

@@ -41,6 +41,7 @@ class Metrics:
         self.commit_batch = Histogram("asyncjobs_store_commit_batch_size", "Writes grouped in one commit.",
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
         self._seen: dict[str, Status] = {}
+        self._by_task: dict[str, _TaskChildren] = {}  # labels() looked up once per task, not per change
         for status in Status:
             self.jobs.labels(status.value)
         for channel in ("long_poll", "event_stream", "websocket"):
@@ -60,16 +61,17 @@ class Metrics:
             del self._seen[next(iter(self._seen))]
         if previous is job.status:
             return
+        task = self._by_task.get(job.task)
+        if task is None:
+            task = self._by_task[job.task] = _TaskChildren(self, job.task)
         if job.status is Status.QUEUED and job.version == 1:
-            self.submitted.labels(job.task).inc()
+            task.submitted.inc()
         elif job.status is Status.RUNNING and job.started_at is not None and job.progress is None:  # a claim
-            self.queue_wait.labels(job.task).observe(max(0.0, job.started_at - max(job.created_at, job.run_at)))
+            task.queue_wait.observe(max(0.0, job.started_at - max(job.created_at, job.run_at)))
         elif job.terminal:
-            counter = {Status.SUCCEEDED: self.succeeded, Status.FAILED: self.failed,
-                       Status.CANCELED: self.canceled}[job.status]
-            counter.labels(job.task).inc()
+            task.ended[job.status].inc()
             if job.started_at is not None and job.finished_at is not None:
-                self.run_time.labels(job.task).observe(max(0.0, job.finished_at - job.started_at))
+                task.run_time.observe(max(0.0, job.finished_at - job.started_at))
 
     def observe_commit(self, seconds: float, batch_size: int) -> None:
         """A store listener: one group commit took ``seconds`` for ``batch_size`` writes."""
@@ -83,3 +85,14 @@ class Metrics:
         for channel, n in waiting.items():
             self.waiting.labels(channel).set(n)
         return generate_latest(self.registry)
+
+
+class _TaskChildren:
+    """One task's labelled children of the per-task metrics."""
+
+    def __init__(self, metrics: Metrics, task: str) -> None:
+        self.submitted = metrics.submitted.labels(task)
+        self.queue_wait = metrics.queue_wait.labels(task)
+        self.run_time = metrics.run_time.labels(task)
+        self.ended = {Status.SUCCEEDED: metrics.succeeded.labels(task), Status.FAILED: metrics.failed.labels(task),
+                      Status.CANCELED: metrics.canceled.labels(task)}
