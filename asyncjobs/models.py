@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import os
 import secrets
+import weakref
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -53,14 +54,20 @@ class JobIds:
     def __init__(self) -> None:
         self._pool = b""
         self._at = self._SIZE
-        self._pid = 0
+        me = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _drain(me()))
 
     def __call__(self) -> str:
-        if self._at >= self._SIZE or self._pid != os.getpid():
-            self._pool, self._at, self._pid = os.urandom(self._SIZE), 0, os.getpid()
+        if self._at >= self._SIZE:
+            self._pool, self._at = os.urandom(self._SIZE), 0
         chunk = self._pool[self._at:self._at + 16]
         self._at += 16
         return base64.urlsafe_b64encode(chunk).rstrip(b"=").decode()
+
+
+def _drain(ids: JobIds | None) -> None:
+    if ids is not None:
+        ids._pool, ids._at = b"", ids._SIZE
 
 
 @dataclass(frozen=True, slots=True)
