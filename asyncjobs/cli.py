@@ -7,7 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -68,7 +68,8 @@ async def serve(app: App) -> None:
         site = web.TCPSite(runner, app.config.server.host, app.config.server.port)
         await site.start()
         host, port = runner.addresses[0][:2]
-        log.info("asyncjobs listening on http://%s:%d", host, port)
+        log.info("asyncjobs listening on http://%s:%d (%s event loop)", host, port,
+                 type(asyncio.get_running_loop()).__module__.partition(".")[0])
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -78,6 +79,17 @@ async def serve(app: App) -> None:
         await app.drain()
     finally:
         await runner.cleanup()
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop ``server.loop`` names (None: asyncio's own)."""
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        raise ConfigError('server.loop = "uvloop" needs the uvloop package: pip install \'asyncjobs[speed]\'') from None
+    return uvloop.new_event_loop
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_module.load(args.config, overrides=_flag_overrides(args))
         app = App(cfg)
-        asyncio.run(serve(app))
+        with asyncio.Runner(loop_factory=loop_factory(cfg.server.loop)) as runner:
+            runner.run(serve(app))
     except ConfigError as exc:
         print(f"asyncjobs: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ class ServerConfig:
     max_body_bytes: int = 1_048_576
     max_wait: float = 60.0  # longest long poll or Prefer: wait, seconds
     access_log: str = "off"  # "off", "text" or "json" (one JSON object a line)
+    loop: str = "asyncio"  # or "uvloop" (pip install 'asyncjobs[speed]')
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ _SECTIONS: dict[str, type] = {
 
 _CHOICES = {
     ("server", "access_log"): ("off", "text", "json"),
+    ("server", "loop"): ("asyncio", "uvloop"),
     ("store", "synchronous"): ("full", "normal"),
     ("protocol", "monitor"): ("rest", "flow"),
 }

@@ -156,6 +156,33 @@ async def test_logs_one_listening_line_and_serves(server_factory, http):
         assert resp.status == 200
 
 
+async def test_uvloop_is_chosen_in_config(server_factory, http):
+    """`server.loop = "uvloop"` runs the service on uvloop (the `speed` extra), and it serves."""
+    pytest.importorskip("uvloop")
+    server = server_factory(config_text='[server]\nloop = "uvloop"\n')
+    assert "(uvloop event loop)" in server.log(), server.log()
+    async with http.post(server.url + "/jobs", json={"task": "echo", "params": {"x": 1}},
+                         headers={"Prefer": "wait=5"}, timeout=REQUEST_TIMEOUT) as resp:
+        assert resp.status == 201, await resp.text()
+        assert (await resp.json())["result"] == {"x": 1}
+
+
+def test_uvloop_missing_stops_the_start_with_the_install_hint(tmp_path):
+    """Without the uvloop package, `loop = "uvloop"` is a configuration error that says what to install."""
+    fake = tmp_path / "no_uvloop"
+    (fake / "uvloop").mkdir(parents=True)
+    (fake / "uvloop" / "__init__.py").write_text('raise ImportError("uvloop is not installed here")\n')
+    config = tmp_path / "uv.toml"
+    config.write_text('[server]\nloop = "uvloop"\n')
+    env = serve_env()
+    env["PYTHONPATH"] = str(fake) + os.pathsep + env["PYTHONPATH"]
+    done = run_serve(tmp_path, "--config", str(config), "--db", str(tmp_path / "jobs.db"), env=env)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert "server.loop" in output and "asyncjobs[speed]" in output, output
+    assert "Traceback" not in output, output
+
+
 async def test_port_flag_sets_the_listening_port(server_factory, http):
     """`--port P` makes the server listen on P (and log it)."""
     port = free_port()
@@ -223,6 +250,7 @@ BAD_CONFIGS = {
     "unknown key": ('[queue]\nwrokers = 2\n', {}, "queue.wrokers"),
     "wrong type": ('[queue]\nworkers = "many"\n', {}, "queue.workers"),
     "wrong choice": ('[store]\nsynchronous = "off"\n', {}, "store.synchronous"),
+    "unknown event loop": ('[server]\nloop = "trio"\n', {}, "server.loop"),
     "unknown section": ('[qeueu]\nworkers = 2\n', {}, "qeueu"),
     "invalid toml": ('[queue\nworkers = 2\n', {}, "bad.toml"),
     "unknown task module": ('[tasks]\nmodules = ["asyncjobs.builtin", "no_such_tasks_module"]\n', {},
