@@ -29,6 +29,8 @@ from .models import Job, Status, expire, fail, requeue, start
 
 log = logging.getLogger("asyncjobs.store")
 
+WAL_SIZE_LIMIT = 32 * 1024 * 1024  # bytes the -wal file keeps once it has been checkpointed
+
 # Each entry migrates the schema from version i to i + 1 (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -263,6 +265,9 @@ class SQLiteStore:
             if self.path != ":memory:" and mode and mode[0].lower() != "wal":
                 raise StoreError(f"store.path {self.path}: cannot switch to WAL mode (got {mode[0]})")
             db.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+            # The WAL is checkpointed every 1,000 pages (SQLite's default); if a long read held a
+            # checkpoint back and it grew, it is cut back to this size once it is reset.
+            db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             db.execute("PRAGMA foreign_keys = ON")
             self._migrate(db)
         except BaseException:

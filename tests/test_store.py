@@ -252,3 +252,31 @@ async def test_queue_walks_use_their_index_not_a_sort(tmp_path, name):
         db.close()
     assert "TEMP B-TREE" not in plan, plan
     assert ("jobs_due" if name == "NEXT_RUN_SQL" else "jobs_dispatch") in plan, plan
+
+
+async def test_wal_is_cut_back_after_a_long_read_let_it_grow(tmp_path):
+    """A read held open stops checkpoints and the WAL grows past its limit; once the read ends and
+    writes go on, the WAL is checkpointed and cut back (the file does not stay at its largest)."""
+    path = tmp_path / "wal.db"
+    store = SQLiteStore(path)
+    await store.open()
+    wal = tmp_path / "wal.db-wal"
+    big = b'"' + b"x" * 60_000 + b'"'
+    reader = sqlite3.connect(path)
+    try:
+        await store.insert(make_job())
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM jobs").fetchone()  # a snapshot: no checkpoint may pass it
+        for _ in range(12):
+            await asyncio.gather(*(store.insert(make_job(params=big)) for _ in range(64)))
+        grown = wal.stat().st_size
+        assert grown > store_module.WAL_SIZE_LIMIT, grown
+        reader.execute("COMMIT")
+        for _ in range(40):
+            await asyncio.gather(*(store.insert(make_job()) for _ in range(8)))
+            if wal.stat().st_size <= store_module.WAL_SIZE_LIMIT:
+                break
+        assert wal.stat().st_size <= store_module.WAL_SIZE_LIMIT, (grown, wal.stat().st_size)
+    finally:
+        reader.close()
+        await store.close()
