@@ -16,13 +16,13 @@ ROOT = BENCH.parent
 
 
 class Server:
-    def __init__(self, *, workers: int = 8, synchronous: str = "full", max_wait: int = 600,
+    def __init__(self, *, workers: int = 8, synchronous: str = "full", max_wait: int = 600, loop: str = "asyncio",
                  extra_config: str = "", db: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="asyncjobs-bench-"))
         self.db = db or self.dir / "bench.db"
         config = self.dir / "config.toml"
         config.write_text(
-            f'[server]\nmax_wait = {max_wait}\n[store]\nsynchronous = "{synchronous}"\n'
+            f'[server]\nmax_wait = {max_wait}\nloop = "{loop}"\n[store]\nsynchronous = "{synchronous}"\n'
             f'[queue]\nworkers = {workers}\nmax_queued = 10000000\n'
             f'[tasks]\nmodules = ["asyncjobs.builtin", "bench_tasks"]\n{extra_config}'
         )
