@@ -77,10 +77,10 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
     raise RuntimeError("bare app did not start")
 
 
-def bare_run(duration: int, connections: int) -> tuple[dict, bool]:
+def bare_run(duration: int, connections: int, loop: str = "asyncio") -> tuple[dict, bool]:
     port = free_port()
     proc = subprocess.Popen(["taskset", "-c", SERVER_CORE, sys.executable, str(BENCH / "bare.py"),
-                             "--port", str(port)], stdout=subprocess.DEVNULL)
+                             "--port", str(port), "--loop", loop], stdout=subprocess.DEVNULL)
     try:
         wait_port(port, proc)
         pinned = pin(proc.pid, SERVER_CORE)
@@ -93,8 +93,9 @@ def bare_run(duration: int, connections: int) -> tuple[dict, bool]:
             proc.kill()
 
 
-def asyncjobs_run(synchronous: str, duration: int, connections: int, profile: Path | None = None) -> tuple[dict, bool]:
-    with Server(synchronous=synchronous) as server:
+def asyncjobs_run(synchronous: str, duration: int, connections: int, profile: Path | None = None,
+                  loop: str = "asyncio") -> tuple[dict, bool]:
+    with Server(synchronous=synchronous, loop=loop) as server:
         try:
             pinned = pin(server.proc.pid, SERVER_CORE)
             spy = None
@@ -150,21 +151,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"],
+                        help="event loop of both servers (asyncjobs: server.loop)")
     parser.add_argument("--profile", type=Path, help="profile a separate 'full' run with py-spy into this file")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
     print(machine())
     print(f"wrk -t1 -c{args.connections} -d{args.duration}s --latency (taskset -c {LOAD_CORE}), "
-          f"servers on core {SERVER_CORE}")
+          f"servers on core {SERVER_CORE}, {args.loop} event loop")
     if args.profile:
-        asyncjobs_run("full", args.duration, args.connections, args.profile)
+        asyncjobs_run("full", args.duration, args.connections, args.profile, loop=args.loop)
         print(f"profile written to {args.profile} (+ .collapsed)")
         return
     results = {}
-    for name, fn in (("bare", lambda: bare_run(args.duration, args.connections)),
-                     ("full", lambda: asyncjobs_run("full", args.duration, args.connections)),
-                     ("normal", lambda: asyncjobs_run("normal", args.duration, args.connections))):
+    for name, fn in (("bare", lambda: bare_run(args.duration, args.connections, args.loop)),
+                     ("full", lambda: asyncjobs_run("full", args.duration, args.connections, loop=args.loop)),
+                     ("normal", lambda: asyncjobs_run("normal", args.duration, args.connections, loop=args.loop))):
         results[name], pinned = fn()
         if not pinned:
             print(f"  ({name}: taskset on the server failed, not pinned)")
