@@ -6,20 +6,24 @@ W3: jobs of the `stamp` task return the moment they finished; each is awaited
 by a long poll, an SSE stream and a WebSocket subscriber, and each channel's
 receipt time minus that moment is its wake latency.
 W4: idle long polls, then idle WebSockets, held on a running job: the
-server's resident memory per waiter, and submit throughput with and without
-them (a Python client, 64 concurrent submitters, a few seconds).
+server's resident memory per waiter, and W1's submit load (wrk, 64
+connections, on core 1 with the server pinned to core 0; Python submitters if
+wrk is missing) with and without them held.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import re
+import shutil
+import subprocess
 import time
 
 import aiohttp
 import orjson
 
-from server import Server, machine, percentile
+from server import BENCH, Server, machine, percentile
 
 
 async def sse_until_terminal(session: aiohttp.ClientSession, url: str) -> tuple[float, dict]:
@@ -79,7 +83,17 @@ async def w3(server: Server, jobs: int, batch: int) -> dict[str, list[float]]:
     return lat
 
 
-async def submit_rate(server: Server, seconds: float = 4.0, concurrency: int = 64) -> float:
+async def submit_rate(server: Server, seconds: float = 5.0, concurrency: int = 64) -> float:
+    """W1's load (wrk on core 1, the server pinned to core 0) if wrk is here; else Python submitters."""
+    if shutil.which("wrk") and shutil.which("taskset"):
+        subprocess.run(["taskset", "-a", "-p", "-c", "0", str(server.proc.pid)], stdout=subprocess.DEVNULL, check=True)
+        proc = await asyncio.create_subprocess_exec(
+            "taskset", "-c", "1", "wrk", "-t1", f"-c{concurrency}", f"-d{int(seconds)}s",
+            "-s", str(BENCH / "submit.lua"), f"{server.url}/jobs", stdout=asyncio.subprocess.PIPE)
+        out = (await proc.communicate())[0].decode()
+        if "Non-2xx" in out:
+            raise RuntimeError(out)
+        return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     count = 0
     deadline = time.monotonic() + seconds
     body = orjson.dumps({"task": "noop"})
