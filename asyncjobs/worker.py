@@ -30,13 +30,14 @@ class JobContext:
     thread (call it); in a thread it raises ``Canceled`` once the job is canceled.
     """
 
-    def __init__(self, queue: JobQueue, execution: Execution, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, queue: JobQueue, execution: Execution, loop: asyncio.AbstractEventLoop, *,
+                 loop_thread: int, report_lock: threading.Lock) -> None:
         self._queue = queue
         self._execution = execution
         self._loop = loop
-        self._loop_thread = threading.get_ident()
+        self._loop_thread = loop_thread
         self._canceled = False  # read by a sync handler's thread; set once, from the loop
-        self._report_lock = threading.Lock()
+        self._report_lock = report_lock  # shared by the contexts of one Workers: held only for a swap
         self._report: tuple[float | None, str | None] | None = None  # latest from a thread, not yet applied
         self.job_id = execution.job.id
         self.attempt = execution.job.attempts
@@ -100,10 +101,13 @@ class Workers:
         self._executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix="asyncjobs-handler")
         self._tasks: dict[str, asyncio.Task] = {}
         self._busy = 0  # handlers running now; a job whose outcome is being stored no longer holds a worker
+        self._loop_thread = threading.get_ident()  # set again in start(), on the loop's thread
+        self._report_lock = threading.Lock()
         self._dispatcher: asyncio.Task | None = None
         self._sweeper: asyncio.Task | None = None
 
     async def start(self) -> None:
+        self._loop_thread = threading.get_ident()
         self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="asyncjobs-dispatcher")
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="asyncjobs-sweeper")
 
@@ -196,7 +200,7 @@ class Workers:
     async def _outcome(self, spec: TaskSpec, execution: Execution) -> Job:
         """Run the handler and turn what happened into the job's next state."""
         loop = asyncio.get_running_loop()
-        ctx = JobContext(self.queue, execution, loop)
+        ctx = JobContext(self.queue, execution, loop, loop_thread=self._loop_thread, report_lock=self._report_lock)
         params = codec.loads(execution.job.params)
         if spec.wants_context:
             params["ctx"] = ctx

@@ -16,7 +16,9 @@ __all__ = ["ProblemRunner", "WebSettings", "make_web_app"]
 
 
 def make_web_app(queue: JobQueue, settings: WebSettings) -> web.Application:
-    app = web.Application(middlewares=[problems_middleware, auth_middleware], client_max_size=settings.max_body_bytes)
+    # Without tokens the auth middleware would only pass every request on: it is left out.
+    middlewares = [problems_middleware, auth_middleware] if settings.tokens else [problems_middleware]
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[QUEUE_KEY] = queue
     app[SETTINGS_KEY] = settings
     app[WAITERS_KEY] = Waiters()
