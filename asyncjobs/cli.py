@@ -68,10 +68,10 @@ async def serve(app: App) -> None:
         site = web.TCPSite(runner, app.config.server.host, app.config.server.port)
         await site.start()
         host, port = runner.addresses[0][:2]
-        log.info("asyncjobs listening on http://%s:%d (%s event loop)", host, port,
-                 type(asyncio.get_running_loop()).__module__.partition(".")[0])
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        log.info("asyncjobs listening on http://%s:%d (%s event loop)", host, port,
+                 type(loop).__module__.partition(".")[0])
+        stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import os
-import secrets
 import weakref
 from dataclasses import dataclass
 from enum import StrEnum
@@ -40,14 +39,9 @@ ALLOWED_TRANSITIONS = frozenset(
 )
 
 
-def new_job_id() -> str:
-    """128 random bits, URL-safe (22 characters)."""
-    return secrets.token_urlsafe(16)
-
-
 class JobIds:
-    """``new_job_id`` for a busy server: the same 128 bits from the OS's CSPRNG, read 4 KiB at a
-    time (one system call per 256 ids instead of one per id). A forked child reads afresh."""
+    """New job ids: 128 random bits from the OS's CSPRNG, URL-safe (22 characters), read 4 KiB at
+    a time (one system call per 256 ids instead of one per id). A forked child reads afresh."""
 
     _SIZE = 4096
 

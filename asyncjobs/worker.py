@@ -101,7 +101,7 @@ class Workers:
         self._executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix="asyncjobs-handler")
         self._tasks: dict[str, asyncio.Task] = {}
         self._busy = 0  # handlers running now; a job whose outcome is being stored no longer holds a worker
-        self._loop_thread = threading.get_ident()  # set again in start(), on the loop's thread
+        self._loop_thread = 0  # the event loop's thread, known in start()
         self._report_lock = threading.Lock()
         self._dispatcher: asyncio.Task | None = None
         self._sweeper: asyncio.Task | None = None
@@ -173,25 +173,23 @@ class Workers:
         job = execution.job
         spec = self.queue.registry.get(job.task)
         started = time.monotonic()
-        busy = True
         try:
-            if spec is None:
-                new = self._failed(execution, None, "exception", f"task {job.task!r} is no longer registered")
-            else:
-                new = await self._outcome(spec, execution)
-                if new.status in (Status.SUCCEEDED, Status.FAILED):
-                    self.queue.run_times.record(job.task, time.monotonic() - started)
-            # The worker is free while the outcome is stored: the next claim can share its commit.
-            busy = False
-            self._busy -= 1
-            self.queue.wakeup.set()
+            try:
+                if spec is None:
+                    new = self._failed(execution, None, "exception", f"task {job.task!r} is no longer registered")
+                else:
+                    new = await self._outcome(spec, execution)
+                    if new.status in (Status.SUCCEEDED, Status.FAILED):
+                        self.queue.run_times.record(job.task, time.monotonic() - started)
+            finally:
+                # The worker is free while the outcome is stored: the next claim can share its commit.
+                self._busy -= 1
+                self.queue.wakeup.set()
             try:
                 await self.queue.finish(execution, new)
             except StoreError as exc:
                 log.error("job %s: outcome not stored (%s); it will be recovered at the next start", job.id, exc)
         finally:
-            if busy:
-                self._busy -= 1
             self.queue.running.pop(job.id, None)
             self._tasks.pop(job.id, None)
             execution.done.set()

@@ -62,13 +62,14 @@ async def submit(client, task: str, params: dict | None = None, **extra: Any) ->
     return await resp.json()
 
 
-async def wait_status(client, job_id: str, statuses: set[str] | str, timeout_s: float = 10.0) -> dict:
-    """Poll the monitor (without following redirects) until the job reaches one of ``statuses``."""
+async def wait_status(client, job_id: str, statuses: set[str] | str, timeout_s: float = 10.0,
+                      headers: dict[str, str] | None = None) -> dict:
+    """Poll the monitor (without following redirects, with ``headers``) until the job reaches one of ``statuses``."""
     if isinstance(statuses, str):
         statuses = {statuses}
     deadline = time.monotonic() + timeout_s
     while True:
-        resp = await client.get(f"/jobs/{job_id}", allow_redirects=False)
+        resp = await client.get(f"/jobs/{job_id}", allow_redirects=False, headers=headers)
         body = await resp.json()
         if body.get("status") in statuses:
             return body

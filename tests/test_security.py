@@ -16,7 +16,7 @@ from asyncjobs import App
 from asyncjobs.errors import ConfigError
 from asyncjobs.web import common
 from asyncjobs.web.common import find_principal
-from tests.conftest import ROOT, TEST_MODULES, make_config, recv, recv_until
+from tests.conftest import ROOT, TEST_MODULES, make_config, recv, recv_until, wait_status
 
 PROBLEM = "application/problem+json"
 ALICE = "alice-token-0123456789"
@@ -51,16 +51,7 @@ async def submit_as(client, token: str, task: str, params: dict | None = None,
 
 async def wait_as(client, token: str, job_id: str, statuses: set[str] | str, timeout_s: float = 10.0) -> dict:
     """Poll the monitor as ``token``'s principal until the job reaches one of ``statuses``."""
-    statuses = {statuses} if isinstance(statuses, str) else statuses
-    deadline = time.monotonic() + timeout_s
-    while True:
-        resp = await client.get(f"/jobs/{job_id}", params={"redirect": "false"}, headers=bearer(token))
-        body = await resp.json()
-        if body.get("status") in statuses:
-            return body
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} stayed {body.get('status')}, wanted {statuses}")
-        await asyncio.sleep(0.02)
+    return await wait_status(client, job_id, statuses, timeout_s, headers=bearer(token))
 
 
 async def assert_problem(resp: aiohttp.ClientResponse, status: int, what: str) -> dict:

@@ -7,13 +7,16 @@ import sqlite3
 import pytest
 
 from asyncjobs.errors import StoreError
-from asyncjobs.models import Job, Status, new_job_id, start, succeed
+from asyncjobs.models import Job, JobIds, Status, start, succeed
 from asyncjobs import store as store_module
 from asyncjobs.store import SQLiteStore
 
 
+NEW_ID = JobIds()
+
+
 def make_job(task="echo", priority=0, run_at=100.0, **changes) -> Job:
-    base = dict(id=new_job_id(), task=task, params=b"{}", status=Status.QUEUED, priority=priority,
+    base = dict(id=NEW_ID(), task=task, params=b"{}", status=Status.QUEUED, priority=priority,
                 created_at=100.0, expires_at=10_000.0, run_at=run_at, max_attempts=1)
     return Job(**{**base, **changes})
 

@@ -320,6 +320,13 @@ class Run:
     console: Console
     job_id: str | None = None
 
+    def show(self, value: Any, line: str) -> None:
+        """``value`` as JSON with ``--json``, else the human ``line``."""
+        if self.settings.json:
+            self.console.print_json(value)
+        else:
+            self.console.print(line)
+
 
 async def follow(client: Client, job: JobState | str, run: Run) -> int:
     """Show the job's progress until it ends; print its result (0) or say why there is none (1)."""
@@ -357,20 +364,14 @@ async def cmd_submit(client: Client, run: Run) -> int:
     run.job_id = job.id
     if args.wait:
         return await follow(client, job, run)
-    if run.settings.json:
-        run.console.print_json(job.raw)
-    else:
-        run.console.print(job.id)
+    run.show(job.raw, job.id)
     return EXIT_OK
 
 
 async def cmd_status(client: Client, run: Run) -> int:
     """``status ID``: one line describing the job (or the job as JSON)."""
     job = await client.get(run.args.id)
-    if run.settings.json:
-        run.console.print_json(job.raw)
-    else:
-        run.console.print(f"{job.id} {job.task} {describe(job, _now())}")
+    run.show(job.raw, f"{job.id} {job.task} {describe(job, _now())}")
     return EXIT_OK
 
 
@@ -389,20 +390,14 @@ async def cmd_result(client: Client, run: Run) -> int:
 async def cmd_cancel(client: Client, run: Run) -> int:
     """``cancel ID``: cancel it, and say whether it has stopped."""
     job = await client.cancel(run.args.id)
-    if run.settings.json:
-        run.console.print_json(job.raw)
-    else:
-        run.console.print(f"{job.id} {job.status}" + ("" if job.terminal else " (stopping)"))
+    run.show(job.raw, f"{job.id} {job.status}" + ("" if job.terminal else " (stopping)"))
     return EXIT_OK
 
 
 async def cmd_delete(client: Client, run: Run) -> int:
     """``delete ID``: cancel it if needed and forget it."""
     await client.delete(run.args.id)
-    if run.settings.json:
-        run.console.print_json({"id": run.args.id, "deleted": True})
-    else:
-        run.console.print(f"{run.args.id} deleted")
+    run.show({"id": run.args.id, "deleted": True}, f"{run.args.id} deleted")
     return EXIT_OK
 
 
