@@ -3,7 +3,7 @@
 from .config import Config
 from .errors import Canceled
 from .models import Job, Status
-from .tasks import Blob, Retry, TaskFailure, TaskRegistry, task
+from .tasks import Blob, FileResult, InputFile, Retry, TaskFailure, TaskRegistry, task
 
 _CLIENT_NAMES = frozenset({
     "Client", "SyncClient", "ClientError", "TransportError", "ConnectError", "Timeout", "RequestTimeout",
@@ -12,7 +12,8 @@ _CLIENT_NAMES = frozenset({
     "JobCanceled", "JobState",
 })
 
-__all__ = ["App", "Blob", "Canceled", "Config", "Job", "Retry", "Status", "TaskFailure", "TaskRegistry", "task",
+__all__ = ["App", "Blob", "Canceled", "Config", "FileResult", "InputFile", "Job", "Retry", "Status", "TaskFailure",
+           "TaskRegistry", "task",
            *sorted(_CLIENT_NAMES)]
 __version__ = "0.1.0"
 

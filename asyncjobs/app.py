@@ -10,6 +10,7 @@ from aiohttp import web
 from . import callbacks
 from .config import Config
 from .errors import ConfigError
+from .files import FileStore, default_dir
 from .hub import Hub
 from .queue import JobQueue
 from .store import SQLiteStore
@@ -59,12 +60,16 @@ class App:
         self.config = config
         self.registry = registry or TaskRegistry.from_modules(config.tasks.modules, config.tasks.overrides)
         self.store = SQLiteStore(config.store.path, synchronous=config.store.synchronous)
+        self.files = FileStore(config.files.dir or default_dir(config.store.path),
+                               max_upload_bytes=config.files.max_upload_bytes,
+                               max_total_bytes=config.files.max_total_bytes)
         self.hub = Hub()
         self.metrics = Metrics()
         self.hub.add_listener(self.metrics.observe_job)
         self.store.on_commit = self.metrics.observe_commit
         self.queue = JobQueue(
             store=self.store,
+            files=self.files,
             hub=self.hub,
             registry=self.registry,
             workers=config.queue.workers,
@@ -82,6 +87,8 @@ class App:
         self.web = make_web_app(self.queue, WebSettings(
             monitor_style=config.protocol.monitor,
             max_body_bytes=config.server.max_body_bytes,
+            max_upload_bytes=config.files.max_upload_bytes,
+            upload_read_timeout_s=config.files.read_timeout,
             max_wait_s=config.server.max_wait,
             tokens=_tokens(config),
             callback_hosts=tuple(h.lower() for h in config.callbacks.allow_hosts),

@@ -44,6 +44,14 @@ class JobsConfig:
 
 
 @dataclass(frozen=True)
+class FilesConfig:
+    dir: str = ""  # where files live; "": a folder beside store.path
+    max_upload_bytes: int = 1_073_741_824  # one uploaded file, at most
+    max_total_bytes: int = 0  # all files together, at most; 0: no limit
+    read_timeout: float = 60.0  # seconds an upload may stall before it is given up (408)
+
+
+@dataclass(frozen=True)
 class ProtocolConfig:
     monitor: str = "rest"  # or "flow"
 
@@ -82,6 +90,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    files: FilesConfig = field(default_factory=FilesConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
@@ -93,6 +102,7 @@ _SECTIONS: dict[str, type] = {
     "store": StoreConfig,
     "queue": QueueConfig,
     "jobs": JobsConfig,
+    "files": FilesConfig,
     "protocol": ProtocolConfig,
     "auth": AuthConfig,
     "callbacks": CallbacksConfig,
@@ -105,7 +115,8 @@ _CHOICES = {
     ("protocol", "monitor"): ("rest", "flow"),
 }
 _POSITIVE = {("server", "max_body_bytes"), ("server", "max_wait"), ("queue", "workers"), ("queue", "max_queued"),
-             ("callbacks", "max_attempts"), ("callbacks", "timeout")}
+             ("callbacks", "max_attempts"), ("callbacks", "timeout"), ("files", "max_upload_bytes"),
+             ("files", "read_timeout")}
 
 
 def _coerce(name: str, value: Any, kind: Any) -> Any:

@@ -66,6 +66,10 @@ class Gone(ProblemError):
     status, title = 410, "Gone"
 
 
+class RequestTimeout(ProblemError):
+    status, title = 408, "Request Timeout"
+
+
 class PayloadTooLarge(ProblemError):
     status, title = 413, "Content Too Large"
 
@@ -76,6 +80,10 @@ class UnsupportedMediaType(ProblemError):
 
 class UnprocessableContent(ProblemError):
     status, title = 422, "Unprocessable Content"
+
+
+class InsufficientStorage(ProblemError):
+    status, title = 507, "Insufficient Storage"
 
 
 class ServiceUnavailable(ProblemError):

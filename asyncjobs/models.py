@@ -91,6 +91,7 @@ class Job:
     request_hash: str | None = None  # of the submit that carried the idempotency key
     unique_key: str | None = None  # hash of the params, for tasks declared unique
     callback_url: str | None = None
+    files: dict[str, Any] | None = None  # {"inputs": {param: file}, "result": file or None}; None: no files
 
     @property
     def terminal(self) -> bool:
@@ -108,7 +109,12 @@ def start(job: Job, now: float) -> Job:
     return _move(job, Status.RUNNING, started_at=now, attempts=job.attempts + 1, error=None)
 
 
-def succeed(job: Job, now: float, *, result: bytes, result_type: str | None, retention_s: float) -> Job:
+def succeed(job: Job, now: float, *, result: bytes | None, result_type: str | None, retention_s: float,
+            result_file: dict[str, Any] | None = None) -> Job:
+    """Done; ``result_file`` (the file's name, size, content type and digest) for a file result."""
+    files = job.files
+    if result_file is not None:
+        files = {"inputs": (job.files or {}).get("inputs", {}), "result": result_file}
     return _move(
         job,
         Status.SUCCEEDED,
@@ -116,6 +122,7 @@ def succeed(job: Job, now: float, *, result: bytes, result_type: str | None, ret
         expires_at=now + retention_s,
         result=result,
         result_type=result_type,
+        files=files,
     )
 
 

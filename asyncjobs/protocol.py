@@ -5,11 +5,13 @@ Nothing here does I/O, so every rule can be tested without a server.
 
 from __future__ import annotations
 
+import base64
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
-from urllib.parse import urlencode
+from email.utils import formatdate
+from urllib.parse import quote, urlencode
 
 from . import codec
 from .errors import BadRequest
@@ -74,6 +76,8 @@ def job_body(job: Job, *, eta: float | None = None, queue_position: int | None =
         "run_at": codec.isotime(job.run_at) if job.status is Status.QUEUED else None,
         "result": result,
         "error": job.error if job.status in (Status.FAILED, Status.CANCELED) else None,
+        "files": None if job.files is None else {"inputs": job.files.get("inputs") or {},
+                                                 "result": job.files.get("result")},
         "links": job_links(job.id),
     }
 
@@ -397,3 +401,80 @@ def parse_ws_frame(data: Any) -> WsCommand:
 
 def ws_error(status: int, detail: str, **extra: Any) -> dict[str, Any]:
     return {"type": "error", "status": status, "detail": detail, **extra}
+
+
+# -- file results: validators, ranges, download headers ---------------------------
+
+@dataclass(frozen=True)
+class FileAnswer:
+    """How to answer a request for a file result: the status, headers, and which bytes to send."""
+
+    status: int  # 200, 206, 304 or 416
+    headers: dict[str, str]
+    start: int = 0
+    length: int = 0
+
+
+def file_etag(sha256: str) -> str:
+    """Strong: the bytes of a file result never change, and its digest names them."""
+    return f'"{sha256}"'
+
+
+def repr_digest(sha256: str) -> str:
+    """RFC 9530 ``Repr-Digest`` of the whole file."""
+    return f"sha-256=:{base64.b64encode(bytes.fromhex(sha256)).decode()}:"
+
+
+def content_disposition(name: str) -> str:
+    """RFC 6266: an ASCII ``filename`` for old clients and the exact name as ``filename*``."""
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\%' else "_" for c in name) or "file"
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """One ``bytes`` range as (first, last) inclusive, clamped to the file; None when it is malformed,
+    multiple, reversed or cannot be satisfied (all answered 416)."""
+    unit, _, spec = header.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first_s, dash, last_s = spec.strip().partition("-")
+    first_s, last_s = first_s.strip(), last_s.strip()
+    if not dash or not (first_s or last_s) or not all(p.isdigit() for p in (first_s, last_s) if p):
+        return None
+    if not first_s:  # the last n bytes
+        n = int(last_s)
+        return (max(0, size - n), size - 1) if n > 0 and size > 0 else None
+    first = int(first_s)
+    last = min(int(last_s), size - 1) if last_s else size - 1
+    if first >= size or (last_s and int(last_s) < first):
+        return None
+    return first, last
+
+
+def _if_range_holds(if_range: str, etag: str, last_modified: str) -> bool:
+    """An entity-tag must match strongly (a weak one never does); a date must equal Last-Modified."""
+    value = if_range.strip()
+    if value.startswith(('"', "W/")):
+        return value == etag
+    return value == last_modified
+
+
+def file_answer(*, sha256: str, size: int, name: str, content_type: str, stored_at: float, method: str,
+                range_header: str | None, if_range: str | None, if_none_match: str | None) -> FileAnswer:
+    """The answer to GET or HEAD of a stored file result (RFC 9110 ranges and validators)."""
+    etag = file_etag(sha256)
+    last_modified = formatdate(stored_at, usegmt=True)
+    validators = {"ETag": etag, "Last-Modified": last_modified, "Cache-Control": "private",
+                  "Accept-Ranges": "bytes"}
+    if if_none_match and etag_matches(if_none_match, etag):
+        return FileAnswer(304, validators)
+    headers = {**validators, "Content-Type": content_type, "Content-Disposition": content_disposition(name),
+               "Repr-Digest": repr_digest(sha256), "X-Content-Type-Options": "nosniff"}
+    if range_header is None or method != "GET" or (if_range is not None
+                                                     and not _if_range_holds(if_range, etag, last_modified)):
+        return FileAnswer(200, headers, 0, size)
+    span = parse_range(range_header, size)
+    if span is None:
+        return FileAnswer(416, {**validators, "Content-Range": f"bytes */{size}"})
+    first, last = span
+    return FileAnswer(206, {**headers, "Content-Range": f"bytes {first}-{last}/{size}"}, first, last - first + 1)

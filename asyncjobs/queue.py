@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from . import codec, protocol
 from .errors import BadRequest, Conflict, Gone, NotFound, ServiceUnavailable, UnprocessableContent
+from .files import FileStore, Upload
 from .hub import Hub
 from .models import Job, JobIds, Status, cancel, expire, is_expired, with_progress
 from .store import Inserted, Store
@@ -77,6 +78,7 @@ class JobQueue:
         self,
         *,
         store: Store,
+        files: FileStore,
         hub: Hub,
         registry: TaskRegistry,
         workers: int,
@@ -88,6 +90,7 @@ class JobQueue:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self.files = files
         self.hub = hub
         self.registry = registry
         self.workers = workers
@@ -114,6 +117,8 @@ class JobQueue:
         if requeued or failed:
             log.warning("recovered %d interrupted jobs: %d queued again, %d failed", requeued + failed,
                         requeued, failed)
+        await self.files.open()
+        await self.files.sweep_orphans(self.store.file_owners)
         self._queued_by_priority = Counter(await self.store.queued_by_priority())
         self.next_due = await self.store.next_run_at(after=self.clock())
         self.wakeup.set()
@@ -138,36 +143,63 @@ class JobQueue:
                              errors=[{**e, "field": f"params.{e['field']}" if e["field"] != "params" else "params"}
                                      for e in errors])
 
+    def check_files(self, task_name: str, names: list[str]) -> None:
+        """Raise ``BadRequest`` naming the field unless ``names`` are the task's file params, each once,
+        with every required one present."""
+        spec = self.registry.get(task_name)
+        assert spec is not None
+        errors = [{"field": name, "message": "is not a file param of this task" if spec.files
+                   else f"task {task_name!r} takes no files"}
+                  for name in names if spec.file_param(name) is None]
+        errors += [{"field": name, "message": "is sent more than once"}
+                   for name in sorted({n for n in names if names.count(n) > 1})]
+        errors += [{"field": f.name, "message": "is a required file"}
+                   for f in spec.files if f.required and f.name not in names]
+        if errors:
+            raise BadRequest("; ".join(f"{e['field']} {e['message']}" for e in errors), errors=errors)
+
     async def submit(self, task_name: Any, params: Any, *, priority: int = 0, delay_s: float = 0.0,
                      owner: str = "", idempotency_key: str | None = None, request_hash: str | None = None,
-                     callback_url: str | None = None) -> Inserted:
+                     callback_url: str | None = None, uploads: list[Upload] | None = None) -> Inserted:
         """Store a new job (committed before this returns), or find the one this submit repeats.
 
         A repeated ``idempotency_key`` with another ``request_hash`` is a 422; a unique task's live
-        job with equal params is returned as a duplicate for the caller to redirect to.
+        job with equal params is returned as a duplicate for the caller to redirect to. ``uploads``
+        (finished, for the task's file params) are placed in the job's folder before the commit and
+        removed again when no new job is stored.
         """
         self.check_params(task_name, params)
+        self.check_files(task_name, [u.param for u in uploads or ()])
         if not self.accepting:
             raise ServiceUnavailable("the server is shutting down", headers={"Retry-After": "5"})
         spec = self.registry.get(task_name)
         assert spec is not None
         now = self.clock()
+        inputs = {u.param: u.stored.as_dict() for u in uploads or () if u.stored is not None}
+        digests = {name: f["sha256"] for name, f in inputs.items()}
         job = Job(
             id=self._new_id(), task=task_name, params=codec.dumps(params), status=Status.QUEUED,
             priority=priority, created_at=now, expires_at=now + self.max_age_s, run_at=now + delay_s,
             max_attempts=spec.max_attempts, owner=owner, idempotency_key=idempotency_key,
-            request_hash=request_hash, unique_key=codec.fingerprint(params) if spec.unique else None,
-            callback_url=callback_url,
+            request_hash=request_hash, callback_url=callback_url,
+            unique_key=(codec.fingerprint([params, digests] if digests else params) if spec.unique else None),
+            files={"inputs": inputs, "result": None} if spec.files else None,
         )
         admit = self.queued < self.max_queued  # a full queue still answers replays and unique twins
         self._count_queued(job.priority, +1)
         try:
+            if uploads:
+                await self.files.place(job.id, uploads)
             inserted = await self.store.insert(job, admit=admit)
         except BaseException:
             self._count_queued(job.priority, -1)
+            if uploads:
+                await self.files.remove_job(job.id)
             raise
         if inserted.duplicate is not None:
             self._count_queued(job.priority, -1)
+            if uploads:
+                await self.files.remove_job(job.id)
             if inserted.duplicate == "refused":
                 raise ServiceUnavailable(f"the queue holds its maximum of {self.max_queued} jobs",
                                          headers={"Retry-After": "5"})
@@ -303,6 +335,7 @@ class JobQueue:
                     self.deliveries.set()
                 self._count_queued(job.priority, -1)
                 self.hub.publish(new)
+                await self._settle_files(new)
                 log.info("job %s canceled while queued", job_id)
                 return new, True
             await asyncio.sleep(0)  # claimed or changed meanwhile: look again
@@ -326,8 +359,15 @@ class JobQueue:
                     execution.delete_when_done = True
                     return False
         await self.store.delete(job_id)
+        if job.files is not None:
+            await self.files.remove_job(job_id)
         log.info("job %s deleted", job_id)
         return True
+
+    async def _settle_files(self, job: Job) -> None:
+        """Inputs go once their job is terminal: it can never run again."""
+        if job.terminal and job.files is not None and job.files.get("inputs"):
+            await self.files.remove_inputs(job.id)
 
     @staticmethod
     def callback_payload(job: Job) -> bytes:
@@ -373,8 +413,11 @@ class JobQueue:
             self._count_queued(new.priority, +1)
             self._due_at(new.run_at)
         self.hub.publish(new)
+        await self._settle_files(new)
         if execution.delete_when_done:
             await self.store.delete(new.id)
+            if new.files is not None:
+                await self.files.remove_job(new.id)
         log.debug("job %s %s (attempt %d)", new.id, new.status.value, new.attempts)
 
     async def claim(self, limit: int) -> list[Execution]:
@@ -422,6 +465,8 @@ class JobQueue:
             self.hub.publish(expire(job, now))
             if job.callback_url is not None:
                 self.deliveries.set()
+        if result.with_files:
+            await self.files.remove_jobs(result.with_files)
         for job_id in result.expired_running:
             execution = self.running.get(job_id)
             if execution is not None:

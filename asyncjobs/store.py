@@ -25,7 +25,7 @@ import aiosqlite
 
 from . import codec
 from .errors import StoreError
-from .models import Job, Status, expire, fail, requeue, start
+from .models import TERMINAL_STATUSES, Job, Status, expire, fail, requeue, start
 
 log = logging.getLogger("asyncjobs.store")
 
@@ -89,16 +89,19 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX deliveries_due ON deliveries (next_at) WHERE state = 'pending';
     """,
+    """
+    ALTER TABLE jobs ADD COLUMN files BLOB;
+    """,
 )
 
 _COLUMNS = (
     "seq, id, task, params, status, priority, created_at, started_at, finished_at, expires_at,"
     " run_at, attempts, max_attempts, version, progress, result, result_type, error, owner,"
-    " idempotency_key, request_hash, unique_key, callback_url"
+    " idempotency_key, request_hash, unique_key, callback_url, files"
 )
 _MUTABLE = (
     "status", "started_at", "finished_at", "expires_at", "run_at", "attempts",
-    "version", "progress", "result", "result_type", "error",
+    "version", "progress", "result", "result_type", "error", "files",
 )
 
 
@@ -119,7 +122,7 @@ NEXT_RUN_SQL = "SELECT MIN(run_at) FROM jobs INDEXED BY jobs_due WHERE status = 
 def _row_to_job(row: sqlite3.Row | tuple) -> Job:
     (seq, id_, task, params, status, priority, created_at, started_at, finished_at, expires_at,
      run_at, attempts, max_attempts, version, progress, result, result_type, error, owner,
-     idempotency_key, request_hash, unique_key, callback_url) = row
+     idempotency_key, request_hash, unique_key, callback_url, files) = row
     return Job(
         id=id_, seq=seq, task=task, params=params, status=Status(status), priority=priority,
         created_at=created_at, started_at=started_at, finished_at=finished_at,
@@ -128,8 +131,12 @@ def _row_to_job(row: sqlite3.Row | tuple) -> Job:
         result=result, result_type=result_type,
         error=codec.loads(error) if error else None, owner=owner,
         idempotency_key=idempotency_key, request_hash=request_hash, unique_key=unique_key,
-        callback_url=callback_url,
+        callback_url=callback_url, files=codec.loads(files) if files else None,
     )
+
+
+def _encoded(value: Any) -> bytes | None:
+    return None if value is None else codec.dumps(value)
 
 
 def _mutable_values(job: Job) -> tuple:
@@ -139,6 +146,7 @@ def _mutable_values(job: Job) -> tuple:
         codec.dumps(job.progress) if job.progress is not None else None,
         job.result, job.result_type,
         codec.dumps(job.error) if job.error is not None else None,
+        _encoded(job.files),
     )
 
 
@@ -187,6 +195,7 @@ class SweepResult:
     expired_running: list[str]  # ids whose handler must be stopped
     tombstoned: int
     forgotten: int
+    with_files: list[str] = dataclasses.field(default_factory=list)  # ids of gone jobs that had files
 
 
 class Store(Protocol):
@@ -210,6 +219,7 @@ class Store(Protocol):
     async def queued_by_priority(self) -> dict[int, int]: ...
     async def next_run_at(self, *, after: float) -> float | None: ...
     async def counts(self) -> dict[str, int]: ...
+    async def file_owners(self, ids: list[str]) -> dict[str, tuple[bool, bool]]: ...
     async def due_deliveries(self, *, now: float, limit: int) -> list[Delivery]: ...
     async def next_delivery_at(self) -> float | None: ...
     async def delivery_attempted(self, job_id: str, *, ok: bool, next_at: float | None, error: str | None) -> None: ...
@@ -400,14 +410,14 @@ class SQLiteStore:
                 db.execute("UPDATE jobs SET idempotency_key = NULL WHERE owner = ? AND idempotency_key = ?",
                                  (job.owner, job.idempotency_key))
             cur = db.execute(
-                f"INSERT INTO jobs ({_COLUMNS}) VALUES (NULL{', ?' * 22})",
+                f"INSERT INTO jobs ({_COLUMNS}) VALUES (NULL{', ?' * 23})",
                 (job.id, job.task, job.params, job.status.value, job.priority, job.created_at,
                  job.started_at, job.finished_at, job.expires_at, job.run_at, job.attempts,
                  job.max_attempts, job.version,
                  codec.dumps(job.progress) if job.progress is not None else None,
                  job.result, job.result_type,
                  codec.dumps(job.error) if job.error is not None else None, job.owner,
-                 job.idempotency_key, job.request_hash, job.unique_key, job.callback_url),
+                 job.idempotency_key, job.request_hash, job.unique_key, job.callback_url, _encoded(job.files)),
             )
             return Inserted(dataclasses.replace(job, seq=cur.lastrowid))
 
@@ -528,6 +538,7 @@ class SQLiteStore:
                 expired_running=running,
                 tombstoned=len(gone),
                 forgotten=cur.rowcount,
+                with_files=[j.id for j in gone if j.files is not None],
             )
 
         return await self._write(op)
@@ -613,6 +624,18 @@ class SQLiteStore:
     async def next_delivery_at(self) -> float | None:
         rows = await self._fetchall("SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'")
         return rows[0][0]
+
+    async def file_owners(self, ids: list[str]) -> dict[str, tuple[bool, bool]]:
+        """For the ids that are jobs: (terminal, has a file result), so the file store can drop the rest."""
+        owners: dict[str, tuple[bool, bool]] = {}
+        for at in range(0, len(ids), 500):
+            part = ids[at:at + 500]
+            rows = await self._fetchall(
+                f"SELECT id, status, files FROM jobs WHERE id IN ({', '.join('?' for _ in part)})", tuple(part))
+            for job_id, status, files in rows:
+                result = (codec.loads(files) or {}).get("result") if files else None
+                owners[job_id] = (Status(status) in TERMINAL_STATUSES, result is not None)
+        return owners
 
     async def counts(self) -> dict[str, int]:
         rows = await self._fetchall("SELECT status, COUNT(*) FROM jobs GROUP BY status")

@@ -8,7 +8,8 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Literal, Mapping
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 from .config import TaskOverride
 from .errors import ConfigError
@@ -49,6 +50,48 @@ class Blob:
 
 
 @dataclass(frozen=True)
+class InputFile:
+    """A file param's upload, on local disk before the handler runs (read it; never move or change it)."""
+
+    path: Path
+    name: str  # the client's file name, sanitised: for display only
+    size: int
+    content_type: str
+    sha256: str  # lowercase hex
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """Return from a handler for a file result: the file at ``path`` is moved (or copied) into the store.
+
+    ``name`` is the download name (default: the file's own name).
+    """
+
+    path: str | Path
+    content_type: str = "application/octet-stream"
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class FileParam:
+    """A handler parameter annotated ``InputFile``: sent as a file, not in the JSON params."""
+
+    name: str
+    required: bool = True
+    accept: tuple[str, ...] = ()  # content types (``video/*`` patterns); empty: any
+
+    def accepts(self, content_type: str) -> bool:
+        if not self.accept:
+            return True
+        kind = content_type.split(";", 1)[0].strip().lower()
+        return any(kind == pattern or (pattern.endswith("/*") and kind.startswith(pattern[:-1]))
+                   for pattern in self.accept)
+
+    def describe(self) -> dict[str, Any]:
+        return {"required": self.required, "content_types": list(self.accept) or ["*/*"]}
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     name: str
     fn: Callable[..., Any]
@@ -60,6 +103,7 @@ class TaskSpec:
     concurrency: int | None = None  # jobs of this task running at once; None: any
     unique: bool = False
     description: str = ""
+    files: tuple[FileParam, ...] = ()
     is_async: bool = field(default=False)
     wants_context: bool = field(default=False)
 
@@ -77,7 +121,11 @@ class TaskSpec:
             "retries": self.retries,
             "concurrency": self.concurrency,
             "unique": self.unique,
+            "file_params": {f.name: f.describe() for f in self.files},
         }
+
+    def file_param(self, name: str) -> FileParam | None:
+        return next((f for f in self.files if f.name == name), None)
 
 
 def task(
@@ -90,18 +138,21 @@ def task(
     concurrency: int | None = None,
     unique: bool = False,
     schema: dict[str, Any] | None = None,
+    accept: Mapping[str, Sequence[str]] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Mark a function as a task handler; modules listed in ``tasks.modules`` are scanned for them.
 
     ``route`` mounts the task on its own path, e.g. ``"POST /thumbnails"`` or
     ``"DELETE /items/{item_id}"``. ``schema`` (a JSON Schema subset) replaces
-    the one derived from the signature.
+    the one derived from the signature. Parameters annotated ``InputFile`` are file
+    params; ``accept`` maps one to the content types it takes (``"video/*"`` patterns).
     """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         task_name = name or fn.__name__
         if not _NAME_RE.match(task_name):
             raise ValueError(f"task name {task_name!r}: use letters, digits, '_', '.', '-'")
+        files = file_params_of(fn, accept or {})
         setattr(fn, _ATTR, TaskSpec(
             name=task_name,
             fn=fn,
@@ -113,6 +164,7 @@ def task(
             concurrency=concurrency,
             unique=unique,
             description=inspect.getdoc(fn) or "",
+            files=files,
             is_async=inspect.iscoroutinefunction(fn),
             wants_context=CONTEXT_PARAM in inspect.signature(fn).parameters,
         ))
@@ -152,20 +204,47 @@ def _type_schema(annotation: Any) -> dict[str, Any]:
     return {}
 
 
-def schema_from_signature(fn: Callable[..., Any]) -> dict[str, Any]:
+def _is_file_annotation(annotation: Any) -> bool:
+    """``InputFile``, or ``InputFile | None`` for an optional file."""
+    if annotation is InputFile:
+        return True
+    args = typing.get_args(annotation)
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and InputFile in args \
+        and all(a in (InputFile, type(None)) for a in args)
+
+
+def _signature_params(fn: Callable[..., Any]) -> Iterator[tuple[inspect.Parameter, Any]]:
     hints = typing.get_type_hints(fn)
+    for param in inspect.signature(fn).parameters.values():
+        if param.name != CONTEXT_PARAM:
+            yield param, hints.get(param.name, param.annotation)
+
+
+def file_params_of(fn: Callable[..., Any], accept: Mapping[str, Sequence[str]]) -> tuple[FileParam, ...]:
+    files = tuple(
+        FileParam(param.name, required=param.default is inspect.Parameter.empty,
+                  accept=tuple(p.lower() for p in accept.get(param.name, ())))
+        for param, annotation in _signature_params(fn) if _is_file_annotation(annotation))
+    unknown = set(accept) - {f.name for f in files}
+    if unknown:
+        raise ValueError(f"accept names {sorted(unknown)}, which are not InputFile parameters")
+    return files
+
+
+def schema_from_signature(fn: Callable[..., Any]) -> dict[str, Any]:
+    """The JSON params' schema; ``InputFile`` parameters are files and not part of it."""
     properties: dict[str, Any] = {}
     required: list[str] = []
     extra_allowed = False
-    for param in inspect.signature(fn).parameters.values():
-        if param.name == CONTEXT_PARAM:
+    for param, annotation in _signature_params(fn):
+        if _is_file_annotation(annotation):
             continue
         if param.kind is inspect.Parameter.VAR_KEYWORD:
             extra_allowed = True
             continue
         if param.kind is inspect.Parameter.VAR_POSITIONAL:
             continue
-        prop = _type_schema(hints.get(param.name, param.annotation))
+        prop = _type_schema(annotation)
         if param.default is inspect.Parameter.empty:
             required.append(param.name)
         else:

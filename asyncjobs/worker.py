@@ -5,22 +5,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mimetypes
 import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from . import codec
-from .errors import Canceled, StoreError
+from .errors import Canceled, ProblemError, StoreError
+from .files import sanitize_name
 from .models import Job, Status, cancel, fail, requeue, succeed
 from .queue import EXPIRED, Execution, JobQueue
-from .tasks import Blob, Retry, TaskFailure, TaskSpec
+from .tasks import Blob, FileResult, InputFile, Retry, TaskFailure, TaskSpec
 
 log = logging.getLogger("asyncjobs.worker")
 
 SHUTDOWN = "the server is shutting down"
 MAX_BACKOFF_S = 3600.0
+BLOB_FILE_BYTES = 256 * 1024  # bytes results larger than this are stored as files, not in the job's row
 
 
 class JobContext:
@@ -41,6 +45,21 @@ class JobContext:
         self._report: tuple[float | None, str | None] | None = None  # latest from a thread, not yet applied
         self.job_id = execution.job.id
         self.attempt = execution.job.attempts
+        self.work_dir = queue.files.work_dir(self.job_id, self.attempt)
+        self.outputs: list[Path] = []
+
+    def output_path(self, name: str) -> Path:
+        """A fresh path for a file the handler writes: its own folder, removed after this attempt.
+
+        Return ``FileResult(path, ...)`` to make it the result; a handler that returns ``None``
+        after asking for exactly one output path that it wrote gets that file as its result.
+        """
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        path = self.work_dir / sanitize_name(name).lstrip(".")
+        if path == self.work_dir or path.parent != self.work_dir:
+            path = self.work_dir / "output"
+        self.outputs.append(path)
+        return path
 
     @property
     def canceled(self) -> bool:
@@ -194,12 +213,16 @@ class Workers:
             self._tasks.pop(job.id, None)
             execution.done.set()
             self.queue.wakeup.set()
+            if self.queue.files.work_dir(job.id, job.attempts).exists():
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self.queue.files.remove_work, job.id, job.attempts)
 
     async def _outcome(self, spec: TaskSpec, execution: Execution) -> Job:
         """Run the handler and turn what happened into the job's next state."""
         loop = asyncio.get_running_loop()
         ctx = JobContext(self.queue, execution, loop, loop_thread=self._loop_thread, report_lock=self._report_lock)
         params = codec.loads(execution.job.params)
+        params.update(self._input_files(execution.job))
         if spec.wants_context:
             params["ctx"] = ctx
         if spec.is_async:
@@ -224,7 +247,7 @@ class Workers:
             value = handler.result()
         except BaseException as exc:
             return self._raised(execution, spec, exc)
-        return self._succeeded(execution, value)
+        return await self._succeeded(execution, ctx, value)
 
     async def _outcome_async(self, spec: TaskSpec, execution: Execution, ctx: JobContext,
                              params: dict[str, Any]) -> Job:
@@ -267,7 +290,7 @@ class Workers:
             return self._failed(execution, spec, "timeout", f"the handler ran longer than its {spec.timeout:g}s timeout")
         if error is not None:
             return self._raised(execution, spec, error)
-        return self._succeeded(execution, value)
+        return await self._succeeded(execution, ctx, value)
 
     def _raised(self, execution: Execution, spec: TaskSpec, exc: BaseException) -> Job:
         """The next state after the handler raised ``exc``."""
@@ -282,12 +305,27 @@ class Workers:
         log.info("job %s: handler raised %s", execution.job.id, exc.__class__.__name__, exc_info=exc)
         return self._failed(execution, spec, "exception", f"{exc.__class__.__name__}: {exc}")
 
-    def _succeeded(self, execution: Execution, value: Any) -> Job:
+    def _input_files(self, job: Job) -> dict[str, InputFile]:
+        """The handler's file params: each upload, already in the job's folder."""
+        inputs = (job.files or {}).get("inputs") or {}
+        return {name: InputFile(path=self.queue.files.input_path(job.id, name), name=f["name"], size=f["size"],
+                                content_type=f["content_type"], sha256=f["sha256"])
+                for name, f in inputs.items()}
+
+    async def _succeeded(self, execution: Execution, ctx: JobContext, value: Any) -> Job:
         now = self.queue.clock()
+        if value is None and len(ctx.outputs) == 1 and ctx.outputs[0].is_file():
+            value = ctx.outputs[0]
+        if isinstance(value, Path):
+            value = FileResult(value, mimetypes.guess_type(value.name)[0] or "application/octet-stream")
+        if isinstance(value, FileResult):
+            return await self._file_succeeded(execution, ctx, Path(value.path), value.content_type, value.name)
+        if isinstance(value, (bytes, bytearray)):
+            value = Blob(bytes(value))
+        if isinstance(value, Blob) and len(value.data) > BLOB_FILE_BYTES:
+            return await self._file_succeeded(execution, ctx, value.data, value.content_type, None)
         if isinstance(value, Blob):
             result, result_type = value.data, value.content_type
-        elif isinstance(value, (bytes, bytearray)):
-            result, result_type = bytes(value), "application/octet-stream"
         else:
             try:
                 result, result_type = codec.dumps(value), None
@@ -297,6 +335,30 @@ class Workers:
                             retention_s=self.queue.retention_s)
         return succeed(execution.job, now, result=result, result_type=result_type,
                        retention_s=self.queue.retention_s)
+
+    async def _file_succeeded(self, execution: Execution, ctx: JobContext, source: Path | bytes,
+                              content_type: str, name: str | None) -> Job:
+        """Store the file (fsynced, in place) before the job may say ``succeeded``; else fail as storage.
+
+        A file in the handler's work folder is moved; any other path is copied; bytes are written.
+        """
+        job = execution.job
+        if isinstance(source, bytes):
+            name = name or f"result{mimetypes.guess_extension(content_type) or '.bin'}"
+        elif not source.is_file():
+            return fail(job, self.queue.clock(), error_type="exception", retention_s=self.queue.retention_s,
+                        message=f"the handler returned the file {source.name!r}, which does not exist")
+        else:
+            name = name or source.name
+        owned = isinstance(source, Path) and source.resolve().parent == ctx.work_dir.resolve()
+        try:
+            stored = await asyncio.get_running_loop().run_in_executor(None, lambda: self.queue.files.store_result(
+                job.id, source, owned=owned, content_type=content_type, name=name or "result"))
+        except ProblemError as exc:
+            return fail(job, self.queue.clock(), error_type="storage", retention_s=self.queue.retention_s,
+                        message=f"the result could not be stored: {exc.detail}")
+        return succeed(job, self.queue.clock(), result=None, result_type=None, retention_s=self.queue.retention_s,
+                       result_file=stored.as_dict())
 
     def _failed(self, execution: Execution, spec: TaskSpec | None, error_type: str, message: str,
                 delay_s: float | None = None) -> Job:

@@ -7,7 +7,9 @@ import threading
 import time
 from typing import Any, Literal
 
-from asyncjobs import Blob, TaskFailure, task
+from pathlib import Path
+
+from asyncjobs import Blob, FileResult, InputFile, TaskFailure, task
 
 # Per-process counters the tests read through the tasks themselves.
 _attempts: dict[str, int] = {}
@@ -114,3 +116,44 @@ async def ask_retry(key: str, delay_s: float = 0.3, times: int = 1) -> int:
     if n <= times:
         raise Retry(f"not yet ({n})", delay_s=delay_s)
     return n
+
+
+# -- files --------------------------------------------------------------------------
+
+@task(route="PUT /uploads/{name}")
+async def store_upload(name: str, file: InputFile, tag: str = "", copies: int = 1) -> dict[str, Any]:
+    """One file param on a raw-body route: path and query give the other params."""
+    return {"name": name, "tag": tag, "copies": copies, "file_name": file.name, "size": file.size,
+            "content_type": file.content_type, "sha256": file.sha256, "on_disk": file.path.stat().st_size}
+
+
+@task(route="POST /pairs", accept={"left": ["text/*"]})
+async def pair(left: InputFile, right: InputFile | None = None, label: str = "") -> dict[str, Any]:
+    """Two file params, one optional; the first takes text only."""
+    return {"label": label, "left": left.sha256, "right": right.sha256 if right else None}
+
+
+@task()
+async def hold_file(ctx: Any, file: InputFile, seconds: float = 30.0) -> str:
+    """Holds its upload while it runs, so the tests can look at the folder meanwhile."""
+    await asyncio.sleep(seconds)
+    return file.sha256
+
+
+@task()
+def write_output(ctx: Any, size: int, name: str = "report.txt", return_it: bool = True) -> FileResult | None:
+    """Writes ``size`` bytes to a path the context gives; returns it, or leaves it as the only output."""
+    path = ctx.output_path(name)
+    path.write_bytes(b"r" * size)
+    return FileResult(path, "text/plain; charset=utf-8", name) if return_it else None
+
+
+@task()
+async def big_blob(size: int) -> Blob:
+    """A bytes result large enough to be stored as a file."""
+    return Blob(b"b" * size, "application/x-test")
+
+
+@task()
+async def missing_file() -> FileResult:
+    return FileResult(Path("/nonexistent/asyncjobs-test-file"), "text/plain")

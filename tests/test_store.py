@@ -9,7 +9,7 @@ import pytest
 from asyncjobs.errors import StoreError
 from asyncjobs.models import Job, JobIds, Status, start, succeed
 from asyncjobs import store as store_module
-from asyncjobs.store import SQLiteStore
+from asyncjobs.store import MIGRATIONS, SQLiteStore
 
 
 NEW_ID = JobIds()
@@ -171,7 +171,7 @@ async def test_sqlite_file_settings(tmp_path):
             await store.close()
         with sqlite3.connect(path) as db:
             assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+            assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
 
 
 async def test_reopen_keeps_jobs_and_refuses_newer_schema(tmp_path):

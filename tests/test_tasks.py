@@ -71,9 +71,9 @@ def test_registry_overrides_and_errors():
 
 
 def test_registry_from_modules():
-    """The built-in module registers the protocol's five tasks; a missing module is a config error."""
+    """The built-in module registers the protocol's eight tasks; a missing module is a config error."""
     registry = TaskRegistry.from_modules(["asyncjobs.builtin"])
-    assert registry.names() == ["echo", "fail", "hash", "noop", "sleep"]
+    assert registry.names() == ["bytes", "digest", "echo", "fail", "gzip", "hash", "noop", "sleep"]
     assert not registry.get("hash").is_async and registry.get("sleep").is_async
     with pytest.raises(ConfigError, match="no.such.module"):
         TaskRegistry.from_modules(["no.such.module"])

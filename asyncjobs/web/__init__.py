@@ -7,9 +7,9 @@ import weakref
 from aiohttp import web
 
 from ..queue import JobQueue
-from . import jobs, ops, pages, push
+from . import jobs, ops, pages, push, uploads
 from .common import (QUEUE_KEY, SETTINGS_KEY, WAITERS_KEY, Waiters, WebSettings, auth_middleware, expect_handler,
-                     problems_middleware)
+                     make_expect_handler, problems_middleware)
 from .runner import ProblemRunner
 
 __all__ = ["ProblemRunner", "WebSettings", "make_web_app"]
@@ -38,10 +38,15 @@ def make_web_app(queue: JobQueue, settings: WebSettings) -> web.Application:
         ("GET", "/healthz", jobs.healthz),
     ]
     routes += [(*spec.route, jobs.task_route_handler(spec)) for spec in queue.registry if spec.route is not None]
+    limits = {("POST", "/jobs"): None, **{spec.route: spec for spec in queue.registry if spec.route is not None}}
     for method, path, handler in routes:
-        app.router.add_route(method, path, handler, expect_handler=expect_handler)
+        expect = expect_handler
+        if (method, path) in limits:  # routes that take bodies refuse one over their limit before it is sent
+            spec = limits[(method, path)]
+            expect = make_expect_handler(lambda request, spec=spec: uploads.body_limit(request, spec))
+        app.router.add_route(method, path, handler, expect_handler=expect)
         if method == "GET":
-            app.router.add_route("HEAD", path, handler, expect_handler=expect_handler)
+            app.router.add_route("HEAD", path, handler, expect_handler=expect)
     ops.add_routes(app)
     pages.add_routes(app)
     return app

@@ -27,6 +27,8 @@ PROBLEM_TYPE = "application/problem+json"
 class WebSettings:
     monitor_style: str = "rest"
     max_body_bytes: int = 1_048_576
+    max_upload_bytes: int = 1_073_741_824  # one uploaded file
+    upload_read_timeout_s: float = 60.0  # an upload that stalls this long is given up (408)
     max_wait_s: float = 60.0
     sse_keepalive_s: float = 15.0  # comment lines on idle event streams, so proxies keep them open
     ws_heartbeat_s: float = 30.0  # WebSocket pings; a peer that does not answer is closed
@@ -185,12 +187,27 @@ def principal_of(request: web.Request) -> str | None:
     return request.get(PRINCIPAL_KEY)
 
 
-async def expect_handler(request: web.Request) -> web.StreamResponse | None:
-    """``Expect: 100-continue`` is honoured; any other expectation is a 417 problem."""
-    expect = request.headers.get("Expect", "")
-    if expect.lower() == "100-continue":
+def make_expect_handler(limit: Callable[[web.Request], int | None]
+                        ) -> Callable[[web.Request], Awaitable[web.StreamResponse | None]]:
+    """``Expect: 100-continue`` is honoured, unless ``Content-Length`` is over the route's ``limit``
+    (then 413 before the body is sent); any other expectation is a 417 problem."""
+
+    async def handle(request: web.Request) -> web.StreamResponse | None:
+        expect = request.headers.get("Expect", "")
+        if expect.lower() != "100-continue":
+            return problem_response(problem_body(417, f"this server cannot meet 'Expect: {expect}'"))
+        most = limit(request)
+        if most is not None and request.content_length is not None and request.content_length > most:
+            response = problem_response(problem_body(
+                413, f"the body of {request.content_length} bytes is larger than the limit of {most} bytes"))
+            response.force_close()  # the body never comes: this connection cannot carry another request
+            return response
         if request.version >= (1, 1):
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0  # the answer's own headers are still to come
         return None
-    return problem_response(problem_body(417, f"this server cannot meet 'Expect: {expect}'"))
+
+    return handle
+
+
+expect_handler = make_expect_handler(lambda request: None)

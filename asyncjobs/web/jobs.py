@@ -6,9 +6,10 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from .. import callbacks, protocol
-from . import pages
+from .. import callbacks, codec, protocol
+from . import downloads, pages, uploads
 from ..errors import BadRequest
+from ..files import Upload
 from ..models import Job
 from ..queue import JobQueue
 from ..tasks import TaskSpec
@@ -26,21 +27,36 @@ async def _accepted(queue: JobQueue, job: Job, extra: dict[str, str] | None = No
 
 async def submit(request: web.Request) -> web.Response:
     queue = request.app[QUEUE_KEY]
+    if uploads.is_multipart(request):
+        async with uploads.receiving() as received:
+            await uploads.read_multipart(request, received, spec=None)
+            if received.submit is None:
+                raise BadRequest("the multipart body has no 'job' part (the JSON submit body)",
+                                 errors=[{"field": "job", "message": "is required"}])
+            return await _submit(request, queue, received.submit, received.uploads)
     body = protocol.parse_submit(await read_json(request))
     return await _submit(request, queue, body)
 
 
-async def _submit(request: web.Request, queue: JobQueue, body: protocol.Submit) -> web.Response:
-    """Store the job (or find the one this request repeats) and answer as the protocol says."""
+async def _submit(request: web.Request, queue: JobQueue, body: protocol.Submit,
+                  files: list[Upload] | None = None) -> web.Response:
+    """Store the job (or find the one this request repeats) and answer as the protocol says.
+
+    With ``files``, the request's identity for an ``Idempotency-Key`` includes their digests.
+    """
     settings = request.app[SETTINGS_KEY]
     if body.callback_url is not None and not callbacks.host_allowed(body.callback_url, list(settings.callback_hosts)):
         raise BadRequest("callback_url must be an http(s) URL on a host this server allows callbacks to"
                          if settings.callback_hosts else "callbacks are not enabled on this server",
                          errors=[{"field": "callback_url", "message": "host not allowed"}])
     key = protocol.parse_idempotency_key(request.headers.get("Idempotency-Key"))
+    request_hash = None
+    if key:
+        digests = {u.param: u.stored.sha256 for u in files or () if u.stored is not None}
+        request_hash = codec.fingerprint([body.fingerprint(), digests]) if digests else body.fingerprint()
     inserted = await queue.submit(
         body.task, body.params, priority=body.priority, delay_s=body.delay_s, owner=principal_of(request) or "",
-        idempotency_key=key, request_hash=body.fingerprint() if key else None, callback_url=body.callback_url)
+        idempotency_key=key, request_hash=request_hash, callback_url=body.callback_url, uploads=files)
     if inserted.duplicate == "unique":
         answer = protocol.see_other_answer(inserted.job)
         return json_response(protocol.job_body(inserted.job), status=answer.status, headers=answer.headers)
@@ -76,22 +92,40 @@ async def _held(request: web.Request, waiting: Awaitable[Job]) -> Job:
 
 
 def task_route_handler(spec: TaskSpec) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """A task on its own route: path parameters and the JSON body become its params."""
+    """A task on its own route: path parameters and the JSON body become its params.
+
+    A task with file params also takes multipart (form fields as params) or, with one file
+    param, a raw body of any type as that file (query parameters as params).
+    """
 
     async def handle(request: web.Request) -> web.Response:
         queue = request.app[QUEUE_KEY]
+        if uploads.is_multipart(request) or (spec.files and request.body_exists):
+            async with uploads.receiving() as received:
+                if uploads.is_multipart(request):
+                    await uploads.read_multipart(request, received, spec=spec)
+                    given = uploads.coerce(received.fields, spec.schema)
+                else:
+                    await uploads.read_raw(request, received, spec)
+                    given = uploads.coerce({k: v for k, v in request.query.items() if k != "filename"}, spec.schema)
+                params = _with_path_params(request, given)
+                return await _submit(request, queue, protocol.Submit(spec.name, params), received.uploads)
         body = await read_json(request, required=False)
         if body is not None and not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object", errors=[{"field": "", "message": "expected object"}])
-        params = dict(body or {})
-        for name, value in request.match_info.items():
-            if name in params and params[name] != value:
-                raise BadRequest(f"{name!r} is given in the path and, differently, in the body",
-                                 errors=[{"field": name, "message": "differs from the path"}])
-            params[name] = value
-        return await _submit(request, queue, protocol.Submit(spec.name, params))
+        return await _submit(request, queue, protocol.Submit(spec.name, _with_path_params(request, body or {})))
 
     return handle
+
+
+def _with_path_params(request: web.Request, given: dict) -> dict:
+    params = dict(given)
+    for name, value in request.match_info.items():
+        if name in params and params[name] != value:
+            raise BadRequest(f"{name!r} is given in the path and, differently, in the body",
+                             errors=[{"field": name, "message": "differs from the path"}])
+        params[name] = value
+    return params
 
 
 async def monitor(request: web.Request) -> web.StreamResponse:
@@ -119,11 +153,13 @@ async def monitor(request: web.Request) -> web.StreamResponse:
                          status=answer.status, headers={**answer.headers, **wait_headers})
 
 
-async def result(request: web.Request) -> web.Response:
+async def result(request: web.Request) -> web.StreamResponse:
     queue = request.app[QUEUE_KEY]
     job = await queue.find(job_id_of(request), owner=principal_of(request))
     view = await queue.view(job) if not job.terminal else None
     answer = protocol.result_answer(job, eta=view.eta if view else None, now=queue.clock())
+    if answer.status == 200 and job.files is not None and job.files.get("result"):
+        return await downloads.send_file_result(request, queue, job)
     if answer.status == 200:
         response = web.Response(body=job.result or b"null", headers=answer.headers)
         response.content_type = job.result_type or "application/json"

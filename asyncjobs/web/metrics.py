@@ -40,6 +40,9 @@ class Metrics:
                                         buckets=_COMMIT_BUCKETS_S, registry=r)
         self.commit_batch = Histogram("asyncjobs_store_commit_batch_size", "Writes grouped in one commit.",
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+        self.file_bytes = Gauge("asyncjobs_files_bytes", "Bytes of job files (inputs and results) on disk.",
+                                registry=r)
+        self.files = Gauge("asyncjobs_files", "Job files (inputs and results) on disk.", registry=r)
         self._seen: dict[str, Status] = {}
         self._by_task: dict[str, _TaskChildren] = {}  # labels() looked up once per task, not per change
         for status in Status:
@@ -78,8 +81,11 @@ class Metrics:
         self.commit_latency.observe(seconds)
         self.commit_batch.observe(batch_size)
 
-    def exposition(self, counts: Mapping[str, int], waiting: Mapping[str, int]) -> bytes:
-        """The text format, with the gauges read just now."""
+    def exposition(self, counts: Mapping[str, int], waiting: Mapping[str, int], files: tuple[int, int] = (0, 0)
+                   ) -> bytes:
+        """The text format, with the gauges read just now (``files``: bytes and count on disk)."""
+        self.file_bytes.set(files[0])
+        self.files.set(files[1])
         for status, n in counts.items():
             self.jobs.labels(status).set(n)
         for channel, n in waiting.items():

@@ -11,6 +11,8 @@ from ..tasks import TaskSpec
 
 JSON = "application/json"
 PROBLEM = "application/problem+json"
+MULTIPART = "multipart/form-data"
+_BINARY = {"type": "string", "format": "binary"}
 
 _NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
 _LINK = {"type": "object", "required": ["href", "method"],
@@ -42,12 +44,22 @@ SCHEMAS: dict[str, Any] = {
             "result": {"description": "The handler's return value when succeeded (or a reference to a bytes "
                                       "result: content_type, size, href); null otherwise."},
             "error": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/JobError"}]},
+            "files": {"description": "null for a job without files; else its uploads and its file result",
+                      "oneOf": [{"type": "null"}, {"type": "object", "required": ["inputs", "result"], "properties": {
+                          "inputs": {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/File"}},
+                          "result": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/File"}]}}}]},
             "links": {
                 "type": "object", "required": ["self", "result", "events", "cancel", "delete"],
                 "properties": {"self": {"type": "string"}, "result": {"type": "string"},
                                "events": {"type": "string"}, "cancel": _LINK, "delete": _LINK},
             },
         },
+    },
+    "File": {
+        "type": "object", "required": ["name", "size", "content_type", "sha256"],
+        "properties": {"name": {"type": "string", "description": "The client's file name, sanitised; display only"},
+                       "size": {"type": "integer", "minimum": 0}, "content_type": {"type": "string"},
+                       "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
     },
     "JobError": {
         "type": "object", "required": ["type", "message"],
@@ -88,6 +100,10 @@ SCHEMAS: dict[str, Any] = {
             "retries": {"type": "integer", "minimum": 0},
             "concurrency": {"type": ["integer", "null"]},
             "unique": {"type": "boolean"},
+            "file_params": {"type": "object", "description": "File params by name (sent as files, not in params)",
+                            "additionalProperties": {"type": "object", "properties": {
+                                "required": {"type": "boolean"},
+                                "content_types": {"type": "array", "items": {"type": "string"}}}}},
         },
     },
     "JobEvent": {
@@ -141,14 +157,17 @@ _PROBLEM_TEXT = {
     401: "Auth is on and the bearer token is missing or wrong",
     404: "No such job, deleted, or not visible to this caller",
     405: "Method not allowed",
+    408: "An upload stalled past files.read_timeout; nothing was kept",
     409: "Conflict with the job's state",
     410: "The job existed but has expired",
-    413: "The body is over the configured limit",
-    415: "The body is not JSON",
+    413: "The body, or a file, is over the configured limit",
+    415: "The body is not JSON, or a file's type is not accepted, or a raw body to a task without one file",
+    416: "A range that is malformed, multiple, reversed or past the end (Content-Range: bytes */size)",
     417: "An Expect header other than 100-continue",
     422: "The Idempotency-Key was used with a different body",
     431: "A request line or header is too long",
     500: "A bug; logged, never a traceback",
+    507: "The files would exceed files.max_total_bytes, or the disk filled up; nothing was kept",
     503: "The queue is full, the server is shutting down, or the store is unavailable",
 }
 
@@ -185,7 +204,7 @@ def _submit_answers() -> dict[str, Any]:
         "202": _job("Accepted: committed to the store; watch it at Location",
                     "Location", "Content-Location", "Retry-After", "ETag"),
         "303": _job("The task is unique and a live job with equal params exists (at Location)", "Location", "ETag"),
-        **_common_problems(413, 415, 422),
+        **_common_problems(408, 413, 415, 422, 507),
         "503": _problem(503, None, "Retry-After"),
     }
 
@@ -200,7 +219,24 @@ def _submit_body(specs: Iterable[TaskSpec]) -> dict[str, Any]:
         "priority": {"type": "integer", "minimum": -2**31, "maximum": 2**31 - 1, "default": 0},
         "delay": {"type": "number", "minimum": 0, "maximum": 10**9},
         "callback_url": {"type": "string", "format": "uri", "maxLength": 2000}}} for spec in specs]
-    return {"required": True, "content": {JSON: {"schema": {"oneOf": variants} if variants else {"type": "object"}}}}
+    content: dict[str, Any] = {JSON: {"schema": {"oneOf": variants} if variants else {"type": "object"}}}
+    with_files = [spec for spec in specs if spec.files]
+    if with_files:
+        content[MULTIPART] = {"schema": {"type": "object", "required": ["job"], "properties": {
+            "job": {"type": "object", "description": "The JSON submit body; its part comes first"},
+            **{f.name: _BINARY for spec in with_files for f in spec.files}}},
+            "encoding": {"job": {"contentType": JSON}}}
+    return {"required": True, "content": content}
+
+
+def _file_body(spec: TaskSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """A task with file params takes multipart (form fields as params), and with one file a raw body."""
+    content: dict[str, Any] = {MULTIPART: {"schema": {
+        "type": "object", "required": [f.name for f in spec.files if f.required],
+        "properties": {**params.get("properties", {}), **{f.name: _BINARY for f in spec.files}}}}}
+    if len(spec.files) == 1:
+        content["*/*"] = {"schema": _BINARY}
+    return content
 
 
 def _path_names(path: str) -> list[str]:
@@ -221,7 +257,8 @@ def _task_operation(spec: TaskSpec) -> dict[str, Any]:
         "tags": ["tasks"],
         "parameters": [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in names]
         + _submit_headers(),
-        "requestBody": {"required": False, "content": {JSON: {"schema": schema}}},
+        "requestBody": {"required": False, "content": _file_body(spec, schema) if spec.files else {
+            JSON: {"schema": schema}}},
         "responses": {**_submit_answers(), **({"404": _problem(404, "No such route")} if names else {})},
     }
 
@@ -269,10 +306,14 @@ def _paths(specs: list[TaskSpec]) -> dict[str, Any]:
             "get": {"summary": "The result resource", "operationId": "result", "tags": ["jobs"],
                     "parameters": [job_id],
                     "responses": {
-                        "200": {"description": "Succeeded: the result (JSON, or bytes with the handler's type)",
+                        "200": {"description": "Succeeded: the result (JSON, or bytes with the handler's type; a "
+                                               "file result with Content-Disposition, a strong ETag, Repr-Digest)",
                                 "headers": {"ETag": _HEADERS["ETag"]},
-                                "content": {JSON: {"schema": {}}, "*/*": {"schema": {}}}},
-                        **_job_answers(409),
+                                "content": {JSON: {"schema": {}}, "*/*": {"schema": _BINARY}}},
+                        "206": {"description": "One range of a file result (Content-Range)",
+                                "content": {"*/*": {"schema": _BINARY}}},
+                        "304": {"description": "If-None-Match: the file result has not changed"},
+                        **_job_answers(409, 416),
                         "404": _problem(404, "No such job; or queued or running (with job_status and Retry-After)",
                                         "Retry-After"),
                         "409": _problem(409, "Failed or canceled: no result, ever (with job_status and error)")}},

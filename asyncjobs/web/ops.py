@@ -21,10 +21,12 @@ OPENAPI_KEY = web.AppKey("asyncjobs_openapi", bytes)
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format; the jobs-by-status and waiting-clients gauges are read now."""
-    counts = await request.app[QUEUE_KEY].store.counts()
+    queue = request.app[QUEUE_KEY]
+    counts = await queue.store.counts()
     waiters = request.app[WAITERS_KEY]
     body = request.app[METRICS_KEY].exposition(counts, {
-        "long_poll": waiters.long_polls, "event_stream": waiters.event_streams, "websocket": waiters.websockets})
+        "long_poll": waiters.long_polls, "event_stream": waiters.event_streams, "websocket": waiters.websockets},
+        (queue.files.bytes, queue.files.count))
     return web.Response(body=body, headers={**protocol.NO_STORE, "Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
 

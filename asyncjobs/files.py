@@ -1,0 +1,357 @@
+"""The file store: uploaded inputs and file results on local disk, one folder per job.
+
+Layout under ``root``: ``jobs/<job id>/in.<param>`` and ``jobs/<job id>/result`` for
+committed files, ``tmp/`` for uploads still arriving, ``work/<job id>.<attempt>/`` for a
+handler's outputs. No name a client chose ever becomes a path. A file reaches its
+place by write, fsync, rename, fsync of the folder, in that order, so a job that is
+committed never points at a partial file; whatever a crash leaves outside that
+order is removed by ``sweep_orphans`` at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import threading
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Mapping
+
+from .errors import InsufficientStorage, PayloadTooLarge, ServiceUnavailable, StoreError
+
+log = logging.getLogger("asyncjobs.files")
+
+FLUSH_BYTES = 1 << 20  # an upload is written and hashed off the event loop this much at a time
+COPY_BYTES = 1 << 20
+MAX_NAME_BYTES = 255
+RESULT = "result"
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """What the protocol says of a file: ``{"name", "size", "content_type", "sha256"}``."""
+
+    name: str
+    size: int
+    content_type: str
+    sha256: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "size": self.size, "content_type": self.content_type, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StoredFile:
+        return cls(data["name"], data["size"], data["content_type"], data["sha256"])
+
+
+def sanitize_name(name: str | None) -> str:
+    """A client's file name for display: after the last ``/`` or ``\\``, no control characters,
+    at most 255 bytes of UTF-8, ``file`` when nothing is left."""
+    text = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    text = "".join(c for c in text if unicodedata.category(c) not in ("Cc", "Cs"))
+    raw = text.encode("utf-8", "replace")[:MAX_NAME_BYTES]
+    text = raw.decode("utf-8", "ignore").strip()
+    return text or "file"
+
+
+def _io_error(exc: OSError, what: str) -> Exception:
+    """A full disk is the client's 507; any other failure to write is the server's 503."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorage(f"the disk filled up while {what}; nothing was kept")
+    return ServiceUnavailable(f"the file store cannot be written ({exc.strerror or exc}); try again later",
+                              headers={"Retry-After": "5"})
+
+
+class Upload:
+    """One file arriving from a client: streamed into ``tmp/``, hashed and counted on the way."""
+
+    def __init__(self, files: FileStore, *, param: str, name: str | None, content_type: str) -> None:
+        self.files = files
+        self.param = param
+        self.name = sanitize_name(name)
+        self.content_type = content_type
+        self.path = files.root / "tmp" / f"{secrets.token_hex(12)}.part"
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._buffer = bytearray()
+        self._fd: int | None = None
+        self._reserved = 0
+        self.stored: StoredFile | None = None
+
+    async def write(self, chunk: bytes) -> None:
+        """Take the next bytes; 413 past ``max_upload_bytes``, 507 past ``max_total_bytes``."""
+        self.size += len(chunk)
+        if self.size > self.files.max_upload_bytes:
+            raise PayloadTooLarge(f"{self.param}: the file is larger than the limit of"
+                                  f" {self.files.max_upload_bytes} bytes")
+        self.files.reserve(self, len(chunk))
+        self._buffer += chunk
+        if len(self._buffer) >= FLUSH_BYTES:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        data, self._buffer = bytes(self._buffer), bytearray()
+        await asyncio.get_running_loop().run_in_executor(None, self._write_data, data)
+
+    def _write_data(self, data: bytes) -> None:
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            raise _io_error(exc, f"receiving {self.param}") from exc
+        self._hash.update(data)
+
+    async def finish(self) -> StoredFile:
+        """All bytes arrived: write the rest and fsync, so that a rename can put it in place."""
+        await self._flush()
+        await asyncio.get_running_loop().run_in_executor(None, self._sync_and_close)
+        self.stored = StoredFile(self.name, self.size, self.content_type, self._hash.hexdigest())
+        return self.stored
+
+    def _sync_and_close(self) -> None:
+        try:
+            if self._fd is None:  # an empty file
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise _io_error(exc, f"receiving {self.param}") from exc
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def discard(self) -> None:
+        """Remove the partial or unplaced file and give its room back (safe to call twice)."""
+        self._close()
+        self.path.unlink(missing_ok=True)
+        self.files.release(self)
+
+
+class FileStore:
+    """Files of jobs in one folder; tracks their bytes for ``max_total_bytes`` and the metrics."""
+
+    def __init__(self, root: str | Path, *, max_upload_bytes: int, max_total_bytes: int = 0) -> None:
+        self.root = Path(root)
+        self.max_upload_bytes = max_upload_bytes
+        self.max_total_bytes = max_total_bytes  # 0: no limit
+        self.bytes = 0  # committed files on disk
+        self.count = 0
+        self._reserved: dict[int, int] = {}  # bytes of uploads still arriving, by Upload id
+        self._lock = threading.Lock()  # the counts change on the loop and in file threads
+
+    def _count(self, size: int, files: int) -> None:
+        with self._lock:
+            self.bytes += size
+            self.count += files
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def open(self) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._open)
+        except OSError as exc:
+            raise StoreError(f"files.dir {self.root}: cannot use it: {exc}") from exc
+
+    def _open(self) -> None:
+        for folder in ("jobs", "tmp", "work"):
+            (self.root / folder).mkdir(parents=True, exist_ok=True)
+        for folder in ("tmp", "work"):  # whatever is here was left by a process that died
+            for entry in (self.root / folder).iterdir():
+                _remove(entry)
+        self.bytes, self.count = 0, 0
+        for path in (self.root / "jobs").glob("*/*"):
+            self.bytes += path.stat().st_size
+            self.count += 1
+
+    async def sweep_orphans(self, jobs: Callable[[list[str]], Awaitable[Mapping[str, tuple[bool, bool]]]]) -> int:
+        """Remove what no committed job owns: folders of unknown jobs, inputs of finished jobs,
+        result files a job never recorded. ``jobs`` tells, for ids, (terminal, has a file result)."""
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(None, lambda: [p.name for p in (self.root / "jobs").iterdir()])
+        known = await jobs(ids) if ids else {}
+        return await loop.run_in_executor(None, self._sweep, ids, known)
+
+    def _sweep(self, ids: list[str], known: Mapping[str, tuple[bool, bool]]) -> int:
+        removed = 0
+        for job_id in ids:
+            folder = self.root / "jobs" / job_id
+            if job_id not in known:
+                removed += self._forget(folder)
+                continue
+            terminal, has_result = known[job_id]
+            for path in list(folder.iterdir()):
+                if (terminal and path.name.startswith("in.")) or (path.name == RESULT and not has_result):
+                    removed += self._unlink(path)
+        if removed:
+            log.warning("removed %d files that no committed job owned", removed)
+        return removed
+
+    # -- uploads --------------------------------------------------------------------
+    def upload(self, *, param: str, name: str | None, content_type: str) -> Upload:
+        return Upload(self, param=param, name=name, content_type=content_type)
+
+    def reserve(self, upload: Upload, size: int) -> None:
+        if self.max_total_bytes and self.bytes + sum(self._reserved.values()) + size > self.max_total_bytes:
+            raise InsufficientStorage(f"{upload.param}: the files would exceed the store's limit of"
+                                      f" {self.max_total_bytes} bytes; nothing was kept")
+        self._reserved[id(upload)] = self._reserved.get(id(upload), 0) + size
+
+    def release(self, upload: Upload) -> None:
+        self._reserved.pop(id(upload), None)
+
+    async def place(self, job_id: str, uploads: list[Upload]) -> None:
+        """Rename finished uploads into the job's folder and fsync it: after this, a commit may name them."""
+        await asyncio.get_running_loop().run_in_executor(None, self._place, job_id, uploads)
+
+    def _place(self, job_id: str, uploads: list[Upload]) -> None:
+        folder = self.job_dir(job_id)
+        try:
+            folder.mkdir(exist_ok=True)
+            for upload in uploads:
+                os.replace(upload.path, folder / f"in.{upload.param}")
+            _fsync_dir(folder)
+            _fsync_dir(folder.parent)
+        except OSError as exc:
+            raise _io_error(exc, "storing the upload") from exc
+        for upload in uploads:
+            self.release(upload)
+            self._count(upload.size, 1)
+
+    # -- results --------------------------------------------------------------------
+    def job_dir(self, job_id: str) -> Path:
+        return self.root / "jobs" / job_id
+
+    def input_path(self, job_id: str, param: str) -> Path:
+        return self.job_dir(job_id) / f"in.{param}"
+
+    def result_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / RESULT
+
+    def work_dir(self, job_id: str, attempt: int) -> Path:
+        return self.root / "work" / f"{job_id}.{attempt}"
+
+    def store_result(self, job_id: str, source: Path | bytes, *, owned: bool, content_type: str,
+                     name: str) -> StoredFile:
+        """Put a result in place (blocking: call it from a thread). ``owned``: ``source`` is the
+        handler's work file and may be moved; otherwise it is copied. Raises 507 when it cannot fit."""
+        size = len(source) if isinstance(source, bytes) else source.stat().st_size
+        if self.max_total_bytes and self.bytes + sum(self._reserved.values()) + size > self.max_total_bytes:
+            raise InsufficientStorage(f"the result ({size} bytes) would exceed the store's limit of"
+                                      f" {self.max_total_bytes} bytes")
+        tmp = self.root / "tmp" / f"{secrets.token_hex(12)}.result"
+        try:
+            if owned and isinstance(source, Path):
+                digest = _hash_and_sync(source)
+                os.replace(source, tmp)
+            else:
+                digest = _copy(source, tmp)
+            folder = self.job_dir(job_id)
+            folder.mkdir(exist_ok=True)
+            os.replace(tmp, folder / RESULT)
+            _fsync_dir(folder)
+            _fsync_dir(folder.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _io_error(exc, "storing the result") from exc
+        self._count(size, 1)
+        return StoredFile(sanitize_name(name), size, content_type, digest)
+
+    # -- removal --------------------------------------------------------------------
+    async def remove_inputs(self, job_id: str) -> None:
+        """A finished job's inputs can never be read again."""
+        folder = self.job_dir(job_id)
+
+        def remove() -> None:
+            for path in folder.glob("in.*"):
+                self._unlink(path)
+            with contextlib.suppress(OSError):  # left in place while it holds a result
+                folder.rmdir()
+
+        await asyncio.get_running_loop().run_in_executor(None, remove)
+
+    async def remove_job(self, job_id: str) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._forget, self.job_dir(job_id))
+
+    async def remove_jobs(self, job_ids: list[str]) -> None:
+        def forget_all() -> None:
+            for job_id in job_ids:
+                self._forget(self.job_dir(job_id))
+
+        await asyncio.get_running_loop().run_in_executor(None, forget_all)
+
+    def remove_work(self, job_id: str, attempt: int) -> None:
+        _remove(self.work_dir(job_id, attempt))
+
+    def _unlink(self, path: Path) -> int:
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        self._count(-size, -1)
+        return 1
+
+    def _forget(self, folder: Path) -> int:
+        if not folder.is_dir():
+            return 0
+        removed = sum(self._unlink(p) for p in list(folder.iterdir()) if p.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
+        return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _hash_and_sync(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb+") as file:
+        while chunk := file.read(COPY_BYTES):
+            digest.update(chunk)
+        os.fsync(file.fileno())
+    return digest.hexdigest()
+
+
+def _copy(source: Path | bytes, target: Path) -> str:
+    digest = hashlib.sha256()
+    with open(target, "xb") as out:
+        if isinstance(source, bytes):
+            digest.update(source)
+            out.write(source)
+        else:
+            with open(source, "rb") as src:
+                while chunk := src.read(COPY_BYTES):
+                    digest.update(chunk)
+                    out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return digest.hexdigest()
+
+
+def default_dir(store_path: str) -> Path:
+    """Beside the SQLite file: ``jobs.db`` keeps its files in ``jobs.files/``."""
+    path = Path(store_path)
+    return path.with_name(f"{path.stem}.files")

@@ -1,0 +1,228 @@
+"""Receiving files: multipart submits and raw bodies, streamed to the file store in fixed-size chunks.
+
+Nothing here holds a whole file in memory, and every byte is counted here (aiohttp's
+``client_max_size`` does not bound streamed reads). Whatever fails, the uploads of the
+request are removed before the error answer leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any, AsyncIterator, Awaitable, Mapping, TypeVar
+
+from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.multipart import content_disposition_filename, parse_content_disposition
+from aiohttp.web_protocol import RequestPayloadError
+
+from .. import codec, protocol
+from ..errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from ..files import Upload
+from ..tasks import FileParam, TaskSpec
+from .common import QUEUE_KEY, SETTINGS_KEY
+
+READ_BYTES = 256 * 1024  # one read from a part or a raw body
+MULTIPART_SLACK = 64 * 1024  # boundaries and part headers, beyond the parts' own limits
+T = TypeVar("T")
+
+
+def is_multipart(request: web.Request) -> bool:
+    return request.content_type.lower() == "multipart/form-data"
+
+
+class Received:
+    """What a file submit carried: the submit body, and its uploads once they are all on disk."""
+
+    def __init__(self) -> None:
+        self.submit: protocol.Submit | None = None
+        self.uploads: list[Upload] = []
+        self.fields: dict[str, Any] = {}
+
+    def discard(self) -> None:
+        for upload in self.uploads:
+            upload.discard()
+
+    def digests(self) -> dict[str, str]:
+        return {u.param: u.stored.sha256 for u in self.uploads if u.stored is not None}
+
+
+@contextlib.asynccontextmanager
+async def receiving() -> AsyncIterator[Received]:
+    """Uploads are removed unless the block finishes and hands them on (a disconnect included)."""
+    received = Received()
+    try:
+        yield received
+    except BaseException:
+        received.discard()
+        raise
+
+
+async def _timed(read: Awaitable[T], timeout_s: float) -> T:
+    """One read of the body: a stalled client gets 408; a malformed or cut body gets 400."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await read
+    except TimeoutError:
+        raise RequestTimeout(f"the upload stalled for {timeout_s:g} seconds; send it again") from None
+    except (ValueError, AssertionError, HttpProcessingError, RequestPayloadError) as exc:
+        raise BadRequest(f"malformed or truncated multipart body: {exc}",
+                         errors=[{"field": "", "message": "malformed or truncated body"}]) from None
+
+
+# -- multipart ---------------------------------------------------------------------
+
+async def read_multipart(request: web.Request, received: Received, *, spec: TaskSpec | None) -> None:
+    """``POST /jobs`` (``spec`` None): a ``job`` part, then the files. A task route: form fields
+    as params and the files, in any order."""
+    settings = request.app[SETTINGS_KEY]
+    queue = request.app[QUEUE_KEY]
+    try:
+        reader = await request.multipart()
+    except (ValueError, AssertionError, KeyError) as exc:
+        raise BadRequest(f"malformed multipart body: {exc}", errors=[{"field": "", "message": "malformed"}]) from None
+    budget = settings.max_body_bytes  # the job part and form fields together
+    seen: set[str] = set()
+    while True:
+        part = await _timed(reader.next(), settings.upload_read_timeout_s)
+        if part is None:
+            break
+        if isinstance(part, MultipartReader):
+            raise BadRequest("nested multipart bodies are not accepted", errors=[{"field": "", "message": "nested"}])
+        name = part.name
+        if not name:
+            raise BadRequest("a multipart part has no name", errors=[{"field": "", "message": "part without a name"}])
+        if name in seen:
+            raise BadRequest(f"the part {name!r} is sent more than once",
+                             errors=[{"field": name, "message": "is sent more than once"}])
+        seen.add(name)
+        if spec is None and received.submit is None:
+            if name != "job":
+                raise BadRequest(f"the first part must be 'job' (the JSON submit body), not {name!r}",
+                                 errors=[{"field": name, "message": "comes before the job part"}])
+            data = await _read_small(part, name, budget, settings.upload_read_timeout_s)
+            budget -= len(data)
+            received.submit = _job_part(data, part)
+            spec = queue.registry.get(received.submit.task) if isinstance(received.submit.task, str) else None
+            queue.check_params(received.submit.task, received.submit.params)  # fail before any file arrives
+            continue
+        assert spec is not None
+        file_param = spec.file_param(name)
+        if file_param is None and received.submit is None:  # a task route's form field
+            data = await _read_small(part, name, budget, settings.upload_read_timeout_s)
+            budget -= len(data)
+            received.fields[name] = _text(data, name)
+            continue
+        if file_param is None:
+            raise BadRequest(f"{name}: not a file param of task {spec.name!r}" if spec.files else
+                             f"{name}: task {spec.name!r} takes no files",
+                             errors=[{"field": name, "message": "unexpected part"}])
+        upload = _start_upload(request, file_param, part.filename, part.headers.get("Content-Type"))
+        received.uploads.append(upload)
+        while chunk := await _timed(part.read_chunk(READ_BYTES), settings.upload_read_timeout_s):
+            await upload.write(chunk)
+        await upload.finish()
+
+
+async def _read_small(part: BodyPartReader, name: str, budget: int, timeout_s: float) -> bytes:
+    data = bytearray()
+    while chunk := await _timed(part.read_chunk(READ_BYTES), timeout_s):
+        data += chunk
+        if len(data) > budget:
+            raise PayloadTooLarge(f"{name}: the submit body and form fields exceed the limit of"
+                                  " server.max_body_bytes")
+    return bytes(data)
+
+
+def _job_part(data: bytes, part: BodyPartReader) -> protocol.Submit:
+    content_type = part.headers.get("Content-Type")
+    if content_type and not protocol.is_json_content_type(content_type):
+        raise UnsupportedMediaType(f"the job part must be application/json, not {content_type}")
+    try:
+        body = codec.loads(data)
+    except codec.JSONDecodeError as exc:
+        raise BadRequest(f"the job part is not valid JSON: {exc}",
+                         errors=[{"field": "job", "message": "not valid JSON"}]) from None
+    return protocol.parse_submit(body)
+
+
+def _text(data: bytes, name: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(f"{name}: a form field must be UTF-8 text",
+                         errors=[{"field": name, "message": "not UTF-8"}]) from None
+
+
+def _start_upload(request: web.Request, param: FileParam, name: str | None, content_type: str | None) -> Upload:
+    kind = (content_type or "application/octet-stream").split(";", 1)[0].strip().lower() or \
+        "application/octet-stream"
+    if not param.accepts(kind):
+        raise UnsupportedMediaType(f"{param.name}: {kind} is not accepted (accepted: {', '.join(param.accept)})")
+    return request.app[QUEUE_KEY].files.upload(param=param.name, name=name, content_type=kind)
+
+
+# -- raw bodies --------------------------------------------------------------------
+
+async def read_raw(request: web.Request, received: Received, spec: TaskSpec) -> None:
+    """The whole body is the task's single file; 413 at once when ``Content-Length`` is over the limit."""
+    settings = request.app[SETTINGS_KEY]
+    if len(spec.files) != 1:
+        raise UnsupportedMediaType(f"task {spec.name!r} takes {len(spec.files)} files: send multipart/form-data"
+                                   if spec.files else f"task {spec.name!r} takes no file; send JSON")
+    if request.content_length is not None and request.content_length > settings.max_upload_bytes:
+        raise PayloadTooLarge(f"{spec.files[0].name}: the file is larger than the limit of"
+                              f" {settings.max_upload_bytes} bytes")
+    name = request.query.get("filename") or _disposition_name(request.headers.get("Content-Disposition"))
+    upload = _start_upload(request, spec.files[0], name, request.headers.get("Content-Type"))
+    received.uploads.append(upload)
+    while chunk := await _timed(request.content.read(READ_BYTES), settings.upload_read_timeout_s):
+        await upload.write(chunk)
+    await upload.finish()
+
+
+def _disposition_name(header: str | None) -> str | None:
+    if not header:
+        return None
+    _, params = parse_content_disposition(header)
+    return content_disposition_filename(params, "filename")
+
+
+# -- strings from paths, queries and forms as params --------------------------------
+
+def coerce(values: Mapping[str, str], schema: Mapping[str, Any]) -> dict[str, Any]:
+    """Query and form values are strings: turn them into what the task's schema asks, where they parse."""
+    properties = schema.get("properties", {})
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        kind = properties.get(name, {}).get("type")
+        out[name] = _convert(value, kind)
+    return out
+
+
+def _convert(value: str, kind: Any) -> Any:
+    try:
+        if kind == "integer":
+            return int(value)
+        if kind == "number":
+            return float(value)
+    except ValueError:
+        return value
+    if kind == "boolean" and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    return value
+
+
+# -- how large a body may be ----------------------------------------------------------
+
+def body_limit(request: web.Request, spec: TaskSpec | None) -> int | None:
+    """The largest body a route takes: JSON ``max_body_bytes``, one raw file, or a multipart of
+    the task's files (on ``POST /jobs``, of the task with the most files)."""
+    settings = request.app[SETTINGS_KEY]
+    if is_multipart(request):
+        specs = [spec] if spec is not None else list(request.app[QUEUE_KEY].registry)
+        most_files = max((len(s.files) for s in specs), default=0)
+        return settings.max_body_bytes + most_files * settings.max_upload_bytes + MULTIPART_SLACK
+    if spec is not None and spec.files:
+        return settings.max_upload_bytes
+    return settings.max_body_bytes

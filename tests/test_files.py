@@ -1,0 +1,392 @@
+"""Files in and out over HTTP against a real server: uploads, file results, downloads, limits and cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import eventually, submit, wait_status
+
+
+def form(job: dict[str, Any] | None = None, files: dict[str, tuple[bytes, str]] | None = None,
+         fields: dict[str, str] | None = None, *, job_first: bool = True) -> aiohttp.MultipartWriter:
+    """A multipart/form-data body: the ``job`` part, form fields, then one part per file (data, file name)."""
+    writer = aiohttp.MultipartWriter("form-data")
+
+    def add_job() -> None:
+        if job is not None:
+            part = writer.append(json.dumps(job), {"Content-Type": "application/json"})
+            part.set_content_disposition("form-data", name="job")
+
+    if job_first:
+        add_job()
+    for name, value in (fields or {}).items():
+        part = writer.append(value, {"Content-Type": "text/plain"})
+        part.set_content_disposition("form-data", name=name)
+    for name, (data, filename) in (files or {}).items():
+        part = writer.append(io.BytesIO(data), {"Content-Type": "application/octet-stream"})
+        part.set_content_disposition("form-data", name=name, filename=filename)
+    if not job_first:
+        add_job()
+    return writer
+
+
+def files_dir(app) -> Path:
+    return app.files.root
+
+
+def stored_files(app) -> list[Path]:
+    """Every file under the files folder (committed, arriving, or work files)."""
+    return sorted(p for p in files_dir(app).rglob("*") if p.is_file())
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def test_multipart_submit_stores_the_file_before_202_and_the_handler_reads_it(make_client):
+    """The upload is on disk, named by job id, when the 202 leaves; the job lists it; the handler gets it."""
+    client, app = await make_client()
+    data = bytes(range(256)) * 20_000
+    resp = await client.post("/jobs", data=form({"task": "digest", "delay": 60}, {"file": (data, "clip.bin")}))
+    assert resp.status == 202, await resp.text()
+    job = await resp.json()
+    assert job["files"] == {"inputs": {"file": {"name": "clip.bin", "size": len(data),
+                                                "content_type": "application/octet-stream", "sha256": sha(data)}},
+                            "result": None}
+    assert app.files.input_path(job["id"], "file").read_bytes() == data
+    resp = await client.post("/jobs", data=form({"task": "digest"}, {"file": (data, "clip.bin")}))
+    done = await wait_status(client, (await resp.json())["id"], "succeeded")
+    assert done["result"] == {"sha256": sha(data), "size": len(data)}
+
+
+async def test_inputs_are_removed_once_the_job_is_terminal(make_client):
+    """A finished job can never run again, so its upload goes; its record still describes it."""
+    client, app = await make_client()
+    resp = await client.post("/jobs", data=form({"task": "digest"}, {"file": (b"abc", "a.txt")}))
+    job = await wait_status(client, (await resp.json())["id"], "succeeded")
+    assert job["files"]["inputs"]["file"]["sha256"] == sha(b"abc")
+    await eventually(lambda: not app.files.input_path(job["id"], "file").exists(), "the input to be removed")
+    assert stored_files(app) == []
+
+
+async def test_raw_body_on_a_task_route_is_the_file_and_the_query_gives_params(make_client):
+    """PUT with any Content-Type: the body is the single file param; path and query are the other params."""
+    client, _ = await make_client()
+    data = b"\x00raw video bytes\xff" * 1000
+    resp = await client.put("/uploads/clip?tag=x&copies=3", data=data,
+                            headers={"Content-Type": "video/mp4", "Content-Disposition": 'attachment; filename="c.mp4"'})
+    assert resp.status == 202, await resp.text()
+    job = await wait_status(client, (await resp.json())["id"], "succeeded")
+    assert job["result"] == {"name": "clip", "tag": "x", "copies": 3, "file_name": "c.mp4", "size": len(data),
+                             "content_type": "video/mp4", "sha256": sha(data), "on_disk": len(data)}
+    resp = await client.put("/uploads/other?filename=from-query.bin", data=b"x")
+    job = await wait_status(client, (await resp.json())["id"], "succeeded")
+    assert job["result"]["file_name"] == "from-query.bin"
+
+
+async def test_task_route_takes_multipart_with_form_fields_as_params(make_client):
+    """On a task's own route, plain form fields are params (converted per the schema) beside the files."""
+    client, _ = await make_client()
+    resp = await client.post("/pairs", data=form(None, {"left": (b"L", "l.txt")}, {"label": "both"}))
+    assert resp.status == 415, await resp.text()  # left takes text only; the form sent octet-stream
+    writer = aiohttp.MultipartWriter("form-data")
+    writer.append("both", {"Content-Type": "text/plain"}).set_content_disposition("form-data", name="label")
+    writer.append(b"L", {"Content-Type": "text/plain"}).set_content_disposition("form-data", name="left",
+                                                                                 filename="l.txt")
+    writer.append(b"R", {"Content-Type": "image/png"}).set_content_disposition("form-data", name="right",
+                                                                               filename="r.png")
+    resp = await client.post("/pairs", data=writer)
+    assert resp.status == 202, await resp.text()
+    job = await wait_status(client, (await resp.json())["id"], "succeeded")
+    assert job["result"] == {"label": "both", "left": sha(b"L"), "right": sha(b"R")}
+
+
+@pytest.mark.parametrize("body, field", [
+    (lambda: form({"task": "digest"}), "file"),                                        # a required file missing
+    (lambda: form({"task": "digest"}, {"file": (b"a", "a"), "extra": (b"b", "b")}), "extra"),  # unexpected
+    (lambda: form({"task": "echo"}, {"file": (b"a", "a")}), "file"),                   # a task without files
+    (lambda: form({"task": "digest"}, {"file": (b"a", "a")}, job_first=False), "file"),  # file before job
+    (lambda: form(None, {"file": (b"a", "a")}), "file"),                               # no job part at all
+])
+async def test_bad_multipart_submits_are_400_naming_the_field_and_store_nothing(make_client, body, field):
+    """Missing, unexpected and misplaced parts are 400 with the field named; no job, no file is left."""
+    client, app = await make_client()
+    resp = await client.post("/jobs", data=body())
+    assert resp.status == 400, await resp.text()
+    problem = await resp.json()
+    assert resp.content_type == "application/problem+json"
+    assert field in {e["field"] for e in problem["errors"]}, problem
+    assert (await (await client.get("/jobs")).json())["jobs"] == []
+    assert stored_files(app) == []
+
+
+async def _raw_multipart(client, body: bytes, boundary: str = "b0undary") -> aiohttp.ClientResponse:
+    return await client.post("/jobs", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+async def test_duplicate_nameless_and_truncated_parts_are_400(make_client):
+    """A part sent twice, a part without a name and a body cut short each get 400, and nothing is kept."""
+    client, app = await make_client()
+    job = b'--b0undary\r\nContent-Disposition: form-data; name="job"\r\n\r\n{"task": "digest"}\r\n'
+    part = b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nAAAA\r\n'
+    nameless = b'--b0undary\r\nContent-Disposition: form-data; filename="a"\r\n\r\nAAAA\r\n'
+    end = b"--b0undary--\r\n"
+    for body, field in ((job + part + part + end, "file"), (job + nameless + end, ""),
+                        (job + part[:-10], "")):
+        resp = await _raw_multipart(client, body)
+        assert resp.status == 400, (body, await resp.text())
+        assert field in {e["field"] for e in (await resp.json())["errors"]}
+    resp = await _raw_multipart(client, job + part + end)
+    assert resp.status == 202, await resp.text()
+    await wait_status(client, (await resp.json())["id"], "succeeded")
+    assert len((await (await client.get("/jobs")).json())["jobs"]) == 1
+    await eventually(lambda: stored_files(app) == [], "only the accepted job's input, then none")
+
+
+async def test_raw_body_to_a_task_without_files_is_415(make_client):
+    """A non-JSON body on a route whose task takes no file is 415; a file task refuses types it does not accept."""
+    client, _ = await make_client()
+    resp = await client.post("/thumbnails", data=b"\x89PNG", headers={"Content-Type": "image/png"})
+    assert resp.status == 415
+    resp = await client.post("/pairs", data=b"raw", headers={"Content-Type": "text/plain"})
+    assert resp.status == 415, await resp.text()  # two file params: raw bodies cannot say which
+
+
+async def test_upload_over_the_limit_is_413_at_once_and_leaves_nothing(make_client):
+    """Past files.max_upload_bytes: 413 (from Content-Length before reading; chunked as soon as crossed);
+    a file of exactly the limit is accepted."""
+    client, app = await make_client(files={"max_upload_bytes": 100_000})
+    resp = await client.put("/uploads/a", data=io.BytesIO(b"x" * 100_001))
+    assert resp.status == 413, await resp.text()
+
+    async def chunked(total: int):
+        for _ in range(total // 10_000):
+            yield b"y" * 10_000
+
+    resp = await client.put("/uploads/b", data=chunked(300_000))
+    assert resp.status == 413
+    resp = await client.post("/jobs", data=form({"task": "digest"}, {"file": (b"z" * 100_001, "z")}))
+    assert resp.status == 413
+    assert (await (await client.get("/jobs")).json())["jobs"] == []
+    assert stored_files(app) == []
+    resp = await client.put("/uploads/c", data=b"x" * 100_000)
+    assert resp.status == 202, await resp.text()
+
+
+async def test_idempotent_upload_replays_with_the_same_bytes_and_is_422_with_others(make_client):
+    """The files' digests are part of the request: same key and bytes replay; other bytes are 422."""
+    client, app = await make_client()
+    headers = {"Idempotency-Key": "upload-1"}
+    first = await client.post("/jobs", data=form({"task": "hold_file", "params": {"seconds": 30}},
+                                                  {"file": (b"one", "a")}), headers=headers)
+    assert first.status == 202
+    job = await first.json()
+    again = await client.post("/jobs", data=form({"task": "hold_file", "params": {"seconds": 30}},
+                                                  {"file": (b"one", "renamed")}), headers=headers)
+    assert again.status == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert (await again.json())["id"] == job["id"]
+    other = await client.post("/jobs", data=form({"task": "hold_file", "params": {"seconds": 30}},
+                                                  {"file": (b"two", "a")}), headers=headers)
+    assert other.status == 422
+    assert [p.name for p in stored_files(app)] == ["in.file"]
+
+
+async def test_file_result_is_downloaded_with_its_headers(make_client):
+    """A file result: Content-Type, -Length, -Disposition (RFC 6266, non-ASCII name), strong ETag,
+    Repr-Digest, Last-Modified, Accept-Ranges, nosniff, Cache-Control private; HEAD has no body."""
+    client, _ = await make_client()
+    resp = await client.post("/jobs", json={"task": "write_output", "params": {"size": 5000, "name": "résumé 1.txt"}})
+    job = await wait_status(client, (await resp.json())["id"], "succeeded")
+    result = job["files"]["result"]
+    assert job["result"] is None
+    assert result == {"name": "résumé 1.txt", "size": 5000, "content_type": "text/plain; charset=utf-8",
+                      "sha256": sha(b"r" * 5000)}
+    resp = await client.get(f"/jobs/{job['id']}/result")
+    assert resp.status == 200
+    assert await resp.read() == b"r" * 5000
+    h = resp.headers
+    assert h["Content-Type"] == "text/plain; charset=utf-8" and h["Content-Length"] == "5000"
+    assert h["Content-Disposition"] == "attachment; filename=\"r_sum_ 1.txt\"; filename*=UTF-8''r%C3%A9sum%C3%A9%201.txt"
+    assert h["ETag"] == f'"{result["sha256"]}"'
+    import base64
+    assert h["Repr-Digest"] == f"sha-256=:{base64.b64encode(hashlib.sha256(b'r' * 5000).digest()).decode()}:"
+    assert h["Accept-Ranges"] == "bytes" and h["X-Content-Type-Options"] == "nosniff"
+    assert h["Cache-Control"] == "private" and "Last-Modified" in h
+    head = await client.head(f"/jobs/{job['id']}/result")
+    assert head.status == 200 and head.headers["Content-Length"] == "5000" and await head.read() == b""
+    resp = await client.get(f"/jobs/{job['id']}/result", headers={"If-None-Match": h["ETag"]})
+    assert resp.status == 304
+
+
+async def _bytes_job(client, size: int, seed: str = "s") -> tuple[dict, bytes]:
+    resp = await client.post("/jobs", json={"task": "bytes", "params": {"size": size, "seed": seed}})
+    job = await wait_status(client, (await resp.json())["id"], "succeeded")
+    expected = b"".join(hashlib.sha256(f"{seed}:{i}".encode()).digest() for i in range(size // 32 + 1))[:size]
+    return job, expected
+
+
+async def test_ranges_are_byte_exact_and_bad_ones_are_416(make_client):
+    """bytes=a-b, a-, -n give 206 with Content-Range; malformed, multiple, reversed or past-the-end ranges 416
+    with bytes */size; If-Range with a stale validator answers the whole file."""
+    client, _ = await make_client()
+    job, expected = await _bytes_job(client, 10_000)
+    assert job["files"]["result"]["name"] == "bytes-10000.bin"
+    url = f"/jobs/{job['id']}/result"
+    for header, first, last in (("bytes=0-99", 0, 99), ("bytes=9990-", 9990, 9999), ("bytes=-10", 9990, 9999),
+                                ("bytes=500-20000", 500, 9999), ("bytes=0-0", 0, 0)):
+        resp = await client.get(url, headers={"Range": header})
+        assert resp.status == 206, header
+        assert resp.headers["Content-Range"] == f"bytes {first}-{last}/10000"
+        assert await resp.read() == expected[first:last + 1]
+    for header in ("bytes=10000-", "bytes=50-10", "bytes=0-1,5-6", "bytes=abc", "pages=1-2", "bytes=-0", "bytes"):
+        resp = await client.get(url, headers={"Range": header})
+        assert resp.status == 416, header
+        assert resp.headers["Content-Range"] == "bytes */10000"
+        assert resp.content_type == "application/problem+json"
+    etag = f'"{job["files"]["result"]["sha256"]}"'
+    resp = await client.get(url, headers={"Range": "bytes=100-", "If-Range": etag})
+    assert resp.status == 206 and await resp.read() == expected[100:]
+    for stale in ('"0000"', 'W/' + etag, "Sat, 01 Jan 2000 00:00:00 GMT"):
+        resp = await client.get(url, headers={"Range": "bytes=100-", "If-Range": stale})
+        assert resp.status == 200, stale
+        assert await resp.read() == expected
+
+
+async def test_result_answers_404_409_410_for_files_as_for_json(make_client):
+    """Not yet: 404 with Retry-After; failed: 409; expired: 410."""
+    client, _ = await make_client(jobs={"retention": 0.5})
+    resp = await client.post("/jobs", data=form({"task": "hold_file", "params": {"seconds": 30}},
+                                                {"file": (b"x", "x")}))
+    job = await resp.json()
+    resp = await client.get(f"/jobs/{job['id']}/result")
+    assert resp.status == 404 and "Retry-After" in resp.headers
+    await client.post(f"/jobs/{job['id']}/cancel")
+    resp = await client.get(f"/jobs/{job['id']}/result")
+    assert resp.status == 409
+    job, _ = await _bytes_job(client, 100)
+    await eventually(lambda: _status_of(client, f"/jobs/{job['id']}/result", 410), "the result to expire")
+
+
+async def _status_of(client, url: str, wanted: int) -> bool:
+    return (await client.get(url)).status == wanted
+
+
+async def test_context_output_path_returned_implicitly_and_large_blobs_become_files(make_client):
+    """A handler that returns None after writing its one output path gets that file; a large Blob
+    leaves the row and is served as a file."""
+    client, _ = await make_client()
+    resp = await client.post("/jobs", json={"task": "write_output",
+                                            "params": {"size": 10, "name": "notes.txt", "return_it": False}})
+    job = await wait_status(client, (await resp.json())["id"], "succeeded")
+    assert job["files"]["result"]["name"] == "notes.txt"
+    assert job["files"]["result"]["content_type"] == "text/plain"
+    resp = await client.post("/jobs", json={"task": "big_blob", "params": {"size": 300_000}})
+    job = await wait_status(client, (await resp.json())["id"], "succeeded")
+    assert job["result"] is None and job["files"]["result"]["size"] == 300_000
+    resp = await client.get(f"/jobs/{job['id']}/result")
+    assert resp.headers["Content-Type"] == "application/x-test" and await resp.read() == b"b" * 300_000
+    resp = await client.post("/jobs", json={"task": "big_blob", "params": {"size": 1000}})
+    job = await wait_status(client, (await resp.json())["id"], "succeeded")
+    assert job["files"] is None and job["result"]["size"] == 1000  # small bytes stay in the row
+
+
+async def test_missing_or_unstorable_results_fail_the_job(make_client):
+    """A returned path that is no file fails the job; one over files.max_total_bytes fails it as storage."""
+    client, app = await make_client(files={"max_total_bytes": 50_000})
+    resp = await client.post("/jobs", json={"task": "missing_file"})
+    job = await wait_status(client, (await resp.json())["id"], "failed")
+    assert job["error"]["type"] == "exception"
+    resp = await client.post("/jobs", json={"task": "write_output", "params": {"size": 60_000}})
+    job = await wait_status(client, (await resp.json())["id"], "failed")
+    assert job["error"]["type"] == "storage" and job["files"]["result"] is None if job["files"] else True
+    assert stored_files(app) == []
+
+
+async def test_uploads_over_max_total_bytes_are_507_and_store_nothing(make_client):
+    """Input and result files together are bounded; a submit that would cross it gets 507 problem+json."""
+    client, app = await make_client(files={"max_total_bytes": 100_000})
+    resp = await client.post("/jobs", data=form({"task": "hold_file"}, {"file": (b"a" * 60_000, "a")}))
+    assert resp.status == 202
+    resp = await client.post("/jobs", data=form({"task": "hold_file"}, {"file": (b"b" * 60_000, "b")}))
+    assert resp.status == 507, await resp.text()
+    assert resp.content_type == "application/problem+json"
+    assert len((await (await client.get("/jobs")).json())["jobs"]) == 1
+    assert len(stored_files(app)) == 1
+    metrics = await (await client.get("/metrics")).text()
+    assert "asyncjobs_files_bytes 60000.0" in metrics and "asyncjobs_files 1.0" in metrics
+
+
+async def test_delete_and_expiry_remove_the_files(make_client):
+    """A result file lives as long as its job: DELETE removes it, and so does the end of retention."""
+    client, app = await make_client(jobs={"retention": 1})
+    job, _ = await _bytes_job(client, 1000)
+    assert app.files.result_path(job["id"]).exists()
+    resp = await client.delete(f"/jobs/{job['id']}")
+    assert resp.status == 204
+    assert not app.files.job_dir(job["id"]).exists()
+    job, _ = await _bytes_job(client, 1000)
+    await eventually(lambda: not app.files.job_dir(job["id"]).exists(), "the expired job's file to go")
+    resp = await client.get(f"/jobs/{job['id']}/result")
+    assert resp.status == 410
+
+
+async def test_files_a_crash_left_behind_are_removed_at_start(app_factory, aiohttp_client, tmp_path):
+    """Uploads in progress, folders of jobs never committed, and results never recorded go at start;
+    a committed job's input stays."""
+    app = app_factory()
+    client = await aiohttp_client(app.web)
+    resp = await client.post("/jobs", data=form({"task": "hold_file", "params": {"seconds": 60}, "delay": 600},
+                                                {"file": (b"keep", "k")}))
+    kept = (await resp.json())["id"]
+    await client.close()
+    root = app.files.root
+    (root / "tmp" / "half.part").write_bytes(b"partial")
+    (root / "jobs" / "never-committed").mkdir()
+    (root / "jobs" / "never-committed" / "in.file").write_bytes(b"orphan")
+    (root / "jobs" / kept / "result").write_bytes(b"unrecorded")
+    (root / "work" / f"{kept}.1").mkdir()
+    again = app_factory()
+    await again.start()
+    try:
+        assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == [f"jobs/{kept}/in.file"]
+    finally:
+        await again.stop()
+
+
+async def test_tasks_and_openapi_describe_file_params(make_client):
+    """GET /tasks lists file params apart from JSON params; OpenAPI has multipart with binary parts."""
+    client, _ = await make_client()
+    tasks = {t["name"]: t for t in (await (await client.get("/tasks")).json())["tasks"]}
+    assert tasks["digest"]["file_params"] == {"file": {"required": True, "content_types": ["*/*"]}}
+    assert "file" not in tasks["digest"]["params_schema"]["properties"]
+    assert tasks["pair"]["file_params"]["right"]["required"] is False
+    assert tasks["echo"]["file_params"] == {}
+    doc = await (await client.get("/openapi.json")).json()
+    multipart = doc["paths"]["/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert multipart["properties"]["file"] == {"type": "string", "format": "binary"}
+    route = doc["paths"]["/uploads/{name}"]["put"]["requestBody"]["content"]
+    assert route["*/*"]["schema"]["format"] == "binary"
+
+
+async def test_server_goes_on_while_a_slow_upload_arrives_and_a_stalled_one_is_408(make_client):
+    """A client that stalls past files.read_timeout gets 408, its partial file is removed."""
+    client, app = await make_client(files={"read_timeout": 0.5})
+
+    async def stalls():
+        yield b"a" * 1000
+        await asyncio.sleep(3)
+        yield b"b"
+
+    upload = asyncio.ensure_future(client.put("/uploads/slow", data=stalls()))
+    assert (await client.get("/healthz")).status == 200
+    resp = await upload
+    assert resp.status == 408, await resp.text()
+    assert stored_files(app) == []
