@@ -293,9 +293,9 @@ def test_url_and_waiting_rules():
 def test_public_api_is_pinned():
     """The client's public names are exactly these, and `asyncjobs` exports them beside the server's."""
     assert sorted(client_module.__all__) == [
-        "BadRequest", "Client", "ClientError", "Conflict", "ConnectError", "IdempotencyConflict", "JobCanceled",
-        "JobError", "JobFailed", "JobGone", "JobRef", "JobState", "NotFound", "ProblemError", "ProtocolError",
-        "RequestTimeout", "ResultNotReady", "ServerBusy", "ServerError", "SyncClient", "Timeout",
+        "BadRequest", "Client", "ClientError", "Conflict", "ConnectError", "Download", "IdempotencyConflict",
+        "JobCanceled", "JobError", "JobFailed", "JobGone", "JobRef", "JobState", "NotFound", "ProblemError",
+        "ProtocolError", "RequestTimeout", "ResultNotReady", "ServerBusy", "ServerError", "SyncClient", "Timeout",
         "TransportError", "Unauthorized", "WaitTimeout"]
     for name in client_module.__all__:
         assert getattr(client_module, name) is not None
@@ -305,7 +305,8 @@ def test_public_api_is_pinned():
     for name in set(client_module.__all__) - {"JobRef"}:
         assert name in asyncjobs.__all__ and getattr(asyncjobs, name) is getattr(client_module, name)
     public = {name for name, value in vars(Client).items() if not name.startswith("_") and callable(value)}
-    assert public == {"submit", "get", "wait", "events", "result", "cancel", "delete", "list", "tasks", "close"}
+    assert public == {"submit", "get", "wait", "events", "result", "download", "cancel", "delete", "list", "tasks",
+                      "close"}
     assert public <= {name for name in vars(SyncClient) if not name.startswith("_")}
 
 

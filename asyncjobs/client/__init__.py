@@ -6,15 +6,35 @@ is drawn in ``asyncjobs.client.errors``.
 """
 
 from .aio import Client, JobRef
-from .errors import (BadRequest, ClientError, Conflict, ConnectError, IdempotencyConflict, JobCanceled, JobError,
-                     JobFailed, JobGone, NotFound, ProblemError, ProtocolError, RequestTimeout, ResultNotReady,
-                     ServerBusy, ServerError, Timeout, TransportError, Unauthorized, WaitTimeout)
+from .errors import (
+    BadRequest,
+    ClientError,
+    Conflict,
+    ConnectError,
+    IdempotencyConflict,
+    JobCanceled,
+    JobError,
+    JobFailed,
+    JobGone,
+    NotFound,
+    ProblemError,
+    ProtocolError,
+    RequestTimeout,
+    ResultNotReady,
+    ServerBusy,
+    ServerError,
+    Timeout,
+    TransportError,
+    Unauthorized,
+    WaitTimeout,
+)
 from .rules import JobState
 from .sync import SyncClient
+from .transfer import Download
 
 __all__ = [
-    "BadRequest", "Client", "ClientError", "Conflict", "ConnectError", "IdempotencyConflict", "JobCanceled",
-    "JobError", "JobFailed", "JobGone", "JobRef", "JobState", "NotFound", "ProblemError", "ProtocolError",
-    "RequestTimeout", "ResultNotReady", "ServerBusy", "ServerError", "SyncClient", "Timeout", "TransportError",
-    "Unauthorized", "WaitTimeout",
+    "BadRequest", "Client", "ClientError", "Conflict", "ConnectError", "Download", "IdempotencyConflict",
+    "JobCanceled", "JobError", "JobFailed", "JobGone", "JobRef", "JobState", "NotFound", "ProblemError",
+    "ProtocolError", "RequestTimeout", "ResultNotReady", "ServerBusy", "ServerError", "SyncClient", "Timeout",
+    "TransportError", "Unauthorized", "WaitTimeout",
 ]

@@ -3,19 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import os
 import secrets
 import socket
 import time
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Callable, Mapping, TypeVar
+from pathlib import Path
+from typing import Any, Self, TypeVar
 
 import aiohttp
 
 from .. import codec
-from . import rules
-from .errors import (BadRequest, ClientError, ConnectError, ProtocolError, RequestTimeout, TransportError,
-                     Unauthorized, WaitTimeout)
+from . import rules, transfer
+from .errors import (
+    BadRequest,
+    ClientError,
+    ConnectError,
+    ProblemError,
+    ProtocolError,
+    RequestTimeout,
+    TransportError,
+    Unauthorized,
+    WaitTimeout,
+)
 from .rules import Answer, JobState
+from .transfer import BinaryWriter, Download, FileArg, Progress
 
 __all__ = ["Client", "JobRef"]
 
@@ -54,7 +69,7 @@ class Client:
         self.heartbeat_s = heartbeat_s
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> Client:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -72,18 +87,32 @@ class Client:
     # -- the public API ----------------------------------------------------------------
 
     async def submit(self, task: str, params: Mapping[str, Any] | None = None, *, priority: int = 0,
-                     delay: float | None = None, idempotency_key: str | None = None,
-                     wait: float | None = None) -> JobState:
+                     delay: float | None = None, idempotency_key: str | None = None, wait: float | None = None,
+                     files: Mapping[str, FileArg] | None = None, progress: Progress | None = None) -> JobState:
         """Submit a job; returns it as accepted (or finished, if ``wait`` seconds sufficed: ``Prefer: wait``).
 
+        ``files`` maps file params to paths (or ``(path, content_type)``; the type is otherwise guessed
+        from the name): they are streamed from disk as ``multipart/form-data``, and ``progress(sent,
+        total)`` is called as their bytes go out. A missing or unreadable file raises its ``OSError``
+        before anything is sent.
+
         Retried on a lost connection, 502/503/504 and 429, always with the same ``Idempotency-Key``
-        (a fresh random one unless given), so a retry never creates a second job.
+        (a fresh random one unless given), so a retry never creates a second job; a retry sends the
+        files again from the start (``progress`` starts again from 0).
         """
         key = idempotency_key or secrets.token_urlsafe(18)
-        body = codec.dumps(rules.submit_body(task, params, priority=priority, delay_s=delay))
-        answer = await self._call("POST", self._url("jobs"), retry=True, retry_timeouts=True, data=body,
-                                  headers={**rules.submit_headers(key, wait), "Content-Type": "application/json"},
-                                  timeout_s=self.request_timeout_s + (wait or 0))
+        job = rules.submit_body(task, params, priority=priority, delay_s=delay)
+        headers = rules.submit_headers(key, wait)
+        if files:
+            upload = transfer.Upload(job, transfer.upload_files(files), progress=progress,
+                                     idle_s=self.request_timeout_s, answer_s=self.request_timeout_s + (wait or 0))
+            headers.update({"Content-Type": upload.content_type, "Content-Length": str(upload.length)})
+            answer = await self._call("POST", self._url("jobs"), retry=True, retry_timeouts=True, upload=upload,
+                                      headers=headers)
+        else:
+            answer = await self._call("POST", self._url("jobs"), retry=True, retry_timeouts=True,
+                                      data=codec.dumps(job), headers={**headers, "Content-Type": "application/json"},
+                                      timeout_s=self.request_timeout_s + (wait or 0))
         self._raise_for(answer)
         return _read(answer, lambda: rules.read_submit(answer, base=self.base))
 
@@ -104,7 +133,8 @@ class Client:
         assert last is not None and last.terminal
         return last
 
-    def events(self, job: JobRef, *, timeout: float | None = None, progress: bool = True) -> AsyncIterator[JobState]:
+    def events(self, job: JobRef, *, timeout: float | None = None,
+               progress: bool = True) -> AsyncGenerator[JobState, None]:
         """The job's states: the current one at once, then each change (progress too, unless
         ``progress=False``), ending after the final one; ``WaitTimeout`` after ``timeout`` seconds.
 
@@ -120,6 +150,95 @@ class Client:
         url = job.result_url if isinstance(job, JobState) else self._url(f"{rules.job_path(job)}/result")
         answer = await self._call("GET", url, retry=True)
         return _read(answer, lambda: rules.read_result(answer, now=_now()))
+
+    async def download(self, job: JobRef, path: str | os.PathLike[str] | BinaryWriter, *,
+                       progress: Progress | None = None) -> Download:
+        """Stream the job's result into the file at ``path`` (or into a binary stream), checked and complete.
+
+        The bytes go to ``<path>.part`` (its strong ``ETag`` kept in ``<path>.part.json``) and are
+        renamed to ``path`` once their size and ``Repr-Digest`` match. A download that was interrupted,
+        in this call or an earlier one, continues from where it stopped (``Range`` + ``If-Range``) when
+        the result is still the same, and starts over when it is not. ``progress(done, total)`` is
+        called as bytes arrive (first with what was kept); ``total`` is None if the server gave no size.
+
+        Errors as for ``result``: ``ResultNotReady``, ``JobFailed`` / ``JobCanceled``, ``JobGone``;
+        ``ProtocolError`` if the bytes do not match the size or digest the server announced.
+        """
+        url = job.result_url if isinstance(job, JobState) else self._url(f"{rules.job_path(job)}/result")
+        sink: transfer.Sink = (transfer.FileSink(Path(path)) if isinstance(path, (str, os.PathLike))
+                               else transfer.StreamSink(path))
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._download_once(url, sink, progress)
+            except transfer.Restart:
+                sink.discard()  # what was kept is unusable: once more, from zero (not a failed attempt)
+                attempt -= 1
+                continue
+            except ClientError as exc:
+                sink.suspend()  # closed, and kept if it can be resumed: by the next try, or a later call
+                delay = self._download_retry_s(exc, attempt)
+                if delay is None:
+                    raise
+            except BaseException:
+                sink.suspend()  # interrupted (Ctrl-C, a cancel, a progress callback that raised): resumable
+                raise
+            await asyncio.sleep(delay)
+
+    def _download_retry_s(self, error: ClientError, attempt: int) -> float | None:
+        """Seconds before a download tries again (resuming), or None when ``error`` is final."""
+        if isinstance(error, (TransportError, RequestTimeout)):
+            return rules.retry_delay_s(attempt, self.attempts, status=None, retry_after=None)
+        if isinstance(error, ProblemError):
+            return rules.retry_delay_s(attempt, self.attempts, status=error.status, retry_after=error.retry_after)
+        return None
+
+    async def _download_once(self, url: str, sink: transfer.Sink,
+                             progress: Progress | None) -> Download:
+        """One GET of the result, written into ``sink`` from what it already holds."""
+        held, etag = sink.held()
+        headers = {**self._auth(), "Accept": "*/*", "Accept-Encoding": "identity",
+                   **rules.range_headers(held, etag)}
+        # no limit on the whole exchange (a big file takes its time); a stall of request_timeout_s fails it
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout_s,
+                                        sock_read=self.request_timeout_s)
+        try:
+            async with self._http().get(url, headers=headers, timeout=timeout, allow_redirects=False) as response:
+                head = _answer_of(response, b"", decode=False)
+                if response.status not in (200, 206):
+                    if response.status == 416 and held:
+                        raise transfer.Restart
+                    answer = _answer_of(response, await response.read())
+                    self._raise_for(answer)
+                start = _read(head, lambda: rules.read_download(head, asked_from=held))
+                await sink.begin(start.offset, start.etag, start.total)
+                _report(progress, sink.size, start.total)
+                async for chunk in response.content.iter_chunked(transfer.CHUNK_BYTES):
+                    sink.write(chunk)
+                    _report(progress, sink.size, start.total)
+        except ProtocolError as exc:
+            exc.method, exc.url = exc.method or "GET", exc.url or url
+            raise
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _transport_error(exc, "GET", url) from None
+        self._check_download(sink, start, url, resumed=start.offset > 0)
+        return Download(await sink.complete(), sink.size, sink.hasher.hexdigest(),
+                        start.content_type or "application/octet-stream", start.name, resumed_from=start.offset)
+
+    @staticmethod
+    def _check_download(sink: transfer.Sink, start: rules.DownloadStart, url: str, *,
+                        resumed: bool) -> None:
+        """The size and digest the server announced, against what was written."""
+        if start.total is not None and sink.size != start.total:
+            raise TransportError(f"the download ended after {sink.size} of {start.total} bytes", method="GET",
+                                 url=url)
+        if start.sha256 is not None and sink.hasher.digest() != start.sha256:
+            if resumed:
+                raise transfer.Restart  # the kept part may be what is wrong: once more, whole
+            sink.discard()
+            raise ProtocolError("the downloaded bytes do not match the Repr-Digest the server sent",
+                                method="GET", url=url)
 
     async def cancel(self, job: JobRef) -> JobState:
         """Cancel the job and return its state: ``canceled``, or still ``running`` if it is stopping
@@ -147,18 +266,19 @@ class Client:
         return body["tasks"]
 
     async def list(self, *, status: str | None = None, task: str | None = None,
-                   page_size: int | None = None) -> AsyncIterator[JobState]:
+                   page_size: int | None = None) -> AsyncGenerator[JobState, None]:
         """Every job this caller may see, newest first, page after page (filters: ``status``, ``task``)."""
         url: str | None = self._url("jobs", rules.list_query(status=status, task=task, limit=page_size))
         while url is not None:
             answer = await self._call("GET", url, retry=True)
-            jobs, url = _read(answer, lambda: rules.read_page(answer, now=_now()))
+            jobs, url = _read(answer, functools.partial(rules.read_page, answer, now=_now()))
             for job in jobs:
                 yield job
 
     # -- waiting ------------------------------------------------------------------------
 
-    async def _watch(self, job: JobRef, timeout: float | None, *, progress: bool) -> AsyncIterator[JobState]:
+    async def _watch(self, job: JobRef, timeout: float | None, *,
+                     progress: bool) -> AsyncGenerator[JobState, None]:
         """States of the job, newest only, over the best channel the server offers, until the final one."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -166,7 +286,7 @@ class Client:
         url = self._monitor_url(job)
         last: JobState | None = None
         channel: str | None = self.channels[0]
-        watchers: dict[str, Callable[..., AsyncIterator[JobState]]] = {
+        watchers: dict[str, Callable[..., AsyncGenerator[JobState, None]]] = {
             "websocket": self._watch_websocket, "long_poll": self._watch_long_poll, "poll": self._watch_poll}
         while channel is not None:
             try:
@@ -200,7 +320,7 @@ class Client:
         return limit if left is None else min(limit, left + 0.05)
 
     async def _watch_poll(self, job_id: str, url: str, deadline: float | None,
-                          progress: bool) -> AsyncIterator[JobState]:
+                          progress: bool) -> AsyncGenerator[JobState, None]:
         """Plain polling, at the server's ``Retry-After``."""
         while True:
             reading = await self._monitor(url, timeout_s=self._timeout_for(deadline))
@@ -211,7 +331,7 @@ class Client:
             await asyncio.sleep(rules.poll_delay_s(reading.retry_after, left))
 
     async def _watch_long_poll(self, job_id: str, url: str, deadline: float | None,
-                               progress: bool) -> AsyncIterator[JobState]:
+                               progress: bool) -> AsyncGenerator[JobState, None]:
         """Long polls (``?wait=N``; with ``If-None-Match`` for progress); unavailable if the server answers at once."""
         reading = await self._monitor(url, timeout_s=self._timeout_for(deadline))
         while True:
@@ -229,7 +349,7 @@ class Client:
                 raise _Unavailable  # the server ignored ``wait``
 
     async def _watch_websocket(self, job_id: str, url: str, deadline: float | None,
-                               progress: bool) -> AsyncIterator[JobState]:
+                               progress: bool) -> AsyncGenerator[JobState, None]:
         """Subscribe on the WebSocket channel first, then read the job, so no change falls in between."""
         ws_url = rules.websocket_url(self.base)
         try:
@@ -339,27 +459,46 @@ class Client:
             await asyncio.sleep(delay)
 
     async def _exchange(self, method: str, url: str, *, timeout_s: float | None = None,
-                        headers: Mapping[str, str] | None = None, **kwargs: Any) -> Answer:
-        """One HTTP request and its whole answer; a failure to talk becomes a ``ClientError``."""
-        timeout = aiohttp.ClientTimeout(total=timeout_s or self.request_timeout_s)
+                        headers: Mapping[str, str] | None = None, upload: transfer.Upload | None = None,
+                        **kwargs: Any) -> Answer:
+        """One HTTP request and its whole answer; a failure to talk becomes a ``ClientError``.
+
+        An ``upload`` is the body, limited by its own watchdog instead of one overall timeout.
+        """
+        timeout = aiohttp.ClientTimeout(total=None if upload else timeout_s or self.request_timeout_s)
+        watchdog: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
+        if upload is not None:
+            kwargs["data"], watchdog = upload, upload.watch()
         try:
-            async with self._http().request(method, url, headers={**self._auth(), **(headers or {})},
-                                            timeout=timeout, allow_redirects=False, **kwargs) as response:
-                raw = await response.read()
-                content_type = response.headers.get("Content-Type", "")
-                names = {name.lower() for name in response.headers}
-                found = {name: ", ".join(response.headers.getall(name)) for name in names}
-                return Answer(method, str(response.url), response.status, found, content_type,
-                              rules.decode_body(content_type, raw))
+            async with (watchdog,
+                        self._http().request(method, url, headers={**self._auth(), **(headers or {})},
+                                             timeout=timeout, allow_redirects=False, **kwargs) as response):
+                return _answer_of(response, await response.read())
         except ProtocolError as exc:
             exc.method, exc.url = method, url
             raise
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if upload is not None and upload.failure is not None:
+                raise upload.failure from None  # reading the file failed, not the connection
             raise _transport_error(exc, method, url) from None
 
 
 def _now() -> float:
     return time.time()
+
+
+def _answer_of(response: aiohttp.ClientResponse, raw: bytes, *, decode: bool = True) -> Answer:
+    """An aiohttp response as an ``Answer`` (a JSON body decoded; ``ProtocolError`` if it is not JSON)."""
+    content_type = response.headers.get("Content-Type", "")
+    names = {name.lower() for name in response.headers}
+    found = {name: ", ".join(response.headers.getall(name)) for name in names}
+    body = rules.decode_body(content_type, raw) if decode else raw
+    return Answer(response.method, str(response.url), response.status, found, content_type, body)
+
+
+def _report(progress: Progress | None, done: int, total: int | None) -> None:
+    if progress is not None:
+        progress(done, total)
 
 
 def _read(answer: Answer, reader: Callable[[], T]) -> T:

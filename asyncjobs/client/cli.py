@@ -1,5 +1,9 @@
 """The client command line: ``asyncjobs submit|status|wait|result|cancel|delete|list|tasks``.
 
+Files: ``submit TASK name=@path`` sends a file param (as ``curl -F``); ``-o PATH`` writes the result to a
+file (an interrupted download to the same PATH resumes). Without ``-o`` a file result goes to stdout
+when stdout is not a terminal, else to a file in the current folder named as the server says.
+
 Exit status: 0 done (the job succeeded), 1 the job failed, was canceled or does not exist,
 2 usage error (including params the server refused), 3 cannot reach the server, unauthorized,
 or not an asyncjobs server, 4 timeout, 130 interrupted (the job keeps running).
@@ -9,24 +13,39 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import contextlib
 import os
 import sys
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Mapping, NoReturn, Sequence, TextIO
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
 
 from .. import codec
 from . import rules
 from .aio import Client
-from .errors import (BadRequest, ClientError, ProblemError, ProtocolError, ServerBusy, ServerError, Timeout,
-                     TransportError, Unauthorized)
+from .errors import (
+    BadRequest,
+    ClientError,
+    ProblemError,
+    ProtocolError,
+    ServerBusy,
+    ServerError,
+    Timeout,
+    TransportError,
+    Unauthorized,
+)
 from .rules import JobState
+from .transfer import BinaryWriter, Download
 
 EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 COMMANDS = ("submit", "status", "wait", "result", "cancel", "delete", "list", "tasks")
 DEFAULT_URL = "http://127.0.0.1:8080"
 TICK_S = 0.5  # how often a live progress bar is redrawn (the ETA counts down between events)
+BYTES_REDRAW_S = 0.1  # at most this often for a transfer, which reports every chunk
 
 
 class UsageError(Exception):
@@ -41,7 +60,8 @@ class _Parser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, allow_abbrev=False, **kwargs)
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         """Raise instead of printing usage and exiting, so the message is one line."""
@@ -55,13 +75,19 @@ class _Parser(argparse.ArgumentParser):
 
 # -- the command line ----------------------------------------------------------------------
 
-def _common() -> argparse.ArgumentParser:
+def _common() -> _Parser:
     """Options every command takes, before or after its name."""
-    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    common = _Parser(add_help=False, argument_default=argparse.SUPPRESS)
     common.add_argument("--url", help=f"the service (default: $ASYNCJOBS_URL, else {DEFAULT_URL})")
     common.add_argument("--token", help="bearer token (default: $ASYNCJOBS_TOKEN)")
     common.add_argument("--json", action="store_true", help="print machine-readable JSON")
     return common
+
+
+RESULT_HELP = ("The result is printed: JSON as JSON, text as it is. A file result goes to stdout when stdout "
+               "is not a terminal, else to a file in the current folder named as the server says (never "
+               "overwriting one). With -o PATH the result goes to PATH ('-': stdout); run the same command "
+               "again after an interruption and the download resumes where it stopped.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,22 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     submit = commands.add_parser("submit", parents=[common], help="submit a job",
                                  description="Submit TASK with params key=value (values are JSON when they "
-                                             "parse as JSON, else strings) or --params JSON.")
+                                             "parse as JSON, else strings) or --params JSON. key=@path sends "
+                                             "the file at path as the file param key (as curl -F).",
+                                 epilog=RESULT_HELP)
     submit.add_argument("task")
-    submit.add_argument("pairs", nargs="*", metavar="key=value")
+    submit.add_argument("pairs", nargs="*", metavar="key=value|key=@file")
     submit.add_argument("--params", help="params as a JSON object (key=value pairs are merged over it)")
     submit.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     submit.add_argument("--delay", type=float, help="seconds before the job may run")
     submit.add_argument("--idempotency-key", help="repeat a submit safely with the same key")
     submit.add_argument("--wait", action="store_true", help="follow the job and print its result")
     _wait_options(submit)
+    _output_option(submit)
     for name, text in (("status", "show a job"), ("wait", "follow a job, then print its result"),
                        ("result", "print a job's result"), ("cancel", "cancel a job"),
                        ("delete", "cancel a job if needed, then forget it")):
-        command = commands.add_parser(name, parents=[common], help=text, description=text)
+        epilog = RESULT_HELP if name in ("wait", "result") else None
+        command = commands.add_parser(name, parents=[common], help=text, description=text, epilog=epilog)
         command.add_argument("id", metavar="ID")
         if name == "wait":
             _wait_options(command)
+        if name == "result":
+            command.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+        if name in ("wait", "result"):
+            _output_option(command)
     listing = commands.add_parser("list", parents=[common], help="list jobs, newest first")
     listing.add_argument("--status", choices=rules.STATUSES)
     listing.add_argument("--task")
@@ -101,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _wait_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, help="give up waiting after this many seconds (exit 4)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+
+def _output_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", "-o", metavar="PATH", help="write the result to PATH ('-' for stdout)")
 
 
 def parse_params(pairs: Sequence[str], params_json: str | None) -> dict[str, Any]:
@@ -124,6 +162,25 @@ def parse_params(pairs: Sequence[str], params_json: str | None) -> dict[str, Any
     return params
 
 
+def split_files(pairs: Sequence[str]) -> tuple[list[str], dict[str, Path]]:
+    """The ``key=@path`` pairs (file params, each checked to be a readable file) apart from the others."""
+    rest: list[str] = []
+    files: dict[str, Path] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not (sep and key and value.startswith("@")):
+            rest.append(pair)
+            continue
+        if value == "@":
+            raise UsageError(f"{pair}: a file path must follow @")
+        path = Path(value[1:]).expanduser()
+        if not path.is_file() or not os.access(path, os.R_OK):
+            reason = "not a readable file" if path.exists() else "no such file"
+            raise UsageError(f"{key}=@{value[1:]}: {reason}")
+        files[key] = path
+    return rest, files
+
+
 @dataclass(frozen=True)
 class Settings:
     url: str
@@ -142,7 +199,7 @@ def settings_of(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
 
 def exit_status(error: BaseException) -> int:
     """The exit status for an error (see the module docstring)."""
-    if isinstance(error, UsageError) or isinstance(error, BadRequest):
+    if isinstance(error, (UsageError, BadRequest)):
         return EXIT_USAGE
     if isinstance(error, Timeout):
         return EXIT_TIMEOUT
@@ -166,6 +223,9 @@ def error_line(error: BaseException, url: str) -> str:
         return f"asyncjobs: {error.detail or error}"
     if isinstance(error, ClientError):
         return f"asyncjobs: {error}"
+    if isinstance(error, OSError) and error.strerror:  # a local file: unreadable, no space left ...
+        where = f"{error.filename}: " if error.filename else ""
+        return f"asyncjobs: {where}{error.strerror}"
     return f"asyncjobs: unexpected error: {type(error).__name__}: {error}"
 
 
@@ -195,6 +255,29 @@ def describe(state: JobState, now: datetime, *, percent: bool = True) -> str:
         left = (state.eta - now).total_seconds()
         text += f", eta {duration(left)}" if left >= 0.5 else ", eta any moment"
     return text
+
+
+def size_text(count: float) -> str:
+    """A short human size: ``512 B``, ``4.0 KiB``, ``12.3 MiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def render_transfer(label: str, done: int, total: int | None, rate: float | None, width: int) -> str:
+    """A one-line bar for bytes on the move: ``[####------]  40% 4.0 MiB/10.0 MiB  2.0 MiB/s, eta 3s  clip.mp4``."""
+    cells = max(10, min(30, width // 4))
+    fraction = None if not total else min(1.0, done / total)
+    filled = round(cells * (fraction or 0.0))
+    percent = "  --%" if fraction is None else f"{fraction:5.0%}"
+    amount = size_text(done) + ("" if total is None else f"/{size_text(total)}")
+    speed = "" if rate is None else f"  {size_text(rate)}/s"
+    if rate and total is not None and done < total:
+        speed += f", eta {duration((total - done) / rate)}"
+    line = f"[{'#' * filled}{'-' * (cells - filled)}] {percent} {amount}{speed}  {label}"
+    return line[:max(20, width - 1)]
 
 
 def render_bar(state: JobState, now: datetime, width: int) -> str:
@@ -297,6 +380,33 @@ class Progress:
             self.draw()
 
 
+class ByteProgress:
+    """Shows a transfer as it goes: a live bar on a terminal (bytes, rate, ETA); nothing otherwise."""
+
+    def __init__(self, console: Console, label: str, *, quiet: bool) -> None:
+        self.console = console
+        self.label = label
+        self.shown = console.live and not quiet
+        self.started: tuple[float, int] | None = None  # (when, bytes already there): the rate counts from here
+        self.drawn_at = 0.0
+
+    def __call__(self, done: int, total: int | None) -> None:
+        """A progress report from the client: redraw, at most every ``BYTES_REDRAW_S`` (and at the end)."""
+        now = time.monotonic()
+        if self.started is None or done < self.started[1]:  # the first report, or a retry from the start
+            self.started = (now, done)
+        if not self.shown or (now - self.drawn_at < BYTES_REDRAW_S and done != total):
+            return
+        self.drawn_at = now
+        elapsed = now - self.started[0]
+        rate = (done - self.started[1]) / elapsed if elapsed > 0.2 else None
+        self.console.bar(render_transfer(self.label, done, total, rate, _terminal_width(self.console.err)))
+
+    def close(self) -> None:
+        """The transfer is over: what follows goes on a line of its own."""
+        self.console.end_bar()
+
+
 def _terminal_width(stream: TextIO) -> int:
     with contextlib.suppress(OSError, ValueError, AttributeError):
         columns = os.get_terminal_size(stream.fileno()).columns
@@ -306,7 +416,7 @@ def _terminal_width(stream: TextIO) -> int:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 # -- the commands ------------------------------------------------------------------------------
@@ -319,6 +429,7 @@ class Run:
     settings: Settings
     console: Console
     job_id: str | None = None
+    saving: tuple[str, str] | None = None  # (job id, file) being downloaded, for the message on an interrupt
 
     def show(self, value: Any, line: str) -> None:
         """``value`` as JSON with ``--json``, else the human ``line``."""
@@ -348,19 +459,95 @@ async def follow(client: Client, job: JobState | str, run: Run) -> int:
     failure = rules.job_error(final)
     if run.settings.json:
         run.console.print_json(final.raw)
-    elif failure is None:
-        run.console.print_result(await client.result(final))
+    if failure is None and (getattr(run.args, "output", None) is not None or not run.settings.json):
+        await deliver(client, final, run)
     if failure is not None:
         raise failure
     return EXIT_OK
 
 
+async def deliver(client: Client, job: JobState | str, run: Run) -> Download | None:
+    """Put the finished job's result where it belongs: ``-o PATH``; for a file result stdout (not a
+    terminal) or a file named as the server says; else printed. Returns the download, if there was one.
+
+    ``job`` may be a bare id only with ``-o``: otherwise its state says whether the result is a file.
+    """
+    output = getattr(run.args, "output", None)
+    if output is None and isinstance(job, JobState) and job.result_file is None:
+        run.console.print_result(await client.result(job))
+        return None
+    if output == "-" or (output is None and not _isatty(run.console.out)):
+        return await download(client, job, run, None, label="stdout")
+    if output is not None:
+        path = Path(output)
+    else:
+        assert isinstance(job, JobState)  # a bare id comes only with -o
+        path = _server_named(job)
+    saved = await download(client, job, run, path, label=str(path))
+    if output is None and not bool(getattr(run.args, "quiet", False)):
+        run.console.note(f"saved {path} ({size_text(saved.size)})")
+    return saved
+
+
+def _server_named(job: JobState) -> Path:
+    """The current folder's file named after the result, as the server names it; never one that exists."""
+    info = job.result_file or {}
+    name = rules.safe_filename(info.get("name") if isinstance(info.get("name"), str) else None)
+    path = Path(name or f"{job.id}.result")
+    if path.exists():
+        raise UsageError(f"{path} exists; give -o PATH to say where the result goes")
+    return path
+
+
+async def download(client: Client, job: JobState | str, run: Run, path: Path | None, *, label: str) -> Download:
+    """Download the result into ``path`` (None: stdout), with a byte progress bar on a terminal."""
+    progress = ByteProgress(run.console, label, quiet=bool(getattr(run.args, "quiet", False)))
+    run.saving = None if path is None else (job.id if isinstance(job, JobState) else job, str(path))
+    try:
+        return await client.download(job, _stdout_bytes(run.console.out) if path is None else path,
+                                     progress=progress)
+    finally:
+        progress.close()
+
+
+def _stdout_bytes(out: TextIO) -> BinaryWriter:
+    """The binary side of stdout (a text-only stream, as in tests, gets the bytes decoded as UTF-8)."""
+    out.flush()
+    buffer = getattr(out, "buffer", None)
+    return buffer if buffer is not None else _TextBytes(out)
+
+
+class _TextBytes:
+    """A binary writer onto a text stream, decoding UTF-8 across chunk boundaries."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write(self, data: bytes) -> int:
+        self.out.write(self.decoder.decode(data))
+        return len(data)
+
+    def flush(self) -> None:
+        self.out.write(self.decoder.decode(b"", final=True))
+        self.out.flush()
+
+
 async def cmd_submit(client: Client, run: Run) -> int:
-    """``submit TASK [key=value …]``: print the id, or with ``--wait`` follow the job."""
+    """``submit TASK [key=value|key=@file …]``: print the id, or with ``--wait`` follow the job."""
     args = run.args
-    params = parse_params(args.pairs, args.params)
-    job = await client.submit(args.task, params, priority=args.priority, delay=args.delay,
-                              idempotency_key=args.idempotency_key)
+    if args.output is not None and not args.wait:
+        raise UsageError("-o/--output needs --wait (or use: asyncjobs result ID -o PATH)")
+    pairs, files = split_files(args.pairs)
+    params = parse_params(pairs, args.params)
+    progress = ByteProgress(run.console, "uploading " + ", ".join(p.name for p in files.values()),
+                            quiet=bool(args.quiet))
+    try:
+        job = await client.submit(args.task, params, priority=args.priority, delay=args.delay,
+                                  idempotency_key=args.idempotency_key, files=dict(files) or None,
+                                  progress=progress if files else None)
+    finally:
+        progress.close()
     run.job_id = job.id
     if args.wait:
         return await follow(client, job, run)
@@ -382,9 +569,22 @@ async def cmd_wait(client: Client, run: Run) -> int:
 
 
 async def cmd_result(client: Client, run: Run) -> int:
-    """``result ID``: print the result (bytes as they are)."""
-    run.console.print_result(await client.result(run.args.id))
+    """``result ID``: print the result (bytes as they are), or write a file result (see ``deliver``)."""
+    job: JobState | str = run.args.id
+    if run.args.output is None:  # only the job says whether its result is a file
+        job = await client.get(run.args.id)
+        if job.status != "succeeded" or job.result_file is None:
+            run.console.print_result(await client.result(job))  # or the reason there is none
+            return EXIT_OK
+    saved = await deliver(client, job, run)
+    if saved is not None and saved.path is not None and run.settings.json:
+        run.console.print_json(_download_json(saved))
     return EXIT_OK
+
+
+def _download_json(saved: Download) -> dict[str, Any]:
+    return {"path": str(saved.path), "size": saved.size, "sha256": saved.sha256,
+            "content_type": saved.content_type, "name": saved.name}
 
 
 async def cmd_cancel(client: Client, run: Run) -> int:
@@ -445,7 +645,11 @@ async def execute(run: Run) -> int:
 
 
 def interrupted_line(run: Run) -> str:
-    """What to say on Ctrl-C: the job, if there is one, keeps running."""
+    """What to say on Ctrl-C: the job, if there is one, keeps running; a download resumes if run again."""
+    if run.saving is not None:
+        job_id, path = run.saving
+        return (f"asyncjobs: interrupted; the download of {path} resumes where it stopped "
+                f"when run again (asyncjobs result {job_id} -o {path})")
     if run.job_id is None:
         return "asyncjobs: interrupted"
     return (f"asyncjobs: interrupted; job {run.job_id} keeps running on the server "
@@ -479,7 +683,7 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     except (ClientError, UsageError) as exc:
         console.note(error_line(exc, settings.url))
         return exit_status(exc)
-    except Exception as exc:  # a bug of ours: still one line, never a traceback
+    except Exception as exc:  # noqa: BLE001 - a bug of ours: still one line, never a traceback
         console.note(error_line(exc, settings.url))
         return EXIT_JOB
 

@@ -29,7 +29,8 @@ concerns no single request); a ``ProblemError`` also the ``status``, ``headers``
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .rules import JobState

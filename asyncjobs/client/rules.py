@@ -5,18 +5,29 @@ Nothing here does I/O, so every rule is tested without a server; ``aio`` does th
 
 from __future__ import annotations
 
+import base64
 import math
+import mimetypes
 import re
+import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Mapping
-from urllib.parse import quote
+from typing import Any
+from urllib.parse import quote, unquote
 
 from yarl import URL
 
 from .. import codec
-from .errors import ClientError, JobCanceled, JobError, JobFailed, ProtocolError, error_for_answer
+from .errors import (
+    ClientError,
+    JobCanceled,
+    JobError,
+    JobFailed,
+    ProtocolError,
+    error_for_answer,
+)
 
 STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
@@ -48,6 +59,7 @@ class JobState:
     priority: int | None = None
     url: str = ""  # the status monitor (absolute)
     result_url: str = ""  # the result resource (absolute)
+    files: dict[str, Any] | None = None  # {"inputs": {param: file}, "result": file or None}; None without files
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # as received
 
     @property
@@ -55,16 +67,22 @@ class JobState:
         """Whether the job is finished: succeeded, failed or canceled."""
         return self.status in TERMINAL_STATUSES
 
+    @property
+    def result_file(self) -> dict[str, Any] | None:
+        """The file result's ``{"name", "size", "content_type", "sha256"}``, or None (no file result, or not yet)."""
+        result = (self.files or {}).get("result")
+        return result if isinstance(result, dict) else None
+
 
 def parse_time(value: Any) -> datetime | None:
     """An RFC 3339 time as an aware datetime; anything else is None (these fields are informative)."""
     if not isinstance(value, str):
         return None
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(value)  # Python 3.11 reads the "Z" of RFC 3339
     except ValueError:
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -89,7 +107,7 @@ def parse_job(body: Any, *, base: str, monitor_url: str | None = None, result_ur
     if body.get("status") not in STATUSES:
         raise ProtocolError(f"the answer is not a job (status {body.get('status')!r}): is this an asyncjobs server?")
     job_id, links = body["id"], body.get("links")
-    progress = body.get("progress") if isinstance(body.get("progress"), dict) else {}
+    progress: dict[str, Any] = body["progress"] if isinstance(body.get("progress"), dict) else {}
     fraction = progress.get("fraction")
     message = progress.get("message")
     self_url = monitor_url or resolve(base, _link(links, "self") or job_path(job_id))
@@ -105,6 +123,7 @@ def parse_job(body: Any, *, base: str, monitor_url: str | None = None, result_ur
         attempts=_int_or_none(body.get("attempts")), priority=_int_or_none(body.get("priority")),
         url=self_url,
         result_url=result_url or resolve(base, _link(links, "result") or f"{job_path(job_id)}/result"),
+        files=body.get("files") if isinstance(body.get("files"), dict) else None,
         raw=body,
     )
 
@@ -462,3 +481,136 @@ def read_result(answer: Answer, *, now: float) -> Any:
     if answer.status != 200:
         raise not_asyncjobs(answer)
     return answer.body
+
+
+# -- files: upload ------------------------------------------------------------------------------
+
+def guess_content_type(name: str) -> str:
+    """The media type of a file from its name, ``application/octet-stream`` when unknown."""
+    guessed, _ = mimetypes.guess_type(name, strict=False)
+    return guessed or "application/octet-stream"
+
+
+def _form_quote(value: str) -> str:
+    """A form-data parameter value, escaped as browsers do (WHATWG HTML): UTF-8, with ``"``, CR, LF encoded."""
+    return value.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def form_part_head(boundary: str, name: str, content_type: str, *, filename: str | None = None) -> bytes:
+    """The delimiter and headers that open one part of a ``multipart/form-data`` body (RFC 7578)."""
+    disposition = f'form-data; name="{_form_quote(name)}"'
+    if filename is not None:
+        disposition += f'; filename="{_form_quote(filename)}"'
+    return (f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
+            f"Content-Type: {content_type}\r\n\r\n").encode()
+
+
+PART_END = b"\r\n"  # follows each part's content (the line break belongs to the next delimiter)
+
+
+def form_end(boundary: str) -> bytes:
+    """The final delimiter of a ``multipart/form-data`` body."""
+    return f"--{boundary}--\r\n".encode()
+
+
+# -- files: download ----------------------------------------------------------------------------
+
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+
+
+def content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    """``Content-Range: bytes a-b/size`` as (first, last, size or None for ``*``); None if absent or malformed."""
+    match = _CONTENT_RANGE.match(value or "")
+    if match is None:
+        return None
+    first, last, size = match.groups()
+    return int(first), int(last), None if size == "*" else int(size)
+
+
+def range_headers(offset: int, validator: str | None) -> dict[str, str]:
+    """Headers asking for the rest of a representation from ``offset``, only if it is still ``validator``."""
+    if offset <= 0 or not validator:
+        return {}
+    return {"Range": f"bytes={offset}-", "If-Range": validator}
+
+
+def is_strong_etag(etag: str | None) -> bool:
+    """Whether an ``ETag`` is strong (only a strong one may validate a range, RFC 9110 13.1.5)."""
+    return etag is not None and len(etag) >= 2 and etag.startswith('"') and etag.endswith('"')
+
+
+_DIGEST_MEMBER = re.compile(r"([a-z0-9_.*-]+)\s*=\s*:([A-Za-z0-9+/=]*):", re.IGNORECASE)
+
+
+def repr_digest_sha256(value: str | None) -> bytes | None:
+    """The SHA-256 in a ``Repr-Digest`` (RFC 9530: ``sha-256=:<base64>:``, maybe among others), or None."""
+    for algorithm, encoded in _DIGEST_MEMBER.findall(value or ""):
+        if algorithm.lower() == "sha-256":
+            try:
+                digest = base64.b64decode(encoded, validate=True)
+            except ValueError:
+                return None
+            return digest if len(digest) == 32 else None
+    return None
+
+
+_DISPOSITION_EXT = re.compile(r"""(?:^|;)\s*filename\*\s*=\s*([\w!#$%&+.^`|~-]+)'[^']*'([^;\s]*)""", re.IGNORECASE)
+_DISPOSITION = re.compile(r"""(?:^|;)\s*filename\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))""", re.IGNORECASE)
+
+
+def disposition_filename(value: str | None) -> str | None:
+    """The file name of a ``Content-Disposition`` (RFC 6266: ``filename*`` preferred over ``filename``)."""
+    extended = _DISPOSITION_EXT.search(value or "")
+    if extended is not None:
+        try:
+            return unquote(extended.group(2), encoding=extended.group(1), errors="strict")
+        except (LookupError, UnicodeDecodeError):
+            pass
+    plain = _DISPOSITION.search(value or "")
+    if plain is None:
+        return None
+    quoted, token = plain.groups()
+    return re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else token or None
+
+
+def safe_filename(name: str | None) -> str | None:
+    """A server-given file name made safe to create in the current folder: its last path segment, without
+    control characters or a leading dot; None when nothing usable is left."""
+    if not name:
+        return None
+    last = re.split(r"[/\\]", name)[-1]
+    cleaned = "".join(c for c in last if unicodedata.category(c)[0] != "C").strip().lstrip(".")
+    return cleaned[:255] or None
+
+
+@dataclass(frozen=True)
+class DownloadStart:
+    """What the first answer of a download says about the bytes that follow."""
+
+    offset: int  # where in the file the body's first byte goes (0: the whole file follows)
+    total: int | None  # the whole file's size, when the server said
+    etag: str | None
+    sha256: bytes | None  # from ``Repr-Digest``: of the whole file, whatever range was sent
+    content_type: str
+    name: str | None  # from ``Content-Disposition``
+
+
+def read_download(answer: Answer, *, asked_from: int) -> DownloadStart:
+    """Read the head of a download's answer (``200`` whole, ``206`` the rest from ``asked_from``).
+
+    A ``206`` for another range than the one asked for is a ``ProtocolError``: its bytes cannot be
+    placed. Error answers are raised as for any result (``ResultNotReady``, ``JobFailed`` ...).
+    """
+    if answer.status == 200:
+        length = answer.header("Content-Length")
+        offset, total = 0, int(length) if length and length.strip().isdigit() else None
+    elif answer.status == 206:
+        found = content_range(answer.header("Content-Range"))
+        if found is None or found[0] != asked_from or (found[2] is not None and found[1] != found[2] - 1):
+            raise ProtocolError(f"asked for bytes {asked_from}- but got {answer.header('Content-Range')!r}",
+                                method=answer.method, url=answer.url)
+        offset, total = asked_from, found[2]
+    else:
+        raise not_asyncjobs(answer)
+    return DownloadStart(offset, total, answer.header("ETag"), repr_digest_sha256(answer.header("Repr-Digest")),
+                         answer.content_type, disposition_filename(answer.header("Content-Disposition")))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
-from typing import Any, AsyncIterator, Coroutine, Iterator, Mapping, TypeVar
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
+from typing import Any, Self, TypeVar
 
 from .aio import Client, JobRef
 from .rules import JobState
+from .transfer import BinaryWriter, Download, FileArg, Progress
 
 __all__ = ["SyncClient"]
 
@@ -20,7 +23,7 @@ class SyncClient:
 
     The async client runs on an event loop in a thread of its own, so this works where a loop is
     already running in the calling thread (a notebook), and Ctrl-C stops only the call in progress.
-    Options are those of ``Client``.
+    Options are those of ``Client``. ``progress`` callbacks are called on the client's thread.
     """
 
     def __init__(self, url: str, **options: Any) -> None:
@@ -35,7 +38,7 @@ class SyncClient:
         """The service's root URL."""
         return self._client.base
 
-    def __enter__(self) -> SyncClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -89,11 +92,12 @@ class SyncClient:
     # -- the same methods as Client ---------------------------------------------------
 
     def submit(self, task: str, params: Mapping[str, Any] | None = None, *, priority: int = 0,
-               delay: float | None = None, idempotency_key: str | None = None,
-               wait: float | None = None) -> JobState:
+               delay: float | None = None, idempotency_key: str | None = None, wait: float | None = None,
+               files: Mapping[str, FileArg] | None = None, progress: Progress | None = None) -> JobState:
         """See ``Client.submit``."""
         return self._run(self._client.submit(task, params, priority=priority, delay=delay,
-                                             idempotency_key=idempotency_key, wait=wait))
+                                             idempotency_key=idempotency_key, wait=wait, files=files,
+                                             progress=progress))
 
     def get(self, job: JobRef) -> JobState:
         """See ``Client.get``."""
@@ -110,6 +114,11 @@ class SyncClient:
     def result(self, job: JobRef) -> Any:
         """See ``Client.result``."""
         return self._run(self._client.result(job))
+
+    def download(self, job: JobRef, path: str | os.PathLike[str] | BinaryWriter, *,
+                 progress: Progress | None = None) -> Download:
+        """See ``Client.download``."""
+        return self._run(self._client.download(job, path, progress=progress))
 
     def cancel(self, job: JobRef) -> JobState:
         """See ``Client.cancel``."""
