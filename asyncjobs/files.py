@@ -136,8 +136,11 @@ class Upload:
     def discard(self) -> None:
         """Remove the partial or unplaced file and give its room back (safe to call twice)."""
         self._close()
-        self.path.unlink(missing_ok=True)
         self.files.release(self)
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:  # a read-only disk: the start-up sweep removes it later
+            log.warning("cannot remove the partial upload %s: %s", self.path.name, exc)
 
 
 class FileStore:
@@ -300,13 +303,18 @@ class FileStore:
             path.unlink()
         except FileNotFoundError:
             return 0
+        except OSError as exc:  # a read-only disk: the start-up sweep removes it later
+            log.warning("cannot remove %s: %s", path, exc)
+            return 0
         self._count(-size, -1)
         return 1
 
     def _forget(self, folder: Path) -> int:
-        if not folder.is_dir():
+        try:
+            paths = [p for p in folder.iterdir() if p.is_file()]
+        except OSError:  # no such folder: the job had no files left
             return 0
-        removed = sum(self._unlink(p) for p in list(folder.iterdir()) if p.is_file())
+        removed = sum(self._unlink(p) for p in paths)
         shutil.rmtree(folder, ignore_errors=True)
         return removed
 

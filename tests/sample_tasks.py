@@ -157,3 +157,15 @@ async def big_blob(size: int) -> Blob:
 @task()
 async def missing_file() -> FileResult:
     return FileResult(Path("/nonexistent/asyncjobs-test-file"), "text/plain")
+
+
+@task()
+def fill(ctx: Any, size: int) -> FileResult:
+    """A file result of ``size`` bytes, written quickly (1 MiB at a time)."""
+    path = ctx.output_path("fill.bin")
+    block = bytes(range(256)) * 4096
+    with open(path, "wb") as out:
+        left = size
+        while left > 0:
+            left -= out.write(block[:min(left, len(block))])
+    return FileResult(path)

@@ -390,3 +390,23 @@ async def test_server_goes_on_while_a_slow_upload_arrives_and_a_stalled_one_is_4
     resp = await upload
     assert resp.status == 408, await resp.text()
     assert stored_files(app) == []
+
+
+async def test_a_client_that_disconnects_mid_upload_leaves_no_job_and_no_file(make_client, caplog):
+    """The connection drops after part of the body: no job, the partial file removed, nothing logged as a bug."""
+    client, app = await make_client()
+    for path, head in (("/uploads/cut", b"Content-Type: application/octet-stream\r\n"),
+                       ("/jobs", b"Content-Type: multipart/form-data; boundary=b0undary\r\n")):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+        body = b"x" * (3 << 20)
+        if path == "/jobs":
+            body = (b'--b0undary\r\nContent-Disposition: form-data; name="job"\r\n\r\n{"task": "digest"}\r\n'
+                    b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="f"\r\n\r\n' + body)
+        writer.write(b"PUT " if path != "/jobs" else b"POST ")
+        writer.write(path.encode() + b" HTTP/1.1\r\nHost: x\r\n" + head + b"Content-Length: 20000000\r\n\r\n" + body)
+        await writer.drain()
+        await eventually(lambda: any(p.suffix == ".part" for p in stored_files(app)), "the partial upload on disk")
+        writer.close()
+        await eventually(lambda: stored_files(app) == [], "the partial upload to be removed")
+    assert (await (await client.get("/jobs")).json())["jobs"] == []
+    assert "unhandled error" not in caplog.text
