@@ -169,3 +169,10 @@ def fill(ctx: Any, size: int) -> FileResult:
         while left > 0:
             left -= out.write(block[:min(left, len(block))])
     return FileResult(path)
+
+
+@task(route="PUT /texts/{name}", accept={"text": ["text/*"]}, unique=True)
+async def text_upload(ctx: Any, name: str, text: InputFile, seconds: float = 0.0) -> int:
+    """A raw-body route that takes text only; unique, so equal uploads share one live job."""
+    await asyncio.sleep(seconds)
+    return text.size

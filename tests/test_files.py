@@ -410,3 +410,66 @@ async def test_a_client_that_disconnects_mid_upload_leaves_no_job_and_no_file(ma
         await eventually(lambda: stored_files(app) == [], "the partial upload to be removed")
     assert (await (await client.get("/jobs")).json())["jobs"] == []
     assert "unhandled error" not in caplog.text
+
+
+async def test_raw_body_of_a_type_the_task_does_not_accept_is_415(make_client):
+    """A raw route whose file param takes text/* refuses an image with 415 and keeps nothing."""
+    client, app = await make_client()
+    resp = await client.put("/texts/a", data=b"\x89PNG", headers={"Content-Type": "image/png"})
+    assert resp.status == 415, await resp.text()
+    assert stored_files(app) == []
+    resp = await client.put("/texts/a", data=b"hello", headers={"Content-Type": "text/plain; charset=utf-8"})
+    assert resp.status == 202
+
+
+async def test_unique_task_compares_file_digests_not_names(make_client):
+    """Equal bytes under another name reuse the live job (303); other bytes make a new one."""
+    client, app = await make_client()
+    first = await client.put("/texts/a?seconds=30&filename=one.txt", data=b"same", headers={"Content-Type": "text/plain"})
+    assert first.status == 202
+    twin = await client.put("/texts/a?seconds=30&filename=two.txt", data=b"same", headers={"Content-Type": "text/plain"},
+                            allow_redirects=False)
+    assert twin.status == 303 and twin.headers["Location"] == f"/jobs/{(await first.json())['id']}"
+    other = await client.put("/texts/a?seconds=30", data=b"different", headers={"Content-Type": "text/plain"})
+    assert other.status == 202
+    assert len([p for p in stored_files(app) if p.name == "in.text"]) == 2  # the twin's upload was not kept
+
+
+async def test_expect_100_continue_refuses_an_oversized_body_before_it_is_sent(make_client):
+    """With Expect: 100-continue, a Content-Length over the limit gets 413 at once; one within it 100 Continue."""
+    client, _ = await make_client(files={"max_upload_bytes": 1000})
+    for length, first_line in ((5000, b"HTTP/1.1 413"), (10, b"HTTP/1.1 100 Continue")):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+        writer.write(b"PUT /uploads/e HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                     b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % length)
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 5)
+        assert line.startswith(first_line), line
+        if length == 10:
+            writer.write(b"0123456789")
+            await reader.readline()  # the blank line after 100 Continue
+            assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 202")
+        writer.close()
+
+
+async def test_client_file_names_are_sanitised_for_display(make_client):
+    """Paths, control characters, NUL, overlong and non-UTF-8 names become a safe display name; never a path."""
+    client, app = await make_client()
+    in_header = [(b"../../etc/passwd", "passwd"), (b"a\\\\b\\\\c.txt", "c.txt"),
+                 (b"\xff\xfename.bin", "name.bin"), (b"x" * 600, "x" * 255), (b"/", "file")]
+    for raw, expected in in_header:
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+        writer.write(b'PUT /uploads/n HTTP/1.1\r\nHost: x\r\nContent-Disposition: attachment; filename="' + raw +
+                     b'"\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc')
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 202"), answer[:300]
+        assert json.loads(body)["files"]["inputs"]["file"]["name"] == expected, raw
+    for query, expected in (("ta%01b%7F.txt", "tab.txt"), ("nul%00.txt", "nul.txt"), ("%E2%82%AC" * 100, "\u20ac" * 85)):
+        resp = await client.put(f"/uploads/q?filename={query}", data=b"abc")
+        assert resp.status == 202
+        assert (await resp.json())["files"]["inputs"]["file"]["name"] == expected, query
+    paths = [p.name for p in stored_files(app)]
+    assert all(name == "in.file" for name in paths), paths

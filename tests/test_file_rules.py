@@ -1,0 +1,82 @@
+"""The pure rules of file results and uploads: ranges, validators, download headers, display names."""
+
+from __future__ import annotations
+
+import pytest
+
+from asyncjobs import protocol
+from asyncjobs.files import sanitize_name
+
+SHA = "ab" * 32
+
+
+@pytest.mark.parametrize("header, size, expected", [
+    ("bytes=0-99", 1000, (0, 99)),
+    ("bytes=990-", 1000, (990, 999)),
+    ("bytes=-10", 1000, (990, 999)),
+    ("bytes=-5000", 1000, (0, 999)),       # a suffix longer than the file is the whole file
+    ("bytes=500-5000", 1000, (500, 999)),  # clamped to the end
+    ("Bytes = 1-2", 1000, (1, 2)),
+    ("bytes=1000-", 1000, None),           # past the end
+    ("bytes=5-4", 1000, None),             # reversed
+    ("bytes=0-1,3-4", 1000, None),         # multiple
+    ("bytes=-0", 1000, None),
+    ("bytes=", 1000, None),
+    ("bytes=-", 1000, None),
+    ("bytes=a-b", 1000, None),
+    ("bytes=+1-2", 1000, None),
+    ("items=0-1", 1000, None),
+    ("bytes=0-", 0, None),                 # nothing to serve from an empty file
+])
+def test_parse_range(header, size, expected):
+    assert protocol.parse_range(header, size) == expected
+
+
+def test_content_disposition_has_an_ascii_fallback_and_the_exact_name():
+    assert protocol.content_disposition("a.txt") == "attachment; filename=\"a.txt\"; filename*=UTF-8''a.txt"
+    assert protocol.content_disposition('x"y\\z%.txt') == \
+        "attachment; filename=\"x_y_z_.txt\"; filename*=UTF-8''x%22y%5Cz%25.txt"
+    assert protocol.content_disposition("日本.mp4") == \
+        "attachment; filename=\"__.mp4\"; filename*=UTF-8''%E6%97%A5%E6%9C%AC.mp4"
+
+
+def answer(**overrides):
+    args = dict(sha256=SHA, size=100, name="f.bin", content_type="application/octet-stream", stored_at=0.0,
+                method="GET", range_header=None, if_range=None, if_none_match=None)
+    return protocol.file_answer(**{**args, **overrides})
+
+
+def test_file_answer_validators_and_ranges():
+    """Whole file 200; one range 206; If-None-Match 304; If-Range by strong ETag or exact date; HEAD whole."""
+    whole = answer()
+    assert (whole.status, whole.start, whole.length) == (200, 0, 100)
+    assert whole.headers["ETag"] == f'"{SHA}"'
+    assert whole.headers["Last-Modified"] == "Thu, 01 Jan 1970 00:00:00 GMT"
+    assert whole.headers["Repr-Digest"] == "sha-256=:q6urq6urq6urq6urq6urq6urq6urq6urq6urq6urq6s=:"
+    part = answer(range_header="bytes=10-19")
+    assert (part.status, part.start, part.length) == (206, 10, 10)
+    assert part.headers["Content-Range"] == "bytes 10-19/100"
+    assert answer(if_none_match=f'"{SHA}"').status == 304
+    assert answer(if_none_match='W/"other"').status == 200
+    assert answer(range_header="bytes=10-19", if_range=f'"{SHA}"').status == 206
+    assert answer(range_header="bytes=10-19", if_range=f'W/"{SHA}"').status == 200  # weak never matches
+    assert answer(range_header="bytes=10-19", if_range="Thu, 01 Jan 1970 00:00:00 GMT").status == 206
+    assert answer(range_header="bytes=10-19", if_range="Fri, 02 Jan 1970 00:00:00 GMT").status == 200
+    bad = answer(range_header="bytes=200-")
+    assert bad.status == 416 and bad.headers["Content-Range"] == "bytes */100"
+    assert answer(range_header="bytes=10-19", method="HEAD").status == 200
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("clip.mp4", "clip.mp4"),
+    ("../../etc/passwd", "passwd"),
+    ("C:\\Users\\me\\a.txt", "a.txt"),
+    ("a\x00b\nc\td.txt", "abcd.txt"),
+    ("", "file"),
+    (None, "file"),
+    ("dir/", "file"),
+    ("  spaced  ", "spaced"),
+    ("é" * 200, "é" * 127),  # 255 bytes at most, cut on a character boundary
+])
+def test_sanitize_name(given, expected):
+    assert sanitize_name(given) == expected
