@@ -473,3 +473,17 @@ async def test_client_file_names_are_sanitised_for_display(make_client):
         assert (await resp.json())["files"]["inputs"]["file"]["name"] == expected, query
     paths = [p.name for p in stored_files(app)]
     assert all(name == "in.file" for name in paths), paths
+
+
+async def test_multipart_file_names_escaped_by_browsers_are_shown_as_chosen(make_client):
+    """A form's file name with %22 (a quote), as browsers send it, or percent-encoded UTF-8, reads as the
+    name the user picked; a lone % stays."""
+    client, _ = await make_client()
+    for sent, shown in (('say %22hi%22.txt', 'say "hi".txt'), ("r%C3%A9sum%C3%A9.txt", "résumé.txt"),
+                        ("50%.txt", "50%.txt"), ("%FF.bin", "%FF.bin")):
+        body = (b'--b0undary\r\nContent-Disposition: form-data; name="job"\r\n\r\n{"task": "digest"}\r\n'
+                b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="' + sent.encode() +
+                b'"\r\n\r\nAAAA\r\n--b0undary--\r\n')
+        resp = await _raw_multipart(client, body)
+        assert resp.status == 202, await resp.text()
+        assert (await resp.json())["files"]["inputs"]["file"]["name"] == shown

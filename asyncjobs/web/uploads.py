@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from typing import Any, AsyncIterator, Awaitable, Mapping, TypeVar
+from urllib.parse import unquote
 
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -117,7 +118,7 @@ async def read_multipart(request: web.Request, received: Received, *, spec: Task
             raise BadRequest(f"{name}: not a file param of task {spec.name!r}" if spec.files else
                              f"{name}: task {spec.name!r} takes no files",
                              errors=[{"field": name, "message": "unexpected part"}])
-        upload = _start_upload(request, file_param, part.filename, part.headers.get("Content-Type"))
+        upload = _start_upload(request, file_param, _part_file_name(part.filename), part.headers.get("Content-Type"))
         received.uploads.append(upload)
         while chunk := await _timed(part.read_chunk(READ_BYTES), settings.upload_read_timeout_s):
             await upload.write(chunk)
@@ -144,6 +145,17 @@ def _job_part(data: bytes, part: BodyPartReader) -> protocol.Submit:
         raise BadRequest(f"the job part is not valid JSON: {exc}",
                          errors=[{"field": "job", "message": "not valid JSON"}]) from None
     return protocol.parse_submit(body)
+
+
+def _part_file_name(name: str | None) -> str | None:
+    """Browsers send ``"``, CR and LF in a part's file name as ``%22``, ``%0D``, ``%0A`` (and some clients
+    percent-encode the whole name): decode it where it decodes as UTF-8."""
+    if not name or "%" not in name:
+        return name
+    try:
+        return unquote(name, errors="strict")
+    except UnicodeDecodeError:
+        return name
 
 
 def _text(data: bytes, name: str) -> str:
