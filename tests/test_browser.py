@@ -7,6 +7,7 @@ Not skipped when something is missing: without Playwright this module fails to i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import os
@@ -167,6 +168,102 @@ def test_dashboard_form_submits_a_job_and_lists_it(page: Page, server, shots: Pa
     page.get_by_label("Params (JSON object)").fill("[1, 2")
     page.get_by_role("button", name="Submit").click()
     expect(page.locator("#params-error")).to_contain_text("JSON object")
+
+
+def test_dashboard_form_uploads_a_file_and_the_job_gets_its_digest(page: Page, server, shots: Path):
+    """Pick `digest`: a file input appears; submit without a file is refused in the page, with one it is
+    uploaded as multipart (progress shown), listed, and succeeds with the file's SHA-256. The client's
+    file name shows as text on the job page, never as markup."""
+    data = bytes(range(256)) * 8192  # 2 MiB
+    name = "<img src=x onerror=alert(1)>.bin"
+    page.goto(server.url + "/")
+    expect(page.locator("#live")).to_contain_text("Live")
+    expect(page.locator("#file-fields")).to_be_hidden()  # sleep, the default, takes no file
+    page.get_by_label("Task", exact=True).select_option("digest")
+    expect(page.locator("#file-fields")).to_be_visible()
+    file_input = page.locator("#file-inputs input[type=file][data-param='file']")
+    expect(file_input).to_have_count(1)
+    expect(file_input).to_have_attribute("required", "")
+    expect(page.locator("#file-inputs label")).to_contain_text("(required)")
+    assert file_input.get_attribute("accept") is None  # the task takes any type
+
+    page.get_by_role("button", name="Submit").click()  # no file yet: the page says so, nothing is sent
+    expect(page.locator("#file-inputs .field-error")).to_contain_text("Choose a file")
+    expect(file_input).to_be_focused()
+    expect(page.locator("#recent tbody tr")).to_have_count(0)
+
+    file_input.set_input_files(files=[{"name": name, "mimeType": "application/octet-stream", "buffer": data}])
+    page.get_by_label("Params (JSON object)").fill('{"unexpected": 1}')  # the server's problem, shown
+    page.get_by_role("button", name="Submit").click()
+    result = page.locator("#submit-result")
+    expect(result).to_contain_text("Not submitted")
+    expect(result).to_contain_text("params")
+    expect(page.locator("#recent tbody tr")).to_have_count(0)
+
+    page.get_by_label("Params (JSON object)").fill("{}")
+    page.get_by_role("button", name="Submit").click()
+    expect(result).to_contain_text("Submitted")
+    expect(page.locator("#upload")).to_be_visible()
+    expect(page.locator("#upload-text")).to_contain_text("Uploaded 2.0 MiB")
+    assert page.eval_on_selector("#upload-progress", "bar => bar.value") == 100
+    job_id = result.locator("a").get_attribute("href").rsplit("/", 1)[1]
+    row = page.locator(f"#recent tr[data-job-id='{job_id}']")
+    expect(row).to_contain_text("digest")
+    expect(row).to_have_attribute("data-status", "succeeded")  # pushed through the WebSocket
+    job = api(server, "GET", f"/jobs/{job_id}?redirect=false")
+    digest = hashlib.sha256(data).hexdigest()
+    assert job["result"] == {"sha256": digest, "size": len(data)}
+    assert job["files"]["inputs"]["file"] == {"name": name, "size": len(data),
+                                              "content_type": "application/octet-stream", "sha256": digest}
+    shoot(page, shots, "dashboard-upload-desktop")
+
+    result.locator("a").click()
+    expect(page.locator("#status")).to_have_text("succeeded")
+    expect(page.locator("#result")).to_contain_text(digest)
+    expect(page.locator("#files-section")).to_be_visible()
+    item = page.locator("#input-files li[data-param='file']")
+    expect(item.locator(".file-name")).to_have_text(name)
+    expect(item).to_contain_text("2.0 MiB")
+    expect(item).to_contain_text(digest)
+    assert page.locator("main img").count() == 0
+    shoot(page, shots, "job-upload-desktop")
+
+
+def _bytes_task_output(size: int, seed: str) -> bytes:
+    """What the built-in `bytes` task returns: block i is SHA-256 of "{seed}:{i}", concatenated and cut."""
+    blocks = (size + 31) // 32
+    return b"".join(hashlib.sha256(f"{seed}:{i}".encode()).digest() for i in range(blocks))[:size]
+
+
+def test_job_page_of_a_file_result_links_the_download(page: Page, server, shots: Path):
+    """A `bytes` job opened while queued: on success the result file's name, size and type appear live,
+    with a download link to the result resource that yields the file's bytes."""
+    size = 5000
+    job = api(server, "POST", "/jobs", {"task": "bytes", "params": {"size": size, "seed": "page"}, "delay": 3})
+    page.goto(f"{server.url}/jobs/{job['id']}")
+    page.evaluate("window.__sameDocument = true")  # gone if the page reloads
+    first = page.evaluate("JSON.parse(document.getElementById('initial-job').textContent).status")
+    assert first in ("queued", "running")
+    expect(page.locator("#result-section")).to_be_hidden()
+    expect(page.locator("#status")).to_have_text("succeeded")
+    assert page.evaluate("window.__sameDocument === true"), "the page reloaded"
+
+    expect(page.locator("#result-file-name")).to_have_text(f"bytes-{size}.bin")
+    expect(page.locator("#result-file-size")).to_have_text("4.9 KiB (5,000 bytes)")
+    expect(page.locator("#result-file-type")).to_have_text("application/octet-stream")
+    link = page.locator("#result-download")
+    expect(link).to_have_attribute("href", f"/jobs/{job['id']}/result")
+    expect(link).to_have_attribute("download", f"bytes-{size}.bin")
+    expect(page.locator("#files-section")).to_be_hidden()  # no input files
+    shoot(page, shots, "job-file-result-desktop")
+
+    with page.expect_download() as info:
+        link.click()
+    download = info.value
+    assert download.suggested_filename == f"bytes-{size}.bin"
+    assert Path(download.path()).read_bytes() == _bytes_task_output(size, "page")
+    page.set_viewport_size(PHONE)
+    shoot(page, shots, "job-file-result-phone")
 
 
 def test_cancel_button_cancels_a_running_job(page: Page, server, shots: Path):

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import hashlib
+import html
+import io
+import json
 import re
 import tomllib
+
+import aiohttp
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
@@ -95,6 +101,48 @@ async def test_embedded_job_cannot_break_out_of_its_script_element(client):
     assert evil not in text
     assert "<script>" not in text
     assert text.count("</script>") == 2  # app.js and the JSON data block, nothing else
+
+
+def _embedded_job(text: str) -> dict:
+    """The job a page carries in its ``<script type="application/json" id="initial-job">`` block."""
+    match = re.search(r'<script type="application/json" id="initial-job">(.*?)</script>', text, re.S)
+    assert match, "no embedded job"
+    return json.loads(match.group(1))
+
+
+async def test_succeeded_file_job_page_embeds_the_job_with_its_files(client):
+    """A gzip job (an upload in, a file out): the page carries both files' facts for app.js to show,
+    the file name only inside the escaped JSON block, never as markup."""
+    data = b"the same line again\n" * 5000
+    name = "<img src=x onerror=alert(1)>.txt"  # names come from clients
+    body = aiohttp.MultipartWriter("form-data")
+    part = body.append(json.dumps({"task": "gzip", "params": {"level": 9}}), {"Content-Type": "application/json"})
+    part.set_content_disposition("form-data", name="job")
+    part = body.append(io.BytesIO(data), {"Content-Type": "text/plain"})
+    part.set_content_disposition("form-data", quote_fields=False, name="file", filename=name)
+    resp = await client.post("/jobs", data=body)
+    assert resp.status == 202, await resp.text()
+    job = await wait_status(client, (await resp.json())["id"], "succeeded")
+
+    resp = await client.get(f"/jobs/{job['id']}", headers={"Accept": BROWSER}, allow_redirects=False)
+    assert resp.status == 200 and resp.content_type == "text/html"
+    text = await resp.text()
+    embedded = _embedded_job(text)
+    assert embedded["status"] == "succeeded" and embedded["result"] is None
+    assert embedded["files"] == job["files"]
+    assert embedded["files"]["inputs"]["file"] == {"name": name, "size": len(data), "content_type": "text/plain",
+                                                   "sha256": hashlib.sha256(data).hexdigest()}
+    result = embedded["files"]["result"]
+    assert result["name"] == name + ".gz" and result["content_type"] == "application/gzip"
+    assert 0 < result["size"] < len(data)
+    assert embedded["links"]["result"] == f"/jobs/{job['id']}/result"
+    # The page has the places app.js fills, and the name appears nowhere as markup.
+    assert 'id="files-section"' in text and 'id="input-files"' in text and 'id="result-section"' in text
+    assert name not in text and html.escape(name) not in text and "<img" not in text
+    # The result resource is the download the page links to.
+    resp = await client.get(embedded["links"]["result"])
+    assert resp.status == 200 and resp.headers["Content-Disposition"].startswith("attachment")
+    assert len(await resp.read()) == result["size"]
 
 
 async def test_unknown_job_is_a_404_page(client):

@@ -129,7 +129,9 @@ async def job_page(request: web.Request) -> web.StreamResponse:
     A succeeded job answers ``200`` with the page rather than the JSON monitor's ``303`` to
     ``/result``: a browser would follow the redirect silently and show a bare result document,
     losing the task, the timings and the way back. The page shows the result itself (pretty JSON,
-    or a download link for bytes) and links to ``/jobs/{id}/result`` for the raw resource.
+    or a download link for bytes) and links to ``/jobs/{id}/result`` for the raw resource. A job with
+    files carries them in its ``files`` member: app.js lists the inputs and, for a file result, its
+    name, size and type with a download link (client file names only ever as text, never as markup).
     """
     queue = request.app[QUEUE_KEY]
     job_id = request.match_info["job_id"]

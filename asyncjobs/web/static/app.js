@@ -42,23 +42,41 @@
     return (new Date(b) - new Date(a)) / 1000;
   }
 
+  // Binary units, one decimal: "999 bytes", "12.3 MiB".
   function formatBytes(n) {
+    if (typeof n !== "number" || !isFinite(n) || n < 0) return "–";
+    if (n === 1) return "1 byte";
     if (n < 1024) return n + " bytes";
-    if (n < 1048576) return (n / 1024).toFixed(1) + " KiB";
-    return (n / 1048576).toFixed(1) + " MiB";
+    const units = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    let value = n / 1024;
+    let unit = 0;
+    while (value >= 1023.95 && unit < units.length - 1) { value /= 1024; unit += 1; }
+    return value.toFixed(1) + " " + units[unit];
+  }
+
+  // The exact count, grouped: "5,000 bytes".
+  function exactBytes(n) {
+    return n.toLocaleString("en-US") + (n === 1 ? " byte" : " bytes");
+  }
+
+  function parseJson(text) {
+    try { return JSON.parse(text); } catch (err) { return null; }
+  }
+
+  // A problem+json answer (RFC 9457) as one line: its detail, then the field errors.
+  function problemMessage(status, statusText, body) {
+    if (!body || typeof body !== "object") return "HTTP " + status + (statusText ? " " + statusText : "");
+    let text = body.detail || body.title || ("HTTP " + status);
+    if (Array.isArray(body.errors) && body.errors.length) {
+      text += ": " + body.errors.map((e) => (e.field ? e.field + " " : "") + e.message).join("; ");
+    }
+    return text;
   }
 
   async function problemText(response) {
-    try {
-      const body = await response.json();
-      let text = body.detail || body.title || ("HTTP " + response.status);
-      if (Array.isArray(body.errors) && body.errors.length) {
-        text += ": " + body.errors.map((e) => (e.field ? e.field + " " : "") + e.message).join("; ");
-      }
-      return text;
-    } catch (err) {
-      return "HTTP " + response.status + " " + response.statusText;
-    }
+    let body = null;
+    try { body = parseJson(await response.text()); } catch (err) { /* the body was cut off */ }
+    return problemMessage(response.status, response.statusText, body);
   }
 
   function setBadge(node, status) {
@@ -111,10 +129,49 @@
       text.textContent = parts.join(" · ") || "Starting…";
     }
 
+    function resultUrl() {
+      return (job.links && typeof job.links.result === "string") ? job.links.result : base + "/result";
+    }
+
+    // One file's facts. Names come from clients: always text, never markup.
+    function fileFacts(file, ids) {
+      const size = el("dd", { id: ids && ids.size, text: formatBytes(file.size) });
+      if (file.size >= 1024) size.append(" (" + exactBytes(file.size) + ")");
+      return el("dl", { class: "facts file-facts" }, [
+        el("div", {}, [el("dt", { text: "Name" }), el("dd", { id: ids && ids.name, class: "file-name", text: file.name })]),
+        el("div", {}, [el("dt", { text: "Size" }), size]),
+        el("div", {}, [el("dt", { text: "Type" }), el("dd", { id: ids && ids.type, text: file.content_type })]),
+        el("div", { class: "wide" }, [el("dt", { text: "SHA-256" }),
+          el("dd", {}, [el("code", { id: ids && ids.sha256, class: "digest", text: file.sha256 })])]),
+      ]);
+    }
+
+    function renderFiles() {
+      const inputs = (job.files && job.files.inputs) || {};
+      const list = $("input-files");
+      list.replaceChildren();
+      for (const [param, file] of Object.entries(inputs)) {
+        if (!file || typeof file !== "object") continue;
+        list.append(el("li", { dataset: { param: param } }, [
+          el("h3", { class: "file-param", text: param }),
+          fileFacts(file),
+        ]));
+      }
+      $("files-section").hidden = list.children.length === 0;
+    }
+
     function renderResult() {
       const box = $("result");
       box.replaceChildren();
-      if (isBlob(job.result)) {
+      const file = job.files && job.files.result;
+      $("result-link-line").hidden = Boolean(file);
+      if (file) {
+        box.append(
+          fileFacts(file, { name: "result-file-name", size: "result-file-size", type: "result-file-type",
+            sha256: "result-file-sha256" }),
+          el("p", {}, [el("a", { id: "result-download", class: "button download", href: resultUrl(),
+            download: file.name || "", type: file.content_type, text: "Download " + file.name })]));
+      } else if (isBlob(job.result)) {
         const r = job.result;
         box.append(el("p", {}, [
           el("a", { href: r.href, download: "", class: "button", text: "Download the result" }),
@@ -140,6 +197,7 @@
       $("finished").textContent = finished;
       $("attempts").textContent = String(job.attempts);
       renderProgress();
+      renderFiles();
       $("result-section").hidden = job.status !== "succeeded";
       if (job.status === "succeeded") renderResult();
       const failed = (job.status === "failed" || job.status === "canceled") && job.error;
@@ -386,11 +444,122 @@
       return out;
     }
 
+    function currentTask() {
+      return tasks.find((t) => t.name === $("task-select").value);
+    }
+
+    function fileParamsOf(task) {
+      const params = task && task.file_params;
+      return params && typeof params === "object" ? Object.entries(params) : [];
+    }
+
+    // One file input per file param of the task; `accept` from its content types unless it takes any.
+    function renderFileFields(task) {
+      const box = $("file-inputs");
+      box.replaceChildren();
+      const params = fileParamsOf(task);
+      $("file-fields").hidden = params.length === 0;
+      params.forEach(([name, spec], i) => {
+        const id = "file-input-" + i;
+        const types = ((spec && spec.content_types) || []).filter((t) => t !== "*/*");
+        const required = Boolean(spec && spec.required);
+        const typesText = types.length ? "Accepted: " + types.join(", ") + "." : "Any type of file.";
+        const help = el("p", { id: id + "-help", class: "help", text: typesText });
+        const error = el("p", { id: id + "-error", class: "field-error", "aria-live": "polite" });
+        const input = el("input", { type: "file", id: id, name: name, dataset: { param: name },
+          accept: types.length ? types.join(",") : null, required: required ? "" : null,
+          "aria-describedby": help.id + " " + error.id });
+        input.addEventListener("change", () => {
+          const chosen = input.files && input.files[0];
+          help.textContent = typesText + (chosen ? " Chosen: " + formatBytes(chosen.size) + "." : "");
+          error.textContent = "";
+          input.removeAttribute("aria-invalid");
+        });
+        box.append(el("div", { class: "field" }, [
+          el("label", { for: id }, [el("span", { class: "param-name", text: name }), " ",
+            el("span", { class: required ? "required" : "muted", text: required ? "(required)" : "(optional)" })]),
+          input, help, error,
+        ]));
+      });
+    }
+
     function describeTask() {
-      const task = tasks.find((t) => t.name === $("task-select").value);
+      const task = currentTask();
       $("task-help").textContent = task ? (task.description || "").replace(/``/g, "") : "";
       if (task) $("params").value = JSON.stringify(example(task.params_schema), null, 2);
       $("params-error").textContent = "";
+      renderFileFields(task);
+    }
+
+    // The file inputs, after checking that every required one has a file (the form is novalidate).
+    function chosenFiles() {
+      const inputs = [...$("file-inputs").querySelectorAll("input[type=file]")];
+      let missing = null;
+      for (const input of inputs) {
+        const error = $(input.id + "-error");
+        if (input.required && !(input.files && input.files.length)) {
+          error.textContent = "Choose a file: the task needs it.";
+          input.setAttribute("aria-invalid", "true");
+          missing = missing || input;
+        } else {
+          error.textContent = "";
+          input.removeAttribute("aria-invalid");
+        }
+      }
+      if (missing) { missing.focus(); return null; }
+      return inputs.filter((input) => input.files && input.files.length)
+        .map((input) => [input.dataset.param, input.files[0]]);
+    }
+
+    function showUpload(fraction, text) {
+      $("upload").hidden = false;
+      const bar = $("upload-progress");
+      if (fraction === null) bar.removeAttribute("value"); else bar.value = Math.round(fraction * 1000) / 10;
+      $("upload-text").textContent = text;
+    }
+
+    // multipart/form-data through XMLHttpRequest: fetch cannot report upload progress, XHR can.
+    function postWithProgress(url, form, fileBytes) {
+      return new Promise((resolve, reject) => {
+        const xhr = new XMLHttpRequest();
+        const started = Date.now();
+        let sent = 0;
+        xhr.open("POST", url);
+        xhr.setRequestHeader("Accept", "application/json");
+        xhr.upload.addEventListener("progress", (event) => {
+          if (!event.lengthComputable || !event.total) { showUpload(null, "Uploading…"); return; }
+          const fraction = event.loaded / event.total;
+          sent = Math.min(fileBytes, Math.round(fraction * fileBytes));
+          showUpload(fraction, "Uploading: " + Math.floor(fraction * 100) + "% (" + formatBytes(sent) +
+            " of " + formatBytes(fileBytes) + ")");
+        });
+        xhr.upload.addEventListener("load", () => {
+          sent = fileBytes;
+          showUpload(1, "Uploaded " + formatBytes(fileBytes) + "; waiting for the server to store it…");
+        });
+        xhr.addEventListener("load", () => resolve({
+          status: xhr.status, statusText: xhr.statusText, body: parseJson(xhr.responseText),
+          seconds: (Date.now() - started) / 1000 }));
+        xhr.addEventListener("error", () => reject(new Error(sent < fileBytes
+          ? "the connection closed during the upload, at " + formatBytes(sent) + " of " + formatBytes(fileBytes) +
+            " (a file over the server's size limit ends this way too)"
+          : "the server did not answer.")));
+        xhr.addEventListener("abort", () => reject(new Error("the upload was stopped.")));
+        xhr.send(form);
+      });
+    }
+
+    async function postJson(url, body) {
+      let response;
+      try {
+        response = await fetch(url, { method: "POST", body: JSON.stringify(body),
+          headers: { ...JSON_HEADERS, "Content-Type": "application/json" } });
+      } catch (err) {
+        throw new Error("the server did not answer.");
+      }
+      let parsed = null;
+      try { parsed = parseJson(await response.text()); } catch (err) { /* cut off */ }
+      return { status: response.status, statusText: response.statusText, body: parsed };
     }
 
     async function loadTasks() {
@@ -426,21 +595,42 @@
       const body = { task: $("task-select").value, params: params };
       const priority = parseInt($("priority").value, 10);
       if (!isNaN(priority) && priority !== 0) body.priority = priority;
+      const withFiles = fileParamsOf(currentTask()).length > 0;
+      const files = withFiles ? chosenFiles() : [];
+      if (files === null) return;
+      $("upload").hidden = true;
       $("submit-button").disabled = true;
       try {
-        const response = await fetch("/jobs", { method: "POST", body: JSON.stringify(body),
-          headers: { ...JSON_HEADERS, "Content-Type": "application/json" } });
-        if (response.status === 202 || response.status === 303 || response.ok) {
-          const job = await response.json();
+        let answer;
+        if (withFiles) {
+          // The job part first (the server reads it before any file), then one part per file.
+          const form = new FormData();
+          form.append("job", new Blob([JSON.stringify(body)], { type: "application/json" }), "job.json");
+          for (const [param, file] of files) form.append(param, file, file.name);
+          const fileBytes = files.reduce((sum, [, file]) => sum + file.size, 0);
+          out.textContent = "Uploading " + (files.length === 1 ? "1 file" : files.length + " files") + "…";
+          showUpload(0, "Uploading: 0% (0 bytes of " + formatBytes(fileBytes) + ")");
+          answer = await postWithProgress("/jobs", form, fileBytes);
+          if (answer.status >= 200 && answer.status < 400) {
+            showUpload(1, "Uploaded " + formatBytes(fileBytes) + " in " + formatSeconds(answer.seconds) + ".");
+          } else {
+            $("upload").hidden = true;
+          }
+        } else {
+          answer = await postJson("/jobs", body);
+        }
+        const job = answer.body;
+        if ((answer.status === 202 || answer.status === 303 || (answer.status >= 200 && answer.status < 300)) &&
+            job && typeof job.id === "string") {
           upsert(job);
           summarySoon();
-          out.replaceChildren(response.status === 303 ? "Already running: " : "Submitted: ",
+          out.replaceChildren(answer.status === 303 ? "Already running: " : "Submitted: ",
             el("a", { href: "/jobs/" + encodeURIComponent(job.id), text: job.task + " job " + job.id }));
         } else {
-          out.textContent = "Not submitted: " + await problemText(response);
+          out.textContent = "Not submitted: " + problemMessage(answer.status, answer.statusText, answer.body);
         }
       } catch (err) {
-        out.textContent = "Not submitted: the server did not answer.";
+        out.textContent = "Not submitted: " + (err && err.message ? err.message : "the server did not answer.");
       } finally {
         $("submit-button").disabled = false;
       }
