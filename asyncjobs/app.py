@@ -35,6 +35,13 @@ def _callback_key(config: Config) -> bytes | None:
     return callbacks.parse_secret(config.callbacks.secret)
 
 
+def _admins(config: Config) -> frozenset[str]:
+    unknown = sorted(set(config.auth.admins) - set(config.auth.tokens))
+    if unknown:
+        raise ConfigError(f"auth.admins: {', '.join(unknown)} has no token in auth.tokens")
+    return frozenset(config.auth.admins)
+
+
 def _tokens(config: Config) -> tuple[tuple[str, bytes], ...]:
     seen: dict[str, str] = {}
     for principal, token in config.auth.tokens.items():
@@ -78,6 +85,7 @@ class App:
             tombstone_retention_s=config.jobs.tombstone_retention,
             max_age_s=config.jobs.max_age,
             cancel_grace_s=config.jobs.cancel_grace,
+            max_queued_per_owner=config.limits.max_queued_per_principal,
         )
         self.workers = Workers(self.queue, count=config.queue.workers, sweep_interval_s=sweep_interval_s(config))
         self.deliverer = None if callback_key is None else callbacks.Deliverer(
@@ -91,7 +99,11 @@ class App:
             upload_read_timeout_s=config.files.read_timeout,
             max_wait_s=config.server.max_wait,
             tokens=_tokens(config),
+            admins=_admins(config),
+            session_ttl_s=config.auth.session_ttl,
             callback_hosts=tuple(h.lower() for h in config.callbacks.allow_hosts),
+            submit_rate=config.limits.submit_rate,
+            submit_burst=config.limits.submit_burst,
         ))
         self.web[METRICS_KEY] = self.metrics
         self.web.cleanup_ctx.append(self._lifecycle)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+from decimal import Decimal
 from datetime import datetime, timezone
 from typing import Any
 
@@ -46,3 +47,69 @@ def isotime(ts: float | None) -> str | None:
 def _utc_second(seconds: int) -> str:
     """The date and time of a whole second; a job's times fall in few distinct seconds, so this is cached."""
     return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def canonical(obj: Any) -> bytes:
+    """RFC 8785 (JCS) canonical JSON: keys sorted by UTF-16 code units, numbers as ECMAScript prints
+    them (``1`` and ``1.0`` alike), strings escaped minimally, no white space; so equal JSON values
+    give equal bytes whatever their key order, spacing, escapes or number form."""
+    return "".join(_canonical_parts(obj)).encode("utf-8")
+
+
+def _canonical_parts(obj: Any) -> list[str]:
+    out: list[str] = []
+    stack: list[Any] = [obj]
+    while stack:  # iterative: params are already depth-checked, but no recursion limit is relied on
+        item = stack.pop()
+        if isinstance(item, _Raw):
+            out.append(item.text)
+        elif isinstance(item, dict):
+            keys = sorted(item, key=lambda k: k.encode("utf-16-be"))
+            stack.append(_Raw("}"))
+            for i, key in reversed(list(enumerate(keys))):
+                stack.append(item[key])
+                stack.append(_Raw(("," if i else "") + orjson.dumps(key).decode() + ":"))
+            stack.append(_Raw("{"))
+        elif isinstance(item, (list, tuple)):
+            stack.append(_Raw("]"))
+            for i, value in reversed(list(enumerate(item))):
+                stack.append(value)
+                if i:
+                    stack.append(_Raw(","))
+            stack.append(_Raw("["))
+        elif isinstance(item, bool) or item is None or isinstance(item, str):
+            out.append(orjson.dumps(item).decode())
+        elif isinstance(item, (int, float)):
+            out.append(_es_number(float(item)))
+        else:
+            raise TypeError(f"not a JSON value: {type(item).__name__}")
+    return out
+
+
+class _Raw:
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _es_number(value: float) -> str:
+    """A number as ECMAScript's Number.prototype.toString prints it (RFC 8785, 3.2.2.3)."""
+    if not math.isfinite(value):
+        raise ValueError("NaN and infinities are not JSON")
+    if value == 0:
+        return "0"
+    if value.is_integer() and abs(value) < 1e21:
+        return str(int(value))
+    sign, digit_tuple, exponent = Decimal(repr(value)).as_tuple()  # the shortest digits that round-trip
+    digits = "".join(map(str, digit_tuple)).rstrip("0")
+    exponent = int(exponent) + len(digit_tuple) - len(digits)
+    n = len(digits) - 1 + exponent  # the power of ten of the first digit
+    text: str
+    if 0 <= n < 21:
+        text = digits[:n + 1].ljust(n + 1, "0") + ("." + digits[n + 1:] if len(digits) > n + 1 else "")
+    elif -7 < n < 0:
+        text = "0." + "0" * (-n - 1) + digits
+    else:
+        text = digits[0] + ("." + digits[1:] if len(digits) > 1 else "") + f"e{'+' if n > 0 else '-'}{abs(n)}"
+    return ("-" if sign else "") + text

@@ -59,6 +59,15 @@ class ProtocolConfig:
 @dataclass(frozen=True)
 class AuthConfig:
     tokens: dict[str, str] = field(default_factory=dict)
+    admins: list[str] = field(default_factory=list)  # principals that see and manage every job
+    session_ttl: float = 43_200.0  # seconds a browser session lasts
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_queued_per_principal: int = 0  # 0: no limit
+    submit_rate: float = 0.0  # submits per second per principal; 0: no limit
+    submit_burst: int = 0  # the token bucket's size; 0: the larger of 1 and the rate, rounded up
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,7 @@ class TaskOverride:
     retries: int | None = None
     concurrency: int | None = None
     retry_delay: float | None = None
+    reuse: float | None = None  # seconds a succeeded job answers equal submits
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     files: FilesConfig = field(default_factory=FilesConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
@@ -103,6 +114,7 @@ _SECTIONS: dict[str, type] = {
     "queue": QueueConfig,
     "jobs": JobsConfig,
     "files": FilesConfig,
+    "limits": LimitsConfig,
     "protocol": ProtocolConfig,
     "auth": AuthConfig,
     "callbacks": CallbacksConfig,
@@ -116,7 +128,7 @@ _CHOICES = {
 }
 _POSITIVE = {("server", "max_body_bytes"), ("server", "max_wait"), ("queue", "workers"), ("queue", "max_queued"),
              ("callbacks", "max_attempts"), ("callbacks", "timeout"), ("files", "max_upload_bytes"),
-             ("files", "read_timeout")}
+             ("files", "read_timeout"), ("auth", "session_ttl")}
 
 
 def _coerce(name: str, value: Any, kind: Any) -> Any:

@@ -82,6 +82,10 @@ class UnprocessableContent(ProblemError):
     status, title = 422, "Unprocessable Content"
 
 
+class TooManyRequests(ProblemError):
+    status, title = 429, "Too Many Requests"
+
+
 class InsufficientStorage(ProblemError):
     status, title = 507, "Insufficient Storage"
 

@@ -92,6 +92,7 @@ class Job:
     unique_key: str | None = None  # hash of the params, for tasks declared unique
     callback_url: str | None = None
     files: dict[str, Any] | None = None  # {"inputs": {param: file}, "result": file or None}; None: no files
+    vt: int = 0  # virtual start time: equal-priority jobs run in (vt, seq) order, so principals take turns
 
     @property
     def terminal(self) -> bool:

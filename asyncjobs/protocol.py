@@ -76,6 +76,7 @@ def job_body(job: Job, *, eta: float | None = None, queue_position: int | None =
         "run_at": codec.isotime(job.run_at) if job.status is Status.QUEUED else None,
         "result": result,
         "error": job.error if job.status in (Status.FAILED, Status.CANCELED) else None,
+        "owner": job.owner or None,
         "files": None if job.files is None else {"inputs": job.files.get("inputs") or {},
                                                  "result": job.files.get("result")},
         "links": job_links(job.id),
@@ -234,8 +235,17 @@ def see_other_answer(job: Job) -> Answer:
     return Answer(303, {"Location": job_url(job.id), **job_headers(job)})
 
 
-def parse_list_query(query: Mapping[str, str]) -> tuple[str | None, str | None, int, int | None]:
-    """(status, task, limit, before_seq) from ``GET /jobs``'s query; BadRequest if off."""
+@dataclass(frozen=True)
+class ListQuery:
+    status: str | None
+    task: str | None
+    limit: int
+    before: int | None  # the cursor: jobs submitted before this one
+    owner: str | None = None  # an admin's filter by principal
+
+
+def parse_list_query(query: Mapping[str, str]) -> ListQuery:
+    """``GET /jobs``'s filters, limit and cursor; BadRequest if off."""
     errors = []
     status = query.get("status")
     if status is not None and status not in {s.value for s in Status}:
@@ -259,14 +269,15 @@ def parse_list_query(query: Mapping[str, str]) -> tuple[str | None, str | None, 
             errors.append({"field": "cursor", "message": "not a cursor this server gave out"})
     if errors:
         raise BadRequest("invalid list query", errors=errors)
-    return status, task, limit, before
+    return ListQuery(status, task, limit, before, query.get("owner"))
 
 
-def next_page_url(*, status: str | None, task: str | None, limit: int, cursor: int | None) -> str | None:
+def next_page_url(*, status: str | None, task: str | None, limit: int, cursor: int | None,
+                  owner: str | None = None) -> str | None:
     """The next page's URL, or None when this page is the last."""
     if cursor is None:
         return None
-    params = [("status", status), ("task", task), ("limit", str(limit)), ("cursor", str(cursor))]
+    params = [("status", status), ("task", task), ("owner", owner), ("limit", str(limit)), ("cursor", str(cursor))]
     return f"{JOBS_PATH}?{urlencode([(k, v) for k, v in params if v is not None])}"
 
 
@@ -478,3 +489,28 @@ def file_answer(*, sha256: str, size: int, name: str, content_type: str, stored_
         return FileAnswer(416, {**validators, "Content-Range": f"bytes */{size}"})
     first, last = span
     return FileAnswer(206, {**headers, "Content-Range": f"bytes {first}-{last}/{size}"}, first, last - first + 1)
+
+
+# -- quotas --------------------------------------------------------------------------
+
+def ratelimit_headers(*, burst: int, window_s: int, left: int, next_s: int) -> dict[str, str]:
+    """The RateLimit header fields (draft-ietf-httpapi-ratelimit-headers, structured form) of a submit."""
+    return {"RateLimit-Policy": f'"submit";q={burst};w={window_s}', "RateLimit": f'"submit";r={left};t={next_s}'}
+
+
+def rate_retry_after_s(wait_s: float) -> int:
+    """Seconds until a token is free, rounded up, at least 1."""
+    return max(1, math.ceil(wait_s))
+
+
+def wants_fresh(cache_control: str | None) -> bool:
+    """``Cache-Control: no-cache`` on a submit: make a new job even when an equal one could answer."""
+    return any(d.split("=", 1)[0].strip().lower() == "no-cache" for d in (cache_control or "").split(","))
+
+
+def reuse_answer(job: Job, *, eta: float | None, now: float, waited: bool) -> Answer:
+    """An equal job answers a submit: 303 to it; after ``Prefer: wait``, 201/200 as for a new one if it
+    ended in time."""
+    if waited and job.terminal:
+        return submit_wait_answer(job, eta=eta, now=now)
+    return see_other_answer(job)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import codec, protocol
-from .errors import BadRequest, Conflict, Gone, NotFound, ServiceUnavailable, UnprocessableContent
+from .errors import BadRequest, Conflict, Gone, NotFound, ServiceUnavailable, TooManyRequests, UnprocessableContent
 from .files import FileStore, Upload
 from .hub import Hub
 from .models import Job, JobIds, Status, cancel, expire, is_expired, with_progress
@@ -23,6 +24,11 @@ log = logging.getLogger("asyncjobs.queue")
 
 PROGRESS_PERSIST_INTERVAL_S = 0.5  # progress reaches waiters at once, the store at most this often
 EXPIRED = "expired before it finished"  # the cancel reason the sweep gives
+
+
+def equality_key(params: Any, digests: dict[str, str]) -> str:
+    """What makes two submits equal (RFC 8785 canonical params, and the files' SHA-256): a hash."""
+    return hashlib.sha256(codec.canonical([params, digests])).hexdigest()
 
 
 @dataclass(eq=False)
@@ -87,6 +93,7 @@ class JobQueue:
         tombstone_retention_s: float,
         max_age_s: float,
         cancel_grace_s: float,
+        max_queued_per_owner: int = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -99,7 +106,9 @@ class JobQueue:
         self.tombstone_retention_s = tombstone_retention_s
         self.max_age_s = max_age_s
         self.cancel_grace_s = cancel_grace_s
+        self.max_queued_per_owner = max_queued_per_owner  # 0: no limit
         self.clock = clock
+        self.virtual_time = 0  # the vt of the latest job claimed: a new principal's first job starts here
         self.running: dict[str, Execution] = {}
         self._new_id = JobIds()
         self.run_times = RunTimes()
@@ -120,6 +129,7 @@ class JobQueue:
         await self.files.open()
         await self.files.sweep_orphans(self.store.file_owners)
         self._queued_by_priority = Counter(await self.store.queued_by_priority())
+        self.virtual_time = await self.store.min_queued_vt()
         self.next_due = await self.store.next_run_at(after=self.clock())
         self.wakeup.set()
         self.deliveries.set()
@@ -160,13 +170,16 @@ class JobQueue:
 
     async def submit(self, task_name: Any, params: Any, *, priority: int = 0, delay_s: float = 0.0,
                      owner: str = "", idempotency_key: str | None = None, request_hash: str | None = None,
-                     callback_url: str | None = None, uploads: list[Upload] | None = None) -> Inserted:
+                     callback_url: str | None = None, uploads: list[Upload] | None = None,
+                     fresh: bool = False) -> Inserted:
         """Store a new job (committed before this returns), or find the one this submit repeats.
 
         A repeated ``idempotency_key`` with another ``request_hash`` is a 422; a unique task's live
         job with equal params is returned as a duplicate for the caller to redirect to. ``uploads``
         (finished, for the task's file params) are placed in the job's folder before the commit and
-        removed again when no new job is stored.
+        removed again when no new job is stored. A task that is ``unique`` or has ``reuse`` answers an equal
+        submit with the equal job ("reuse"), unless ``fresh`` (``Cache-Control: no-cache``); a submit with a
+        delay or a callback is never equal to another.
         """
         self.check_params(task_name, params)
         self.check_files(task_name, [u.param for u in uploads or ()])
@@ -182,7 +195,8 @@ class JobQueue:
             priority=priority, created_at=now, expires_at=now + self.max_age_s, run_at=now + delay_s,
             max_attempts=spec.max_attempts, owner=owner, idempotency_key=idempotency_key,
             request_hash=request_hash, callback_url=callback_url,
-            unique_key=(codec.fingerprint([params, digests] if digests else params) if spec.unique else None),
+            unique_key=equality_key(params, digests) if (spec.unique or spec.reuse) and not (
+                delay_s or callback_url) else None,
             files={"inputs": inputs, "result": None} if spec.files else None,
         )
         admit = self.queued < self.max_queued  # a full queue still answers replays and unique twins
@@ -190,7 +204,9 @@ class JobQueue:
         try:
             if uploads:
                 await self.files.place(job.id, uploads)
-            inserted = await self.store.insert(job, admit=admit)
+            inserted = await self.store.insert(job, admit=admit, reuse_s=spec.reuse, fresh=fresh,
+                                               vt_floor=self.virtual_time,
+                                               max_queued_for_owner=self.max_queued_per_owner)
         except BaseException:
             self._count_queued(job.priority, -1)
             if uploads:
@@ -203,6 +219,10 @@ class JobQueue:
             if inserted.duplicate == "refused":
                 raise ServiceUnavailable(f"the queue holds its maximum of {self.max_queued} jobs",
                                          headers={"Retry-After": "5"})
+            if inserted.duplicate == "quota":
+                raise TooManyRequests(
+                    f"you have {self.max_queued_per_owner} queued jobs, the most one caller may have; wait for"
+                    " one to start", headers={"Retry-After": str(await self._owner_start_s(owner))})
             if inserted.duplicate == "idempotency" and inserted.job.request_hash != request_hash:
                 raise UnprocessableContent(
                     "this Idempotency-Key was used before with a different request; use a new key")
@@ -211,6 +231,16 @@ class JobQueue:
         self._due_at(inserted.job.run_at)
         log.debug("job %s submitted (%s)", inserted.job.id, inserted.job.task)
         return inserted
+
+    async def _owner_start_s(self, owner: str) -> int:
+        """Seconds until one of ``owner``'s queued jobs is likely to start: 1 to 60."""
+        job = await self.store.next_queued(owner)
+        if job is None:
+            return 1
+        view = await self.view(job)
+        mean = self.run_times.mean(job.task) or 0.0
+        start = None if view.eta is None else view.eta - mean
+        return protocol.retry_after_s(start, self.clock())
 
     # -- read --------------------------------------------------------------
     async def find(self, job_id: str, *, owner: str | None = None) -> Job:
@@ -436,6 +466,7 @@ class JobQueue:
         jobs = await self.store.claim(now=self.clock(), limit=limit, tasks=room)
         for job in jobs:
             self._count_queued(job.priority, -1)
+            self.virtual_time = max(self.virtual_time, job.vt)
         executions = []
         for job in jobs:
             execution = Execution(job=job, stored_version=job.version)

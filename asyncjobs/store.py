@@ -92,12 +92,26 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN files BLOB;
     """,
+    """
+    ALTER TABLE jobs ADD COLUMN vt INTEGER NOT NULL DEFAULT 0;
+    DROP INDEX jobs_dispatch;
+    CREATE INDEX jobs_fair ON jobs (priority DESC, vt, seq) WHERE status = 'queued';
+    CREATE INDEX jobs_owner_queued ON jobs (owner, vt) WHERE status = 'queued';
+    CREATE INDEX jobs_reuse ON jobs (owner, task, unique_key, seq) WHERE unique_key IS NOT NULL AND status = 'succeeded';
+    CREATE TABLE sessions (
+        id         TEXT PRIMARY KEY,
+        principal  TEXT NOT NULL,
+        csrf       TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX sessions_expiry ON sessions (expires_at);
+    """,
 )
 
 _COLUMNS = (
     "seq, id, task, params, status, priority, created_at, started_at, finished_at, expires_at,"
     " run_at, attempts, max_attempts, version, progress, result, result_type, error, owner,"
-    " idempotency_key, request_hash, unique_key, callback_url, files"
+    " idempotency_key, request_hash, unique_key, callback_url, files, vt"
 )
 _MUTABLE = (
     "status", "started_at", "finished_at", "expires_at", "run_at", "attempts",
@@ -107,22 +121,32 @@ _MUTABLE = (
 
 # The statements that walk the queue name their index: left to itself, SQLite picks
 # jobs_status_seq and sorts every queued job in a temp B-tree, a cost that grows with the queue.
-CLAIM_SQL = (f"SELECT {_COLUMNS} FROM jobs INDEXED BY jobs_dispatch WHERE status = 'queued'"
-             " AND run_at <= ? AND expires_at > ? AND task IN ({marks}) ORDER BY priority DESC, seq LIMIT ?")
+# The dispatch order is (priority DESC, vt, seq): within a priority, principals take turns (see insert).
+CLAIM_SQL = (f"SELECT {_COLUMNS} FROM jobs INDEXED BY jobs_fair WHERE status = 'queued'"
+             " AND run_at <= ? AND expires_at > ? AND task IN ({marks}) ORDER BY priority DESC, vt, seq LIMIT ?")
 POSITION_SQL = (
-    "SELECT (SELECT COUNT(*) FROM jobs INDEXED BY jobs_dispatch WHERE status = 'queued' AND priority > ?)"
-    " + (SELECT COUNT(*) FROM jobs INDEXED BY jobs_dispatch WHERE status = 'queued' AND priority = ? AND seq < ?)")
-POSITIONS_SQL = ("SELECT id, pos FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY priority DESC, seq) AS pos"
-                 " FROM jobs INDEXED BY jobs_dispatch WHERE status = 'queued') WHERE id IN ({marks})")
-BY_PRIORITY_SQL = ("SELECT priority, COUNT(*) FROM jobs INDEXED BY jobs_dispatch WHERE status = 'queued'"
+    "SELECT (SELECT COUNT(*) FROM jobs INDEXED BY jobs_fair WHERE status = 'queued' AND priority > ?)"
+    " + (SELECT COUNT(*) FROM jobs INDEXED BY jobs_fair WHERE status = 'queued' AND priority = ?"
+    " AND (vt < ? OR (vt = ? AND seq < ?)))")
+POSITIONS_SQL = ("SELECT id, pos FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY priority DESC, vt, seq) AS pos"
+                 " FROM jobs INDEXED BY jobs_fair WHERE status = 'queued') WHERE id IN ({marks})")
+BY_PRIORITY_SQL = ("SELECT priority, COUNT(*) FROM jobs INDEXED BY jobs_fair WHERE status = 'queued'"
                    " GROUP BY priority")
+OWNER_LAST_VT_SQL = "SELECT MAX(vt) FROM jobs INDEXED BY jobs_owner_queued WHERE owner = ? AND status = 'queued'"
+OWNER_QUEUED_SQL = "SELECT COUNT(*) FROM jobs INDEXED BY jobs_owner_queued WHERE owner = ? AND status = 'queued'"
+MIN_VT_SQL = "SELECT MIN(vt) FROM jobs WHERE status = 'queued'"
+LIVE_TWIN_SQL = (f"SELECT {_COLUMNS} FROM jobs WHERE owner = ? AND task = ? AND unique_key = ?"
+                 " AND status IN ('queued', 'running') AND expires_at > ? ORDER BY seq DESC LIMIT 1")
+DONE_TWIN_SQL = (f"SELECT {_COLUMNS} FROM jobs INDEXED BY jobs_reuse WHERE owner = ? AND task = ?"
+                 " AND unique_key = ? AND status = 'succeeded' AND finished_at >= ? AND expires_at > ?"
+                 " ORDER BY seq DESC LIMIT 1")
 NEXT_RUN_SQL = "SELECT MIN(run_at) FROM jobs INDEXED BY jobs_due WHERE status = 'queued' AND run_at > ?"
 
 
 def _row_to_job(row: sqlite3.Row | tuple) -> Job:
     (seq, id_, task, params, status, priority, created_at, started_at, finished_at, expires_at,
      run_at, attempts, max_attempts, version, progress, result, result_type, error, owner,
-     idempotency_key, request_hash, unique_key, callback_url, files) = row
+     idempotency_key, request_hash, unique_key, callback_url, files, vt) = row
     return Job(
         id=id_, seq=seq, task=task, params=params, status=Status(status), priority=priority,
         created_at=created_at, started_at=started_at, finished_at=finished_at,
@@ -131,7 +155,7 @@ def _row_to_job(row: sqlite3.Row | tuple) -> Job:
         result=result, result_type=result_type,
         error=codec.loads(error) if error else None, owner=owner,
         idempotency_key=idempotency_key, request_hash=request_hash, unique_key=unique_key,
-        callback_url=callback_url, files=codec.loads(files) if files else None,
+        callback_url=callback_url, files=codec.loads(files) if files else None, vt=vt,
     )
 
 
@@ -164,8 +188,8 @@ class Inserted:
     """What a submit stored: the new job, or the existing one it duplicates and why."""
 
     job: Job
-    duplicate: str | None = None  # None: new; "idempotency": same key; "unique": same live task and params;
-    # "refused": not stored (the queue is full)
+    duplicate: str | None = None  # None: new; "idempotency": same key; "reuse": an equal job answers it;
+    # "refused": not stored (the queue is full); "quota": not stored (the owner's queued jobs are at their limit)
 
 
 @dataclass(frozen=True)
@@ -180,6 +204,16 @@ class Delivery:
 
 
 Payload = Callable[[Job], bytes]  # how the caller encodes a terminal job for its callback
+
+
+def _equal_job(db: sqlite3.Connection, job: Job, reuse_s: float | None) -> Job | None:
+    """The newest job equal to ``job`` that may answer it: live, or succeeded within ``reuse_s`` seconds."""
+    key = (job.owner, job.task, job.unique_key)
+    rows = [db.execute(LIVE_TWIN_SQL, (*key, job.created_at)).fetchone()]
+    if reuse_s:
+        rows.append(db.execute(DONE_TWIN_SQL, (*key, job.created_at - reuse_s, job.created_at)).fetchone())
+    found = [_row_to_job(r) for r in rows if r is not None]
+    return max(found, key=lambda j: j.seq) if found else None
 
 
 def _schedule_delivery(db: sqlite3.Connection, job: Job, payload: Payload) -> None:
@@ -203,7 +237,13 @@ class Store(Protocol):
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
-    async def insert(self, job: Job, *, admit: bool = True) -> Inserted: ...
+    async def insert(self, job: Job, *, admit: bool = True, reuse_s: float | None = None, fresh: bool = False,
+                     vt_floor: int = 0, max_queued_for_owner: int = 0) -> Inserted: ...
+    async def create_session(self, session_id: str, *, principal: str, csrf: str, expires_at: float) -> None: ...
+    async def session(self, session_id: str, *, now: float) -> tuple[str, str] | None: ...
+    async def delete_session(self, session_id: str) -> None: ...
+    async def min_queued_vt(self) -> int: ...
+    async def next_queued(self, owner: str) -> Job | None: ...
     async def update(self, job: Job, *, expected_version: int, deliver: Payload | None = None) -> bool: ...
     async def delete(self, job_id: str) -> bool: ...
     async def lookup(self, job_id: str) -> Lookup: ...
@@ -381,11 +421,16 @@ class SQLiteStore:
         return results
 
     # -- writes ----------------------------------------------------------
-    async def insert(self, job: Job, *, admit: bool = True) -> Inserted:
-        """Store a new job, unless it repeats a live unique job or an idempotency key (then return that one).
+    async def insert(self, job: Job, *, admit: bool = True, reuse_s: float | None = None, fresh: bool = False,
+                     vt_floor: int = 0, max_queued_for_owner: int = 0) -> Inserted:
+        """Store a new job, unless an equal one answers it: the same idempotency key, or (for a job with a
+        ``unique_key``, unless ``fresh``) the newest equal job that is live or succeeded within ``reuse_s``.
 
-        Jobs past their ``expires_at`` are not matched: their keys expire with them. With ``admit``
-        False (the queue is full) nothing new is stored and the answer's ``duplicate`` is "refused".
+        All in one transaction of the one writer, so racing equal submits make one job. Jobs past their
+        ``expires_at`` are not matched. With ``admit`` False (the queue is full) nothing new is stored
+        ("refused"); nor when the owner already has ``max_queued_for_owner`` queued jobs ("quota"). A new
+        job's ``vt`` is one past its owner's last queued job, and at least ``vt_floor`` (the virtual time),
+        so a principal with a backlog and one with a single job take turns.
         """
 
         def op(db: sqlite3.Connection) -> Inserted:
@@ -396,30 +441,32 @@ class SQLiteStore:
                 row = cur.fetchone()
                 if row is not None:
                     return Inserted(_row_to_job(row), "idempotency")
-            if job.unique_key is not None:
-                cur = db.execute(
-                    f"SELECT {_COLUMNS} FROM jobs WHERE owner = ? AND task = ? AND unique_key = ?"
-                    " AND status IN ('queued', 'running') AND expires_at > ? ORDER BY seq LIMIT 1",
-                    (job.owner, job.task, job.unique_key, job.created_at))
-                row = cur.fetchone()
-                if row is not None:
-                    return Inserted(_row_to_job(row), "unique")
+            if job.unique_key is not None and not fresh:
+                twin = _equal_job(db, job, reuse_s)
+                if twin is not None:
+                    return Inserted(twin, "reuse")
             if not admit:
                 return Inserted(job, "refused")
+            if max_queued_for_owner and \
+                    db.execute(OWNER_QUEUED_SQL, (job.owner,)).fetchone()[0] >= max_queued_for_owner:
+                return Inserted(job, "quota")
             if job.idempotency_key is not None:  # an expired job's key is free again
                 db.execute("UPDATE jobs SET idempotency_key = NULL WHERE owner = ? AND idempotency_key = ?",
-                                 (job.owner, job.idempotency_key))
+                           (job.owner, job.idempotency_key))
+            (last,) = db.execute(OWNER_LAST_VT_SQL, (job.owner,)).fetchone()
+            new = dataclasses.replace(job, vt=max(vt_floor, 0 if last is None else last + 1))
             cur = db.execute(
-                f"INSERT INTO jobs ({_COLUMNS}) VALUES (NULL{', ?' * 23})",
-                (job.id, job.task, job.params, job.status.value, job.priority, job.created_at,
-                 job.started_at, job.finished_at, job.expires_at, job.run_at, job.attempts,
-                 job.max_attempts, job.version,
-                 codec.dumps(job.progress) if job.progress is not None else None,
-                 job.result, job.result_type,
-                 codec.dumps(job.error) if job.error is not None else None, job.owner,
-                 job.idempotency_key, job.request_hash, job.unique_key, job.callback_url, _encoded(job.files)),
+                f"INSERT INTO jobs ({_COLUMNS}) VALUES (NULL{', ?' * 24})",
+                (new.id, new.task, new.params, new.status.value, new.priority, new.created_at,
+                 new.started_at, new.finished_at, new.expires_at, new.run_at, new.attempts,
+                 new.max_attempts, new.version,
+                 codec.dumps(new.progress) if new.progress is not None else None,
+                 new.result, new.result_type,
+                 codec.dumps(new.error) if new.error is not None else None, new.owner,
+                 new.idempotency_key, new.request_hash, new.unique_key, new.callback_url, _encoded(new.files),
+                 new.vt),
             )
-            return Inserted(dataclasses.replace(job, seq=cur.lastrowid))
+            return Inserted(dataclasses.replace(new, seq=cur.lastrowid))
 
         return await self._write(op)
 
@@ -532,6 +579,7 @@ class SQLiteStore:
                     _schedule_delivery(db, expire(job, now), payload)
             db.execute("DELETE FROM deliveries WHERE state != 'pending' AND next_at <= ?",
                              (now - tombstone_retention_s,))
+            db.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
             cur = db.execute("DELETE FROM tombstones WHERE gone_until <= ?", (now,))
             return SweepResult(
                 expired_queued=[j for j in gone if j.status is Status.QUEUED],
@@ -542,6 +590,34 @@ class SQLiteStore:
             )
 
         return await self._write(op)
+
+    async def create_session(self, session_id: str, *, principal: str, csrf: str, expires_at: float) -> None:
+        """A browser session (its id is what the signed cookie names; the CSRF token goes in its pages)."""
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO sessions (id, principal, csrf, expires_at) VALUES (?, ?, ?, ?)",
+                       (session_id, principal, csrf, expires_at))
+
+        await self._write(op)
+
+    async def delete_session(self, session_id: str) -> None:
+        await self._write(lambda db: db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)))
+
+    async def session(self, session_id: str, *, now: float) -> tuple[str, str] | None:
+        """(principal, csrf token) of a live session, or None."""
+        rows = await self._fetchall("SELECT principal, csrf FROM sessions WHERE id = ? AND expires_at > ?",
+                                    (session_id, now))
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    async def next_queued(self, owner: str) -> Job | None:
+        """The queued job of ``owner`` that runs first."""
+        rows = await self._fetchall(f"SELECT {_COLUMNS} FROM jobs INDEXED BY jobs_owner_queued WHERE owner = ?"
+                                    " AND status = 'queued' ORDER BY vt, seq LIMIT 1", (owner,))
+        return _row_to_job(rows[0]) if rows else None
+
+    async def min_queued_vt(self) -> int:
+        """The virtual time to resume from at start: the lowest ``vt`` still queued."""
+        rows = await self._fetchall(MIN_VT_SQL)
+        return rows[0][0] or 0
 
     async def delivery_attempted(self, job_id: str, *, ok: bool, next_at: float | None, error: str | None) -> None:
         """Record a callback attempt: delivered, to be retried at ``next_at``, or given up (None)."""
@@ -593,7 +669,7 @@ class SQLiteStore:
 
     async def queue_position(self, job: Job) -> int:
         """1 for the next job to run, counting due and delayed jobs alike."""
-        rows = await self._fetchall(POSITION_SQL, (job.priority, job.priority, job.seq))
+        rows = await self._fetchall(POSITION_SQL, (job.priority, job.priority, job.vt, job.vt, job.seq))
         return rows[0][0] + 1
 
     async def queue_positions(self, jobs: list[Job]) -> dict[str, int]:

@@ -102,6 +102,7 @@ class TaskSpec:
     retry_delay: float = 1.0  # seconds before the first retry; doubles each time
     concurrency: int | None = None  # jobs of this task running at once; None: any
     unique: bool = False
+    reuse: float | None = None  # seconds a succeeded job answers equal submits (and live ones always do)
     description: str = ""
     files: tuple[FileParam, ...] = ()
     is_async: bool = field(default=False)
@@ -121,6 +122,7 @@ class TaskSpec:
             "retries": self.retries,
             "concurrency": self.concurrency,
             "unique": self.unique,
+            "reuse": self.reuse,
             "file_params": {f.name: f.describe() for f in self.files},
         }
 
@@ -137,12 +139,15 @@ def task(
     retry_delay: float = 1.0,
     concurrency: int | None = None,
     unique: bool = False,
+    reuse: float | None = None,
     schema: dict[str, Any] | None = None,
     accept: Mapping[str, Sequence[str]] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Mark a function as a task handler; modules listed in ``tasks.modules`` are scanned for them.
 
-    ``route`` mounts the task on its own path, e.g. ``"POST /thumbnails"`` or
+    ``unique``: an equal submit (same principal, task, params and files) while a job is queued or
+    running gets that job (``303``); ``reuse=N`` also gets an equal job that succeeded in the last N
+    seconds. ``route`` mounts the task on its own path, e.g. ``"POST /thumbnails"`` or
     ``"DELETE /items/{item_id}"``. ``schema`` (a JSON Schema subset) replaces
     the one derived from the signature. Parameters annotated ``InputFile`` are file
     params; ``accept`` maps one to the content types it takes (``"video/*"`` patterns).
@@ -163,6 +168,7 @@ def task(
             retry_delay=retry_delay,
             concurrency=concurrency,
             unique=unique,
+            reuse=reuse,
             description=inspect.getdoc(fn) or "",
             files=files,
             is_async=inspect.iscoroutinefunction(fn),

@@ -217,7 +217,7 @@ async def test_unique_key_matches_only_live_jobs(store):
     assert (await store.insert(make_job(unique_key="u"))).job.id == first.job.id
     running = start(first.job, 101.0)
     await store.update(running, expected_version=first.job.version)
-    assert (await store.insert(make_job(unique_key="u"))).duplicate == "unique"
+    assert (await store.insert(make_job(unique_key="u"))).duplicate == "reuse"
     done = succeed(running, 102.0, result=b"1", result_type=None, retention_s=10)
     await store.update(done, expected_version=running.version)
     assert (await store.insert(make_job(unique_key="u"))).duplicate is None
@@ -240,7 +240,8 @@ async def test_deliveries_are_scheduled_with_the_terminal_state(store):
     assert await store.due_deliveries(now=300.0, limit=10) == []
 
 
-@pytest.mark.parametrize("name", ["CLAIM_SQL", "POSITION_SQL", "POSITIONS_SQL", "BY_PRIORITY_SQL", "NEXT_RUN_SQL"])
+@pytest.mark.parametrize("name", ["CLAIM_SQL", "POSITION_SQL", "POSITIONS_SQL", "BY_PRIORITY_SQL", "NEXT_RUN_SQL",
+                                  "OWNER_LAST_VT_SQL", "OWNER_QUEUED_SQL", "DONE_TWIN_SQL"])
 async def test_queue_walks_use_their_index_not_a_sort(tmp_path, name):
     """Each statement that walks the queue goes by the queued-only index; a sort of every queued job
     (SQLite's own choice without the hint) would make each claim cost more as the queue grows."""
@@ -254,7 +255,9 @@ async def test_queue_walks_use_their_index_not_a_sort(tmp_path, name):
     finally:
         db.close()
     assert "TEMP B-TREE" not in plan, plan
-    assert ("jobs_due" if name == "NEXT_RUN_SQL" else "jobs_dispatch") in plan, plan
+    index = {"NEXT_RUN_SQL": "jobs_due", "OWNER_LAST_VT_SQL": "jobs_owner_queued", "OWNER_QUEUED_SQL": "jobs_owner_queued",
+             "DONE_TWIN_SQL": "jobs_reuse"}.get(name, "jobs_fair")
+    assert index in plan, plan
 
 
 async def test_wal_is_cut_back_after_a_long_read_let_it_grow(tmp_path):

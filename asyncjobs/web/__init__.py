@@ -8,8 +8,9 @@ from aiohttp import web
 
 from ..queue import JobQueue
 from . import jobs, ops, pages, push, uploads
-from .common import (QUEUE_KEY, SETTINGS_KEY, WAITERS_KEY, Waiters, WebSettings, auth_middleware, expect_handler,
-                     make_expect_handler, problems_middleware)
+from ..limits import SubmitRates
+from .common import (QUEUE_KEY, RATES_KEY, SETTINGS_KEY, WAITERS_KEY, Waiters, WebSettings, auth_middleware,
+                     expect_handler, make_expect_handler, problems_middleware)
 from .runner import ProblemRunner
 
 __all__ = ["ProblemRunner", "WebSettings", "make_web_app"]
@@ -21,6 +22,7 @@ def make_web_app(queue: JobQueue, settings: WebSettings) -> web.Application:
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[QUEUE_KEY] = queue
     app[SETTINGS_KEY] = settings
+    app[RATES_KEY] = SubmitRates(settings.submit_rate, settings.submit_burst) if settings.submit_rate else None
     app[WAITERS_KEY] = Waiters()
     app[push.SOCKETS_KEY] = weakref.WeakSet()
     app[push.CLOSING_KEY] = set()

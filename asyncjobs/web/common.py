@@ -15,6 +15,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from .. import codec, protocol
 from ..errors import BadRequest, PayloadTooLarge, ProblemError, StoreError, Unauthorized, UnsupportedMediaType
+from ..limits import SubmitRates
 from ..queue import JobQueue
 from .metrics import Metrics
 
@@ -34,7 +35,11 @@ class WebSettings:
     ws_heartbeat_s: float = 30.0  # WebSocket pings; a peer that does not answer is closed
     ws_buffer: int = 1024  # events waiting for a slow socket before it is closed
     tokens: tuple[tuple[str, bytes], ...] = ()  # (principal, bearer token); empty: auth off
+    admins: frozenset[str] = frozenset()  # principals that see and manage every job
+    session_ttl_s: float = 43_200.0  # a browser session's lifetime
     callback_hosts: tuple[str, ...] = ()  # hosts a callback_url may name; empty: callbacks off
+    submit_rate: float = 0.0  # submits per second per principal; 0: no limit
+    submit_burst: int = 0
 
 
 @dataclass
@@ -51,6 +56,7 @@ QUEUE_KEY = web.AppKey("asyncjobs_queue", JobQueue)
 SETTINGS_KEY = web.AppKey("asyncjobs_settings", WebSettings)
 WAITERS_KEY = web.AppKey("asyncjobs_waiters", Waiters)
 METRICS_KEY = web.AppKey("asyncjobs_metrics", Metrics)
+RATES_KEY = web.AppKey("asyncjobs_rates", SubmitRates | None)  # None: no submit rate limit
 
 
 # -- responses -----------------------------------------------------------------
@@ -185,6 +191,16 @@ async def auth_middleware(request: web.Request, handler: Callable[[web.Request],
 def principal_of(request: web.Request) -> str | None:
     """The caller's principal, or None with auth off (every job is visible to everyone)."""
     return request.get(PRINCIPAL_KEY)
+
+
+def is_admin(request: web.Request) -> bool:
+    return principal_of(request) in request.app[SETTINGS_KEY].admins
+
+
+def visible_owner(request: web.Request) -> str | None:
+    """Whose jobs the caller may see and manage: its own, or (None) every job for admins and with auth off."""
+    principal = principal_of(request)
+    return None if principal is None or is_admin(request) else principal
 
 
 def make_expect_handler(limit: Callable[[web.Request], int | None]

@@ -8,13 +8,14 @@ from aiohttp import web
 
 from .. import callbacks, codec, protocol
 from . import downloads, pages, uploads
-from ..errors import BadRequest
+from ..errors import BadRequest, TooManyRequests
 from ..files import Upload
+from ..limits import SubmitRates
 from ..models import Job
 from ..queue import JobQueue
 from ..tasks import TaskSpec
-from .common import (QUEUE_KEY, SETTINGS_KEY, WAITERS_KEY, job_id_of, json_response, principal_of, problem_body,
-                     problem_response, read_json)
+from .common import (QUEUE_KEY, RATES_KEY, SETTINGS_KEY, WAITERS_KEY, job_id_of, json_response, principal_of, problem_body,
+                     problem_response, read_json, visible_owner)
 
 
 async def _accepted(queue: JobQueue, job: Job, extra: dict[str, str] | None = None, *,
@@ -54,16 +55,59 @@ async def _submit(request: web.Request, queue: JobQueue, body: protocol.Submit,
     if key:
         digests = {u.param: u.stored.sha256 for u in files or () if u.stored is not None}
         request_hash = codec.fingerprint([body.fingerprint(), digests]) if digests else body.fingerprint()
-    inserted = await queue.submit(
-        body.task, body.params, priority=body.priority, delay_s=body.delay_s, owner=principal_of(request) or "",
-        idempotency_key=key, request_hash=request_hash, callback_url=body.callback_url, uploads=files)
-    if inserted.duplicate == "unique":
-        answer = protocol.see_other_answer(inserted.job)
-        return json_response(protocol.job_body(inserted.job), status=answer.status, headers=answer.headers)
-    response = await _answer_submit(request, queue, inserted.job, just_submitted=inserted.duplicate is None)
+    owner = principal_of(request) or ""
+    rates = request.app[RATES_KEY]
+    _spend_token(rates, owner)
+    try:
+        inserted = await queue.submit(
+            body.task, body.params, priority=body.priority, delay_s=body.delay_s, owner=owner,
+            idempotency_key=key, request_hash=request_hash, callback_url=body.callback_url, uploads=files,
+            fresh=protocol.wants_fresh(request.headers.get("Cache-Control")))
+    except BaseException:
+        if rates is not None:
+            rates.refund(owner)  # a refused submit spends no token
+        raise
+    if inserted.duplicate is not None and rates is not None:
+        rates.refund(owner)  # replays and reused jobs take no quota
+    if inserted.duplicate == "reuse":
+        response = await _answer_reuse(request, queue, inserted.job)
+    else:
+        response = await _answer_submit(request, queue, inserted.job, just_submitted=inserted.duplicate is None)
     if inserted.duplicate == "idempotency":
         response.headers["Idempotent-Replayed"] = "true"
+    if rates is not None:
+        response.headers.update(_ratelimit_headers(rates, owner))
     return response
+
+
+def _spend_token(rates: SubmitRates | None, owner: str) -> None:
+    """429 with Retry-After and the RateLimit fields when the caller's bucket is empty."""
+    if rates is None:
+        return
+    wait_s = rates.take(owner)
+    if wait_s:
+        raise TooManyRequests(f"more than {rates.rate:g} submits per second (bursts of {rates.burst}); slow down",
+                              headers={"Retry-After": str(protocol.rate_retry_after_s(wait_s)),
+                                       **_ratelimit_headers(rates, owner)})
+
+
+def _ratelimit_headers(rates: SubmitRates, owner: str) -> dict[str, str]:
+    state = rates.state(owner)
+    return protocol.ratelimit_headers(burst=state.burst, window_s=state.window_s, left=state.left,
+                                      next_s=state.next_s)
+
+
+async def _answer_reuse(request: web.Request, queue: JobQueue, job: Job) -> web.Response:
+    """An equal job answers: 303 to it; with ``Prefer: wait=N``, 201/200 if it ends within N seconds."""
+    requested = protocol.requested_wait({}, request.headers.get("Prefer"))
+    applied = None if requested is None else protocol.applied_wait(requested, request.app[SETTINGS_KEY].max_wait_s)
+    if applied:
+        job = await _held(request, queue.wait(job.id, timeout_s=applied, until=lambda j: j.terminal,
+                                              owner=visible_owner(request)))
+    view = await queue.view(job)
+    answer = protocol.reuse_answer(job, eta=view.eta, now=queue.clock(), waited=applied is not None)
+    return json_response(protocol.job_body(job, eta=view.eta, queue_position=view.queue_position),
+                         status=answer.status, headers={**answer.headers, **protocol.wait_headers(applied)})
 
 
 async def _answer_submit(request: web.Request, queue: JobQueue, job: Job, *,
@@ -74,7 +118,7 @@ async def _answer_submit(request: web.Request, queue: JobQueue, job: Job, *,
         return await _accepted(queue, job, {"Vary": "Prefer"}, just_submitted=just_submitted)
     applied = protocol.applied_wait(requested, request.app[SETTINGS_KEY].max_wait_s)
     job = await _held(request, queue.wait(job.id, timeout_s=applied, until=lambda j: j.terminal,
-                                          owner=principal_of(request)))
+                                          owner=visible_owner(request)))
     view = await queue.view(job)
     answer = protocol.submit_wait_answer(job, eta=view.eta, now=queue.clock())
     return json_response(protocol.job_body(job, eta=view.eta, queue_position=view.queue_position),
@@ -139,10 +183,10 @@ async def monitor(request: web.Request) -> web.StreamResponse:
     requested = protocol.requested_wait(request.query, request.headers.get("Prefer"))
     applied = None if requested is None else protocol.applied_wait(requested, settings.max_wait_s)
     if applied:
-        job = await _held(request, queue.wait(job_id, timeout_s=applied, owner=principal_of(request),
+        job = await _held(request, queue.wait(job_id, timeout_s=applied, owner=visible_owner(request),
                                               until=lambda j: protocol.long_poll_done(j, if_none_match)))
     else:
-        job = await queue.find(job_id, owner=principal_of(request))
+        job = await queue.find(job_id, owner=visible_owner(request))
     wait_headers = {**protocol.wait_headers(applied), "Vary": "Prefer, Accept"}  # browsers get a page
     if protocol.etag_matches(if_none_match, protocol.etag(job)):
         return web.Response(status=304, headers={**protocol.job_headers(job), **wait_headers})
@@ -155,7 +199,7 @@ async def monitor(request: web.Request) -> web.StreamResponse:
 
 async def result(request: web.Request) -> web.StreamResponse:
     queue = request.app[QUEUE_KEY]
-    job = await queue.find(job_id_of(request), owner=principal_of(request))
+    job = await queue.find(job_id_of(request), owner=visible_owner(request))
     view = await queue.view(job) if not job.terminal else None
     answer = protocol.result_answer(job, eta=view.eta if view else None, now=queue.clock())
     if answer.status == 200 and job.files is not None and job.files.get("result"):
@@ -173,7 +217,7 @@ async def result(request: web.Request) -> web.StreamResponse:
 
 async def cancel(request: web.Request) -> web.Response:
     queue = request.app[QUEUE_KEY]
-    job, stopped = await queue.cancel(job_id_of(request), owner=principal_of(request))
+    job, stopped = await queue.cancel(job_id_of(request), owner=visible_owner(request))
     answer = protocol.cancel_answer(job, stopped=stopped)
     return json_response(protocol.job_body(job), status=answer.status, headers=answer.headers)
 
@@ -181,18 +225,23 @@ async def cancel(request: web.Request) -> web.Response:
 async def delete(request: web.Request) -> web.Response:
     queue = request.app[QUEUE_KEY]
     job_id = job_id_of(request)
-    if await queue.delete(job_id, owner=principal_of(request)):
+    if await queue.delete(job_id, owner=visible_owner(request)):
         return web.Response(status=204, headers=protocol.NO_STORE)
-    job = await queue.find(job_id, owner=principal_of(request))
+    job = await queue.find(job_id, owner=visible_owner(request))
     return json_response(protocol.job_body(job), status=202, headers=protocol.job_headers(job))
 
 
 async def list_jobs(request: web.Request) -> web.Response:
     queue = request.app[QUEUE_KEY]
-    status, task, limit, before = protocol.parse_list_query(request.query)
-    jobs, cursor = await queue.list(status=status, task=task, before_seq=before, limit=limit,
-                                    owner=principal_of(request))
-    next_url = protocol.next_page_url(status=status, task=task, limit=limit, cursor=cursor)
+    query = protocol.parse_list_query(request.query)
+    owner = visible_owner(request)
+    jobs: list[Job] = []
+    cursor = None
+    if owner is None or query.owner in (None, owner):  # another principal's jobs do not exist for this caller
+        jobs, cursor = await queue.list(status=query.status, task=query.task, before_seq=query.before,
+                                        limit=query.limit, owner=owner if owner is not None else query.owner)
+    next_url = protocol.next_page_url(status=query.status, task=query.task, limit=query.limit, cursor=cursor,
+                                      owner=query.owner)
     headers = dict(protocol.NO_STORE)
     if next_url:
         headers["Link"] = f'<{next_url}>; rel="next"'

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from .. import codec, protocol
 from ..errors import Gone, NotFound
-from .common import QUEUE_KEY, SETTINGS_KEY, json_response, principal_of
+from .common import QUEUE_KEY, SETTINGS_KEY, json_response, visible_owner
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
@@ -136,7 +136,7 @@ async def job_page(request: web.Request) -> web.StreamResponse:
     queue = request.app[QUEUE_KEY]
     job_id = request.match_info["job_id"]
     try:
-        job = await queue.find(job_id, owner=principal_of(request))
+        job = await queue.find(job_id, owner=visible_owner(request))
     except Gone:
         return _message_page(410, "Job expired",
                              "This job existed, but it has expired: its record is no longer kept.")
@@ -191,7 +191,7 @@ def _links(app: web.Application) -> dict[str, str]:
 async def summary(request: web.Request) -> dict[str, Any]:
     """What the dashboard shows besides the job list: counts by status and run-time figures."""
     queue = request.app[QUEUE_KEY]
-    principal = principal_of(request)
+    principal = visible_owner(request)
     recent, _ = await queue.list(owner=principal, limit=RECENT_FOR_RUN_TIMES)
     if principal is None:
         counts = await queue.store.counts()

@@ -15,7 +15,7 @@ from ..errors import BadRequest, Gone, NotFound
 from ..hub import Subscription
 from ..models import Job, Status
 from ..queue import JobQueue
-from .common import QUEUE_KEY, SETTINGS_KEY, WAITERS_KEY, job_id_of, principal_of
+from .common import QUEUE_KEY, SETTINGS_KEY, WAITERS_KEY, job_id_of, visible_owner
 
 log = logging.getLogger("asyncjobs.web")
 
@@ -38,7 +38,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     waiters = request.app[WAITERS_KEY]
     last_seen = protocol.parse_last_event_id(request.headers.get("Last-Event-ID"))
     with queue.hub.subscribe([job_id_of(request)], conflate=True) as sub:
-        job = await queue.find(job_id_of(request), owner=principal_of(request))  # 404/410 before the stream
+        job = await queue.find(job_id_of(request), owner=visible_owner(request))  # 404/410 before the stream
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
         await response.prepare(request)
@@ -115,7 +115,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     request.app[SOCKETS_KEY].add(ws)
     waiters.websockets += 1
-    sock = _Socket(ws=ws, sub=queue.hub.subscribe(maxsize=settings.ws_buffer), principal=principal_of(request))
+    sock = _Socket(ws=ws, sub=queue.hub.subscribe(maxsize=settings.ws_buffer), principal=visible_owner(request))
     sender = asyncio.create_task(_send_changes(queue, sock), name="asyncjobs-ws-sender")
 
     def too_slow() -> None:

@@ -1,0 +1,76 @@
+"""Per-principal submit rates: a token bucket each, refilled continuously (in this process)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+MAX_PRINCIPALS = 100_000  # buckets kept; a full bucket is forgotten first, as it holds nothing
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float  # when ``tokens`` was last brought up to date
+
+
+@dataclass(frozen=True)
+class BucketState:
+    """What the RateLimit header fields say: the policy and, for one principal, where its bucket stands."""
+
+    burst: int
+    window_s: int  # seconds to refill an empty bucket
+    left: int  # whole tokens left
+    next_s: int  # seconds until the next token (0 when the bucket is full)
+
+
+class SubmitRates:
+    """``rate`` submits per second per principal, in bursts of at most ``burst``.
+
+    ``take`` spends a token or says how long until one is free; ``refund`` gives back a token
+    that bought nothing (a replay, a reused job, a refused submit).
+    """
+
+    def __init__(self, rate: float, burst: int = 0, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = burst or max(1, math.ceil(rate))
+        self.clock = clock
+        self._buckets: dict[str, _Bucket] = {}
+
+    def _bucket(self, principal: str) -> _Bucket:
+        now = self.clock()
+        bucket = self._buckets.get(principal)
+        if bucket is None:
+            if len(self._buckets) >= MAX_PRINCIPALS:
+                self._forget_full(now)
+            bucket = self._buckets[principal] = _Bucket(float(self.burst), now)
+        else:
+            bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.at) * self.rate)
+            bucket.at = now
+        return bucket
+
+    def _forget_full(self, now: float) -> None:
+        full = [p for p, b in self._buckets.items() if b.tokens + (now - b.at) * self.rate >= self.burst]
+        for principal in full or list(self._buckets)[:1]:
+            del self._buckets[principal]
+
+    def take(self, principal: str) -> float:
+        """Spend a token: 0.0 if one was free, else the seconds until one is (nothing is spent)."""
+        bucket = self._bucket(principal)
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return 0.0
+        return (1.0 - bucket.tokens) / self.rate
+
+    def refund(self, principal: str) -> None:
+        bucket = self._bucket(principal)
+        bucket.tokens = min(float(self.burst), bucket.tokens + 1.0)
+
+    def state(self, principal: str) -> BucketState:
+        bucket = self._bucket(principal)
+        missing = 1.0 - (bucket.tokens - math.floor(bucket.tokens))
+        full = bucket.tokens >= self.burst
+        return BucketState(burst=self.burst, window_s=math.ceil(self.burst / self.rate),
+                           left=math.floor(bucket.tokens), next_s=0 if full else math.ceil(missing / self.rate))

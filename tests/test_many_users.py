@@ -1,0 +1,235 @@
+"""Many callers on one service: reuse of equal requests, quotas, fair dispatch and admins, over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from tests.conftest import TEST_MODULES, eventually, wait_status
+
+ALICE, BOB, ROOT = "alice-token-0123456789", "bob-token-0123456789ab", "root-token-0123456789ab"
+TOKENS = {"alice": ALICE, "bob": BOB, "root": ROOT}
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def reusing(**tasks: dict) -> dict:
+    """A [tasks] section with the test modules and per-task overrides (``reuse`` etc.)."""
+    return {"tasks": {"modules": TEST_MODULES, **tasks}}
+
+
+async def jobs_of(client, headers: dict[str, str] | None = None, **query: str) -> list[dict]:
+    resp = await client.get("/jobs", params={"limit": "500", **query}, headers=headers)
+    assert resp.status == 200, await resp.text()
+    return (await resp.json())["jobs"]
+
+
+# -- reuse of equal requests -----------------------------------------------------------
+
+async def test_an_equal_submit_reuses_a_recently_succeeded_job(make_client):
+    """With reuse = N, params equal under RFC 8785 (key order, spacing, escapes, 1 vs 1.0) get 303 to the
+    job that succeeded, its body, and no new job; other params make a new one."""
+    client, _ = await make_client(**reusing(echo={"reuse": 60}))
+    first = await client.post("/jobs", json={"task": "echo", "params": {"a": 1, "b": [2.0, "x"]}})
+    assert first.status == 202
+    job = await wait_status(client, (await first.json())["id"], "succeeded")
+    for raw in ('{"task": "echo", "params": {"b": [2, "x"], "a": 1.0}}',
+                '{"params":{"\\u0061":1,"b":[2e0,"\\u0078"]},"task":"echo"}'):
+        again = await client.post("/jobs", data=raw, headers={"Content-Type": "application/json"},
+                                  allow_redirects=False)
+        assert again.status == 303, await again.text()
+        assert again.headers["Location"] == f"/jobs/{job['id']}"
+        assert (await again.json())["id"] == job["id"]
+    other = await client.post("/jobs", json={"task": "echo", "params": {"a": 2, "b": [2, "x"]}})
+    assert other.status == 202
+    assert len(await jobs_of(client)) == 2
+
+
+async def test_no_cache_forces_a_new_job_and_the_newest_equal_job_is_reused(make_client):
+    """Cache-Control: no-cache makes a new job even with an equal one live; later equal submits get the newest."""
+    client, _ = await make_client(**reusing(block={"reuse": 60}))
+    body = {"task": "block", "params": {"seconds": 30}}
+    first = await (await client.post("/jobs", json=body)).json()
+    fresh = await client.post("/jobs", json=body, headers={"Cache-Control": "no-cache"})
+    assert fresh.status == 202
+    newest = await fresh.json()
+    assert newest["id"] != first["id"]
+    again = await client.post("/jobs", json=body, allow_redirects=False)
+    assert again.status == 303 and again.headers["Location"] == f"/jobs/{newest['id']}"
+
+
+async def test_prefer_wait_applies_to_the_reused_job(make_client):
+    """A reused job that ends within the wait answers 201 as a new one would; one still running, 303."""
+    client, _ = await make_client(**reusing(echo={"reuse": 60}, block={"reuse": 60}))
+    first = await (await client.post("/jobs", json={"task": "echo", "params": {"k": 1}})).json()
+    await wait_status(client, first["id"], "succeeded")
+    again = await client.post("/jobs", json={"task": "echo", "params": {"k": 1}}, headers={"Prefer": "wait=5"},
+                              allow_redirects=False)
+    assert again.status == 201 and (await again.json())["id"] == first["id"]
+    running = await (await client.post("/jobs", json={"task": "block", "params": {"seconds": 30}})).json()
+    again = await client.post("/jobs", json={"task": "block", "params": {"seconds": 30}},
+                              headers={"Prefer": "wait=0.2"}, allow_redirects=False)
+    assert again.status == 303 and again.headers["Location"] == f"/jobs/{running['id']}"
+    assert again.headers["Preference-Applied"] == "wait=0.2"
+
+
+async def test_failed_canceled_delayed_callback_and_expired_reuse_make_new_jobs(make_client):
+    """Failed and canceled jobs are never reused; a submit with a delay is never equal; past N seconds a
+    succeeded job no longer answers."""
+    client, _ = await make_client(**reusing(fail={"reuse": 60}, block={"reuse": 60}, echo={"reuse": 0.3}))
+    failed = await (await client.post("/jobs", json={"task": "fail", "params": {"message": "x"}})).json()
+    await wait_status(client, failed["id"], "failed")
+    assert (await client.post("/jobs", json={"task": "fail", "params": {"message": "x"}})).status == 202
+    blocked = await (await client.post("/jobs", json={"task": "block", "params": {"seconds": 30}})).json()
+    await client.post(f"/jobs/{blocked['id']}/cancel")
+    assert (await client.post("/jobs", json={"task": "block", "params": {"seconds": 30}})).status == 202
+    delayed = {"task": "block", "params": {"seconds": 30}, "delay": 5}
+    assert (await client.post("/jobs", json=delayed)).status == 202
+    echo = await (await client.post("/jobs", json={"task": "echo", "params": {"z": 1}})).json()
+    await wait_status(client, echo["id"], "succeeded")
+    await asyncio.sleep(0.5)
+    assert (await client.post("/jobs", json={"task": "echo", "params": {"z": 1}})).status == 202
+
+
+async def test_racing_equal_submits_make_one_job(make_client):
+    """100 equal submits at once: one 202, every other answer a 303 to that job."""
+    client, _ = await make_client(**reusing(block={"reuse": 60}))
+    answers = await asyncio.gather(*(client.post("/jobs", json={"task": "block", "params": {"seconds": 30}},
+                                                 allow_redirects=False) for _ in range(100)))
+    statuses = [a.status for a in answers]
+    assert statuses.count(202) == 1 and statuses.count(303) == 99, statuses
+    assert len(await jobs_of(client)) == 1
+
+
+async def test_reuse_is_per_principal(make_client):
+    """An equal submit of another principal is never answered with this one's job."""
+    client, _ = await make_client(auth={"tokens": TOKENS}, **reusing(echo={"reuse": 60}))
+    a = await client.post("/jobs", json={"task": "echo", "params": {"p": 1}}, headers=auth(ALICE))
+    b = await client.post("/jobs", json={"task": "echo", "params": {"p": 1}}, headers=auth(BOB),
+                          allow_redirects=False)
+    assert a.status == 202 and b.status == 202
+    assert (await a.json())["id"] != (await b.json())["id"]
+
+
+# -- quotas ---------------------------------------------------------------------------
+
+async def test_max_queued_per_principal_is_429_and_stores_nothing(make_client):
+    """Past limits.max_queued_per_principal: 429 + Retry-After (1..60), problem+json, no job; another
+    principal is not held back; a replay and a reused job take no quota."""
+    client, _ = await make_client(auth={"tokens": TOKENS}, limits={"max_queued_per_principal": 2},
+                                  queue={"workers": 1}, **reusing(echo={"reuse": 60}))
+    await client.post("/jobs", json={"task": "block", "params": {"seconds": 30}}, headers=auth(ALICE))
+    await eventually(lambda: _running(client, ALICE), "alice's first job to run")
+    first = await client.post("/jobs", json={"task": "echo", "params": {"n": 1}},
+                              headers={**auth(ALICE), "Idempotency-Key": "k1"})
+    second = await client.post("/jobs", json={"task": "echo", "params": {"n": 2}}, headers=auth(ALICE))
+    assert first.status == 202 and second.status == 202
+    third = await client.post("/jobs", json={"task": "echo", "params": {"n": 3}}, headers=auth(ALICE))
+    assert third.status == 429, await third.text()
+    assert third.content_type == "application/problem+json"
+    assert 1 <= int(third.headers["Retry-After"]) <= 60
+    assert len(await jobs_of(client, auth(ALICE))) == 3
+    replay = await client.post("/jobs", json={"task": "echo", "params": {"n": 1}},
+                               headers={**auth(ALICE), "Idempotency-Key": "k1"})
+    assert replay.status == 202 and replay.headers["Idempotent-Replayed"] == "true"
+    reused = await client.post("/jobs", json={"task": "echo", "params": {"n": 2}}, headers=auth(ALICE),
+                               allow_redirects=False)
+    assert reused.status == 303
+    assert (await client.post("/jobs", json={"task": "echo", "params": {"n": 3}}, headers=auth(BOB))).status == 202
+
+
+async def _running(client, token: str) -> bool:
+    return bool(await jobs_of(client, auth(token), status="running"))
+
+
+async def test_submit_rate_is_a_token_bucket_with_ratelimit_fields(make_client):
+    """limits.submit_rate/submit_burst: the burst passes with RateLimit fields counting down, the next is 429
+    with Retry-After; a refused submit spends no token; a token comes back after 1/rate seconds."""
+    client, _ = await make_client(limits={"submit_rate": 2, "submit_burst": 3})
+    lefts = []
+    for i in range(3):
+        resp = await client.post("/jobs", json={"task": "noop"})
+        assert resp.status == 202
+        assert resp.headers["RateLimit-Policy"] == '"submit";q=3;w=2'
+        lefts.append(resp.headers["RateLimit"])
+    assert [x.split(";")[1] for x in lefts] == ["r=2", "r=1", "r=0"]
+    over = await client.post("/jobs", json={"task": "noop"})
+    assert over.status == 429 and over.headers["Retry-After"] == "1"
+    assert over.headers["RateLimit"].startswith('"submit";r=0;t=')
+    await asyncio.sleep(0.6)
+    bad = await client.post("/jobs", json={"task": "nope"})
+    assert bad.status == 400  # spent nothing...
+    assert (await client.post("/jobs", json={"task": "noop"})).status == 202  # ...so this one has its token
+    assert (await client.post("/jobs", json={"task": "noop"})).status == 429
+
+
+async def test_a_burst_from_one_principal_leaves_another_untouched(make_client):
+    """Buckets are per principal: alice's exhausted bucket does not slow bob down."""
+    client, _ = await make_client(auth={"tokens": TOKENS}, limits={"submit_rate": 1})
+    assert (await client.post("/jobs", json={"task": "noop"}, headers=auth(ALICE))).status == 202
+    assert (await client.post("/jobs", json={"task": "noop"}, headers=auth(ALICE))).status == 429
+    assert (await client.post("/jobs", json={"task": "noop"}, headers=auth(BOB))).status == 202
+
+
+# -- fair dispatch ----------------------------------------------------------------------
+
+async def test_a_lone_job_waits_behind_at_most_one_job_per_worker_of_a_backlog(make_client):
+    """Alice queues 300 jobs; bob's one job, submitted behind them, starts after at most `workers` of
+    alice's jobs started since its submit (not after her whole backlog)."""
+    client, _ = await make_client(auth={"tokens": TOKENS}, queue={"workers": 2})
+    backlog = [client.post("/jobs", json={"task": "block", "params": {"seconds": 0.01}}, headers=auth(ALICE))
+               for _ in range(300)]
+    for chunk in range(0, 300, 50):
+        assert {r.status for r in await asyncio.gather(*backlog[chunk:chunk + 50])} == {202}
+    lone = await (await client.post("/jobs", json={"task": "block", "params": {"seconds": 0.01}},
+                                    headers=auth(BOB))).json()
+    done = await wait_status(client, lone["id"], "succeeded", headers=auth(BOB), timeout_s=30)
+    alice_jobs = await jobs_of(client, auth(ALICE))
+    started_between = [j for j in alice_jobs if j["started_at"] and lone["created_at"] < j["started_at"] < done["started_at"]]
+    assert len(started_between) <= 2, len(started_between)
+    queued_left = [j for j in alice_jobs if j["status"] == "queued"]
+    assert len(queued_left) > 100  # bob did not wait for the backlog
+
+
+# -- admins -----------------------------------------------------------------------------
+
+async def test_admins_see_and_manage_every_job_others_only_their_own(make_client):
+    """auth.admins: GET /jobs lists every job with its owner and filters by owner; cancel and delete work on
+    any job. A non-admin's owner= filter never shows another's jobs."""
+    client, _ = await make_client(auth={"tokens": TOKENS, "admins": ["root"]})
+    a = await (await client.post("/jobs", json={"task": "block", "params": {"seconds": 30}}, headers=auth(ALICE))).json()
+    b = await (await client.post("/jobs", json={"task": "block", "params": {"seconds": 30}}, headers=auth(BOB))).json()
+    assert a["owner"] == "alice" and b["owner"] == "bob"
+    assert {j["id"] for j in await jobs_of(client, auth(ROOT))} == {a["id"], b["id"]}
+    assert [j["id"] for j in await jobs_of(client, auth(ROOT), owner="bob")] == [b["id"]]
+    assert [j["id"] for j in await jobs_of(client, auth(ALICE))] == [a["id"]]
+    assert await jobs_of(client, auth(ALICE), owner="bob") == []
+    assert (await client.get(f"/jobs/{b['id']}", headers=auth(ALICE))).status == 404
+    assert (await client.get(f"/jobs/{b['id']}", headers=auth(ROOT))).status == 200
+    assert (await client.post(f"/jobs/{a['id']}/cancel", headers=auth(BOB))).status == 404
+    assert (await client.post(f"/jobs/{a['id']}/cancel", headers=auth(ROOT))).status == 200
+    assert (await client.delete(f"/jobs/{b['id']}", headers=auth(ROOT))).status in (202, 204)
+
+
+async def test_admins_star_subscription_sees_every_job(make_client):
+    """A "*" WebSocket subscription of an admin receives other principals' jobs; a non-admin's does not."""
+    client, _ = await make_client(auth={"tokens": TOKENS, "admins": ["root"]})
+    admin_ws = await client.ws_connect("/ws", headers=auth(ROOT))
+    bob_ws = await client.ws_connect("/ws", headers=auth(BOB))
+    for ws in (admin_ws, bob_ws):
+        await ws.send_str(json.dumps({"op": "subscribe", "jobs": "*"}))
+        assert (await ws.receive_json(timeout=5))["type"] == "subscribed"
+    job = await (await client.post("/jobs", json={"task": "noop"}, headers=auth(ALICE))).json()
+    seen = await admin_ws.receive_json(timeout=5)
+    assert seen["type"] == "job" and seen["job"]["id"] == job["id"] and seen["job"]["owner"] == "alice"
+    started = time.monotonic()
+    try:
+        extra = await bob_ws.receive_json(timeout=0.5)
+        raise AssertionError(f"bob saw {extra}")
+    except asyncio.TimeoutError:
+        assert time.monotonic() - started >= 0.4
+    await admin_ws.close()
+    await bob_ws.close()
