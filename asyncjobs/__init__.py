@@ -9,7 +9,7 @@ _CLIENT_NAMES = frozenset({
     "Client", "SyncClient", "ClientError", "TransportError", "ConnectError", "Timeout", "RequestTimeout",
     "WaitTimeout", "ProtocolError", "ProblemError", "BadRequest", "IdempotencyConflict", "Unauthorized",
     "NotFound", "ResultNotReady", "Conflict", "JobGone", "ServerBusy", "ServerError", "JobError", "JobFailed",
-    "JobCanceled", "JobState", "Download",
+    "JobCanceled", "JobState", "Download", "TooManyRequests",
 })
 
 __all__ = ["App", "Blob", "Canceled", "Config", "FileResult", "InputFile", "Job", "Retry", "Status", "TaskFailure",

@@ -296,7 +296,7 @@ def test_public_api_is_pinned():
         "BadRequest", "Client", "ClientError", "Conflict", "ConnectError", "Download", "IdempotencyConflict",
         "JobCanceled", "JobError", "JobFailed", "JobGone", "JobRef", "JobState", "NotFound", "ProblemError",
         "ProtocolError", "RequestTimeout", "ResultNotReady", "ServerBusy", "ServerError", "SyncClient", "Timeout",
-        "TransportError", "Unauthorized", "WaitTimeout"]
+        "TooManyRequests", "TransportError", "Unauthorized", "WaitTimeout"]
     for name in client_module.__all__:
         assert getattr(client_module, name) is not None
     server_names = {"App", "Blob", "Canceled", "Config", "Job", "Retry", "Status", "TaskFailure", "TaskRegistry",

@@ -24,6 +24,7 @@ from .errors import (
     ServerBusy,
     ServerError,
     Timeout,
+    TooManyRequests,
     TransportError,
     Unauthorized,
     WaitTimeout,
@@ -36,5 +37,5 @@ __all__ = [
     "BadRequest", "Client", "ClientError", "Conflict", "ConnectError", "Download", "IdempotencyConflict",
     "JobCanceled", "JobError", "JobFailed", "JobGone", "JobRef", "JobState", "NotFound", "ProblemError",
     "ProtocolError", "RequestTimeout", "ResultNotReady", "ServerBusy", "ServerError", "SyncClient", "Timeout",
-    "TransportError", "Unauthorized", "WaitTimeout",
+    "TooManyRequests", "TransportError", "Unauthorized", "WaitTimeout",
 ]

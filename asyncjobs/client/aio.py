@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import os
 import secrets
@@ -88,32 +89,44 @@ class Client:
 
     async def submit(self, task: str, params: Mapping[str, Any] | None = None, *, priority: int = 0,
                      delay: float | None = None, idempotency_key: str | None = None, wait: float | None = None,
-                     files: Mapping[str, FileArg] | None = None, progress: Progress | None = None) -> JobState:
+                     files: Mapping[str, FileArg] | None = None, progress: Progress | None = None,
+                     fresh: bool = False) -> JobState:
         """Submit a job; returns it as accepted (or finished, if ``wait`` seconds sufficed: ``Prefer: wait``).
+
+        A task that reuses equal requests (``unique``, ``reuse``) may answer with an earlier equal job
+        instead of a new one (``303 See Other``): that job's state is returned, with ``reused`` set.
+        ``fresh=True`` asks for a new job all the same (``Cache-Control: no-cache``).
 
         ``files`` maps file params to paths (or ``(path, content_type)``; the type is otherwise guessed
         from the name): they are streamed from disk as ``multipart/form-data``, and ``progress(sent,
         total)`` is called as their bytes go out. A missing or unreadable file raises its ``OSError``
         before anything is sent.
 
-        Retried on a lost connection, 502/503/504 and 429, always with the same ``Idempotency-Key``
+        Retried on a lost connection and 502/503/504, always with the same ``Idempotency-Key``
         (a fresh random one unless given), so a retry never creates a second job; a retry sends the
-        files again from the start (``progress`` starts again from 0).
+        files again from the start (``progress`` starts again from 0). Not retried on 429: that raises
+        ``TooManyRequests`` at once, with the server's ``retry_after`` and ``rate_limit``.
         """
         key = idempotency_key or secrets.token_urlsafe(18)
         job = rules.submit_body(task, params, priority=priority, delay_s=delay)
-        headers = rules.submit_headers(key, wait)
+        headers = rules.submit_headers(key, wait, fresh=fresh)
+        post = functools.partial(self._call, "POST", self._url("jobs"), retry=True, retry_timeouts=True,
+                                 retry_statuses=rules.SUBMIT_RETRYABLE_STATUSES)
         if files:
             upload = transfer.Upload(job, transfer.upload_files(files), progress=progress,
                                      idle_s=self.request_timeout_s, answer_s=self.request_timeout_s + (wait or 0))
             headers.update({"Content-Type": upload.content_type, "Content-Length": str(upload.length)})
-            answer = await self._call("POST", self._url("jobs"), retry=True, retry_timeouts=True, upload=upload,
-                                      headers=headers)
+            answer = await post(upload=upload, headers=headers)
         else:
-            answer = await self._call("POST", self._url("jobs"), retry=True, retry_timeouts=True,
-                                      data=codec.dumps(job), headers={**headers, "Content-Type": "application/json"},
-                                      timeout_s=self.request_timeout_s + (wait or 0))
+            answer = await post(data=codec.dumps(job), headers={**headers, "Content-Type": "application/json"},
+                                timeout_s=self.request_timeout_s + (wait or 0))
         self._raise_for(answer)
+        reused_at = rules.reused_location(answer)
+        if reused_at is not None:  # a 303 without the job in it: read the reused job where it points
+            reading = await self._monitor(reused_at, timeout_s=self.request_timeout_s)
+            if reading.job is None:
+                raise rules.not_asyncjobs(answer)
+            return dataclasses.replace(reading.job, reused=True)
         return _read(answer, lambda: rules.read_submit(answer, base=self.base))
 
     async def get(self, job: JobRef) -> JobState:
@@ -435,10 +448,12 @@ class Client:
             raise error
 
     async def _call(self, method: str, url: str, *, retry: bool, retry_timeouts: bool = False,
-                    timeout_s: float | None = None, **kwargs: Any) -> Answer:
+                    retry_statuses: frozenset[int] = rules.RETRYABLE_STATUSES, timeout_s: float | None = None,
+                    **kwargs: Any) -> Answer:
         """One request, repeated (when ``retry``: the request is safe to repeat) after a lost
-        connection or a 429/502/503/504, as ``rules.retry_delay_s`` says. A request that timed out
-        is repeated only with ``retry_timeouts`` (its caller has no deadline of its own)."""
+        connection or an answer with one of ``retry_statuses`` (429/502/503/504), as
+        ``rules.retry_delay_s`` says. A request that timed out is repeated only with ``retry_timeouts``
+        (its caller has no deadline of its own)."""
         attempt = 0
         while True:
             attempt += 1
@@ -453,7 +468,7 @@ class Client:
             else:
                 retry_after = rules.retry_after_s(answer.header("Retry-After"), now=_now())
                 delay = rules.retry_delay_s(attempt, self.attempts if retry else 1, status=answer.status,
-                                            retry_after=retry_after)
+                                            retry_after=retry_after, statuses=retry_statuses)
                 if delay is None or answer.status < 400:
                     return answer
             await asyncio.sleep(delay)

@@ -6,7 +6,11 @@ when stdout is not a terminal, else to a file in the current folder named as the
 
 Exit status: 0 done (the job succeeded), 1 the job failed, was canceled or does not exist,
 2 usage error (including params the server refused), 3 cannot reach the server, unauthorized,
-or not an asyncjobs server, 4 timeout, 130 interrupted (the job keeps running).
+or not an asyncjobs server, 4 timeout, 5 too many requests (over the caller's quota or submit
+rate: nothing was submitted; the message says when to try again), 130 interrupted (the job keeps running).
+
+A submit that the server answers with an equal earlier job (a task that reuses equal requests)
+prints that job's id, and says so on stderr; ``submit --fresh`` asks for a new job all the same.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from .errors import (
     ServerBusy,
     ServerError,
     Timeout,
+    TooManyRequests,
     TransportError,
     Unauthorized,
 )
@@ -42,6 +47,7 @@ from .rules import JobState
 from .transfer import BinaryWriter, Download
 
 EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_TOO_MANY = 5
 COMMANDS = ("submit", "status", "wait", "result", "cancel", "delete", "list", "tasks")
 DEFAULT_URL = "http://127.0.0.1:8080"
 TICK_S = 0.5  # how often a live progress bar is redrawn (the ETA counts down between events)
@@ -96,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="asyncjobs", parents=[common],
                      description="Submit and follow jobs of an asyncjobs service.",
                      epilog="exit status: 0 succeeded, 1 job failed/canceled/not found, 2 usage error, "
-                            "3 cannot reach the server or unauthorized, 4 timeout, 130 interrupted")
+                            "3 cannot reach the server or unauthorized, 4 timeout, 5 too many requests "
+                            "(over quota or rate; try again later), 130 interrupted")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     submit = commands.add_parser("submit", parents=[common], help="submit a job",
                                  description="Submit TASK with params key=value (values are JSON when they "
@@ -109,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     submit.add_argument("--delay", type=float, help="seconds before the job may run")
     submit.add_argument("--idempotency-key", help="repeat a submit safely with the same key")
+    submit.add_argument("--fresh", action="store_true",
+                        help="always a new job, even where the task would reuse an equal earlier one")
     submit.add_argument("--wait", action="store_true", help="follow the job and print its result")
     _wait_options(submit)
     _output_option(submit)
@@ -203,6 +212,8 @@ def exit_status(error: BaseException) -> int:
         return EXIT_USAGE
     if isinstance(error, Timeout):
         return EXIT_TIMEOUT
+    if isinstance(error, TooManyRequests):
+        return EXIT_TOO_MANY
     if isinstance(error, (TransportError, ProtocolError, Unauthorized, ServerBusy, ServerError)):
         return EXIT_UNREACHABLE
     return EXIT_JOB
@@ -216,6 +227,9 @@ def error_line(error: BaseException, url: str) -> str:
         return f"asyncjobs: cannot reach the server at {url}: {error}"
     if isinstance(error, Unauthorized):
         return f"asyncjobs: unauthorized ({error}); give a valid --token or set ASYNCJOBS_TOKEN"
+    if isinstance(error, TooManyRequests):
+        later = f"; retry in {error.retry_after} s" if error.retry_after is not None else "; retry later"
+        return f"asyncjobs: too many requests: {error.detail or error}{later}"
     if isinstance(error, BadRequest) and error.errors:
         fields = "; ".join(f"{e.get('field')}: {e.get('message')}" for e in error.errors)
         return f"asyncjobs: refused: {error.detail or error} ({fields})"
@@ -545,10 +559,12 @@ async def cmd_submit(client: Client, run: Run) -> int:
     try:
         job = await client.submit(args.task, params, priority=args.priority, delay=args.delay,
                                   idempotency_key=args.idempotency_key, files=dict(files) or None,
-                                  progress=progress if files else None)
+                                  progress=progress if files else None, fresh=args.fresh)
     finally:
         progress.close()
     run.job_id = job.id
+    if job.reused and not args.quiet:
+        run.console.note(f"asyncjobs: reused the equal job {job.id} ({job.status}); --fresh for a new one")
     if args.wait:
         return await follow(client, job, run)
     run.show(job.raw, job.id)

@@ -17,7 +17,8 @@
     │   │   └── ResultNotReady   404 from a result whose job is still queued or running
     │   ├── Conflict             409: e.g. canceling a job that already finished
     │   ├── JobGone              410: the job existed but has expired
-    │   ├── ServerBusy           503, 429: the queue is full or the server is stopping (``retry_after``)
+    │   ├── ServerBusy           503: the queue is full or the server is stopping (``retry_after``)
+    │   │   └── TooManyRequests  429: this caller is over its quota or submit rate (``retry_after``, ``rate_limit``)
     │   └── ServerError          any other 5xx
     └── JobError                 the job ended without a result (carries ``job`` and/or ``problem``)
         ├── JobFailed            status ``failed``
@@ -29,11 +30,12 @@ concerns no single request); a ``ProblemError`` also the ``status``, ``headers``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .rules import JobState
+    from .rules import JobState, RateLimit
 
 
 class ClientError(Exception):
@@ -136,6 +138,25 @@ class ServerBusy(ProblemError):
     """503: the queue is full or the server is shutting down; try again after ``retry_after``."""
 
 
+class TooManyRequests(ServerBusy):
+    """429: this caller is over its quota (queued jobs) or its submit rate; nothing was stored.
+
+    ``retry_after`` is the whole seconds the server asks to wait (its ``Retry-After``, None if it sent
+    none); ``rate_limit`` the ``RateLimit`` / ``RateLimit-Policy`` fields of the answer, None without them.
+    A submit is not repeated on a 429: waiting is the caller's choice. A ``ServerBusy`` too (the class
+    a 429 had before), so code that catches that still does.
+    """
+
+    def __init__(self, message: str, *, status: int = 429, problem: Mapping[str, Any] | None = None,
+                 headers: Mapping[str, str] | None = None, retry_after: float | None = None,
+                 rate_limit: RateLimit | None = None, method: str | None = None, url: str | None = None) -> None:
+        whole = None if retry_after is None else max(0, math.ceil(retry_after))
+        super().__init__(message, status=status, problem=problem, headers=headers, retry_after=whole,
+                         method=method, url=url)
+        self.retry_after: int | None = whole
+        self.rate_limit = rate_limit
+
+
 class ServerError(ProblemError):
     """A 5xx answer other than 503."""
 
@@ -168,7 +189,7 @@ class JobCanceled(JobError):
 
 _BY_STATUS: dict[int, type[ProblemError]] = {
     400: BadRequest, 401: Unauthorized, 403: Unauthorized, 404: NotFound, 409: Conflict, 410: JobGone,
-    413: BadRequest, 415: BadRequest, 422: IdempotencyConflict, 429: ServerBusy, 503: ServerBusy,
+    413: BadRequest, 415: BadRequest, 422: IdempotencyConflict, 429: TooManyRequests, 503: ServerBusy,
 }
 _PENDING = ("queued", "running")
 
@@ -180,13 +201,14 @@ def problem_message(status: int, problem: Mapping[str, Any]) -> str:
 
 
 def error_for_answer(status: int, problem: Mapping[str, Any], headers: Mapping[str, str] | None = None, *,
-                     retry_after: float | None = None, method: str | None = None,
-                     url: str | None = None) -> ClientError:
+                     retry_after: float | None = None, rate_limit: RateLimit | None = None,
+                     method: str | None = None, url: str | None = None) -> ClientError:
     """The exception for a 4xx/5xx answer (or a WebSocket error frame): the only status-to-exception map.
 
     A 409 that carries the job's ``error`` and a terminal ``job_status`` is the result resource of a
     failed or canceled job, so it becomes ``JobFailed`` / ``JobCanceled``; a 404 with a pending
-    ``job_status`` is a result that does not exist yet.
+    ``job_status`` is a result that does not exist yet. ``rate_limit`` (the answer's RateLimit fields,
+    read by ``rules.read_rate_limit``) goes to a 429's ``TooManyRequests``.
     """
     job_status = problem.get("job_status")
     message = problem_message(status, problem)
@@ -205,5 +227,8 @@ def error_for_answer(status: int, problem: Mapping[str, Any], headers: Mapping[s
         cls = ServerError
     else:
         cls = BadRequest if 400 <= status < 500 else ProblemError
+    if cls is TooManyRequests:
+        return TooManyRequests(message, status=status, problem=problem, headers=headers, retry_after=retry_after,
+                               rate_limit=rate_limit, method=method, url=url)
     return cls(message, status=status, problem=problem, headers=headers, retry_after=retry_after,
                method=method, url=url)

@@ -11,7 +11,7 @@ import mimetypes
 import re
 import unicodedata
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -61,6 +61,8 @@ class JobState:
     result_url: str = ""  # the result resource (absolute)
     files: dict[str, Any] | None = None  # {"inputs": {param: file}, "result": file or None}; None without files
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # as received
+    # a submit was answered with this earlier, equal job (303 See Other) instead of a new one
+    reused: bool = field(default=False, compare=False)
 
     @property
     def terminal(self) -> bool:
@@ -263,8 +265,9 @@ def answer_error(answer: Answer, *, now: float) -> ClientError | None:
     problem = answer.body if isinstance(answer.body, dict) else None
     if problem is None and answer.status < 500 and answer.status not in (401, 403, 429):
         return not_asyncjobs(answer)
+    rate_limit = read_rate_limit(answer.header("RateLimit"), answer.header("RateLimit-Policy"))
     return error_for_answer(answer.status, problem or {}, answer.headers, retry_after=retry_after,
-                            method=answer.method, url=answer.url)
+                            rate_limit=rate_limit, method=answer.method, url=answer.url)
 
 
 def not_asyncjobs(answer: Answer) -> ProtocolError:
@@ -272,6 +275,115 @@ def not_asyncjobs(answer: Answer) -> ProtocolError:
     kind = answer.content_type or "no content type"
     return ProtocolError(f"the server answered {answer.status} with {kind}, not the asyncjobs protocol: "
                          "is this an asyncjobs server?", method=answer.method, url=answer.url)
+
+
+# -- rate limits --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RateLimit:
+    """The ``RateLimit`` and ``RateLimit-Policy`` fields of an answer (draft-ietf-httpapi-ratelimit-headers,
+    structured form: ``RateLimit: "submit";r=0;t=3``, ``RateLimit-Policy: "submit";q=5;w=10``).
+
+    Every number is None where the server did not send it (or sent something unreadable).
+    """
+
+    policy: str | None  # the policy's name, e.g. "submit"
+    remaining: int | None  # r: quota units left now
+    reset: int | None  # t: seconds until quota is available again
+    quota: int | None  # q: the policy's quota (a submit rate's burst)
+    window: int | None  # w: the policy's window, seconds (to refill the bucket)
+
+
+def _sf_split(text: str, sep: str) -> list[str]:
+    """``text`` split at each ``sep`` that is outside a string and outside an inner list, each part stripped."""
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
+    depth = 0
+    for char in text:
+        if quoted:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                quoted = False
+        elif char == '"':
+            quoted = True
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth = max(0, depth - 1)
+        elif char == sep and depth == 0:
+            parts.append("".join(current).strip())
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current).strip())
+    return parts
+
+
+_SF_INTEGER = re.compile(r"-?\d{1,15}")
+_SF_DECIMAL = re.compile(r"-?\d{1,12}\.\d{1,3}")
+_SF_TOKEN = re.compile(r"[A-Za-z*][A-Za-z0-9!#$%&'*+.^_`|~:/-]*")
+
+
+def _sf_value(text: str) -> Any:
+    """A structured-field bare item (RFC 9651): a string, integer, decimal, boolean or token (as a str),
+    an inner list as a list of its items; None for what is not read here (empty, malformed, bytes, dates)."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return re.sub(r"\\(.)", r"\1", text[1:-1])
+    if len(text) >= 2 and text[0] == "(" and text[-1] == ")":
+        return [_sf_value(_sf_split(item, ";")[0]) for item in _sf_split(text[1:-1], " ") if item]
+    if text in ("?0", "?1"):
+        return text == "?1"
+    if _SF_INTEGER.fullmatch(text):
+        return int(text)
+    if _SF_DECIMAL.fullmatch(text):
+        return float(text)
+    return text if _SF_TOKEN.fullmatch(text) else None
+
+
+def structured_list(value: str | None) -> list[tuple[Any, dict[str, Any]]]:
+    """A structured-field list (RFC 9651) as ``(item, {param: value})`` pairs, read leniently: what does
+    not parse is None and never fails the rest (several field lines are one list)."""
+    members: list[tuple[Any, dict[str, Any]]] = []
+    for member in _sf_split(value or "", ","):
+        if not member:
+            continue
+        item, *params = _sf_split(member, ";")
+        parsed: dict[str, Any] = {}
+        for param in params:
+            key, sep, raw = param.partition("=")
+            key = key.strip().lower()
+            if key:
+                parsed[key] = _sf_value(raw) if sep else True  # a repeated key: the last one counts
+        members.append((_sf_value(item), parsed))
+    return members
+
+
+def _count(value: Any, *, up: bool) -> int | None:
+    """A non-negative whole number from a parameter (a decimal rounded ``up`` or down); None if not a number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return max(0, math.ceil(value) if up else math.floor(value))
+
+
+def read_rate_limit(ratelimit: str | None, policy: str | None, *, name: str | None = None) -> RateLimit | None:
+    """The rate limit an answer states: the ``RateLimit`` and ``RateLimit-Policy`` members named ``name``
+    (by default the first one's name, as a policy names itself); None when neither field has one."""
+    limits = [(item, params) for item, params in structured_list(ratelimit) if isinstance(item, str) and item]
+    policies = [(item, params) for item, params in structured_list(policy) if isinstance(item, str) and item]
+    if name is None and (limits or policies):
+        name = (limits or policies)[0][0]
+    limit = next((params for item, params in limits if item == name), None)
+    rule = next((params for item, params in policies if item == name), None)
+    if limit is None and rule is None:
+        return None
+    limit, rule = limit or {}, rule or {}
+    return RateLimit(policy=name, remaining=_count(limit.get("r"), up=False), reset=_count(limit.get("t"), up=True),
+                     quota=_count(rule.get("q"), up=False), window=_count(rule.get("w"), up=True))
 
 
 # -- submit ------------------------------------------------------------------------------
@@ -285,17 +397,22 @@ def submit_body(task: str, params: Mapping[str, Any] | None, *, priority: int = 
     return body
 
 
-def submit_headers(idempotency_key: str, wait_s: float | None) -> dict[str, str]:
-    """A submit's headers: its Idempotency-Key, and ``Prefer: wait=N`` to hold the answer."""
+def submit_headers(idempotency_key: str, wait_s: float | None, *, fresh: bool = False) -> dict[str, str]:
+    """A submit's headers: its Idempotency-Key, ``Prefer: wait=N`` to hold the answer, and with ``fresh``
+    ``Cache-Control: no-cache`` (a new job even where the task would reuse an equal earlier one)."""
     headers = {"Idempotency-Key": idempotency_key}
     if wait_s is not None:
         headers["Prefer"] = f"wait={max(0, math.ceil(wait_s))}"
+    if fresh:
+        headers["Cache-Control"] = "no-cache"
     return headers
 
 
 def read_submit(answer: Answer, *, base: str) -> JobState:
     """The job a submit answer describes: 202 (``Location`` is the monitor), 201/200 after
-    ``Prefer: wait`` (``Content-Location`` is the monitor), or 303 to a unique task's live job."""
+    ``Prefer: wait`` (``Content-Location`` is the monitor), or 303 to an equal earlier job that the
+    server reused (``Location`` is its monitor; the state has ``reused`` set). A 303 is never followed
+    as a new request: its body is the reused job (see ``reused_location`` for one without it)."""
     location = answer.header("Location")
     if answer.status not in (200, 201, 202, 303):
         raise not_asyncjobs(answer)
@@ -305,22 +422,36 @@ def read_submit(answer: Answer, *, base: str) -> JobState:
     content_location = answer.header("Content-Location")
     monitor = location if answer.status in (202, 303) else content_location
     result = location if answer.status == 201 else None
-    return parse_job(answer.body, base=answer.url, monitor_url=resolve(answer.url, monitor) if monitor else None,
-                     result_url=resolve(answer.url, result) if result else None)
+    state = parse_job(answer.body, base=answer.url, monitor_url=resolve(answer.url, monitor) if monitor else None,
+                      result_url=resolve(answer.url, result) if result else None)
+    return replace(state, reused=True) if answer.status == 303 else state
+
+
+def reused_location(answer: Answer) -> str | None:
+    """The absolute monitor URL of a submit's ``303`` that does not carry the reused job (so the client
+    reads it there with a GET); None for any other answer, which ``read_submit`` reads as it is."""
+    location = answer.header("Location")
+    if answer.status != 303 or not location or isinstance(answer.body, dict):
+        return None
+    return resolve(answer.url, location)
 
 
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+# a submit is not repeated on 429: the caller is over its quota or rate, and waiting is its own choice
+SUBMIT_RETRYABLE_STATUSES = RETRYABLE_STATUSES - {429}
 
 
 def retry_delay_s(attempt: int, attempts: int, *, status: int | None, retry_after: float | None,
-                  first_s: float = 0.2, cap_s: float = 5.0) -> float | None:
+                  first_s: float = 0.2, cap_s: float = 5.0,
+                  statuses: frozenset[int] = RETRYABLE_STATUSES) -> float | None:
     """Seconds before another try of a request that is safe to repeat, or None to give up.
 
     ``status`` None means no answer came (the connection failed or dropped). ``attempt`` counts from 1.
+    Only answers with one of ``statuses`` are repeated.
     """
     if attempt >= attempts:
         return None
-    if status is not None and status not in RETRYABLE_STATUSES:
+    if status is not None and status not in statuses:
         return None
     if retry_after is not None:
         return min(retry_after, MAX_RETRY_AFTER_S)

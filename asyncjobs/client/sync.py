@@ -93,11 +93,12 @@ class SyncClient:
 
     def submit(self, task: str, params: Mapping[str, Any] | None = None, *, priority: int = 0,
                delay: float | None = None, idempotency_key: str | None = None, wait: float | None = None,
-               files: Mapping[str, FileArg] | None = None, progress: Progress | None = None) -> JobState:
+               files: Mapping[str, FileArg] | None = None, progress: Progress | None = None,
+               fresh: bool = False) -> JobState:
         """See ``Client.submit``."""
         return self._run(self._client.submit(task, params, priority=priority, delay=delay,
                                              idempotency_key=idempotency_key, wait=wait, files=files,
-                                             progress=progress))
+                                             progress=progress, fresh=fresh))
 
     def get(self, job: JobRef) -> JobState:
         """See ``Client.get``."""
