@@ -16,7 +16,7 @@ from . import codec, protocol
 from .errors import BadRequest, Conflict, Gone, NotFound, ServiceUnavailable, TooManyRequests, UnprocessableContent
 from .files import FileStore, Upload
 from .hub import Hub
-from .models import Job, JobIds, Status, cancel, expire, is_expired, with_progress
+from .models import Job, JobIds, Status, cancel, is_expired, with_progress
 from .store import Inserted, Store
 from .tasks import TaskRegistry, validate
 
@@ -493,7 +493,7 @@ class JobQueue:
                                         payload=self.callback_payload)
         for job in result.expired_queued:
             self._count_queued(job.priority, -1)
-            self.hub.publish(expire(job, now))
+            self.hub.publish(job)
             if job.callback_url is not None:
                 self.deliveries.set()
         if result.with_files:

@@ -25,7 +25,8 @@ import aiosqlite
 
 from . import codec
 from .errors import StoreError
-from .models import TERMINAL_STATUSES, Job, Status, expire, fail, requeue, start
+from . import rules
+from .models import TERMINAL_STATUSES, Job, Status
 
 log = logging.getLogger("asyncjobs.store")
 
@@ -188,8 +189,7 @@ class Inserted:
     """What a submit stored: the new job, or the existing one it duplicates and why."""
 
     job: Job
-    duplicate: str | None = None  # None: new; "idempotency": same key; "reuse": an equal job answers it;
-    # "refused": not stored (the queue is full); "quota": not stored (the owner's queued jobs are at their limit)
+    duplicate: rules.Dedupe | None = None  # None: a new job was stored
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,7 @@ def _schedule_delivery(db: sqlite3.Connection, job: Job, payload: Payload) -> No
 
 @dataclass(frozen=True)
 class SweepResult:
-    expired_queued: list[Job]  # canceled by expiry (already tombstoned)
+    expired_queued: list[Job]  # their canceled state (already tombstoned; its callback scheduled)
     expired_running: list[str]  # ids whose handler must be stopped
     tombstoned: int
     forgotten: int
@@ -440,21 +440,19 @@ class SQLiteStore:
                     (job.owner, job.idempotency_key, job.created_at))
                 row = cur.fetchone()
                 if row is not None:
-                    return Inserted(_row_to_job(row), "idempotency")
-            if job.unique_key is not None and not fresh:
-                twin = _equal_job(db, job, reuse_s)
-                if twin is not None:
-                    return Inserted(twin, "reuse")
-            if not admit:
-                return Inserted(job, "refused")
-            if max_queued_for_owner and \
-                    db.execute(OWNER_QUEUED_SQL, (job.owner,)).fetchone()[0] >= max_queued_for_owner:
-                return Inserted(job, "quota")
+                    return Inserted(_row_to_job(row), rules.Dedupe.IDEMPOTENCY)
+            equal = _equal_job(db, job, reuse_s) if job.unique_key is not None and not fresh else None
+            owner_queued = db.execute(OWNER_QUEUED_SQL, (job.owner,)).fetchone()[0] \
+                if max_queued_for_owner and equal is None else None
+            decided = rules.dedupe(same_key=None, equal=equal, admit=admit, owner_queued=owner_queued,
+                                   max_queued_for_owner=max_queued_for_owner)
+            if decided is not None:
+                return Inserted(decided[1] or job, decided[0])
             if job.idempotency_key is not None:  # an expired job's key is free again
                 db.execute("UPDATE jobs SET idempotency_key = NULL WHERE owner = ? AND idempotency_key = ?",
                            (job.owner, job.idempotency_key))
             (last,) = db.execute(OWNER_LAST_VT_SQL, (job.owner,)).fetchone()
-            new = dataclasses.replace(job, vt=max(vt_floor, 0 if last is None else last + 1))
+            new = dataclasses.replace(job, vt=rules.virtual_start(owner_last=last, floor=vt_floor))
             cur = db.execute(
                 f"INSERT INTO jobs ({_COLUMNS}) VALUES (NULL{', ?' * 24})",
                 (new.id, new.task, new.params, new.status.value, new.priority, new.created_at,
@@ -507,20 +505,9 @@ class SQLiteStore:
             return []
 
         def op(db: sqlite3.Connection) -> list[Job]:
-            room = dict(tasks)
             marks = ", ".join("?" for _ in open_tasks)
             cur = db.execute(CLAIM_SQL.format(marks=marks), (now, now, *open_tasks, limit * 4))
-            claimed: list[Job] = []
-            for row in cur.fetchall():
-                job = _row_to_job(row)
-                left = room.get(job.task)
-                if left is not None:
-                    if left <= 0:
-                        continue
-                    room[job.task] = left - 1
-                claimed.append(start(job, now))
-                if len(claimed) == limit:
-                    break
+            claimed = rules.pick_claimable(map(_row_to_job, cur.fetchall()), tasks, limit, now)
             db.executemany(
                 "UPDATE jobs SET status = 'running', started_at = ?, attempts = ?, version = ?, error = NULL"
                 " WHERE id = ?",
@@ -538,13 +525,10 @@ class SQLiteStore:
             rows = [_row_to_job(r) for r in cur.fetchall()]
             requeued = failed = 0
             for job in rows:
-                if job.attempts < job.max_attempts:
-                    new = requeue(job, run_at=now)
+                new = rules.recover_one(job, now, retention_s=retention_s)
+                if new.status is Status.QUEUED:
                     requeued += 1
                 else:
-                    new = fail(job, now, error_type="interrupted",
-                               message="the server stopped while the job ran, and it has no attempts left",
-                               retention_s=retention_s)
                     failed += 1
                     _schedule_delivery(db, new, payload)
                 db.execute(
@@ -568,25 +552,26 @@ class SQLiteStore:
             )
             expired = [_row_to_job(r) for r in cur.fetchall()]
             running = [j.id for j in expired if j.status is Status.RUNNING]
-            gone = [j for j in expired if j.status is not Status.RUNNING]
+            outcomes = [(j, rules.expired_outcome(j, now)) for j in expired]
+            gone = [(j, new) for j, new in outcomes if new is not None]
             db.executemany(
                 "INSERT OR REPLACE INTO tombstones (id, owner, gone_until) VALUES (?, ?, ?)",
-                [(j.id, j.owner, now + tombstone_retention_s) for j in gone],
+                [(j.id, j.owner, now + tombstone_retention_s) for j, _ in gone],
             )
-            db.executemany("DELETE FROM jobs WHERE id = ?", [(j.id,) for j in gone])
-            for job in gone:
-                if job.status is Status.QUEUED:
-                    _schedule_delivery(db, expire(job, now), payload)
+            db.executemany("DELETE FROM jobs WHERE id = ?", [(j.id,) for j, _ in gone])
+            canceled = [new for j, new in gone if j.status is Status.QUEUED]
+            for new in canceled:
+                _schedule_delivery(db, new, payload)
             db.execute("DELETE FROM deliveries WHERE state != 'pending' AND next_at <= ?",
                              (now - tombstone_retention_s,))
             db.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
             cur = db.execute("DELETE FROM tombstones WHERE gone_until <= ?", (now,))
             return SweepResult(
-                expired_queued=[j for j in gone if j.status is Status.QUEUED],
+                expired_queued=canceled,
                 expired_running=running,
                 tombstoned=len(gone),
                 forgotten=cur.rowcount,
-                with_files=[j.id for j in gone if j.files is not None],
+                with_files=[j.id for j, _ in gone if j.files is not None],
             )
 
         return await self._write(op)

@@ -9,6 +9,7 @@ import time
 from datetime import datetime
 from typing import Any, Awaitable, Callable
 
+from asyncjobs.store import MIGRATIONS
 from tests.conftest import submit, wait_status, eventually
 
 PROBLEM = "application/problem+json"
@@ -475,13 +476,13 @@ async def test_task_override_from_config_sets_timeout(make_client):
 # -- 10. the store -------------------------------------------------------------------
 
 async def test_store_file_is_wal_with_the_latest_schema_version(make_client):
-    """After jobs ran, the SQLite file is in WAL mode and its ``user_version`` is the latest schema version (3)."""
+    """After jobs ran, the SQLite file is in WAL mode and its ``user_version`` is the latest schema version."""
     client, app = await start(make_client)
     job = await submit(client, "noop")
     await wait_status(client, job["id"], "succeeded")
     with contextlib.closing(sqlite3.connect(app.config.store.path)) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
 
 
 async def test_concurrent_submits_share_commits(make_client):

@@ -1,0 +1,77 @@
+"""The rules of a job's life that every store backend applies: pure functions over job records.
+
+A backend reads rows, calls these, and writes what they return; it decides nothing itself,
+so two backends cannot drift on what a claim, a recovery, an expiry or a dedupe means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from enum import StrEnum
+
+from .models import Job, Status, expire, fail, requeue, start
+
+INTERRUPTED = "the server stopped while the job ran, and it has no attempts left"
+
+
+class Dedupe(StrEnum):
+    """Why a submit stored no new job (the values are what ``Inserted.duplicate`` says)."""
+
+    IDEMPOTENCY = "idempotency"  # the same Idempotency-Key: the earlier job answers (or 422)
+    REUSE = "reuse"  # an equal job answers (303)
+    REFUSED = "refused"  # the queue holds its maximum (503)
+    QUOTA = "quota"  # the owner's queued jobs are at their limit (429)
+
+
+def pick_claimable(candidates: Iterable[Job], room: Mapping[str, int | None], limit: int, now: float) -> list[Job]:
+    """Start up to ``limit`` of ``candidates`` (in dispatch order), each task within its ``room``
+    (how many more of it may start; None: no cap). Returns the started jobs."""
+    left = dict(room)
+    started: list[Job] = []
+    for job in candidates:
+        if len(started) == limit:
+            break
+        cap = left.get(job.task)
+        if cap is not None:
+            if cap <= 0:
+                continue
+            left[job.task] = cap - 1
+        started.append(start(job, now))
+    return started
+
+
+def recover_one(job: Job, now: float, *, retention_s: float) -> Job:
+    """A job found running whose runner is gone: queued again while attempts remain, else failed as
+    interrupted."""
+    if job.attempts < job.max_attempts:
+        return requeue(job, run_at=now)
+    return fail(job, now, error_type="interrupted", message=INTERRUPTED, retention_s=retention_s)
+
+
+def expired_outcome(job: Job, now: float) -> Job | None:
+    """What a job past ``expires_at`` becomes: a queued one is canceled (and gone at once); a running
+    one must be stopped by its runner first (None); a terminal one simply goes."""
+    if job.status is Status.QUEUED:
+        return expire(job, now)
+    return None if job.status is Status.RUNNING else job
+
+
+def dedupe(*, same_key: Job | None, equal: Job | None, admit: bool, owner_queued: int | None,
+           max_queued_for_owner: int) -> tuple[Dedupe, Job | None] | None:
+    """Whether a submit stores a new job, in the protocol's order: an idempotency key's job first,
+    then an equal job, then the queue's limit, then the owner's. None: store it."""
+    if same_key is not None:
+        return Dedupe.IDEMPOTENCY, same_key
+    if equal is not None:
+        return Dedupe.REUSE, equal
+    if not admit:
+        return Dedupe.REFUSED, None
+    if max_queued_for_owner and owner_queued is not None and owner_queued >= max_queued_for_owner:
+        return Dedupe.QUOTA, None
+    return None
+
+
+def virtual_start(*, owner_last: int | None, floor: int) -> int:
+    """A new job's place in the fair order: one past its owner's last queued job, no earlier than the
+    virtual time (the latest job started), so principals take turns within a priority."""
+    return max(floor, 0 if owner_last is None else owner_last + 1)
