@@ -35,7 +35,7 @@ def test_recover_requeues_with_attempts_left_else_fails_as_interrupted():
 def test_expired_outcome_cancels_queued_stops_running_and_drops_terminal():
     queued = job()
     canceled = rules.expired_outcome(queued, 200.0)
-    assert canceled is not None and canceled.status is Status.CANCELED and canceled.expires_at == 200.0
+    assert canceled is not None and canceled.status is Status.CANCELED and canceled.expires_at == 100.0
     assert rules.expired_outcome(start(job(), 1.0), 200.0) is None
     done = succeed(start(job(), 1.0), 2.0, result=b"1", result_type=None, retention_s=1)
     assert rules.expired_outcome(done, 200.0) is done
