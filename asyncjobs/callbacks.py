@@ -27,6 +27,8 @@ from .store import Delivery, Store
 
 log = logging.getLogger("asyncjobs.callbacks")
 
+WAIT_CAP_S = 1.0  # the longest the deliverer sleeps without looking at the store
+
 
 def parse_secret(secret: str) -> bytes:
     """The key of a ``whsec_<base64>`` secret."""
@@ -112,7 +114,8 @@ class Deliverer:
             except Exception as exc:  # the store may be briefly unavailable; try again soon
                 log.error("callback deliveries: %s", exc)
                 next_at = self.clock() + 1.0
-            timeout = None if next_at is None else max(0.05, next_at - self.clock())
+            # Even with nothing due, look again after a while: a delivery may have been scheduled unseen.
+            timeout = WAIT_CAP_S if next_at is None else min(WAIT_CAP_S, max(0.05, next_at - self.clock()))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self.wakeup.wait()

@@ -23,6 +23,24 @@ class Status(StrEnum):
     CANCELED = "canceled"  # terminal: canceled by a client or by expiry
 
 
+class CancelReason(StrEnum):
+    """Why a running handler is being stopped; each ends the job differently (see the worker)."""
+
+    REQUEST = "request"  # a client canceled or deleted it: canceled
+    SHUTDOWN = "shutdown"  # the server stops: queued again, the attempt refunded
+    EXPIRED = "expired"  # its expires_at passed: canceled and gone
+
+    @property
+    def message(self) -> str:
+        return _CANCEL_MESSAGES[self]
+
+
+_CANCEL_MESSAGES = {
+    CancelReason.REQUEST: "canceled by request",
+    CancelReason.SHUTDOWN: "the server is shutting down",
+    CancelReason.EXPIRED: "expired before it finished",
+}
+
 TERMINAL_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELED})
 PENDING_STATUSES = frozenset({Status.QUEUED, Status.RUNNING})
 

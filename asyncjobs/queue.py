@@ -16,14 +16,13 @@ from . import codec, protocol
 from .errors import BadRequest, Conflict, Gone, NotFound, ServiceUnavailable, TooManyRequests, UnprocessableContent
 from .files import FileStore, Upload
 from .hub import Hub
-from .models import Job, JobIds, Status, cancel, is_expired, with_progress
+from .models import CancelReason, Job, JobIds, Status, cancel, is_expired, with_progress
 from .store import Inserted, Store
 from .tasks import TaskRegistry, validate
 
 log = logging.getLogger("asyncjobs.queue")
 
 PROGRESS_PERSIST_INTERVAL_S = 0.5  # progress reaches waiters at once, the store at most this often
-EXPIRED = "expired before it finished"  # the cancel reason the sweep gives
 
 
 def equality_key(params: Any, digests: dict[str, str]) -> str:
@@ -38,13 +37,13 @@ class Execution:
     job: Job
     stored_version: int
     stop: Callable[[], None] = lambda: None  # set by the worker
-    cancel_reason: str | None = None
+    cancel_reason: CancelReason | None = None
     delete_when_done: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
     last_persist: float = 0.0
     pending_write: asyncio.Task | None = None
 
-    def request_cancel(self, reason: str) -> None:
+    def request_cancel(self, reason: CancelReason) -> None:
         if self.cancel_reason is None:
             self.cancel_reason = reason
             self.stop()
@@ -354,7 +353,7 @@ class JobQueue:
                 raise Conflict(f"job {job_id} has already {job.status.value}", job_status=job.status.value)
             execution = self.running.get(job_id)
             if execution is not None:
-                return await self._stop_running(execution, "canceled by request")
+                return await self._stop_running(execution, CancelReason.REQUEST)
             if job.status is Status.RUNNING:
                 # Claimed a moment ago; its worker registers it before its next await.
                 await asyncio.sleep(0.01)
@@ -371,7 +370,7 @@ class JobQueue:
             await asyncio.sleep(0)  # claimed or changed meanwhile: look again
         raise ServiceUnavailable(f"job {job_id} kept changing; try again", headers={"Retry-After": "1"})
 
-    async def _stop_running(self, execution: Execution, reason: str) -> tuple[Job, bool]:
+    async def _stop_running(self, execution: Execution, reason: CancelReason) -> tuple[Job, bool]:
         execution.request_cancel(reason)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.cancel_grace_s):
@@ -501,7 +500,7 @@ class JobQueue:
         for job_id in result.expired_running:
             execution = self.running.get(job_id)
             if execution is not None:
-                execution.request_cancel(EXPIRED)
+                execution.request_cancel(CancelReason.EXPIRED)
         if result.tombstoned or result.forgotten:
             log.info("sweep: %d jobs expired to tombstones, %d tombstones forgotten",
                      result.tombstoned, result.forgotten)

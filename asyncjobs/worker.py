@@ -16,14 +16,14 @@ from typing import Any
 from . import codec
 from .errors import Canceled, ProblemError, StoreError
 from .files import sanitize_name
-from .models import Job, Status, cancel, fail, requeue, succeed
-from .queue import EXPIRED, Execution, JobQueue
+from .models import CancelReason, Job, Status, cancel, fail, requeue, succeed
+from .queue import Execution, JobQueue
 from .tasks import Blob, FileResult, InputFile, Retry, TaskFailure, TaskSpec
 
 log = logging.getLogger("asyncjobs.worker")
 
-SHUTDOWN = "the server is shutting down"
 MAX_BACKOFF_S = 3600.0
+WAIT_CAP_S = 1.0  # the longest the dispatcher sleeps without looking at the store
 BLOB_FILE_BYTES = 256 * 1024  # bytes results larger than this are stored as files, not in the job's row
 
 
@@ -68,7 +68,8 @@ class JobContext:
     def check_canceled(self) -> None:
         """Raise ``Canceled`` if the job was canceled (for sync handlers)."""
         if self._canceled:
-            raise Canceled(self._execution.cancel_reason or "canceled")
+            reason = self._execution.cancel_reason
+            raise Canceled(reason.message if reason is not None else "canceled")
 
     def progress(self, fraction: float | None = None, message: str | None = None) -> asyncio.Future:
         if fraction is not None:
@@ -141,7 +142,7 @@ class Workers:
             log.info("waiting up to %.1fs for %d running jobs", grace_s, len(self._tasks))
             await asyncio.wait(list(self._tasks.values()), timeout=grace_s)
         for execution in list(self.queue.running.values()):
-            execution.request_cancel(SHUTDOWN)
+            execution.request_cancel(CancelReason.SHUTDOWN)
         if self._tasks:
             await asyncio.wait(list(self._tasks.values()), timeout=1.0)
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -150,9 +151,9 @@ class Workers:
     async def _dispatch_loop(self) -> None:
         queue = self.queue
         while True:
-            timeout = None
+            timeout = WAIT_CAP_S  # even with nothing due, look again: a wake-up may have been missed
             if queue.next_due is not None:
-                timeout = max(0.0, queue.next_due - queue.clock())
+                timeout = min(timeout, max(0.0, queue.next_due - queue.clock()))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await queue.wakeup.wait()
@@ -370,9 +371,9 @@ class Workers:
 
     def _canceled(self, execution: Execution) -> Job:
         job, now = execution.job, self.queue.clock()
-        reason = execution.cancel_reason or "canceled"
-        if reason == SHUTDOWN:
+        reason = execution.cancel_reason or CancelReason.REQUEST
+        if reason is CancelReason.SHUTDOWN:
             return requeue(job, run_at=now, refund_attempt=True)
-        if reason == EXPIRED:
-            return cancel(job, now, retention_s=job.expires_at - now, message=reason)
-        return cancel(job, now, retention_s=self.queue.retention_s, message=reason)
+        if reason is CancelReason.EXPIRED:
+            return cancel(job, now, retention_s=job.expires_at - now, message=reason.message)
+        return cancel(job, now, retention_s=self.queue.retention_s, message=reason.message)
