@@ -1,15 +1,17 @@
-"""The store contract: every backend must pass these (today: SQLite)."""
+"""The store contract: every backend passes these unchanged (the fixture builds each from its name).
+
+SQLite-only behaviour (the file's pragmas, WAL, query plans, group commit) is in test_sqlite_store.py.
+"""
 
 import asyncio
 import dataclasses
-import sqlite3
 
 import pytest
 
 from asyncjobs.errors import StoreError
 from asyncjobs.models import Job, JobIds, Status, start, succeed
-from asyncjobs import store as store_module
-from asyncjobs.store import MIGRATIONS, SQLiteStore
+from asyncjobs.rules import Dedupe
+from asyncjobs.store import SQLiteStore
 
 
 NEW_ID = JobIds()
@@ -21,9 +23,12 @@ def make_job(task="echo", priority=0, run_at=100.0, **changes) -> Job:
     return Job(**{**base, **changes})
 
 
-@pytest.fixture(params=["sqlite"])
+BACKENDS = {"sqlite": lambda tmp_path: SQLiteStore(tmp_path / "store.db")}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
 async def store(request, tmp_path):
-    backend = SQLiteStore(tmp_path / "store.db")
+    backend = BACKENDS[request.param](tmp_path)
     await backend.open()
     yield backend
     await backend.close()
@@ -139,14 +144,6 @@ async def test_delete_forgets_the_job(store):
     assert not await store.delete(job.id)
 
 
-async def test_concurrent_writes_share_commits(store):
-    """Writes waiting at the same moment are committed together (group commit)."""
-    before = store.commits
-    await asyncio.gather(*(store.insert(make_job()) for _ in range(100)))
-    assert store.commits - before < 100
-    assert await store.count_queued() == 100
-
-
 async def test_a_failing_write_does_not_spoil_its_batch(store):
     """If one write of a batch fails, the others still commit and only it raises."""
     job = (await store.insert(make_job())).job
@@ -156,49 +153,6 @@ async def test_a_failing_write_does_not_spoil_its_batch(store):
     assert isinstance(results[1], StoreError)
     assert not isinstance(results[0], Exception) and not isinstance(results[2], Exception)
     assert await store.count_queued() == 3
-
-
-async def test_sqlite_file_settings(tmp_path):
-    """WAL mode, the schema version, and store.synchronous are applied to the file."""
-    for mode, expected in (("full", 2), ("normal", 1)):
-        path = tmp_path / f"{mode}.db"
-        store = SQLiteStore(path, synchronous=mode)
-        await store.open()
-        try:
-            value = await store._on_writer(lambda: store._writer.execute("PRAGMA synchronous").fetchone()[0])
-            assert value == expected
-        finally:
-            await store.close()
-        with sqlite3.connect(path) as db:
-            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
-
-
-async def test_reopen_keeps_jobs_and_refuses_newer_schema(tmp_path):
-    """Reopening migrates nothing twice and keeps jobs; a schema from a newer version is refused."""
-    path = tmp_path / "s.db"
-    store = SQLiteStore(path)
-    await store.open()
-    job = (await store.insert(make_job())).job
-    await store.close()
-    store = SQLiteStore(path)
-    await store.open()
-    assert (await store.lookup(job.id)).job == job
-    await store.close()
-    with sqlite3.connect(path) as db:
-        db.execute("PRAGMA user_version = 99")
-    with pytest.raises(StoreError, match="newer"):
-        await SQLiteStore(path).open()
-
-
-async def test_unopenable_paths_give_clear_errors(tmp_path):
-    """A missing folder or a file that is not SQLite is a StoreError naming the path."""
-    with pytest.raises(StoreError, match="does not exist"):
-        await SQLiteStore(tmp_path / "no" / "such" / "x.db").open()
-    junk = tmp_path / "junk.db"
-    junk.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(StoreError, match="junk.db"):
-        await SQLiteStore(junk).open()
 
 
 async def test_idempotency_key_returns_the_first_job(store):
@@ -240,49 +194,60 @@ async def test_deliveries_are_scheduled_with_the_terminal_state(store):
     assert await store.due_deliveries(now=300.0, limit=10) == []
 
 
-@pytest.mark.parametrize("name", ["CLAIM_SQL", "POSITION_SQL", "POSITIONS_SQL", "BY_PRIORITY_SQL", "NEXT_RUN_SQL",
-                                  "OWNER_LAST_VT_SQL", "OWNER_QUEUED_SQL", "DONE_TWIN_SQL"])
-async def test_queue_walks_use_their_index_not_a_sort(tmp_path, name):
-    """Each statement that walks the queue goes by the queued-only index; a sort of every queued job
-    (SQLite's own choice without the hint) would make each claim cost more as the queue grows."""
-    store = SQLiteStore(tmp_path / "plan.db")
-    await store.open()
-    await store.close()
-    sql = getattr(store_module, name).format(marks="?, ?")
-    db = sqlite3.connect(tmp_path / "plan.db")
-    try:
-        plan = " | ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", (1,) * sql.count("?")))
-    finally:
-        db.close()
-    assert "TEMP B-TREE" not in plan, plan
-    index = {"NEXT_RUN_SQL": "jobs_due", "OWNER_LAST_VT_SQL": "jobs_owner_queued", "OWNER_QUEUED_SQL": "jobs_owner_queued",
-             "DONE_TWIN_SQL": "jobs_reuse"}.get(name, "jobs_fair")
-    assert index in plan, plan
+async def test_an_equal_job_answers_while_live_or_recently_succeeded(store):
+    """With a unique_key: a live equal job answers; a succeeded one only within reuse_s; fresh never reuses;
+    the newest equal job answers."""
+    first = (await store.insert(make_job(unique_key="k"))).job
+    again = await store.insert(make_job(unique_key="k"))
+    assert (again.duplicate, again.job.id) == (Dedupe.REUSE, first.id)
+    second = (await store.insert(make_job(unique_key="k"), fresh=True)).job
+    assert second.id != first.id
+    assert (await store.insert(make_job(unique_key="k"))).job.id == second.id  # the newest
+    for running in await store.claim(now=100.0, limit=2, tasks={"echo": None}):
+        done = succeed(running, 101.0, result=b"1", result_type=None, retention_s=1000)
+        assert await store.update(done, expected_version=running.version)
+    within = await store.insert(make_job(unique_key="k", created_at=150.0), reuse_s=60)
+    assert (within.duplicate, within.job.id) == (Dedupe.REUSE, second.id)
+    late = await store.insert(make_job(unique_key="k", created_at=200.0), reuse_s=60)
+    assert late.duplicate is None
 
 
-async def test_wal_is_cut_back_after_a_long_read_let_it_grow(tmp_path):
-    """A read held open stops checkpoints and the WAL grows past its limit; once the read ends and
-    writes go on, the WAL is checkpointed and cut back (the file does not stay at its largest)."""
-    path = tmp_path / "wal.db"
-    store = SQLiteStore(path)
-    await store.open()
-    wal = tmp_path / "wal.db-wal"
-    big = b'"' + b"x" * 60_000 + b'"'
-    reader = sqlite3.connect(path)
-    try:
-        await store.insert(make_job())
-        reader.execute("BEGIN")
-        reader.execute("SELECT COUNT(*) FROM jobs").fetchone()  # a snapshot: no checkpoint may pass it
-        for _ in range(12):
-            await asyncio.gather(*(store.insert(make_job(params=big)) for _ in range(64)))
-        grown = wal.stat().st_size
-        assert grown > store_module.WAL_SIZE_LIMIT, grown
-        reader.execute("COMMIT")
-        for _ in range(40):
-            await asyncio.gather(*(store.insert(make_job()) for _ in range(8)))
-            if wal.stat().st_size <= store_module.WAL_SIZE_LIMIT:
-                break
-        assert wal.stat().st_size <= store_module.WAL_SIZE_LIMIT, (grown, wal.stat().st_size)
-    finally:
-        reader.close()
-        await store.close()
+async def test_owner_quota_and_full_queue_store_nothing(store):
+    for _ in range(2):
+        assert (await store.insert(make_job(owner="a"), max_queued_for_owner=2)).duplicate is None
+    assert (await store.insert(make_job(owner="a"), max_queued_for_owner=2)).duplicate == Dedupe.QUOTA
+    assert (await store.insert(make_job(owner="b"), max_queued_for_owner=2)).duplicate is None
+    assert (await store.insert(make_job(owner="b"), admit=False)).duplicate == Dedupe.REFUSED
+    assert await store.count_queued() == 3
+
+
+async def test_principals_take_turns_within_a_priority(store):
+    """A backlog's jobs get increasing virtual start times; a newcomer starts at the floor and is claimed
+    right after the backlog's jobs of that turn."""
+    backlog = [(await store.insert(make_job(owner="a"), vt_floor=0)).job for _ in range(5)]
+    assert [j.vt for j in backlog] == [0, 1, 2, 3, 4]
+    lone = (await store.insert(make_job(owner="b"), vt_floor=1)).job
+    assert lone.vt == 1
+    order = [j.owner for j in await store.claim(now=100.0, limit=6, tasks={"echo": None})]
+    assert order == ["a", "a", "b", "a", "a", "a"]
+    assert await store.min_queued_vt() == 0
+
+
+async def test_next_queued_of_an_owner(store):
+    first = (await store.insert(make_job(owner="a"))).job
+    await store.insert(make_job(owner="a"))
+    assert (await store.next_queued("a")).id == first.id
+    assert await store.next_queued("nobody") is None
+
+
+async def test_sessions_live_until_they_expire_or_are_deleted(store):
+    await store.create_session("s1", principal="alice", csrf="c1", expires_at=200.0)
+    assert await store.session("s1", now=150.0) == ("alice", "c1")
+    assert await store.session("s1", now=250.0) is None
+    await store.delete_session("s1")
+    assert await store.session("s1", now=150.0) is None
+
+
+async def test_file_owners_say_which_folders_belong_to_jobs(store):
+    job = (await store.insert(make_job(files={"inputs": {"f": {}}, "result": None}))).job
+    assert await store.file_owners([job.id, "stray"]) == {job.id: (False, False)}

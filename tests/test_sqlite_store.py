@@ -1,0 +1,118 @@
+"""The SQLite store beyond the contract: its file's settings, migrations, WAL, query plans, group commit."""
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from asyncjobs import store as store_module
+from asyncjobs.errors import StoreError
+from asyncjobs.store import MIGRATIONS, SQLiteStore
+from tests.test_store import make_job
+
+
+@pytest.fixture
+async def store(tmp_path):
+    backend = SQLiteStore(tmp_path / "store.db")
+    await backend.open()
+    yield backend
+    await backend.close()
+
+
+async def test_concurrent_writes_share_commits(store):
+    """Writes waiting at the same moment are committed together (group commit)."""
+    before = store.commits
+    await asyncio.gather(*(store.insert(make_job()) for _ in range(100)))
+    assert store.commits - before < 100
+    assert await store.count_queued() == 100
+
+
+async def test_sqlite_file_settings(tmp_path):
+    """WAL mode, the schema version, and store.synchronous are applied to the file."""
+    for mode, expected in (("full", 2), ("normal", 1)):
+        path = tmp_path / f"{mode}.db"
+        store = SQLiteStore(path, synchronous=mode)
+        await store.open()
+        try:
+            value = await store._on_writer(lambda: store._writer.execute("PRAGMA synchronous").fetchone()[0])
+            assert value == expected
+        finally:
+            await store.close()
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+async def test_reopen_keeps_jobs_and_refuses_newer_schema(tmp_path):
+    """Reopening migrates nothing twice and keeps jobs; a schema from a newer version is refused."""
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    await store.open()
+    job = (await store.insert(make_job())).job
+    await store.close()
+    store = SQLiteStore(path)
+    await store.open()
+    assert (await store.lookup(job.id)).job == job
+    await store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(StoreError, match="newer"):
+        await SQLiteStore(path).open()
+
+
+async def test_unopenable_paths_give_clear_errors(tmp_path):
+    """A missing folder or a file that is not SQLite is a StoreError naming the path."""
+    with pytest.raises(StoreError, match="does not exist"):
+        await SQLiteStore(tmp_path / "no" / "such" / "x.db").open()
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="junk.db"):
+        await SQLiteStore(junk).open()
+
+
+@pytest.mark.parametrize("name", ["CLAIM_SQL", "POSITION_SQL", "POSITIONS_SQL", "BY_PRIORITY_SQL", "NEXT_RUN_SQL",
+                                  "OWNER_LAST_VT_SQL", "OWNER_QUEUED_SQL", "DONE_TWIN_SQL"])
+async def test_queue_walks_use_their_index_not_a_sort(tmp_path, name):
+    """Each statement that walks the queue goes by the queued-only index; a sort of every queued job
+    (SQLite's own choice without the hint) would make each claim cost more as the queue grows."""
+    store = SQLiteStore(tmp_path / "plan.db")
+    await store.open()
+    await store.close()
+    sql = getattr(store_module, name).format(marks="?, ?")
+    db = sqlite3.connect(tmp_path / "plan.db")
+    try:
+        plan = " | ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", (1,) * sql.count("?")))
+    finally:
+        db.close()
+    assert "TEMP B-TREE" not in plan, plan
+    index = {"NEXT_RUN_SQL": "jobs_due", "OWNER_LAST_VT_SQL": "jobs_owner_queued", "OWNER_QUEUED_SQL": "jobs_owner_queued",
+             "DONE_TWIN_SQL": "jobs_reuse"}.get(name, "jobs_fair")
+    assert index in plan, plan
+
+
+async def test_wal_is_cut_back_after_a_long_read_let_it_grow(tmp_path):
+    """A read held open stops checkpoints and the WAL grows past its limit; once the read ends and
+    writes go on, the WAL is checkpointed and cut back (the file does not stay at its largest)."""
+    path = tmp_path / "wal.db"
+    store = SQLiteStore(path)
+    await store.open()
+    wal = tmp_path / "wal.db-wal"
+    big = b'"' + b"x" * 60_000 + b'"'
+    reader = sqlite3.connect(path)
+    try:
+        await store.insert(make_job())
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM jobs").fetchone()  # a snapshot: no checkpoint may pass it
+        for _ in range(12):
+            await asyncio.gather(*(store.insert(make_job(params=big)) for _ in range(64)))
+        grown = wal.stat().st_size
+        assert grown > store_module.WAL_SIZE_LIMIT, grown
+        reader.execute("COMMIT")
+        for _ in range(40):
+            await asyncio.gather(*(store.insert(make_job()) for _ in range(8)))
+            if wal.stat().st_size <= store_module.WAL_SIZE_LIMIT:
+                break
+        assert wal.stat().st_size <= store_module.WAL_SIZE_LIMIT, (grown, wal.stat().st_size)
+    finally:
+        reader.close()
+        await store.close()
