@@ -13,7 +13,7 @@ from .errors import ConfigError
 from .files import FileStore, default_dir
 from .hub import Hub
 from .queue import JobQueue
-from .store import SQLiteStore
+from .store import SQLiteStore, Store
 from .tasks import TaskRegistry
 from .web import WebSettings, make_web_app
 from .web.common import METRICS_KEY
@@ -53,6 +53,21 @@ def _tokens(config: Config) -> tuple[tuple[str, bytes], ...]:
     return tuple((p, t.encode()) for p, t in config.auth.tokens.items())
 
 
+def is_server_url(value: str) -> bool:
+    """``--db`` and ``store.url``: a PostgreSQL URL, as opposed to a SQLite path."""
+    return value.startswith(("postgresql://", "postgres://"))
+
+
+def open_store(config: Config) -> Store:
+    """The store backend the configuration names (SQLite unless ``store.url`` names a server)."""
+    if config.store.url:
+        if not is_server_url(config.store.url):
+            raise ConfigError(f"store.url: expected postgresql://..., got {config.store.url!r}")
+        raise ConfigError("store.url: this version of asyncjobs stores jobs in SQLite only (store.path);"
+                          " the PostgreSQL backend is not part of it")
+    return SQLiteStore(config.store.path, synchronous=config.store.synchronous)
+
+
 def sweep_interval_s(config: Config) -> float:
     """Often enough that retention and expiry are honoured within a fraction of the shortest of them."""
     shortest = min(config.jobs.retention, config.jobs.tombstone_retention, config.jobs.max_age)
@@ -62,11 +77,11 @@ def sweep_interval_s(config: Config) -> float:
 class App:
     """Everything one asyncjobs service holds; no module-level state, so two can share a process."""
 
-    def __init__(self, config: Config, *, registry: TaskRegistry | None = None) -> None:
+    def __init__(self, config: Config, *, registry: TaskRegistry | None = None, store: Store | None = None) -> None:
         callback_key = _callback_key(config)
         self.config = config
         self.registry = registry or TaskRegistry.from_modules(config.tasks.modules, config.tasks.overrides)
-        self.store = SQLiteStore(config.store.path, synchronous=config.store.synchronous)
+        self.store = store or open_store(config)
         self.files = FileStore(config.files.dir or default_dir(config.store.path),
                                max_upload_bytes=config.files.max_upload_bytes,
                                max_total_bytes=config.files.max_total_bytes)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from . import config as config_module
-from .app import App
+from .app import App, is_server_url
 from .errors import ConfigError, StoreError
 from .web import ProblemRunner
 from .web.ops import access_log_options
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="config file (default: ./config.toml if it exists)")
     serve.add_argument("--host", help="address to listen on")
     serve.add_argument("--port", type=int, help="port to listen on (0: any free port)")
-    serve.add_argument("--db", help="SQLite file of the store")
+    serve.add_argument("--db", help="the store: a SQLite file, or a postgresql:// URL (store.url)")
     serve.add_argument("--workers", type=int, help="worker coroutines")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     for name, text in CLIENT_COMMANDS.items():  # listed for --help; main() hands them to the client
@@ -48,8 +48,11 @@ def _is_client_command(argv: list[str]) -> bool:
 
 
 def _flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    pairs = {("server", "host"): args.host, ("server", "port"): args.port,
-             ("store", "path"): args.db, ("queue", "workers"): args.workers}
+    pairs = {("server", "host"): args.host, ("server", "port"): args.port, ("queue", "workers"): args.workers}
+    if args.db:  # --db wins over the file: a URL names a server, anything else is a SQLite file
+        pairs[("store", "url")] = args.db if is_server_url(args.db) else ""
+        if not is_server_url(args.db):
+            pairs[("store", "path")] = args.db
     out: dict[str, dict[str, Any]] = {}
     for (section, key), value in pairs.items():
         if value is not None:

@@ -24,8 +24,9 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
-    path: str = "asyncjobs.db"
+    path: str = "asyncjobs.db"  # the SQLite file (when url is empty)
     synchronous: str = "full"  # "full" or "normal"
+    url: str = ""  # "postgresql://...": a server database instead of the SQLite file
 
 
 @dataclass(frozen=True)

@@ -233,7 +233,13 @@ class SweepResult:
 
 
 class Store(Protocol):
-    """What the queue needs of a store. Every method that writes commits before it returns."""
+    """What the queue needs of a store. Every method that writes commits before it returns.
+
+    A backend is SQL and transactions only: the rules it applies are the pure functions of ``rules``.
+    """
+
+    commits: int  # transactions committed, for tests and metrics
+    on_commit: Callable[[float, int], None] | None  # told (seconds, writes) after each commit
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...

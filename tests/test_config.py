@@ -67,3 +67,30 @@ def test_missing_file_is_an_error(tmp_path):
     """An explicit config path that does not exist is an error, not a silent default."""
     with pytest.raises(ConfigError, match="no such config file"):
         config.load(tmp_path / "missing.toml", environ={})
+
+
+def test_db_flag_names_a_sqlite_file_or_a_server_and_wins_over_the_file():
+    """--db: a postgresql:// URL sets store.url, anything else store.path and clears a url from the file."""
+    from asyncjobs.cli import _flag_overrides, build_parser
+
+    def flags(*argv: str) -> dict:
+        return _flag_overrides(build_parser().parse_args(["serve", *argv]))
+
+    assert flags("--db", "postgresql://u@h/db")["store"] == {"url": "postgresql://u@h/db"}
+    assert flags("--db", "jobs.db")["store"] == {"url": "", "path": "jobs.db"}
+    assert "store" not in flags()
+
+
+def test_store_url_is_checked_and_a_store_can_be_handed_in(tmp_path):
+    """A store.url that is not PostgreSQL is named; one that is says this version keeps jobs in SQLite;
+    an App takes a store built elsewhere (the seam a second backend plugs into)."""
+    from asyncjobs.app import App
+    from asyncjobs.store import SQLiteStore
+    from tests.conftest import make_config
+
+    with pytest.raises(ConfigError, match="store.url: expected postgresql"):
+        App(make_config(tmp_path, store={"url": "mysql://x"}))
+    with pytest.raises(ConfigError, match="store.url: .*SQLite only"):
+        App(make_config(tmp_path, store={"url": "postgresql://u@127.0.0.1/db"}))
+    mine = SQLiteStore(tmp_path / "mine.db")
+    assert App(make_config(tmp_path), store=mine).store is mine
