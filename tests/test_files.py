@@ -14,6 +14,16 @@ import pytest
 
 from tests.conftest import eventually, submit, wait_status
 
+@pytest.fixture
+def make_client(make_client):
+    """The conftest's, with a short shutdown grace: these tests leave jobs running at their end."""
+
+    async def make(**sections):
+        return await make_client(**{**sections, "queue": {"shutdown_grace": 0.2, **sections.get("queue", {})}})
+
+    return make
+
+
 
 def form(job: dict[str, Any] | None = None, files: dict[str, tuple[bytes, str]] | None = None,
          fields: dict[str, str] | None = None, *, job_first: bool = True) -> aiohttp.MultipartWriter:

@@ -6,10 +6,22 @@ import asyncio
 import json
 import time
 
+import pytest
+
 from tests.conftest import TEST_MODULES, eventually, wait_status
 
 ALICE, BOB, ROOT = "alice-token-0123456789", "bob-token-0123456789ab", "root-token-0123456789ab"
 TOKENS = {"alice": ALICE, "bob": BOB, "root": ROOT}
+
+@pytest.fixture
+def make_client(make_client):
+    """The conftest's, with a short shutdown grace: these tests leave jobs running at their end."""
+
+    async def make(**sections):
+        return await make_client(**{**sections, "queue": {"shutdown_grace": 0.2, **sections.get("queue", {})}})
+
+    return make
+
 
 
 def auth(token: str) -> dict[str, str]:
