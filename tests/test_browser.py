@@ -284,3 +284,152 @@ def test_missing_job_is_a_404_page(page: Page, server, shots: Path):
     assert response is not None and response.status == 404
     expect(page.get_by_role("heading", name="No such job")).to_be_visible()
     expect(page.get_by_role("link", name="Back to the dashboard")).to_be_visible()
+
+
+# -- with auth on: sign in, work, sign out ---------------------------------------------------
+
+ALICE = "alice-token-0123456789"
+BOB = "bob-token-0123456789ab"
+ROOT = "root-token-0123456789abc"
+
+
+@pytest.fixture
+def auth_server(server_factory):
+    modules = json.dumps(["asyncjobs.builtin", "tests.sample_tasks"])
+    return server_factory(config_text=(
+        f"[tasks]\nmodules = {modules}\n[auth]\nadmins = [\"root\"]\n"
+        f"[auth.tokens]\nalice = \"{ALICE}\"\nbob = \"{BOB}\"\nroot = \"{ROOT}\"\n"))
+
+
+def api_as(server, token: str, method: str, path: str, body: Any = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(server.url + path, data=data, method=method, headers={
+        "Content-Type": "application/json", "Accept": "application/json", "Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+def sign_in(page: Page, server, token: str, shots: Path | None = None) -> None:
+    """From any page that needs a session: the sign-in page, then back where the browser was going."""
+    page.goto(server.url + "/")
+    expect(page).to_have_url(re.compile(r"/login\?next=%2F$"))
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    page.get_by_label("Access token").fill(token)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page).to_have_url(server.url + "/")
+
+
+def test_sign_in_work_and_sign_out(page: Page, auth_server, shots: Path):
+    """Auth on: the dashboard sends the browser to sign in; signed in, a job is submitted from the form and
+    watched live, another is cancelled from its page, a finished one runs again, another principal's job
+    is a 404 page; after signing out the dashboard asks to sign in again."""
+    server = auth_server
+    page.goto(server.url + "/")
+    expect(page).to_have_url(re.compile(r"/login\?next=%2F$"))
+    shoot(page, shots, "login-desktop")
+    page.get_by_label("Access token").fill("not-the-token-0123456789")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#login-error")).to_contain_text("not valid")
+    expect(page.get_by_label("Access token")).to_have_attribute("aria-invalid", "true")
+    page.get_by_label("Access token").fill(ALICE)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page).to_have_url(server.url + "/")
+    expect(page.locator("#principal")).to_have_text("alice")
+    expect(page.locator("#live")).to_contain_text("Live")  # the WebSocket, authenticated by the cookie
+    assert page.context.cookies()[0]["value"] != ALICE
+    assert page.context.cookies()[0]["httpOnly"] and page.context.cookies()[0]["sameSite"] == "Strict"
+    expect(page.locator("#charts")).to_be_hidden()  # service-wide figures are for admins
+    expect(page.locator("#recent th.c-owner")).to_be_hidden()
+
+    # Submit from the form (a POST with the CSRF header), then watch the job live on its page.
+    page.get_by_label("Task", exact=True).select_option("sleep")
+    page.get_by_label("Params (JSON object)").fill('{"seconds": 2, "steps": 4}')
+    page.get_by_role("button", name="Submit").click()
+    result = page.locator("#submit-result")
+    expect(result).to_contain_text("Submitted")
+    job_id = result.locator("a").get_attribute("href").rsplit("/", 1)[1]
+    expect(page.locator(f"#recent tr[data-job-id='{job_id}']")).to_be_visible()
+    result.locator("a").click()
+    expect(page.locator("#status")).to_have_text("running")
+    page.wait_for_function("() => document.getElementById('progress').value > 0")  # SSE with the cookie
+    shoot(page, shots, "signed-in-job-running")
+    expect(page.locator("#status")).to_have_text("succeeded")
+    expect(page.locator("#result")).to_contain_text('"slept": 2')
+    assert api_as(server, ALICE, "GET", f"/jobs/{job_id}?redirect=false")["owner"] == "alice"
+
+    # Run again: a new job with the same task and params, and its page.
+    expect(page.locator("#rerun")).to_be_visible()
+    page.get_by_role("button", name="Run again").click()
+    page.wait_for_url(re.compile(r"/jobs/(?!" + re.escape(job_id) + r")[^/]+$"))
+    again_id = page.url.rsplit("/", 1)[1]
+    expect(page.locator("#task")).to_have_text("sleep")
+    again = api_as(server, ALICE, "GET", f"/jobs/{again_id}?redirect=false")
+    assert again["task"] == "sleep" and again["owner"] == "alice"
+
+    # Cancel another running job from its page.
+    running = api_as(server, ALICE, "POST", "/jobs", {"task": "sleep", "params": {"seconds": 60, "steps": 60}})
+    page.goto(f"{server.url}/jobs/{running['id']}")
+    expect(page.locator("#status")).to_have_text("running")
+    page.get_by_role("button", name="Cancel job").click()
+    expect(page.locator("#status")).to_have_text("canceled")
+    assert api_as(server, ALICE, "GET", f"/jobs/{running['id']}")["status"] == "canceled"
+
+    # Another principal's job does not exist for alice.
+    bobs = api_as(server, BOB, "POST", "/jobs", {"task": "noop"})
+    response = page.goto(f"{server.url}/jobs/{bobs['id']}")
+    assert response is not None and response.status == 404
+    expect(page.get_by_role("heading", name="No such job")).to_be_visible()
+
+    # Sign out: back to the sign-in page, and the dashboard asks again.
+    page.goto(server.url + "/")
+    page.get_by_role("button", name="Sign out").click()
+    expect(page).to_have_url(re.compile(r"/login$"))
+    page.goto(server.url + "/")
+    expect(page).to_have_url(re.compile(r"/login\?next=%2F$"))
+    shoot(page, shots, "signed-out")
+
+
+def test_admin_dashboard_filters_every_owner_and_draws_the_last_hour(page: Page, auth_server, shots: Path):
+    """root (an admin) sees every owner's jobs with an owner column, filters by owner and status, pages
+    through them, and gets the charts of the last hour."""
+    server = auth_server
+    for i in range(21):  # more than a page of 20
+        api_as(server, ALICE, "POST", "/jobs", {"task": "echo", "params": {"i": i}})
+    api_as(server, BOB, "POST", "/jobs", {"task": "fail", "params": {"message": "for the chart"}})
+    api_as(server, BOB, "POST", "/jobs", {"task": "sleep", "params": {"seconds": 30}, "delay": 30})
+    sign_in(page, server, ROOT)
+    expect(page.locator("#principal")).to_have_text("root")
+    expect(page.locator("#live")).to_contain_text("Live")
+    expect(page.locator("#recent th.c-owner")).to_be_visible()
+    rows = page.locator("#recent tbody tr")
+    expect(rows).to_have_count(20)
+    expect(page.locator("#recent tbody td.c-owner", has_text="bob")).to_have_count(2)  # the newest two
+    expect(page.locator("#page-info")).to_have_text("Page 1 (live)")
+    page.get_by_role("button", name="Older").click()
+    expect(page.locator("#page-info")).to_have_text("Page 2")
+    expect(rows).to_have_count(3)
+    expect(page.locator("#recent tbody td.c-owner", has_text="alice")).to_have_count(3)
+    expect(page.get_by_role("button", name="Older")).to_be_disabled()
+    page.get_by_role("button", name="Newer").click()
+    expect(rows).to_have_count(20)
+    expect(page.locator("#charts")).to_be_visible()
+    expect(page.locator("#throughput-chart")).to_have_attribute("data-total", re.compile(r"^[1-9]"))
+    expect(page.locator("#throughput-chart rect.bar-failed")).not_to_have_count(0)
+    expect(page.locator("#throughput-summary")).to_contain_text("finished in the last hour")
+    expect(page.locator("#depth-summary")).to_contain_text("queued")
+    shoot(page, shots, "dashboard-admin-desktop")
+
+    page.get_by_label("Filter by owner").fill("bob")
+    page.get_by_role("button", name="Show").click()
+    expect(rows).to_have_count(2)
+    page.get_by_label("Filter by status").select_option("failed")
+    expect(rows).to_have_count(1)
+    expect(rows).to_have_attribute("data-status", "failed")
+    page.get_by_role("button", name="Clear").click()
+    expect(page.locator("#recent tbody td.c-owner", has_text="alice")).to_have_count(18)
+    page.get_by_label("Filter by task").select_option("echo")
+    expect(page.locator("#recent tbody td.c-owner", has_text="alice")).to_have_count(20)
+    page.get_by_role("button", name="Older").click()
+    expect(rows).to_have_count(1)
+    page.set_viewport_size(PHONE)
+    shoot(page, shots, "dashboard-admin-phone")

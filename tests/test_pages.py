@@ -258,3 +258,37 @@ def test_static_files_ship_with_the_package():
     files = [p.relative_to(STATIC.parent).as_posix() for p in STATIC.rglob("*") if p.is_file()]
     assert files
     assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files), files
+
+
+async def test_pages_carry_an_empty_csrf_token_and_no_sign_in_with_auth_off(client):
+    """Auth off: no session, so the token meta is empty, there is no sign-out, and no sign-in routes."""
+    job = await submit(client, "noop")
+    for path in ("/", f"/jobs/{job['id']}", "/jobs/missing"):
+        text = await (await client.get(path, headers={"Accept": BROWSER})).text()
+        assert '<meta name="csrf-token" content="">' in text, path
+        assert 'action="/logout"' not in text and "Signed in" not in text, path
+    assert (await client.get("/login")).status == 404
+    assert (await client.post("/logout")).status == 404
+
+
+async def test_sign_in_page_is_plain_html_under_the_same_policy(make_client):
+    client, _ = await make_client(auth={"tokens": {"alice": "a" * 32}})
+    resp = await client.get("/login?next=/jobs", headers={"Accept": BROWSER})
+    assert resp.status == 200 and resp.content_type == "text/html"
+    assert resp.headers["Cache-Control"] == "no-store"
+    assert "form-action 'self'" in resp.headers["Content-Security-Policy"]
+    text = await resp.text()
+    assert "<script" not in text and not re.search(r"\son[a-z]+\s*=", text)
+    assert '<label for="token">' in text and 'autocomplete="current-password"' in text
+    for url in _urls(text):
+        assert url.startswith("/"), url
+
+
+async def test_the_dashboard_has_filters_pages_and_charts(client):
+    text = await (await client.get("/", headers={"Accept": BROWSER})).text()
+    for needle in ('id="filters"', 'for="filter-status"', 'for="filter-task"', 'for="filter-owner"',
+                   'id="page-older"', 'id="page-newer"', 'id="charts"', 'id="throughput-chart"', 'id="depth-chart"',
+                   'data-admin="true"', 'data-owners="false"'):  # auth off: every job, no owners
+        assert needle in text, needle
+    body = await (await client.get("/")).json()
+    assert len(body["history"]) == 60

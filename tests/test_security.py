@@ -484,3 +484,29 @@ def test_find_principal_compares_every_token_even_after_a_match(monkeypatch):
         calls.clear()
         assert find_principal(tokens, presented) == expected
         assert sorted(b for _, b in calls) == sorted(t for _, t in tokens), presented
+
+
+# -- 5. with sign-in: what is open, and the bearer token still decides ---------------------------
+
+async def test_only_the_sign_in_routes_and_static_files_are_open_besides_healthz(start):
+    client, _ = await start()
+    assert (await client.get("/login")).status == 200
+    assert (await client.get("/static/app.js")).status == 200
+    resp = await client.post("/logout", allow_redirects=False)  # no session: nothing to end
+    assert resp.status == 303 and resp.headers["Location"] == "/login"
+    for path in ("/", "/jobs", "/tasks", "/metrics", "/openapi.json", "/loginx", "/static"):
+        await assert_unauthorized(await client.get(path), path)
+
+
+async def test_a_bearer_token_decides_alone_whatever_cookie_comes_with_it(start):
+    client, _ = await start()
+    resp = await client.post("/login", data={"token": ALICE, "next": "/"}, allow_redirects=False)
+    assert resp.status == 303
+    session = resp.cookies["asyncjobs_session"].value
+    client.session.cookie_jar.clear()
+    headers = {"Cookie": f"asyncjobs_session={session}"}
+    assert (await client.get("/jobs", headers=headers)).status == 200
+    await assert_unauthorized(await client.get("/jobs", headers={**headers, **bearer("mallory-token-0123456789")}),
+                              "a wrong token with a valid cookie")
+    job = await submit_as(client, BOB, "noop", headers=headers)  # bob's token, alice's cookie: bob's job
+    assert job["owner"] == "bob"

@@ -7,7 +7,7 @@ import weakref
 from aiohttp import web
 
 from ..queue import JobQueue
-from . import jobs, ops, pages, push, uploads
+from . import jobs, ops, pages, push, session, uploads
 from ..limits import SubmitRates
 from .common import (QUEUE_KEY, RATES_KEY, SETTINGS_KEY, WAITERS_KEY, Waiters, WebSettings, auth_middleware,
                      expect_handler, make_expect_handler, problems_middleware)
@@ -51,4 +51,5 @@ def make_web_app(queue: JobQueue, settings: WebSettings) -> web.Application:
             app.router.add_route("HEAD", path, handler, expect_handler=expect)
     ops.add_routes(app)
     pages.add_routes(app)
+    session.add_routes(app, settings)  # with auth on: /login, /logout and the session cookie
     return app

@@ -7,7 +7,7 @@ import hmac
 import logging
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -151,13 +151,42 @@ def job_id_of(request: web.Request) -> str:
 
 # -- auth ----------------------------------------------------------------------
 
-OPEN_PATHS = frozenset({"/healthz"})
+OPEN_PATHS = frozenset({"/healthz", "/login", "/logout"})  # /login and /logout check what they need themselves
+OPEN_PREFIXES = ("/static/",)  # the package's stylesheet, script and icon: the sign-in page needs them
 QUERY_TOKEN_SUFFIXES = ("/events", "/ws")  # browsers cannot set headers on EventSource and WebSocket
+BEARER_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="asyncjobs"'}
+
+
+@dataclass(frozen=True)
+class Session:
+    """A browser's sign-in session (see ``session.py``): who it is, and the CSRF token its pages carry."""
+
+    id: str
+    principal: str
+    csrf: str
+
+
+class BrowserSessions(Protocol):
+    """The cookie side of auth, implemented in ``session.py`` and installed only when auth is on."""
+
+    async def authenticate(self, request: web.Request) -> Session | None:
+        """The request's valid session, or None; a 403 problem when a session's request fails the CSRF rules."""
+
+    def sign_in_redirect(self, request: web.Request) -> web.StreamResponse | None:
+        """``303`` to the sign-in page for a browser asking for a page, else None."""
+
+
+SESSION_KEY = web.RequestKey("asyncjobs_session", Session)  # set when the cookie, not a token, authenticated
+SESSIONS_KEY = web.AppKey("asyncjobs_sessions", BrowserSessions)
+
+
+def is_open_path(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 def find_principal(tokens: tuple[tuple[str, bytes], ...], presented: str) -> str | None:
     """Compare against every token in constant time, so timing tells nothing about which matched."""
-    given = presented.encode()
+    given = presented.encode("utf-8", "surrogateescape")
     found = None
     for principal, token in tokens:
         if hmac.compare_digest(given, token):
@@ -176,16 +205,38 @@ def presented_token(request: web.Request) -> str | None:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
-    """With tokens configured, every endpoint but /healthz needs a bearer token; jobs belong to its principal."""
+    """With tokens configured, every endpoint but the open ones needs a bearer token or a sign-in session.
+
+    A bearer token (or ``?access_token=`` on the push channels), when presented, decides alone: valid, or 401,
+    whatever cookie comes with it. Without one, the session cookie is tried; a browser asking for a page
+    without either is sent to sign in (303), and any other client gets the 401 problem, as before.
+    """
     tokens = request.app[SETTINGS_KEY].tokens
-    if tokens and request.path not in OPEN_PATHS:
-        token = presented_token(request)
-        principal = None if token is None else find_principal(tokens, token)
+    if not tokens or is_open_path(request.path):
+        return await handler(request)
+    token = presented_token(request)
+    if token is not None:
+        principal = find_principal(tokens, token)
         if principal is None:
-            raise Unauthorized("a valid bearer token is required" if token is None else "the bearer token is not valid",
-                               headers={"WWW-Authenticate": 'Bearer realm="asyncjobs"'})
+            raise Unauthorized("the bearer token is not valid", headers=BEARER_CHALLENGE)
         request[PRINCIPAL_KEY] = principal
-    return await handler(request)
+        return await handler(request)
+    sessions = request.app.get(SESSIONS_KEY)
+    session = None if sessions is None else await sessions.authenticate(request)
+    if session is not None:
+        request[PRINCIPAL_KEY] = session.principal
+        request[SESSION_KEY] = session
+        return await handler(request)
+    redirect = None if sessions is None else sessions.sign_in_redirect(request)
+    if redirect is not None:
+        return redirect
+    raise Unauthorized("a valid bearer token (or sign-in session) is required",
+                       headers={**BEARER_CHALLENGE, "Vary": "Accept"})
+
+
+def session_of(request: web.Request) -> Session | None:
+    """The sign-in session that authenticated this request; None for a bearer token and with auth off."""
+    return request.get(SESSION_KEY)
 
 
 def principal_of(request: web.Request) -> str | None:

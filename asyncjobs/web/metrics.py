@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+import time
+from collections import deque
+from typing import Any, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .. import codec
 from ..models import Job, Status
 
 log = logging.getLogger("asyncjobs.metrics")
@@ -43,6 +46,7 @@ class Metrics:
         self.file_bytes = Gauge("asyncjobs_files_bytes", "Bytes of job files (inputs and results) on disk.",
                                 registry=r)
         self.files = Gauge("asyncjobs_files", "Job files (inputs and results) on disk.", registry=r)
+        self.history = History()
         self._seen: dict[str, Status] = {}
         self._by_task: dict[str, _TaskChildren] = {}  # labels() looked up once per task, not per change
         for status in Status:
@@ -73,6 +77,7 @@ class Metrics:
             task.queue_wait.observe(max(0.0, job.started_at - max(job.created_at, job.run_at)))
         elif job.terminal:
             task.ended[job.status].inc()
+            self.history.finished(job.status is not Status.SUCCEEDED)
             if job.started_at is not None and job.finished_at is not None:
                 task.run_time.observe(max(0.0, job.finished_at - job.started_at))
 
@@ -102,3 +107,47 @@ class _TaskChildren:
         self.run_time = metrics.run_time.labels(task)
         self.ended = {Status.SUCCEEDED: metrics.succeeded.labels(task), Status.FAILED: metrics.failed.labels(task),
                       Status.CANCELED: metrics.canceled.labels(task)}
+
+
+class History:
+    """The last hour of this process, minute by minute, for the dashboard's charts.
+
+    Per minute: ``completed`` (jobs that reached a terminal state), ``failed`` (of those, the failed and
+    canceled ones) and ``queued`` (the highest queue depth sampled in that minute; None when nothing was
+    sampled, e.g. before the server started). A ring of ``minutes`` buckets: bounded, whatever the load.
+    """
+
+    def __init__(self, minutes: int = 60, clock: Any = time.time) -> None:
+        self.minutes = minutes
+        self.clock = clock
+        self._buckets: deque[list[Any]] = deque(maxlen=minutes)  # [minute, completed, failed, queued]
+
+    def _bucket(self, now: float) -> list[Any]:
+        minute = int(now // 60)
+        if self._buckets and self._buckets[-1][0] == minute:
+            return self._buckets[-1]
+        if self._buckets and self._buckets[-1][0] > minute:  # the clock went back: count it in the newest
+            return self._buckets[-1]
+        bucket = [minute, 0, 0, None]
+        self._buckets.append(bucket)
+        return bucket
+
+    def finished(self, failed: bool = False, now: float | None = None) -> None:
+        bucket = self._bucket(self.clock() if now is None else now)
+        bucket[1] += 1
+        if failed:
+            bucket[2] += 1
+
+    def sample_queued(self, depth: int, now: float | None = None) -> None:
+        bucket = self._bucket(self.clock() if now is None else now)
+        bucket[3] = depth if bucket[3] is None else max(bucket[3], depth)
+
+    def snapshot(self, now: float | None = None) -> list[dict[str, Any]]:
+        """One entry per minute of the last ``minutes`` (oldest first, the current minute last)."""
+        current = int((self.clock() if now is None else now) // 60)
+        known = {b[0]: b for b in self._buckets}
+        out = []
+        for minute in range(current - self.minutes + 1, current + 1):
+            b = known.get(minute, [minute, 0, 0, None])
+            out.append({"t": codec.isotime(minute * 60.0), "completed": b[1], "failed": b[2], "queued": b[3]})
+        return out

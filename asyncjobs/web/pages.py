@@ -8,9 +8,12 @@ same JSON endpoints every other client uses. No build step, nothing from a CDN: 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import html
 import re
 import statistics
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -19,12 +22,14 @@ from aiohttp import web
 
 from .. import codec, protocol
 from ..errors import Gone, NotFound
-from .common import QUEUE_KEY, SETTINGS_KEY, json_response, visible_owner
+from .common import (METRICS_KEY, QUEUE_KEY, SETTINGS_KEY, is_admin, json_response, principal_of, session_of,
+                     visible_owner)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
 _STATIC_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*\.(?:css|js|svg)$")
 RECENT_FOR_RUN_TIMES = 200  # jobs the dashboard's run-time figures are computed from
+HISTORY_SAMPLE_S = 5.0  # how often the queue depth is sampled for the dashboard's chart
 
 # Every page: only this origin's files, no inline script, not framed.
 PAGE_HEADERS = {
@@ -99,12 +104,29 @@ def _template(name: str) -> str:
     return (STATIC_DIR / name).read_text(encoding="utf-8")
 
 
-def _render(name: str, **values: str) -> str:
-    """Fill ``{{key}}`` slots with HTML-escaped values (``raw_`` keys go in as they are)."""
+def _render(name: str, request: web.Request | None = None, **values: str) -> str:
+    """Fill ``{{key}}`` slots with HTML-escaped values (``raw_`` keys go in as they are).
+
+    With ``request``, also the slots every page has: ``csrf_token`` (the sign-in session's, for the
+    ``<meta name="csrf-token">`` that app.js sends back; empty without a session) and ``raw_account``
+    (who is signed in, and the sign-out form).
+    """
+    session = None if request is None else session_of(request)
+    values = {"csrf_token": session.csrf if session else "", "raw_account": _account(session), **values}
     text = _template(name)
     for key, value in values.items():
         text = text.replace("{{" + key + "}}", value if key.startswith("raw_") else html.escape(value))
     return text
+
+
+def _account(session) -> str:
+    """The header's "signed in as … / Sign out" (a plain form: it works without JavaScript)."""
+    if session is None:
+        return ""
+    return ('<span class="account">Signed in as <strong id="principal">' + html.escape(session.principal) +
+            '</strong></span><form class="signout" method="post" action="/logout">'
+            '<input type="hidden" name="csrf_token" value="' + html.escape(session.csrf) + '">'
+            '<button type="submit" id="sign-out" class="link-button">Sign out</button></form>')
 
 
 def _script_json(value: Any) -> str:
@@ -117,8 +139,18 @@ def _page(text: str, *, status: int = 200, headers: dict[str, str] | None = None
                         headers={**PAGE_HEADERS, **(headers or {})})
 
 
-def _message_page(status: int, title: str, message: str) -> web.Response:
-    return _page(_render("message.html", title=title, message=message, status=str(status)), status=status)
+def _message_page(request: web.Request, status: int, title: str, message: str) -> web.Response:
+    return _page(_render("message.html", request, title=title, message=message, status=str(status)), status=status)
+
+
+def login_page(next_path: str, *, status: int = 200, error: str = "",
+               headers: dict[str, str] | None = None) -> web.Response:
+    """The sign-in page: one field for the token, ``next_path`` (already checked to be local) kept hidden."""
+    error_block = (f'<p id="login-error" class="field-error" role="alert">{html.escape(error)}</p>' if error else "")
+    text = _render("login.html", next=next_path, raw_error=error_block,
+                   raw_invalid=' aria-invalid="true"' if error else "",
+                   described_by="login-error token-help" if error else "token-help")
+    return _page(text, status=status, headers=headers)
 
 
 # -- the job page -------------------------------------------------------------------
@@ -138,20 +170,35 @@ async def job_page(request: web.Request) -> web.StreamResponse:
     try:
         job = await queue.find(job_id, owner=visible_owner(request))
     except Gone:
-        return _message_page(410, "Job expired",
+        return _message_page(request, 410, "Job expired",
                              "This job existed, but it has expired: its record is no longer kept.")
     except NotFound:
-        return _message_page(404, "No such job",
+        return _message_page(request, 404, "No such job",
                              "There is no job with this id: it never existed, it was deleted, or it is not yours.")
     view = await queue.view(job)
     body = protocol.job_body(job, eta=view.eta, queue_position=view.queue_position)
     answer = protocol.monitor_answer(job, eta=view.eta, now=queue.clock(),
                                      style=request.app[SETTINGS_KEY].monitor_style, redirect=False)
-    text = _render("job.html", id=job.id, task=job.task, status=job.status.value,
-                   raw_job_json=_script_json(body))
+    text = _render("job.html", request, id=job.id, task=job.task, status=job.status.value,
+                   raw_job_json=_script_json({**body, "rerun": _rerun(request, job)}))
+    # The embedded job carries one member the API's does not: "rerun", what "Run again" submits.
     # Keep the protocol's status (200, or 202 while pending in "flow" style); not its ETag, which
     # names the JSON representation, nor Retry-After/Location, which the page's script replaces.
     return _page(text, status=answer.status)
+
+
+def _rerun(request: web.Request, job) -> dict[str, Any] | None:
+    """What "Run again" submits: the task, params and priority, for the job's own viewer only (its
+    params are not in the API's representation: an admin looking at another's job does not get them),
+    and only for a job without files (its input files are gone once it is terminal)."""
+    principal = principal_of(request)
+    if job.files is not None or (principal is not None and principal != job.owner):
+        return None
+    try:
+        params = codec.loads(job.params)
+    except codec.JSONDecodeError:
+        return None
+    return {"task": job.task, "params": params, "priority": job.priority}
 
 
 # -- the dashboard ------------------------------------------------------------------
@@ -207,13 +254,29 @@ async def summary(request: web.Request) -> dict[str, Any]:
         "tasks": queue.registry.names(),
         "run_times": _run_time_figures(recent, queue.run_times.snapshot()),
         "run_times_from": len(recent),
+        "history": _history(request) if principal is None else None,
     }
+
+
+def _history(request: web.Request) -> list[dict[str, Any]] | None:
+    """The last hour, a minute a row (jobs finished, of them failed or canceled, peak queue depth).
+
+    Service-wide figures of this process: shown with auth off and to admins only; other principals get
+    None, as their counts are of their own jobs only (a service's load is the operators' business).
+    """
+    metrics = request.app.get(METRICS_KEY)
+    if metrics is None:
+        return None
+    metrics.history.sample_queued(request.app[QUEUE_KEY].queued)
+    return metrics.history.snapshot()
 
 
 async def index(request: web.Request) -> web.StreamResponse:
     """``GET /``: the dashboard for a browser; for other clients a JSON index of links and figures."""
     if wants_html(request):
-        return _page(_render("dashboard.html"))
+        admin = principal_of(request) is None or is_admin(request)  # sees every job (auth off: everyone)
+        return _page(_render("dashboard.html", request, admin="true" if admin else "false",
+                             owners="true" if principal_of(request) is not None and admin else "false"))
     return json_response(await summary(request), headers={**protocol.NO_STORE, "Vary": "Accept"})
 
 
@@ -227,7 +290,25 @@ async def static_file(request: web.Request) -> web.StreamResponse:
         "Content-Type": STATIC_TYPES[path.suffix], "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
 
+async def _sample_history(app: web.Application):
+    """While the app runs: sample the queue depth every few seconds for the dashboard's chart."""
+
+    async def sample() -> None:
+        while True:
+            metrics = app.get(METRICS_KEY)
+            if metrics is not None:
+                metrics.history.sample_queued(app[QUEUE_KEY].queued, time.time())
+            await asyncio.sleep(HISTORY_SAMPLE_S)
+
+    task = asyncio.create_task(sample(), name="asyncjobs-history")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def add_routes(app: web.Application) -> None:
     """Add the page routes to ``app``: ``GET /`` and ``GET /static/{name}`` (HEAD too)."""
     app.router.add_get("/", index)
     app.router.add_get("/static/{name}", static_file)
+    app.cleanup_ctx.append(_sample_history)

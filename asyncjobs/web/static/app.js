@@ -1,5 +1,7 @@
 // asyncjobs browser views: the job page (live through Server-Sent Events) and the dashboard
 // (live through the WebSocket). Plain JavaScript, no build step, no third-party code.
+// With auth on, the sign-in session's cookie authenticates every request (same origin: fetch, XHR,
+// EventSource and WebSocket all carry it); what changes something also carries the page's CSRF token.
 "use strict";
 
 (function () {
@@ -84,11 +86,35 @@
     node.dataset.status = status;
   }
 
+  // The sign-in session's CSRF token from <meta name="csrf-token"> (empty with auth off).
+  function csrfToken() {
+    const meta = document.querySelector('meta[name="csrf-token"]');
+    return meta ? meta.getAttribute("content") || "" : "";
+  }
+
+  // Headers for a request that changes something: JSON, and the CSRF token the server asks of the cookie.
+  function writeHeaders(extra) {
+    const headers = { ...JSON_HEADERS, ...(extra || {}) };
+    const token = csrfToken();
+    if (token) headers["X-CSRF-Token"] = token;
+    return headers;
+  }
+
+  // A 401 while signed in means the session ended (expired, signed out elsewhere, token revoked).
+  function sessionEnded(status) {
+    if (status !== 401 || !csrfToken()) return false;
+    location.assign("/login?next=" + encodeURIComponent(location.pathname + location.search));
+    return true;
+  }
+
   // -- the job page ---------------------------------------------------------------
 
   function jobPage() {
     const jobId = document.body.dataset.jobId;
     const base = "/jobs/" + encodeURIComponent(jobId);
+    const initial = JSON.parse($("initial-job").textContent);
+    const rerun = initial.rerun || null; // the page's own member: what "Run again" submits
+    delete initial.rerun;
     let job = null;
     let source = null;
     let ticker = null;
@@ -209,6 +235,7 @@
       const cancel = $("cancel");
       cancel.disabled = TERMINAL.has(job.status);
       cancel.hidden = TERMINAL.has(job.status);
+      $("rerun").hidden = !(rerun && TERMINAL.has(job.status));
       if (TERMINAL.has(job.status)) stop();
     }
 
@@ -234,6 +261,7 @@
           const response = await fetch(base + "?redirect=false&wait=30", {
             headers: { ...JSON_HEADERS, "If-None-Match": 'W/"' + job.version + '"' }, cache: "no-store" });
           if (response.status === 404 || response.status === 410) { gone(response.status); break; }
+          if (sessionEnded(response.status)) break;
           if (response.ok) render(await response.json());
           delay = response.ok || response.status === 304 ? 0 : 2000;
         } catch (err) {
@@ -255,7 +283,7 @@
           source = null;
           fetch(base + "?redirect=false", { headers: JSON_HEADERS, cache: "no-store" }).then((response) => {
             if (response.status === 404 || response.status === 410) gone(response.status);
-            else poll();
+            else if (!sessionEnded(response.status)) poll();
           }, () => poll());
         }
       });
@@ -266,7 +294,8 @@
       button.disabled = true;
       $("notice").textContent = "Canceling…";
       try {
-        const response = await fetch(base + "/cancel", { method: "POST", headers: JSON_HEADERS });
+        const response = await fetch(base + "/cancel", { method: "POST", headers: writeHeaders() });
+        if (sessionEnded(response.status)) return;
         if (response.ok) {
           const body = await response.json();
           render(body);
@@ -282,7 +311,36 @@
       }
     });
 
-    render(JSON.parse($("initial-job").textContent));
+    // "Run again": a new job with the same task, params and priority. Cache-Control: no-cache, so
+    // that a task which reuses equal jobs makes a new one rather than answering with this one.
+    $("rerun").addEventListener("click", async () => {
+      const button = $("rerun");
+      button.disabled = true;
+      $("notice").textContent = "Submitting again…";
+      const body = { task: rerun.task, params: rerun.params };
+      if (rerun.priority) body.priority = rerun.priority;
+      try {
+        const response = await fetch("/jobs", { method: "POST", body: JSON.stringify(body),
+          headers: writeHeaders({ "Content-Type": "application/json", "Cache-Control": "no-cache" }) });
+        if (sessionEnded(response.status)) return;
+        if (!response.ok) {
+          $("notice").textContent = "Could not run again: " + await problemText(response);
+        } else {
+          const created = parseJson(await response.text());
+          if (created && typeof created.id === "string") {
+            $("notice").textContent = "Submitted; opening the new job…";
+            location.assign("/jobs/" + encodeURIComponent(created.id));
+            return;
+          }
+          $("notice").textContent = "Could not run again: the answer was not a job.";
+        }
+      } catch (err) {
+        $("notice").textContent = "Could not run again: the server did not answer.";
+      }
+      button.disabled = false;
+    });
+
+    render(initial);
     if (!TERMINAL.has(job.status)) {
       subscribe();
       ticker = setInterval(renderProgress, 1000); // the ETA counts down between events
@@ -292,22 +350,28 @@
   // -- the dashboard -----------------------------------------------------------------
 
   function dashboard() {
-    const RECENT = 20;
+    const RECENT = 20; // jobs a page
+    const LIVE_MAX = 100; // the live first page grows up to this, then is loaded afresh
+    const owners = document.body.dataset.owners === "true"; // an admin with auth on: every owner's jobs
+    const service = document.body.dataset.admin === "true"; // may see the service-wide charts
     const rows = new Map(); // job id -> {job, tr}
     let tasks = [];
     let socket = null;
     let retry = 1000;
     let summaryTimer = null;
     let fallbackTimer = null;
+    let filters = { status: "", task: "", owner: "" };
+    let pages = []; // the URLs of the pages shown so far; the last is the one on screen
+    let nextUrl = null; // the server's "next" for the page on screen
 
     function setLive(text) { $("live").textContent = text; }
 
-    // Counts and run times: GET / as JSON.
+    // Counts, run times and (for operators) the last hour's history: GET / as JSON.
     async function loadSummary() {
       summaryTimer = null;
       try {
         const response = await fetch("/", { headers: JSON_HEADERS, cache: "no-store" });
-        if (!response.ok) return;
+        if (sessionEnded(response.status) || !response.ok) return;
         const summary = await response.json();
         for (const [status, n] of Object.entries(summary.counts || {})) {
           const node = $("count-" + status);
@@ -329,11 +393,127 @@
         $("runtimes-note").textContent = body.rows.length
           ? "From the " + summary.run_times_from + " newest jobs; the estimate is the moving average used for ETAs."
           : "No finished jobs yet.";
+        if (service && Array.isArray(summary.history)) drawHistory(summary.history);
       } catch (err) { /* the next event or tick tries again */ }
     }
 
     function summarySoon() {
       if (!summaryTimer) summaryTimer = setTimeout(loadSummary, 400);
+    }
+
+    // -- charts: inline SVG drawn here (no library), one bar or point per minute --
+    const SVG_NS = "http://www.w3.org/2000/svg";
+    const CHART = { width: 600, height: 180, left: 40, right: 8, top: 10, bottom: 24 };
+
+    function svg(tag, attrs, text) {
+      const node = document.createElementNS(SVG_NS, tag);
+      for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, String(value));
+      if (text !== undefined) node.textContent = text;
+      return node;
+    }
+
+    function niceMax(n) {
+      if (n <= 4) return 4;
+      const step = Math.pow(10, Math.floor(Math.log10(n)));
+      for (const m of [1, 2, 2.5, 5, 10]) if (m * step >= n) return m * step;
+      return 10 * step;
+    }
+
+    function minuteLabel(iso) {
+      const date = new Date(iso);
+      return isNaN(date) ? iso : date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    }
+
+    // Axes and grid for values up to `top`; returns the x of minute i and the y of a value.
+    function chartFrame(node, count, top) {
+      const plotW = CHART.width - CHART.left - CHART.right;
+      const plotH = CHART.height - CHART.top - CHART.bottom;
+      const x = (i) => CHART.left + (i * plotW) / count;
+      const y = (v) => CHART.top + plotH - (v / top) * plotH;
+      node.replaceChildren();
+      for (const v of [0, top / 2, top]) {
+        node.append(svg("line", { class: "grid", x1: CHART.left, x2: CHART.width - CHART.right, y1: y(v), y2: y(v) }));
+        node.append(svg("text", { class: "axis-label", x: CHART.left - 6, y: y(v) + 4, "text-anchor": "end" },
+          String(Math.round(v * 10) / 10)));
+      }
+      const bottom = CHART.height - 6;
+      node.append(svg("text", { class: "axis-label", x: CHART.left, y: bottom }, "60 min ago"));
+      node.append(svg("text", { class: "axis-label", x: x(count / 2), y: bottom, "text-anchor": "middle" }, "30 min ago"));
+      node.append(svg("text", { class: "axis-label", x: CHART.width - CHART.right, y: bottom, "text-anchor": "end" }, "now"));
+      return { x, y, slot: plotW / count };
+    }
+
+    function drawHistory(history) {
+      $("charts").hidden = false;
+      const n = history.length || 1;
+      // Throughput: a bar a minute, the failed and canceled part on top in the failure colour.
+      const finished = history.map((h) => h.completed || 0);
+      const tp = $("throughput-chart");
+      const f = chartFrame(tp, n, niceMax(Math.max(0, ...finished)));
+      history.forEach((h, i) => {
+        if (!h.completed) return;
+        const width = Math.max(1, f.slot - 2);
+        const ok = h.completed - (h.failed || 0);
+        const bar = svg("g", { class: "bar-group" });
+        bar.append(svg("title", {}, minuteLabel(h.t) + ": " + h.completed + " finished" +
+          (h.failed ? ", " + h.failed + " failed or canceled" : "")));
+        if (ok > 0) bar.append(svg("rect", { class: "bar", x: f.x(i) + 1, y: f.y(ok),
+          width: width, height: f.y(0) - f.y(ok) }));
+        if (h.failed) bar.append(svg("rect", { class: "bar-failed", x: f.x(i) + 1, y: f.y(h.completed),
+          width: width, height: f.y(0) - f.y(h.failed) }));
+        tp.append(bar);
+      });
+      const total = finished.reduce((a, b) => a + b, 0);
+      const failed = history.reduce((a, h) => a + (h.failed || 0), 0);
+      const busiest = Math.max(0, ...finished);
+      $("throughput-summary").textContent = total
+        ? total + " finished in the last hour" + (failed ? " (" + failed + " failed or canceled)" : "") +
+          "; the busiest minute had " + busiest + "."
+        : "No job finished in the last hour.";
+
+      // Queue depth: a line through the minutes that were sampled (gaps where the server was not running).
+      const depth = history.map((h) => (typeof h.queued === "number" ? h.queued : null));
+      const dc = $("depth-chart");
+      const known = depth.filter((v) => v !== null);
+      const d = chartFrame(dc, n, niceMax(Math.max(0, ...known)));
+      let points = [];
+      const flush = () => {
+        if (points.length === 1) {
+          const [px, py] = points[0].split(",");
+          dc.append(svg("circle", { class: "dot", cx: px, cy: py, r: 3 }));
+        } else if (points.length > 1) {
+          dc.append(svg("polyline", { class: "line", points: points.join(" ") }));
+        }
+        points = [];
+      };
+      depth.forEach((v, i) => {
+        if (v === null) { flush(); return; }
+        points.push((d.x(i) + d.slot / 2).toFixed(1) + "," + d.y(v).toFixed(1));
+      });
+      flush();
+      dc.setAttribute("data-points", String(known.length));
+      tp.setAttribute("data-total", String(total));
+      const now = known.length ? known[known.length - 1] : null;
+      $("depth-summary").textContent = known.length
+        ? "Highest in the last hour: " + Math.max(...known) + " queued; this minute: " + now + "."
+        : "Not sampled yet.";
+    }
+
+    // -- the job list: filters, pages, live rows --
+    function listUrl() {
+      const query = new URLSearchParams();
+      if (filters.status) query.set("status", filters.status);
+      if (filters.task) query.set("task", filters.task);
+      if (owners && filters.owner) query.set("owner", filters.owner);
+      query.set("limit", String(RECENT));
+      return "/jobs?" + query.toString();
+    }
+
+    function onFirstPage() { return pages.length <= 1; }
+
+    function matches(job) {
+      return (!filters.status || job.status === filters.status) && (!filters.task || job.task === filters.task) &&
+        (!owners || !filters.owner || job.owner === filters.owner);
     }
 
     function jobCells(job, tr) {
@@ -344,17 +524,29 @@
       const bar = el("progress", { max: "100", "aria-label": "Progress of job " + job.id.slice(0, 10) });
       if (typeof fraction === "number") bar.value = Math.round(fraction * 100);
       else if (TERMINAL.has(job.status)) bar.value = 0;
-      tr.replaceChildren(
-        el("td", {}, [link]),
-        el("td", { text: job.task }),
-        el("td", {}, [badge]),
-        el("td", {}, [bar]),
-        el("td", {}, [el("time", { datetime: job.created_at, text: formatTime(job.created_at) })]),
+      const cells = [
+        el("td", { class: "c-job" }, [link]),
+        el("td", { class: "c-task", text: job.task }),
+      ];
+      if (owners) cells.push(el("td", { class: "c-owner", text: job.owner || "–" }));
+      cells.push(
+        el("td", { class: "c-status" }, [badge]),
+        el("td", { class: "c-progress" }, [bar]),
+        el("td", { class: "c-created" }, [el("time", { datetime: job.created_at, text: formatTime(job.created_at) })]),
       );
+      tr.replaceChildren(...cells);
       tr.dataset.jobId = job.id;
       tr.dataset.status = job.status;
     }
 
+    function showEmpty() {
+      const filtered = filters.status || filters.task || filters.owner;
+      const empty = $("recent").tBodies[0].rows.length === 0;
+      $("recent-empty").hidden = !empty;
+      $("recent-empty").textContent = filtered ? "No jobs match these filters." : "No jobs yet: submit one above.";
+    }
+
+    // A job from the socket or the form: updated where shown; added on the live first page if it matches.
     function upsert(job) {
       const known = rows.get(job.id);
       if (known) {
@@ -363,6 +555,7 @@
         jobCells(job, known.tr);
         return;
       }
+      if (!onFirstPage() || !matches(job)) return;
       const body = $("recent").tBodies[0];
       const tr = el("tr");
       jobCells(job, tr);
@@ -371,26 +564,73 @@
       const after = [...rows.values()].filter((r) => r.tr.isConnected && r.job.created_at < job.created_at)
         .sort((a, b) => (a.job.created_at < b.job.created_at ? 1 : -1))[0];
       if (after) body.insertBefore(tr, after.tr); else body.append(tr);
-      while (body.rows.length > RECENT) {
-        const last = body.rows[body.rows.length - 1];
-        rows.delete(last.dataset.jobId);
-        last.remove();
-      }
-      $("recent-empty").hidden = body.rows.length > 0;
+      if (body.rows.length > LIVE_MAX) loadRecent();
+      showEmpty();
     }
 
+    function renderPager() {
+      $("page-newest").disabled = onFirstPage();
+      $("page-newer").disabled = onFirstPage();
+      $("page-older").disabled = !nextUrl;
+      $("page-info").textContent = "Page " + pages.length + (onFirstPage() ? " (live)" : "");
+    }
+
+    // The page on screen, afresh (the first page's rows then keep updating from the socket).
     async function loadRecent() {
+      if (!pages.length) pages = [listUrl()];
+      const url = pages[pages.length - 1];
       try {
-        const response = await fetch("/jobs?limit=" + RECENT, { headers: JSON_HEADERS, cache: "no-store" });
-        if (!response.ok) return;
+        const response = await fetch(url, { headers: JSON_HEADERS, cache: "no-store" });
+        if (sessionEnded(response.status)) return;
+        if (!response.ok) {
+          $("page-info").textContent = "Could not list the jobs: " + await problemText(response);
+          return;
+        }
         const body = await response.json();
-        for (const job of body.jobs.slice().reverse()) upsert(job);
-        $("recent-empty").hidden = $("recent").tBodies[0].rows.length > 0;
+        if (url !== pages[pages.length - 1]) return; // another page was asked for meanwhile
+        const tbody = $("recent").tBodies[0];
+        rows.clear();
+        tbody.replaceChildren(...body.jobs.map((job) => {
+          const tr = el("tr");
+          jobCells(job, tr);
+          rows.set(job.id, { job, tr });
+          return tr;
+        }));
+        nextUrl = body.next || null;
+        renderPager();
+        showEmpty();
       } catch (err) { /* tried again on the next tick */ }
+    }
+
+    function readFilters() {
+      filters = { status: $("filter-status").value, task: $("filter-task").value,
+        owner: owners ? $("filter-owner").value.trim() : "" };
+      pages = [listUrl()];
+      nextUrl = null;
+      loadRecent();
+    }
+
+    $("filters").addEventListener("submit", (event) => { event.preventDefault(); readFilters(); });
+    $("filters").addEventListener("reset", (event) => {
+      event.preventDefault();
+      $("filter-status").value = "";
+      $("filter-task").value = "";
+      $("filter-owner").value = "";
+      readFilters();
+    });
+    $("filter-status").addEventListener("change", readFilters);
+    $("filter-task").addEventListener("change", readFilters);
+    $("page-older").addEventListener("click", () => { if (nextUrl) { pages.push(nextUrl); nextUrl = null; loadRecent(); } });
+    $("page-newer").addEventListener("click", () => { if (pages.length > 1) { pages.pop(); loadRecent(); } });
+    $("page-newest").addEventListener("click", () => { pages = [listUrl()]; loadRecent(); });
+    if (owners) {
+      $("filter-owner-field").hidden = false;
+      for (const th of document.querySelectorAll("#recent th.c-owner")) th.hidden = false;
     }
 
     function connect() {
       if (!("WebSocket" in window)) { startFallback(); return; }
+      // No ?access_token=: the page's origin is the socket's, so the sign-in cookie goes with it.
       const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws";
       socket = new WebSocket(url);
       socket.addEventListener("open", () => {
@@ -403,7 +643,7 @@
         if (message.type === "subscribed") {
           setLive("Live: jobs update as they change.");
           stopFallback();
-          loadRecent(); // anything that changed before the subscription took effect
+          if (onFirstPage()) loadRecent(); // anything that changed before the subscription took effect
           loadSummary();
         } else if (message.type === "job") {
           upsert(message.job);
@@ -420,7 +660,7 @@
     }
 
     function startFallback() {
-      if (!fallbackTimer) fallbackTimer = setInterval(() => { loadRecent(); loadSummary(); }, 3000);
+      if (!fallbackTimer) fallbackTimer = setInterval(() => { if (onFirstPage()) loadRecent(); loadSummary(); }, 3000);
     }
 
     function stopFallback() {
@@ -525,7 +765,7 @@
         const started = Date.now();
         let sent = 0;
         xhr.open("POST", url);
-        xhr.setRequestHeader("Accept", "application/json");
+        for (const [name, value] of Object.entries(writeHeaders())) xhr.setRequestHeader(name, value);
         xhr.upload.addEventListener("progress", (event) => {
           if (!event.lengthComputable || !event.total) { showUpload(null, "Uploading…"); return; }
           const fraction = event.loaded / event.total;
@@ -553,7 +793,7 @@
       let response;
       try {
         response = await fetch(url, { method: "POST", body: JSON.stringify(body),
-          headers: { ...JSON_HEADERS, "Content-Type": "application/json" } });
+          headers: writeHeaders({ "Content-Type": "application/json" }) });
       } catch (err) {
         throw new Error("the server did not answer.");
       }
@@ -569,6 +809,10 @@
       } catch (err) { tasks = []; }
       const select = $("task-select");
       select.replaceChildren(...tasks.map((t) => el("option", { value: t.name, text: t.name })));
+      const filter = $("filter-task");
+      filter.replaceChildren(el("option", { value: "", text: "Any" }),
+        ...tasks.map((t) => el("option", { value: t.name, text: t.name })));
+      filter.value = filters.task;
       if (tasks.some((t) => t.name === "sleep")) select.value = "sleep";
       describeTask();
     }
@@ -619,6 +863,7 @@
         } else {
           answer = await postJson("/jobs", body);
         }
+        if (sessionEnded(answer.status)) return;
         const job = answer.body;
         if ((answer.status === 202 || answer.status === 303 || (answer.status >= 200 && answer.status < 300)) &&
             job && typeof job.id === "string") {
@@ -640,7 +885,7 @@
     loadRecent();
     loadSummary();
     connect();
-    setInterval(loadSummary, 15000); // run times and counts drift even without events
+    setInterval(loadSummary, 10000); // run times, counts and charts move on even without events
   }
 
   document.addEventListener("DOMContentLoaded", () => {
