@@ -56,7 +56,7 @@ async def fail(message: str = "failed on purpose") -> None:
     "required": ["data", "rounds"],
     "additionalProperties": False,
 })
-def hash(ctx: Any, data: str, rounds: int) -> str:  # noqa: A001 - the task's wire name
+def hash(ctx: Any, data: str, rounds: int) -> str:
     """CPU-bound: iterated SHA-256, run in a worker thread; returns the hex digest."""
     digest = data.encode()
     report_every = max(1, rounds // 20)
@@ -104,7 +104,7 @@ def gzip(ctx: Any, file: InputFile, level: int = 6) -> FileResult:
     "required": ["size"],
     "additionalProperties": False,
 })
-def bytes(ctx: Any, size: int, seed: str = "") -> FileResult:  # noqa: A001 - the task's wire name
+def bytes(ctx: Any, size: int, seed: str = "") -> FileResult:
     """Returns a file of ``size`` bytes: block i is SHA-256 of ``f"{seed}:{i}"``, concatenated and cut."""
     out = ctx.output_path(f"bytes-{size}.bin")
     with open(out, "wb") as data:

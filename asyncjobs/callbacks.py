@@ -17,7 +17,7 @@ import hmac
 import logging
 import random
 import time
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import aiohttp

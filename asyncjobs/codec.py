@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+from datetime import UTC, datetime
 from decimal import Decimal
-from datetime import datetime, timezone
 from typing import Any
 
 import orjson
@@ -46,7 +46,7 @@ def isotime(ts: float | None) -> str | None:
 @functools.lru_cache(maxsize=4096)
 def _utc_second(seconds: int) -> str:
     """The date and time of a whole second; a job's times fall in few distinct seconds, so this is cached."""
-    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def canonical(obj: Any) -> bytes:

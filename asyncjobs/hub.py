@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from .models import Job
 
@@ -16,7 +16,7 @@ class Subscription:
     is set and the subscription stops buffering, so its owner can close it.
     """
 
-    def __init__(self, hub: "Hub", job_ids: Iterable[str], *, everything: bool, maxsize: int,
+    def __init__(self, hub: Hub, job_ids: Iterable[str], *, everything: bool, maxsize: int,
                  conflate: bool) -> None:
         self._hub = hub
         self.job_ids: set[str] = set(job_ids)
@@ -75,7 +75,7 @@ class Subscription:
         self._hub._remove(self, list(self.job_ids))
         self._hub._everything.discard(self)
 
-    def __enter__(self) -> "Subscription":
+    def __enter__(self) -> Subscription:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 MAX_PRINCIPALS = 100_000  # buckets kept; a full bucket is forgotten first, as it holds nothing
 

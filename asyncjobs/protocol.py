@@ -8,9 +8,10 @@ from __future__ import annotations
 import base64
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
 from email.utils import formatdate
+from typing import Any
 from urllib.parse import quote, urlencode
 
 from . import codec
@@ -312,7 +313,8 @@ def _seconds(value: str) -> float | None:
 
 
 def requested_wait(query: Mapping[str, str], prefer: str | None) -> float | None:
-    """Seconds a request asks to be held: ``?wait=N`` (a 400 if malformed) or ``Prefer: wait=N`` (ignored if malformed)."""
+    """Seconds a request asks to be held: ``?wait=N`` (a 400 if malformed) or ``Prefer: wait=N`` (ignored
+    if malformed)."""
     if "wait" in query:
         seconds = _seconds(query["wait"])
         if seconds is None:

@@ -9,8 +9,9 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from . import codec, protocol
 from .errors import BadRequest, Conflict, Gone, NotFound, ServiceUnavailable, TooManyRequests, UnprocessableContent
@@ -332,10 +333,10 @@ class JobQueue:
                 return JobView(job, max(job.started_at + mean, now))
         return JobView(job)
 
-    async def list(self, *, status: str | None = None, task: str | None = None, owner: str | None = None,
+    async def list_jobs(self, *, status: str | None = None, task: str | None = None, owner: str | None = None,
                    before_seq: int | None = None, limit: int = 50) -> tuple[list[Job], int | None]:
         """A page of jobs, newest first, and the cursor of the next page (None: this is the last)."""
-        jobs = await self.store.list(status=status, task=task, owner=owner, before_seq=before_seq, limit=limit + 1)
+        jobs = await self.store.list_jobs(status=status, task=task, owner=owner, before_seq=before_seq, limit=limit + 1)
         cursor = jobs[limit - 1].seq if len(jobs) > limit else None
         jobs = jobs[:limit]
         now = self.clock()

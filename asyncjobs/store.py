@@ -15,17 +15,17 @@ import contextlib
 import dataclasses
 import logging
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import aiosqlite
 
-from . import codec
+from . import codec, rules
 from .errors import StoreError
-from . import rules
 from .models import TERMINAL_STATUSES, Job, Status
 
 log = logging.getLogger("asyncjobs.store")
@@ -98,7 +98,8 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX jobs_dispatch;
     CREATE INDEX jobs_fair ON jobs (priority DESC, vt, seq) WHERE status = 'queued';
     CREATE INDEX jobs_owner_queued ON jobs (owner, vt) WHERE status = 'queued';
-    CREATE INDEX jobs_reuse ON jobs (owner, task, unique_key, seq) WHERE unique_key IS NOT NULL AND status = 'succeeded';
+    CREATE INDEX jobs_reuse ON jobs (owner, task, unique_key, seq)
+        WHERE unique_key IS NOT NULL AND status = 'succeeded';
     CREATE TABLE sessions (
         id         TEXT PRIMARY KEY,
         principal  TEXT NOT NULL,
@@ -253,7 +254,7 @@ class Store(Protocol):
     async def update(self, job: Job, *, expected_version: int, deliver: Payload | None = None) -> bool: ...
     async def delete(self, job_id: str) -> bool: ...
     async def lookup(self, job_id: str) -> Lookup: ...
-    async def list(self, *, status: str | None, task: str | None, owner: str | None,
+    async def list_jobs(self, *, status: str | None, task: str | None, owner: str | None,
                    before_seq: int | None, limit: int) -> list[Job]: ...
     async def claim(self, *, now: float, limit: int, tasks: dict[str, int | None]) -> list[Job]: ...
     async def recover(self, *, now: float, retention_s: float, payload: Payload) -> tuple[int, int]: ...
@@ -470,7 +471,7 @@ class SQLiteStore:
                  new.idempotency_key, new.request_hash, new.unique_key, new.callback_url, _encoded(new.files),
                  new.vt),
             )
-            return Inserted(dataclasses.replace(new, seq=cur.lastrowid))
+            return Inserted(dataclasses.replace(new, seq=cur.lastrowid or 0))
 
         return await self._write(op)
 
@@ -642,9 +643,10 @@ class SQLiteStore:
             return Lookup(gone=True, owner=rows[0][0])
         return Lookup()
 
-    async def list(self, *, status: str | None, task: str | None, owner: str | None,
+    async def list_jobs(self, *, status: str | None, task: str | None, owner: str | None,
                    before_seq: int | None, limit: int) -> list[Job]:
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         for column, value in (("status", status), ("task", task), ("owner", owner)):
             if value is not None:
                 where.append(f"{column} = ?")

@@ -7,9 +7,10 @@ import inspect
 import re
 import types
 import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 from .config import TaskOverride
 from .errors import ConfigError
@@ -278,9 +279,8 @@ _JSON_TYPES: dict[str, Callable[[Any], bool]] = {
 def validate(value: Any, schema: Mapping[str, Any], path: str = "") -> list[dict[str, str]]:
     """Errors as ``[{"field", "message"}]``; empty when ``value`` fits ``schema``."""
     here = path or "params"
-    if "anyOf" in schema:
-        if not any(not validate(value, s, path) for s in schema["anyOf"]):
-            return [{"field": here, "message": "does not match any allowed form"}]
+    if "anyOf" in schema and not any(not validate(value, s, path) for s in schema["anyOf"]):
+        return [{"field": here, "message": "does not match any allowed form"}]
     kind = schema.get("type")
     if kind is not None:
         kinds = [kind] if isinstance(kind, str) else list(kind)
@@ -352,7 +352,7 @@ class TaskRegistry:
         return spec
 
     @classmethod
-    def from_modules(cls, modules: list[str], overrides: Mapping[str, TaskOverride] | None = None) -> "TaskRegistry":
+    def from_modules(cls, modules: list[str], overrides: Mapping[str, TaskOverride] | None = None) -> TaskRegistry:
         registry = cls()
         for module_name in modules:
             try:

@@ -239,7 +239,7 @@ class Workers:
         done, _ = await asyncio.wait({handler}, timeout=spec.timeout)
         if not done:
             stop()
-            return self._failed(execution, spec, "timeout", f"the handler ran longer than its {spec.timeout:g}s timeout")
+            return self._timed_out(execution, spec)
         if execution.cancel_reason is not None:
             with contextlib.suppress(BaseException):
                 handler.result()  # consume it; a cancel requested wins over whatever the handler did
@@ -288,10 +288,13 @@ class Workers:
         if isinstance(error, asyncio.CancelledError) and task.cancelling():
             raise error  # cancelled from outside (the loop is closing): not the job's outcome
         if deadline.expired():
-            return self._failed(execution, spec, "timeout", f"the handler ran longer than its {spec.timeout:g}s timeout")
+            return self._timed_out(execution, spec)
         if error is not None:
             return self._raised(execution, spec, error)
         return await self._succeeded(execution, ctx, value)
+
+    def _timed_out(self, execution: Execution, spec: TaskSpec) -> Job:
+        return self._failed(execution, spec, "timeout", f"the handler ran longer than its {spec.timeout:g}s timeout")
 
     def _raised(self, execution: Execution, spec: TaskSpec, exc: BaseException) -> Job:
         """The next state after the handler raised ``exc``."""

@@ -120,7 +120,7 @@ async def list_jobs(client, query: str = "", headers: dict | None = None) -> lis
 
 async def stored_jobs(app) -> list:
     """Every job row in the store, whatever its owner or status."""
-    return await app.store.list(status=None, task=None, owner=None, before_seq=None, limit=100_000)
+    return await app.store.list_jobs(status=None, task=None, owner=None, before_seq=None, limit=100_000)
 
 
 async def cancel_all(client, ids, headers: dict | None = None) -> None:

@@ -114,12 +114,12 @@ async def test_sweep_reports_expired_queued_and_running(store):
 async def test_list_is_newest_first_with_a_stable_cursor(store):
     """Listing pages by descending sequence; new jobs do not shift later pages."""
     jobs = [(await store.insert(make_job())).job for _ in range(5)]
-    page1 = await store.list(status=None, task=None, owner=None, before_seq=None, limit=2)
+    page1 = await store.list_jobs(status=None, task=None, owner=None, before_seq=None, limit=2)
     assert [j.id for j in page1] == [jobs[4].id, jobs[3].id]
     await store.insert(make_job())
-    page2 = await store.list(status=None, task=None, owner=None, before_seq=page1[-1].seq, limit=2)
+    page2 = await store.list_jobs(status=None, task=None, owner=None, before_seq=page1[-1].seq, limit=2)
     assert [j.id for j in page2] == [jobs[2].id, jobs[1].id]
-    filtered = await store.list(status="queued", task="nope", owner=None, before_seq=None, limit=10)
+    filtered = await store.list_jobs(status="queued", task="nope", owner=None, before_seq=None, limit=10)
     assert filtered == []
 
 

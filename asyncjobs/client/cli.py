@@ -699,7 +699,7 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     except (ClientError, UsageError) as exc:
         console.note(error_line(exc, settings.url))
         return exit_status(exc)
-    except Exception as exc:  # noqa: BLE001 - a bug of ours: still one line, never a traceback
+    except Exception as exc:
         console.note(error_line(exc, settings.url))
         return EXIT_JOB
 

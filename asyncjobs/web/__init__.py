@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 from aiohttp import web
 
-from ..queue import JobQueue
-from . import jobs, ops, pages, push, session, uploads
 from ..limits import SubmitRates
-from .common import (QUEUE_KEY, RATES_KEY, SETTINGS_KEY, WAITERS_KEY, Waiters, WebSettings, auth_middleware,
-                     expect_handler, make_expect_handler, problems_middleware)
+from ..queue import JobQueue
+from ..tasks import TaskSpec
+from . import jobs, ops, pages, push, session, uploads
+from .common import (
+    QUEUE_KEY,
+    RATES_KEY,
+    SETTINGS_KEY,
+    WAITERS_KEY,
+    Waiters,
+    WebSettings,
+    auth_middleware,
+    expect_handler,
+    make_expect_handler,
+    problems_middleware,
+)
 from .runner import ProblemRunner
 
 __all__ = ["ProblemRunner", "WebSettings", "make_web_app"]
+
+
+def _body_limit(request: web.Request, *, spec: TaskSpec | None) -> int | None:
+    return uploads.body_limit(request, spec)
 
 
 def make_web_app(queue: JobQueue, settings: WebSettings) -> web.Application:
@@ -45,7 +61,7 @@ def make_web_app(queue: JobQueue, settings: WebSettings) -> web.Application:
         expect = expect_handler
         if (method, path) in limits:  # routes that take bodies refuse one over their limit before it is sent
             spec = limits[(method, path)]
-            expect = make_expect_handler(lambda request, spec=spec: uploads.body_limit(request, spec))
+            expect = make_expect_handler(functools.partial(_body_limit, spec=spec))
         app.router.add_route(method, path, handler, expect_handler=expect)
         if method == "GET":
             app.router.add_route("HEAD", path, handler, expect_handler=expect)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -56,7 +57,7 @@ QUEUE_KEY = web.AppKey("asyncjobs_queue", JobQueue)
 SETTINGS_KEY = web.AppKey("asyncjobs_settings", WebSettings)
 WAITERS_KEY = web.AppKey("asyncjobs_waiters", Waiters)
 METRICS_KEY = web.AppKey("asyncjobs_metrics", Metrics)
-RATES_KEY = web.AppKey("asyncjobs_rates", SubmitRates | None)  # None: no submit rate limit
+RATES_KEY: web.AppKey[SubmitRates | None] = web.AppKey("asyncjobs_rates")  # None: no submit rate limit
 
 
 # -- responses -----------------------------------------------------------------

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from .. import callbacks, codec, protocol
-from . import downloads, pages, uploads
 from ..errors import BadRequest, TooManyRequests
 from ..files import Upload
 from ..limits import SubmitRates
 from ..models import Job
 from ..queue import JobQueue
 from ..tasks import TaskSpec
-from .common import (QUEUE_KEY, RATES_KEY, SETTINGS_KEY, WAITERS_KEY, job_id_of, json_response, principal_of, problem_body,
-                     problem_response, read_json, visible_owner)
+from . import downloads, pages, uploads
+from .common import (
+    QUEUE_KEY,
+    RATES_KEY,
+    SETTINGS_KEY,
+    WAITERS_KEY,
+    job_id_of,
+    json_response,
+    principal_of,
+    problem_body,
+    problem_response,
+    read_json,
+    visible_owner,
+)
 
 
 async def _accepted(queue: JobQueue, job: Job, extra: dict[str, str] | None = None, *,
@@ -238,7 +249,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     jobs: list[Job] = []
     cursor = None
     if owner is None or query.owner in (None, owner):  # another principal's jobs do not exist for this caller
-        jobs, cursor = await queue.list(status=query.status, task=query.task, before_seq=query.before,
+        jobs, cursor = await queue.list_jobs(status=query.status, task=query.task, before_seq=query.before,
                                         limit=query.limit, owner=owner if owner is not None else query.owner)
     next_url = protocol.next_page_url(status=query.status, task=query.task, limit=query.limit, cursor=cursor,
                                       owner=query.owner)
@@ -251,7 +262,7 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 async def list_tasks(request: web.Request) -> web.Response:
     registry = request.app[QUEUE_KEY].registry
-    return json_response({"tasks": [registry.get(name).describe() for name in registry.names()]})
+    return json_response({"tasks": [spec.describe() for spec in sorted(registry, key=lambda s: s.name)]})
 
 
 async def healthz(request: web.Request) -> web.Response:

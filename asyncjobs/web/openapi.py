@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from ..models import Status
 from ..protocol import MAX_LIST_LIMIT
@@ -13,6 +14,7 @@ JSON = "application/json"
 PROBLEM = "application/problem+json"
 MULTIPART = "multipart/form-data"
 _BINARY = {"type": "string", "format": "binary"}
+_JOB_OR_PAGE = {JSON: {"schema": {"$ref": "#/components/schemas/Job"}}, "text/html": {"schema": {"type": "string"}}}
 
 _NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
 _LINK = {"type": "object", "required": ["href", "method"],
@@ -132,7 +134,7 @@ _HEADERS = {
     "Link": {"schema": {"type": "string"}},
 }
 
-_PARAMS = {
+_PARAMS: dict[str, dict[str, Any]] = {
     "job_id": {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}},
     "wait": {"name": "wait", "in": "query", "schema": {"type": "number", "minimum": 0},
              "description": "Long poll: hold up to N seconds (clamped to the server's max_wait)."},
@@ -288,9 +290,9 @@ def _paths(specs: list[TaskSpec]) -> dict[str, Any]:
                     "responses": {
                         "200": {**_job("Queued or running (with Retry-After), failed or canceled, or succeeded "
                                        "with redirect=false", "Retry-After", "ETag", "Preference-Applied"),
-                                "content": {JSON: {"schema": _ref("Job")}, "text/html": {"schema": {"type": "string"}}}},
+                                "content": _JOB_OR_PAGE},
                         "202": {**_job("Monitor style flow: queued or running", "Location", "Retry-After", "ETag"),
-                                "content": {JSON: {"schema": _ref("Job")}, "text/html": {"schema": {"type": "string"}}}},
+                                "content": _JOB_OR_PAGE},
                         "303": _job("Succeeded: the result is at Location", "Location", "ETag"),
                         "304": {"description": "If-None-Match matched: no change (after the wait, if any)",
                                 "headers": {"ETag": _HEADERS["ETag"]}},

@@ -14,7 +14,7 @@ import html
 import re
 import statistics
 import time
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,16 @@ from aiohttp import web
 
 from .. import codec, protocol
 from ..errors import Gone, NotFound
-from .common import (METRICS_KEY, QUEUE_KEY, SETTINGS_KEY, is_admin, json_response, principal_of, session_of,
-                     visible_owner)
+from .common import (
+    METRICS_KEY,
+    QUEUE_KEY,
+    SETTINGS_KEY,
+    is_admin,
+    json_response,
+    principal_of,
+    session_of,
+    visible_owner,
+)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
@@ -99,7 +107,7 @@ def wants_html(request: web.Request) -> bool:
 
 # -- rendering --------------------------------------------------------------------
 
-@lru_cache(maxsize=None)
+@cache
 def _template(name: str) -> str:
     return (STATIC_DIR / name).read_text(encoding="utf-8")
 
@@ -239,7 +247,7 @@ async def summary(request: web.Request) -> dict[str, Any]:
     """What the dashboard shows besides the job list: counts by status and run-time figures."""
     queue = request.app[QUEUE_KEY]
     principal = visible_owner(request)
-    recent, _ = await queue.list(owner=principal, limit=RECENT_FOR_RUN_TIMES)
+    recent, _ = await queue.list_jobs(owner=principal, limit=RECENT_FOR_RUN_TIMES)
     if principal is None:
         counts = await queue.store.counts()
     else:  # the store's counts are everyone's: with auth on, count the caller's recent jobs only

@@ -19,7 +19,7 @@ from .common import QUEUE_KEY, SETTINGS_KEY, WAITERS_KEY, job_id_of, visible_own
 
 log = logging.getLogger("asyncjobs.web")
 
-SOCKETS_KEY = web.AppKey("asyncjobs_sockets", weakref.WeakSet)
+SOCKETS_KEY: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("asyncjobs_sockets")
 CLOSING_KEY = web.AppKey("asyncjobs_closing", set)
 MAX_FRAME_BYTES = 1 << 20
 
@@ -153,7 +153,7 @@ async def _send_changes(queue: JobQueue, sock: _Socket) -> None:
         pass
 
 
-async def _close_slow(ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None) -> None:
+async def _close_slow(ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
     """Send a 1008 close, then cut the connection: a peer this far behind cannot be waited for."""
     log.info("closing a WebSocket that fell too far behind")
     try:
@@ -230,6 +230,7 @@ async def _unsubscribe(sock: _Socket, command: protocol.WsCommand) -> None:
 
 async def close_sockets(app: web.Application) -> None:
     """At shutdown: tell every socket the server is going away."""
-    for ws in list(app[SOCKETS_KEY]):
+    sockets: weakref.WeakSet[web.WebSocketResponse] = app[SOCKETS_KEY]
+    for ws in list(sockets):
         with contextlib.suppress(Exception):
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")

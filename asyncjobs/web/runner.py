@@ -30,7 +30,7 @@ class _ProblemRequestHandler(RequestHandler):
                 raise ConnectionError("the answer had started; the connection is closed")
         detail = "the request could not be parsed as HTTP" if status == 400 else "the server failed to answer"
         if status == 400 and exc is not None and getattr(exc, "message", None):
-            detail = f"malformed request: {exc.message}"
+            detail = f"malformed request: {exc.message}"  # type: ignore[attr-defined]
         if isinstance(exc, LineTooLong):
             status, detail = 431, f"a request line or header is too long: {exc.message}"
         problem = problem_response(problem_body(status, detail))

@@ -37,6 +37,7 @@ import logging
 import secrets
 import string
 import time
+from typing import TypedDict
 from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web
@@ -45,8 +46,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..errors import ProblemError, UnsupportedMediaType
 from . import pages
-from .common import (BEARER_CHALLENGE, QUEUE_KEY, SESSIONS_KEY, SETTINGS_KEY, Session, WebSettings,
-                     find_principal)
+from .common import BEARER_CHALLENGE, QUEUE_KEY, SESSIONS_KEY, SETTINGS_KEY, Session, WebSettings, find_principal
 
 log = logging.getLogger("asyncjobs.web")
 
@@ -107,7 +107,15 @@ def is_https(secure: bool, headers: CIMultiDictProxy[str] | CIMultiDict[str]) ->
     return False
 
 
-def cookie_attributes(*, max_age_s: float, secure: bool) -> dict[str, object]:
+class CookieAttributes(TypedDict):
+    max_age: int
+    path: str
+    httponly: bool
+    samesite: str
+    secure: bool
+
+
+def cookie_attributes(*, max_age_s: float, secure: bool) -> CookieAttributes:
     """The session cookie's attributes (``Set-Cookie``), as ``set_cookie`` takes them."""
     return {"max_age": max(1, int(-(-max_age_s // 1))), "path": "/", "httponly": True, "samesite": "Strict",
             "secure": secure}
@@ -182,11 +190,11 @@ class Sessions:
         encoded, _, _ = value.partition(".")
         principal = _unb64(encoded)
         signer = None if principal is None else self._signers.get(principal)
-        if signer is None:  # no such principal, or its token is gone from the config
+        if principal is None or signer is None:  # no such principal, or its token is gone from the config
             return None
         try:  # the age is checked here, not by itsdangerous, which refuses a timestamp 1 s ahead of this clock
-            payload, signed_at = signer.unsign(value, return_timestamp=True)
-            payload = payload.decode()
+            signed, signed_at = signer.unsign(value, return_timestamp=True)
+            payload = signed.decode()
         except (BadSignature, UnicodeError):
             return None
         age_s = time.time() - signed_at.timestamp()

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, AsyncIterator, Awaitable, Mapping, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 from aiohttp import BodyPartReader, MultipartReader, web
