@@ -1,11 +1,11 @@
-"""Tasks for the benchmarks: their results carry the moment the handler finished."""
+"""Tasks for the benchmarks: `stamp` (its result is the moment the handler finished) and `blob` (an upload target)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
-from asyncjobs import task
+from asyncjobs import InputFile, task
 
 
 @task()
@@ -14,3 +14,10 @@ async def stamp(delay: float = 0.0) -> float:
     if delay:
         await asyncio.sleep(delay)
     return time.time()
+
+
+@task(route="PUT /blobs/{name}")
+async def blob(name: str, file: InputFile) -> dict:
+    """Takes one file (raw body on its route, or multipart on `POST /jobs`) and returns its size:
+    the upload benchmark's task (bench/files.py), which does nothing with the bytes."""
+    return {"name": name, "size": file.size}
