@@ -156,7 +156,8 @@ _PARAMS: dict[str, dict[str, Any]] = {
 
 _PROBLEM_TEXT = {
     400: "Malformed request, or invalid params (with `errors`)",
-    401: "Auth is on and the bearer token is missing or wrong",
+    401: "Auth is on and the bearer token (or sign-in session) is missing or wrong",
+    403: "Made with the sign-in cookie without the page's CSRF token, or from another origin",
     404: "No such job, deleted, or not visible to this caller",
     405: "Method not allowed",
     408: "An upload stalled past files.read_timeout; nothing was kept",
@@ -205,8 +206,11 @@ def _submit_answers() -> dict[str, Any]:
                     "Location", "Content-Location", "ETag", "Preference-Applied"),
         "202": _job("Accepted: committed to the store; watch it at Location",
                     "Location", "Content-Location", "Retry-After", "ETag"),
-        "303": _job("The task is unique and a live job with equal params exists (at Location)", "Location", "ETag"),
-        **_common_problems(408, 413, 415, 422, 507),
+        "303": _job("An equal job answers this submit (unique, or reuse within N seconds): it is at Location",
+                    "Location", "ETag"),
+        **_common_problems(403, 408, 413, 415, 422, 507),
+        "429": _problem(429, "Over the caller's queued-job quota or submit rate (Retry-After; RateLimit fields)",
+                        "Retry-After"),
         "503": _problem(503, None, "Retry-After"),
     }
 
