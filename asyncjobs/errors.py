@@ -1,4 +1,4 @@
-"""Domain errors; each knows the problem-details answer (RFC 9457) it becomes."""
+"""Domain errors: what went wrong, in the service's words; ``web/problems.py`` maps each to HTTP."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ class AsyncJobsError(Exception):
     """Base of every error asyncjobs raises on purpose."""
 
 
-class ProblemError(AsyncJobsError):
-    """An error that becomes an ``application/problem+json`` answer."""
-
-    status = 500
-    title = "Internal Server Error"
+class RequestError(AsyncJobsError):
+    """A request the service will not carry out, and why. It carries no HTTP status: the web layer
+    maps each kind to its answer in one table (``web/problems.py``)."""
 
     def __init__(
         self,
@@ -21,77 +19,67 @@ class ProblemError(AsyncJobsError):
         *,
         errors: list[dict[str, str]] | None = None,
         job_status: str | None = None,
-        headers: dict[str, str] | None = None,
+        retry_after_s: int | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(detail)
         self.detail = detail
-        self.errors = errors
-        self.job_status = job_status
-        self.headers = headers or {}
+        self.errors = errors  # per field: [{"field", "message"}]
+        self.job_status = job_status  # where the request was about a job that exists
+        self.retry_after_s = retry_after_s  # when trying again may succeed
         self.extra = extra or {}
 
-    def problem(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "type": "about:blank",
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-        }
-        if self.errors is not None:
-            body["errors"] = self.errors
-        if self.job_status is not None:
-            body["job_status"] = self.job_status
-        body.update(self.extra)
-        return body
+
+class InvalidRequest(RequestError):
+    """Malformed, or not what the task takes (``errors`` name the fields)."""
 
 
-class BadRequest(ProblemError):
-    status, title = 400, "Bad Request"
+class Unauthorized(RequestError):
+    """No valid credentials."""
 
 
-class Unauthorized(ProblemError):
-    status, title = 401, "Unauthorized"
+class Forbidden(RequestError):
+    """Valid credentials, but this request may not be made with them (a missing CSRF token, another origin)."""
 
 
-class NotFound(ProblemError):
-    status, title = 404, "Not Found"
+class JobNotFound(RequestError):
+    """No such job, or not visible to this caller."""
 
 
-class Conflict(ProblemError):
-    status, title = 409, "Conflict"
+class JobGone(RequestError):
+    """The job existed but has expired."""
 
 
-class Gone(ProblemError):
-    status, title = 410, "Gone"
+class StateConflict(RequestError):
+    """The job's state does not allow this (canceling a finished job, the result of a failed one)."""
 
 
-class RequestTimeout(ProblemError):
-    status, title = 408, "Request Timeout"
+class UploadStalled(RequestError):
+    """An upload stopped arriving."""
 
 
-class PayloadTooLarge(ProblemError):
-    status, title = 413, "Content Too Large"
+class TooLarge(RequestError):
+    """A body or a file over its limit."""
 
 
-class UnsupportedMediaType(ProblemError):
-    status, title = 415, "Unsupported Media Type"
+class UnsupportedType(RequestError):
+    """A body or file of a type this route or task does not take."""
 
 
-class UnprocessableContent(ProblemError):
-    status, title = 422, "Unprocessable Content"
+class KeyReused(RequestError):
+    """An idempotency key used before with a different request."""
 
 
-class TooManyRequests(ProblemError):
-    status, title = 429, "Too Many Requests"
+class QuotaExceeded(RequestError):
+    """The caller has as many queued jobs, or made as many submits, as it may."""
 
 
-class InsufficientStorage(ProblemError):
-    status, title = 507, "Insufficient Storage"
+class StorageFull(RequestError):
+    """The files would not fit (the configured limit, or the disk)."""
 
 
-class ServiceUnavailable(ProblemError):
-    status, title = 503, "Service Unavailable"
+class Unavailable(RequestError):
+    """Not now: the queue is full, the server is stopping, the store cannot be written."""
 
 
 class ConfigError(AsyncJobsError):

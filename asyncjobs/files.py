@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InsufficientStorage, PayloadTooLarge, ServiceUnavailable, StoreError
+from .errors import StorageFull, StoreError, TooLarge, Unavailable
 
 log = logging.getLogger("asyncjobs.files")
 
@@ -66,9 +66,9 @@ def sanitize_name(name: str | None) -> str:
 def _io_error(exc: OSError, what: str) -> Exception:
     """A full disk is the client's 507; any other failure to write is the server's 503."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return InsufficientStorage(f"the disk filled up while {what}; nothing was kept")
-    return ServiceUnavailable(f"the file store cannot be written ({exc.strerror or exc}); try again later",
-                              headers={"Retry-After": "5"})
+        return StorageFull(f"the disk filled up while {what}; nothing was kept")
+    return Unavailable(f"the file store cannot be written ({exc.strerror or exc}); try again later",
+                              retry_after_s=5)
 
 
 class Upload:
@@ -92,7 +92,7 @@ class Upload:
         """Take the next bytes; 413 past ``max_upload_bytes``, 507 past ``max_total_bytes``."""
         self.size += len(chunk)
         if self.size > self.files.max_upload_bytes:
-            raise PayloadTooLarge(f"{self.param}: the file is larger than the limit of"
+            raise TooLarge(f"{self.param}: the file is larger than the limit of"
                                   f" {self.files.max_upload_bytes} bytes")
         self.files.reserve(self, len(chunk))
         self._chunks.append(chunk)
@@ -218,7 +218,7 @@ class FileStore:
 
     def reserve(self, upload: Upload, size: int) -> None:
         if self.max_total_bytes and self.bytes + sum(self._reserved.values()) + size > self.max_total_bytes:
-            raise InsufficientStorage(f"{upload.param}: the files would exceed the store's limit of"
+            raise StorageFull(f"{upload.param}: the files would exceed the store's limit of"
                                       f" {self.max_total_bytes} bytes; nothing was kept")
         self._reserved[id(upload)] = self._reserved.get(id(upload), 0) + size
 
@@ -262,7 +262,7 @@ class FileStore:
         handler's work file and may be moved; otherwise it is copied. Raises 507 when it cannot fit."""
         size = len(source) if isinstance(source, bytes) else source.stat().st_size
         if self.max_total_bytes and self.bytes + sum(self._reserved.values()) + size > self.max_total_bytes:
-            raise InsufficientStorage(f"the result ({size} bytes) would exceed the store's limit of"
+            raise StorageFull(f"the result ({size} bytes) would exceed the store's limit of"
                                       f" {self.max_total_bytes} bytes")
         tmp = self.root / "tmp" / f"{secrets.token_hex(12)}.result"
         try:

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from . import codec
-from .errors import BadRequest
+from .errors import InvalidRequest
 from .models import Job, Status
 
 JOBS_PATH = "/jobs"
@@ -193,7 +193,7 @@ class Submit:
 def parse_submit(body: Any) -> Submit:
     """Check a submit body's shape (the task and params are checked against the registry later)."""
     if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object", errors=[{"field": "", "message": "expected object"}])
+        raise InvalidRequest("the body must be a JSON object", errors=[{"field": "", "message": "expected object"}])
     errors = []
     unknown = sorted(set(body) - {"task", "params", "priority", "delay", "callback_url"})
     for name in unknown:
@@ -213,7 +213,7 @@ def parse_submit(body: Any) -> Submit:
     if callback_url is not None and (not isinstance(callback_url, str) or len(callback_url) > 2000):
         errors.append({"field": "callback_url", "message": "expected a URL"})
     if errors:
-        raise BadRequest("invalid submit: " + "; ".join(f"{e['field']} {e['message']}" for e in errors),
+        raise InvalidRequest("invalid submit: " + "; ".join(f"{e['field']} {e['message']}" for e in errors),
                          errors=errors)
     return Submit(body.get("task"), params, priority, float(delay), callback_url)
 
@@ -226,7 +226,7 @@ def parse_idempotency_key(value: str | None) -> str | None:
         return None
     key = value.strip()
     if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or not key.isprintable():
-        raise BadRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters",
+        raise InvalidRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters",
                          errors=[{"field": "Idempotency-Key", "message": "malformed"}])
     return key
 
@@ -246,7 +246,7 @@ class ListQuery:
 
 
 def parse_list_query(query: Mapping[str, str]) -> ListQuery:
-    """``GET /jobs``'s filters, limit and cursor; BadRequest if off."""
+    """``GET /jobs``'s filters, limit and cursor; InvalidRequest if off."""
     errors = []
     status = query.get("status")
     if status is not None and status not in {s.value for s in Status}:
@@ -269,7 +269,7 @@ def parse_list_query(query: Mapping[str, str]) -> ListQuery:
         except ValueError:
             errors.append({"field": "cursor", "message": "not a cursor this server gave out"})
     if errors:
-        raise BadRequest("invalid list query", errors=errors)
+        raise InvalidRequest("invalid list query", errors=errors)
     return ListQuery(status, task, limit, before, query.get("owner"))
 
 
@@ -318,7 +318,7 @@ def requested_wait(query: Mapping[str, str], prefer: str | None) -> float | None
     if "wait" in query:
         seconds = _seconds(query["wait"])
         if seconds is None:
-            raise BadRequest("wait must be a number of seconds, 0 or more",
+            raise InvalidRequest("wait must be a number of seconds, 0 or more",
                              errors=[{"field": "wait", "message": "expected a non-negative number"}])
         return seconds
     value = parse_prefer(prefer).get("wait")
@@ -391,24 +391,24 @@ class WsCommand:
 
 
 def parse_ws_frame(data: Any) -> WsCommand:
-    """A client frame (already JSON-decoded) as a command; ``BadRequest`` saying what is wrong."""
+    """A client frame (already JSON-decoded) as a command; ``InvalidRequest`` saying what is wrong."""
     if not isinstance(data, dict):
-        raise BadRequest("a frame must be a JSON object")
+        raise InvalidRequest("a frame must be a JSON object")
     op = data.get("op")
     if op not in ("subscribe", "unsubscribe"):
-        raise BadRequest("op must be 'subscribe' or 'unsubscribe'")
+        raise InvalidRequest("op must be 'subscribe' or 'unsubscribe'")
     jobs = data.get("jobs")
     if jobs == "*":
         ids = None
     elif isinstance(jobs, list) and all(isinstance(j, str) and 0 < len(j) <= 200 for j in jobs):
         ids = list(dict.fromkeys(jobs))
         if len(ids) > MAX_IDS_PER_SOCKET:
-            raise BadRequest(f"at most {MAX_IDS_PER_SOCKET} ids per frame")
+            raise InvalidRequest(f"at most {MAX_IDS_PER_SOCKET} ids per frame")
     else:
-        raise BadRequest('jobs must be a list of job ids or "*"')
+        raise InvalidRequest('jobs must be a list of job ids or "*"')
     progress = data.get("progress", False)
     if not isinstance(progress, bool):
-        raise BadRequest("progress must be true or false")
+        raise InvalidRequest("progress must be true or false")
     return WsCommand(op=op, jobs=ids, progress=progress)
 
 

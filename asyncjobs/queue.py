@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import codec, protocol
-from .errors import BadRequest, Conflict, Gone, NotFound, ServiceUnavailable, TooManyRequests, UnprocessableContent
+from .errors import InvalidRequest, JobGone, JobNotFound, KeyReused, QuotaExceeded, StateConflict, Unavailable
 from .files import FileStore, Upload
 from .hub import Hub
 from .models import CancelReason, Job, JobIds, Status, cancel, is_expired, with_progress
@@ -136,25 +136,25 @@ class JobQueue:
 
     # -- submit ------------------------------------------------------------
     def check_params(self, task_name: Any, params: Any) -> None:
-        """Raise ``BadRequest`` (with ``errors``) unless task and params are acceptable."""
+        """Raise ``InvalidRequest`` (with ``errors``) unless task and params are acceptable."""
         if not isinstance(task_name, str) or not task_name:
-            raise BadRequest("'task' must be a non-empty string naming a registered task",
+            raise InvalidRequest("'task' must be a non-empty string naming a registered task",
                              errors=[{"field": "task", "message": "is required"}])
         spec = self.registry.get(task_name)
         if spec is None:
-            raise BadRequest(f"unknown task {task_name!r}; GET /tasks lists the registered ones",
+            raise InvalidRequest(f"unknown task {task_name!r}; GET /tasks lists the registered ones",
                              errors=[{"field": "task", "message": f"unknown task {task_name!r}"}])
         if not isinstance(params, dict):
-            raise BadRequest("'params' must be a JSON object",
+            raise InvalidRequest("'params' must be a JSON object",
                              errors=[{"field": "params", "message": "expected object"}])
         errors = validate(params, spec.schema)
         if errors:
-            raise BadRequest(f"invalid params for task {task_name!r}",
+            raise InvalidRequest(f"invalid params for task {task_name!r}",
                              errors=[{**e, "field": f"params.{e['field']}" if e["field"] != "params" else "params"}
                                      for e in errors])
 
     def check_files(self, task_name: str, names: list[str]) -> None:
-        """Raise ``BadRequest`` naming the field unless ``names`` are the task's file params, each once,
+        """Raise ``InvalidRequest`` naming the field unless ``names`` are the task's file params, each once,
         with every required one present."""
         spec = self.registry.get(task_name)
         assert spec is not None
@@ -166,7 +166,7 @@ class JobQueue:
         errors += [{"field": f.name, "message": "is a required file"}
                    for f in spec.files if f.required and f.name not in names]
         if errors:
-            raise BadRequest("; ".join(f"{e['field']} {e['message']}" for e in errors), errors=errors)
+            raise InvalidRequest("; ".join(f"{e['field']} {e['message']}" for e in errors), errors=errors)
 
     async def submit(self, task_name: Any, params: Any, *, priority: int = 0, delay_s: float = 0.0,
                      owner: str = "", idempotency_key: str | None = None, request_hash: str | None = None,
@@ -184,7 +184,7 @@ class JobQueue:
         self.check_params(task_name, params)
         self.check_files(task_name, [u.param for u in uploads or ()])
         if not self.accepting:
-            raise ServiceUnavailable("the server is shutting down", headers={"Retry-After": "5"})
+            raise Unavailable("the server is shutting down", retry_after_s=5)
         spec = self.registry.get(task_name)
         assert spec is not None
         now = self.clock()
@@ -217,14 +217,14 @@ class JobQueue:
             if uploads:
                 await self.files.remove_job(job.id)
             if inserted.duplicate == "refused":
-                raise ServiceUnavailable(f"the queue holds its maximum of {self.max_queued} jobs",
-                                         headers={"Retry-After": "5"})
+                raise Unavailable(f"the queue holds its maximum of {self.max_queued} jobs",
+                                         retry_after_s=5)
             if inserted.duplicate == "quota":
-                raise TooManyRequests(
+                raise QuotaExceeded(
                     f"you have {self.max_queued_per_owner} queued jobs, the most one caller may have; wait for"
-                    " one to start", headers={"Retry-After": str(await self._owner_start_s(owner))})
+                    " one to start", retry_after_s=await self._owner_start_s(owner))
             if inserted.duplicate == "idempotency" and inserted.job.request_hash != request_hash:
-                raise UnprocessableContent(
+                raise KeyReused(
                     "this Idempotency-Key was used before with a different request; use a new key")
             return inserted
         self.hub.publish(inserted.job)
@@ -244,21 +244,21 @@ class JobQueue:
 
     # -- read --------------------------------------------------------------
     async def find(self, job_id: str, *, owner: str | None = None) -> Job:
-        """The job as it is now; ``NotFound`` or ``Gone`` otherwise."""
+        """The job as it is now; ``JobNotFound`` or ``JobGone`` otherwise."""
         execution = self.running.get(job_id)
         if execution is not None and (owner is None or execution.job.owner == owner):
             job = execution.job
         else:
             found = await self.store.lookup(job_id)
             if owner is not None and found.owner is not None and found.owner != owner:
-                raise NotFound(f"no job {job_id}")
+                raise JobNotFound(f"no job {job_id}")
             if found.gone:
-                raise Gone(f"job {job_id} has expired")
+                raise JobGone(f"job {job_id} has expired")
             if found.job is None:
-                raise NotFound(f"no job {job_id}")
+                raise JobNotFound(f"no job {job_id}")
             job = found.job
         if is_expired(job, self.clock()):
-            raise Gone(f"job {job_id} has expired", job_status=job.status.value)
+            raise JobGone(f"job {job_id} has expired", job_status=job.status.value)
         return job
 
     async def wait(self, job_id: str, *, timeout_s: float, until: Callable[[Job], bool],
@@ -280,7 +280,7 @@ class JobQueue:
                     break
                 job = newer
         if is_expired(job, self.clock()):
-            raise Gone(f"job {job_id} has expired", job_status=job.status.value)
+            raise JobGone(f"job {job_id} has expired", job_status=job.status.value)
         return job
 
     @property
@@ -351,7 +351,7 @@ class JobQueue:
             if job.status is Status.CANCELED:
                 return job, True
             if job.terminal:
-                raise Conflict(f"job {job_id} has already {job.status.value}", job_status=job.status.value)
+                raise StateConflict(f"job {job_id} has already {job.status.value}", job_status=job.status.value)
             execution = self.running.get(job_id)
             if execution is not None:
                 return await self._stop_running(execution, CancelReason.REQUEST)
@@ -369,7 +369,7 @@ class JobQueue:
                 log.info("job %s canceled while queued", job_id)
                 return new, True
             await asyncio.sleep(0)  # claimed or changed meanwhile: look again
-        raise ServiceUnavailable(f"job {job_id} kept changing; try again", headers={"Retry-After": "1"})
+        raise Unavailable(f"job {job_id} kept changing; try again", retry_after_s=1)
 
     async def _stop_running(self, execution: Execution, reason: CancelReason) -> tuple[Job, bool]:
         execution.request_cancel(reason)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import codec
-from .errors import Canceled, ProblemError, StoreError
+from .errors import Canceled, RequestError, StoreError
 from .files import sanitize_name
 from .models import CancelReason, Job, Status, cancel, fail, requeue, succeed
 from .queue import Execution, JobQueue
@@ -358,7 +358,7 @@ class Workers:
         try:
             stored = await asyncio.get_running_loop().run_in_executor(None, lambda: self.queue.files.store_result(
                 job.id, source, owned=owned, content_type=content_type, name=name or "result"))
-        except ProblemError as exc:
+        except RequestError as exc:
             return fail(job, self.queue.clock(), error_type="storage", retention_s=self.queue.retention_s,
                         message=f"the result could not be stored: {exc.detail}")
         return succeed(job, self.queue.clock(), result=None, result_type=None, retention_s=self.queue.retention_s,

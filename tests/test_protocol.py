@@ -3,7 +3,7 @@
 import pytest
 
 from asyncjobs import codec, protocol
-from asyncjobs.errors import BadRequest
+from asyncjobs.errors import InvalidRequest
 from asyncjobs.models import Job, Status
 
 
@@ -105,7 +105,7 @@ def test_job_body_bytes_result_is_described():
 ])
 def test_parse_submit_rejects(body, field):
     """A submit body of the wrong shape is a 400 naming the field."""
-    with pytest.raises(BadRequest) as info:
+    with pytest.raises(InvalidRequest) as info:
         protocol.parse_submit(body)
     assert any(e["field"] == field for e in info.value.errors)
 
@@ -122,7 +122,7 @@ def test_parse_submit_defaults():
 ])
 def test_list_query_rejects(query, field):
     """Bad list filters are a 400 naming the field."""
-    with pytest.raises(BadRequest) as info:
+    with pytest.raises(InvalidRequest) as info:
         protocol.parse_list_query(query)
     assert info.value.errors[0]["field"] == field
 

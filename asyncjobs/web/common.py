@@ -7,7 +7,6 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -15,10 +14,12 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from .. import codec, protocol
-from ..errors import BadRequest, PayloadTooLarge, ProblemError, StoreError, Unauthorized, UnsupportedMediaType
+from ..errors import InvalidRequest, RequestError, StoreError, TooLarge, Unauthorized, UnsupportedType
 from ..limits import SubmitRates
 from ..queue import JobQueue
+from . import problems
 from .metrics import Metrics
+from .problems import problem_body
 
 log = logging.getLogger("asyncjobs.web")
 
@@ -67,10 +68,6 @@ def json_response(body: Any, *, status: int = 200, headers: dict[str, str] | Non
                         content_type="application/json")
 
 
-def problem_body(status: int, detail: str, title: str | None = None) -> dict[str, Any]:
-    return {"type": "about:blank", "title": title or HTTPStatus(status).phrase, "status": status, "detail": detail}
-
-
 def problem_response(problem: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
     response = web.Response(body=codec.dumps(problem), status=problem["status"],
                             headers={**protocol.NO_STORE, **(headers or {})})
@@ -86,8 +83,11 @@ async def problems_middleware(request: web.Request, handler: Callable[[web.Reque
     """Every error becomes problem details (RFC 9457); a bug becomes a bare 500, never a traceback."""
     try:
         return await handler(request)
-    except ProblemError as exc:
-        return problem_response(exc.problem(), exc.headers)
+    except RequestError as exc:
+        return problem_response(*problems.answer(exc))
+    except problems.WebProblem as exc:
+        body, headers = problems.answer(exc.error)
+        return problem_response(body, {**headers, **exc.headers})
     except StoreError as exc:
         log.error("store unavailable during %s %s: %s", request.method, request.path, exc)
         return problem_response(problem_body(503, "the job store is unavailable; try again shortly"),
@@ -123,24 +123,24 @@ async def read_json(request: web.Request, *, required: bool = True) -> Any:
     settings = request.app[SETTINGS_KEY]
     if not request.body_exists:
         if required:
-            raise BadRequest("the body is empty; send a JSON object")
+            raise InvalidRequest("the body is empty; send a JSON object")
         return None
     if not protocol.is_json_content_type(request.headers.get("Content-Type")):
-        raise UnsupportedMediaType(
+        raise UnsupportedType(
             f"the body must be application/json, not {request.headers.get('Content-Type') or 'untyped'}")
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
-        raise PayloadTooLarge(f"the body is larger than the limit of {settings.max_body_bytes} bytes")
+        raise TooLarge(f"the body is larger than the limit of {settings.max_body_bytes} bytes")
     try:
         raw = await request.read()
     except (HttpProcessingError, RequestPayloadError) as exc:  # e.g. a Content-Encoding the body does not match
         request.content.feed_eof()  # nothing more can be read: aiohttp must not try to drain it after the answer
-        raise BadRequest(f"the body could not be read: {getattr(exc, 'message', '') or exc}") from None
+        raise InvalidRequest(f"the body could not be read: {getattr(exc, 'message', '') or exc}") from None
     try:
         value = codec.loads(raw)
     except codec.JSONDecodeError as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
     if protocol.json_depth(value) > protocol.MAX_JSON_DEPTH:
-        raise BadRequest(f"the body nests deeper than {protocol.MAX_JSON_DEPTH} levels")
+        raise InvalidRequest(f"the body nests deeper than {protocol.MAX_JSON_DEPTH} levels")
     return value
 
 
@@ -155,7 +155,7 @@ def job_id_of(request: web.Request) -> str:
 OPEN_PATHS = frozenset({"/healthz", "/login", "/logout"})  # /login and /logout check what they need themselves
 OPEN_PREFIXES = ("/static/",)  # the package's stylesheet, script and icon: the sign-in page needs them
 QUERY_TOKEN_SUFFIXES = ("/events", "/ws")  # browsers cannot set headers on EventSource and WebSocket
-BEARER_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="asyncjobs"'}
+BEARER_CHALLENGE = problems.BEARER_CHALLENGE
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,7 @@ async def auth_middleware(request: web.Request, handler: Callable[[web.Request],
     if token is not None:
         principal = find_principal(tokens, token)
         if principal is None:
-            raise Unauthorized("the bearer token is not valid", headers=BEARER_CHALLENGE)
+            raise Unauthorized("the bearer token is not valid")
         request[PRINCIPAL_KEY] = principal
         return await handler(request)
     sessions = request.app.get(SESSIONS_KEY)
@@ -231,8 +231,8 @@ async def auth_middleware(request: web.Request, handler: Callable[[web.Request],
     redirect = None if sessions is None else sessions.sign_in_redirect(request)
     if redirect is not None:
         return redirect
-    raise Unauthorized("a valid bearer token (or sign-in session) is required",
-                       headers={**BEARER_CHALLENGE, "Vary": "Accept"})
+    raise problems.WebProblem(Unauthorized("a valid bearer token (or sign-in session) is required"),
+                              {"Vary": "Accept"})  # browsers asking for a page are sent to sign in instead
 
 
 def session_of(request: web.Request) -> Session | None:

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from .. import callbacks, codec, protocol
-from ..errors import BadRequest, TooManyRequests
+from ..errors import InvalidRequest, QuotaExceeded
 from ..files import Upload
 from ..limits import SubmitRates
 from ..models import Job
@@ -27,6 +27,7 @@ from .common import (
     read_json,
     visible_owner,
 )
+from .problems import WebProblem
 
 
 async def _accepted(queue: JobQueue, job: Job, extra: dict[str, str] | None = None, *,
@@ -43,7 +44,7 @@ async def submit(request: web.Request) -> web.Response:
         async with uploads.receiving() as received:
             await uploads.read_multipart(request, received, spec=None)
             if received.submit is None:
-                raise BadRequest("the multipart body has no 'job' part (the JSON submit body)",
+                raise InvalidRequest("the multipart body has no 'job' part (the JSON submit body)",
                                  errors=[{"field": "job", "message": "is required"}])
             return await _submit(request, queue, received.submit, received.uploads)
     body = protocol.parse_submit(await read_json(request))
@@ -58,7 +59,7 @@ async def _submit(request: web.Request, queue: JobQueue, body: protocol.Submit,
     """
     settings = request.app[SETTINGS_KEY]
     if body.callback_url is not None and not callbacks.host_allowed(body.callback_url, list(settings.callback_hosts)):
-        raise BadRequest("callback_url must be an http(s) URL on a host this server allows callbacks to"
+        raise InvalidRequest("callback_url must be an http(s) URL on a host this server allows callbacks to"
                          if settings.callback_hosts else "callbacks are not enabled on this server",
                          errors=[{"field": "callback_url", "message": "host not allowed"}])
     key = protocol.parse_idempotency_key(request.headers.get("Idempotency-Key"))
@@ -97,9 +98,9 @@ def _spend_token(rates: SubmitRates | None, owner: str) -> None:
         return
     wait_s = rates.take(owner)
     if wait_s:
-        raise TooManyRequests(f"more than {rates.rate:g} submits per second (bursts of {rates.burst}); slow down",
-                              headers={"Retry-After": str(protocol.rate_retry_after_s(wait_s)),
-                                       **_ratelimit_headers(rates, owner)})
+        raise WebProblem(QuotaExceeded(f"more than {rates.rate:g} submits per second (bursts of {rates.burst});"
+                                       " slow down", retry_after_s=protocol.rate_retry_after_s(wait_s)),
+                         _ratelimit_headers(rates, owner))
 
 
 def _ratelimit_headers(rates: SubmitRates, owner: str) -> dict[str, str]:
@@ -167,7 +168,7 @@ def task_route_handler(spec: TaskSpec) -> Callable[[web.Request], Awaitable[web.
                 return await _submit(request, queue, protocol.Submit(spec.name, params), received.uploads)
         body = await read_json(request, required=False)
         if body is not None and not isinstance(body, dict):
-            raise BadRequest("the body must be a JSON object", errors=[{"field": "", "message": "expected object"}])
+            raise InvalidRequest("the body must be a JSON object", errors=[{"field": "", "message": "expected object"}])
         return await _submit(request, queue, protocol.Submit(spec.name, _with_path_params(request, body or {})))
 
     return handle
@@ -177,7 +178,7 @@ def _with_path_params(request: web.Request, given: dict) -> dict:
     params = dict(given)
     for name, value in request.match_info.items():
         if name in params and params[name] != value:
-            raise BadRequest(f"{name!r} is given in the path and, differently, in the body",
+            raise InvalidRequest(f"{name!r} is given in the path and, differently, in the body",
                              errors=[{"field": name, "message": "differs from the path"}])
         params[name] = value
     return params

@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import codec, protocol
-from ..errors import Gone, NotFound
+from ..errors import JobGone, JobNotFound
 from .common import (
     METRICS_KEY,
     QUEUE_KEY,
@@ -177,10 +177,10 @@ async def job_page(request: web.Request) -> web.StreamResponse:
     job_id = request.match_info["job_id"]
     try:
         job = await queue.find(job_id, owner=visible_owner(request))
-    except Gone:
+    except JobGone:
         return _message_page(request, 410, "Job expired",
                              "This job existed, but it has expired: its record is no longer kept.")
-    except NotFound:
+    except JobNotFound:
         return _message_page(request, 404, "No such job",
                              "There is no job with this id: it never existed, it was deleted, or it is not yours.")
     view = await queue.view(job)
@@ -293,7 +293,7 @@ async def static_file(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
     path = STATIC_DIR / name
     if not _STATIC_NAME.match(name) or not path.is_file():
-        raise NotFound(f"no static file {name!r}")
+        raise JobNotFound(f"no static file {name!r}")
     return web.FileResponse(path, headers={
         "Content-Type": STATIC_TYPES[path.suffix], "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 

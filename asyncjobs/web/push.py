@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from .. import codec, protocol
-from ..errors import BadRequest, Gone, NotFound
+from ..errors import InvalidRequest, JobGone, JobNotFound
 from ..hub import Subscription
 from ..models import Job, Status
 from ..queue import JobQueue
+from . import problems
 from .common import QUEUE_KEY, SETTINGS_KEY, WAITERS_KEY, job_id_of, visible_owner
 
 log = logging.getLogger("asyncjobs.web")
@@ -173,7 +174,7 @@ async def _handle_frame(queue: JobQueue, sock: _Socket, text: str) -> None:
     except codec.JSONDecodeError:
         await sock.send(protocol.ws_error(400, "a frame must be JSON"))
         return
-    except BadRequest as exc:
+    except InvalidRequest as exc:
         await sock.send(protocol.ws_error(400, exc.detail))
         return
     async with sock.lock:  # keep "subscribed" and the states it promises ahead of later changes
@@ -198,9 +199,9 @@ async def _subscribe(queue: JobQueue, sock: _Socket, command: protocol.WsCommand
         sock.sub.add([job_id])  # subscribe before reading, so no change falls in between
         try:
             job = await queue.find(job_id, owner=sock.principal)
-        except (NotFound, Gone) as exc:
+        except (JobNotFound, JobGone) as exc:
             sock.sub.remove([job_id])
-            errors.append(protocol.ws_error(exc.status, exc.detail, id=job_id))
+            errors.append(protocol.ws_error(problems.status_of(exc), exc.detail, id=job_id))
             continue
         known.append(job_id)
         if command.progress:

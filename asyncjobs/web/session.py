@@ -44,7 +44,7 @@ from aiohttp import web
 from itsdangerous import BadSignature, TimestampSigner
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..errors import ProblemError, UnsupportedMediaType
+from ..errors import Forbidden, UnsupportedType
 from . import pages
 from .common import BEARER_CHALLENGE, QUEUE_KEY, SESSIONS_KEY, SETTINGS_KEY, Session, WebSettings, find_principal
 
@@ -62,10 +62,6 @@ CLOCK_SKEW_S = 60.0  # nodes' clocks may differ this much; the store's expiry is
 MAX_NEXT_CHARS = 2048
 URL_CHARS = frozenset(string.ascii_letters + string.digits + "-._~:/?#[]@!$&'()*+,;=%")  # RFC 3986, unencoded
 FORM_TYPE = "application/x-www-form-urlencoded"
-
-
-class Forbidden(ProblemError):
-    status, title = 403, "Forbidden"
 
 
 # -- pure decisions -------------------------------------------------------------------
@@ -298,7 +294,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     if (origin is not None and not same_origin(origin, _hosts(request))) or site in ("cross-site", "same-site"):
         raise Forbidden("sign in from this site's own page")  # login CSRF: a foreign form cannot sign you in
     if request.content_type != FORM_TYPE:
-        raise UnsupportedMediaType(f"send the sign-in form as {FORM_TYPE}")
+        raise UnsupportedType(f"send the sign-in form as {FORM_TYPE}")
     form = await request.post()
     token, next_value = form.get("token"), form.get("next")
     next_path = safe_next(next_value)

@@ -19,7 +19,7 @@ from aiohttp.multipart import content_disposition_filename, parse_content_dispos
 from aiohttp.web_protocol import RequestPayloadError
 
 from .. import codec, protocol
-from ..errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from ..errors import InvalidRequest, TooLarge, UnsupportedType, UploadStalled
 from ..files import Upload
 from ..tasks import FileParam, TaskSpec
 from .common import QUEUE_KEY, SETTINGS_KEY
@@ -66,9 +66,9 @@ async def _timed(read: Awaitable[T], timeout_s: float) -> T:
         async with asyncio.timeout(timeout_s):
             return await read
     except TimeoutError:
-        raise RequestTimeout(f"the upload stalled for {timeout_s:g} seconds; send it again") from None
+        raise UploadStalled(f"the upload stalled for {timeout_s:g} seconds; send it again") from None
     except (ValueError, AssertionError, HttpProcessingError, RequestPayloadError) as exc:
-        raise BadRequest(f"malformed or truncated multipart body: {exc}",
+        raise InvalidRequest(f"malformed or truncated multipart body: {exc}",
                          errors=[{"field": "", "message": "malformed or truncated body"}]) from None
 
 
@@ -82,7 +82,8 @@ async def read_multipart(request: web.Request, received: Received, *, spec: Task
     try:
         reader = await request.multipart()
     except (ValueError, AssertionError, KeyError) as exc:
-        raise BadRequest(f"malformed multipart body: {exc}", errors=[{"field": "", "message": "malformed"}]) from None
+        raise InvalidRequest(f"malformed multipart body: {exc}",
+                             errors=[{"field": "", "message": "malformed"}]) from None
     budget = settings.max_body_bytes  # the job part and form fields together
     seen: set[str] = set()
     while True:
@@ -90,17 +91,19 @@ async def read_multipart(request: web.Request, received: Received, *, spec: Task
         if part is None:
             break
         if isinstance(part, MultipartReader):
-            raise BadRequest("nested multipart bodies are not accepted", errors=[{"field": "", "message": "nested"}])
+            raise InvalidRequest("nested multipart bodies are not accepted",
+                                 errors=[{"field": "", "message": "nested"}])
         name = part.name
         if not name:
-            raise BadRequest("a multipart part has no name", errors=[{"field": "", "message": "part without a name"}])
+            raise InvalidRequest("a multipart part has no name",
+                                 errors=[{"field": "", "message": "part without a name"}])
         if name in seen:
-            raise BadRequest(f"the part {name!r} is sent more than once",
+            raise InvalidRequest(f"the part {name!r} is sent more than once",
                              errors=[{"field": name, "message": "is sent more than once"}])
         seen.add(name)
         if spec is None and received.submit is None:
             if name != "job":
-                raise BadRequest(f"the first part must be 'job' (the JSON submit body), not {name!r}",
+                raise InvalidRequest(f"the first part must be 'job' (the JSON submit body), not {name!r}",
                                  errors=[{"field": name, "message": "comes before the job part"}])
             data = await _read_small(part, name, budget, settings.upload_read_timeout_s)
             budget -= len(data)
@@ -116,7 +119,7 @@ async def read_multipart(request: web.Request, received: Received, *, spec: Task
             received.fields[name] = _text(data, name)
             continue
         if file_param is None:
-            raise BadRequest(f"{name}: not a file param of task {spec.name!r}" if spec.files else
+            raise InvalidRequest(f"{name}: not a file param of task {spec.name!r}" if spec.files else
                              f"{name}: task {spec.name!r} takes no files",
                              errors=[{"field": name, "message": "unexpected part"}])
         upload = _start_upload(request, file_param, _part_file_name(part.filename), part.headers.get("Content-Type"))
@@ -131,7 +134,7 @@ async def _read_small(part: BodyPartReader, name: str, budget: int, timeout_s: f
     while chunk := await _timed(part.read_chunk(READ_BYTES), timeout_s):
         data += chunk
         if len(data) > budget:
-            raise PayloadTooLarge(f"{name}: the submit body and form fields exceed the limit of"
+            raise TooLarge(f"{name}: the submit body and form fields exceed the limit of"
                                   " server.max_body_bytes")
     return bytes(data)
 
@@ -139,11 +142,11 @@ async def _read_small(part: BodyPartReader, name: str, budget: int, timeout_s: f
 def _job_part(data: bytes, part: BodyPartReader) -> protocol.Submit:
     content_type = part.headers.get("Content-Type")
     if content_type and not protocol.is_json_content_type(content_type):
-        raise UnsupportedMediaType(f"the job part must be application/json, not {content_type}")
+        raise UnsupportedType(f"the job part must be application/json, not {content_type}")
     try:
         body = codec.loads(data)
     except codec.JSONDecodeError as exc:
-        raise BadRequest(f"the job part is not valid JSON: {exc}",
+        raise InvalidRequest(f"the job part is not valid JSON: {exc}",
                          errors=[{"field": "job", "message": "not valid JSON"}]) from None
     return protocol.parse_submit(body)
 
@@ -163,7 +166,7 @@ def _text(data: bytes, name: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise BadRequest(f"{name}: a form field must be UTF-8 text",
+        raise InvalidRequest(f"{name}: a form field must be UTF-8 text",
                          errors=[{"field": name, "message": "not UTF-8"}]) from None
 
 
@@ -171,7 +174,7 @@ def _start_upload(request: web.Request, param: FileParam, name: str | None, cont
     kind = (content_type or "application/octet-stream").split(";", 1)[0].strip().lower() or \
         "application/octet-stream"
     if not param.accepts(kind):
-        raise UnsupportedMediaType(f"{param.name}: {kind} is not accepted (accepted: {', '.join(param.accept)})")
+        raise UnsupportedType(f"{param.name}: {kind} is not accepted (accepted: {', '.join(param.accept)})")
     return request.app[QUEUE_KEY].files.upload(param=param.name, name=name, content_type=kind)
 
 
@@ -181,10 +184,10 @@ async def read_raw(request: web.Request, received: Received, spec: TaskSpec) -> 
     """The whole body is the task's single file; 413 at once when ``Content-Length`` is over the limit."""
     settings = request.app[SETTINGS_KEY]
     if len(spec.files) != 1:
-        raise UnsupportedMediaType(f"task {spec.name!r} takes {len(spec.files)} files: send multipart/form-data"
+        raise UnsupportedType(f"task {spec.name!r} takes {len(spec.files)} files: send multipart/form-data"
                                    if spec.files else f"task {spec.name!r} takes no file; send JSON")
     if request.content_length is not None and request.content_length > settings.max_upload_bytes:
-        raise PayloadTooLarge(f"{spec.files[0].name}: the file is larger than the limit of"
+        raise TooLarge(f"{spec.files[0].name}: the file is larger than the limit of"
                               f" {settings.max_upload_bytes} bytes")
     name = request.query.get("filename") or _disposition_name(request.headers.get("Content-Disposition"))
     upload = _start_upload(request, spec.files[0], name, request.headers.get("Content-Type"))

@@ -1,0 +1,64 @@
+"""The one table from domain errors to HTTP answers: status, title and headers of each kind (RFC 9457)."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+from .. import errors
+
+STATUS: dict[type[errors.RequestError], int] = {
+    errors.InvalidRequest: 400,
+    errors.Unauthorized: 401,
+    errors.Forbidden: 403,
+    errors.JobNotFound: 404,
+    errors.UploadStalled: 408,
+    errors.StateConflict: 409,
+    errors.JobGone: 410,
+    errors.TooLarge: 413,
+    errors.UnsupportedType: 415,
+    errors.KeyReused: 422,
+    errors.QuotaExceeded: 429,
+    errors.Unavailable: 503,
+    errors.StorageFull: 507,
+}
+TITLES = {413: "Content Too Large", 422: "Unprocessable Content"}  # RFC 9110's names, newer than http's
+BEARER_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="asyncjobs"'}
+
+
+class WebProblem(Exception):
+    """An error the web layer raises with headers of its own (the RateLimit fields, say)."""
+
+    def __init__(self, error: errors.RequestError, headers: dict[str, str]) -> None:
+        super().__init__(error.detail)
+        self.error = error
+        self.headers = headers
+
+
+def status_of(error: errors.RequestError) -> int:
+    for kind in type(error).__mro__:
+        if kind in STATUS:
+            return STATUS[kind]
+    return 500
+
+
+def problem_body(status: int, detail: str, title: str | None = None) -> dict[str, Any]:
+    return {"type": "about:blank", "title": title or TITLES.get(status) or HTTPStatus(status).phrase,
+            "status": status, "detail": detail}
+
+
+def answer(error: errors.RequestError) -> tuple[dict[str, Any], dict[str, str]]:
+    """The problem body and the headers a domain error becomes."""
+    status = status_of(error)
+    body = problem_body(status, error.detail)
+    if error.errors is not None:
+        body["errors"] = error.errors
+    if error.job_status is not None:
+        body["job_status"] = error.job_status
+    body.update(error.extra)
+    headers: dict[str, str] = {}
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(error.retry_after_s)
+    if isinstance(error, errors.Unauthorized):
+        headers.update(BEARER_CHALLENGE)
+    return body, headers
