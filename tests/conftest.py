@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import inspect
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import aiohttp
-from aiohttp import WSMsgType
 import pytest
+from aiohttp import WSMsgType
 
-from asyncjobs import App
+from asyncjobs import App, Client
 from asyncjobs import config as config_module
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,3 +200,38 @@ def server_factory(tmp_path: Path):
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+# -- for the client tests: a real App behind aiohttp's test server, and clients closed at the end --
+
+@dataclass
+class Server:
+    url: str
+    http: Any  # aiohttp TestClient on the same server, for looking behind the client's back
+    app: App
+
+
+@pytest.fixture
+def start(make_client):
+    """A real App behind aiohttp's test server, with a short shutdown grace so a left-over job never slows teardown."""
+
+    async def start_(**sections: dict[str, Any]) -> Server:
+        queue = {"shutdown_grace": 0.5, **sections.pop("queue", {})}
+        http, app = await make_client(queue=queue, **sections)
+        return Server(str(http.make_url("/")), http, app)
+
+    return start_
+
+
+@pytest.fixture
+async def connect():
+    """Make Clients that are all closed at the end of the test."""
+    made: list[Client] = []
+
+    def connect_(url: str, **options: Any) -> Client:
+        made.append(Client(url, request_timeout_s=10.0, **options))
+        return made[-1]
+
+    yield connect_
+    for made_client in made:
+        await made_client.close()

@@ -6,7 +6,6 @@ import ast
 import asyncio
 import hashlib
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import format_datetime
 from pathlib import Path
@@ -14,18 +13,35 @@ from typing import Any
 
 import aiohttp
 import pytest
-
-from tests.conftest import eventually
 from aiohttp import web
 from multidict import CIMultiDict
 
 import asyncjobs
 from asyncjobs import client as client_module
-from asyncjobs.client import (BadRequest, Client, ClientError, Conflict, ConnectError, IdempotencyConflict,
-                              JobCanceled, JobFailed, JobGone, JobState, NotFound, ProtocolError, RequestTimeout,
-                              ResultNotReady, ServerBusy, ServerError, SyncClient, Unauthorized, WaitTimeout)
-from asyncjobs.client import rules
+from asyncjobs.client import (
+    BadRequest,
+    Client,
+    ClientError,
+    Conflict,
+    ConnectError,
+    IdempotencyConflict,
+    JobCanceled,
+    JobFailed,
+    JobGone,
+    JobState,
+    NotFound,
+    ProtocolError,
+    RequestTimeout,
+    ResultNotReady,
+    ServerBusy,
+    ServerError,
+    SyncClient,
+    Unauthorized,
+    WaitTimeout,
+    rules,
+)
 from asyncjobs.client.rules import Answer
+from tests.conftest import Server, eventually
 
 CLIENT_DIR = Path(client_module.__file__).parent
 SERVER_MODULES = {"app", "store", "queue", "worker", "web", "protocol", "tasks", "hub", "models", "config",
@@ -36,37 +52,6 @@ BASE = "http://svc.test/"
 
 # -- helpers -----------------------------------------------------------------------------
 
-@dataclass
-class Server:
-    url: str
-    http: Any  # aiohttp TestClient on the same server, for looking behind the client's back
-    app: asyncjobs.App
-
-
-@pytest.fixture
-def start(make_client):
-    """A real App behind aiohttp's test server, with a short shutdown grace so a left-over job never slows teardown."""
-
-    async def start_(**sections: dict[str, Any]) -> Server:
-        queue = {"shutdown_grace": 0.5, **sections.pop("queue", {})}
-        http, app = await make_client(queue=queue, **sections)
-        return Server(str(http.make_url("/")), http, app)
-
-    return start_
-
-
-@pytest.fixture
-async def connect():
-    """Make Clients that are all closed at the end of the test."""
-    made: list[Client] = []
-
-    def connect_(url: str, **options: Any) -> Client:
-        made.append(Client(url, request_timeout_s=10.0, **options))
-        return made[-1]
-
-    yield connect_
-    for made_client in made:
-        await made_client.close()
 
 
 

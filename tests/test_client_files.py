@@ -17,11 +17,9 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-import asyncjobs
 from asyncjobs import codec
 from asyncjobs.client import (
     BadRequest,
-    Client,
     Download,
     IdempotencyConflict,
     JobFailed,
@@ -32,43 +30,13 @@ from asyncjobs.client import (
     rules,
 )
 from asyncjobs.client.rules import Answer
+from tests.conftest import Server
 
 MIB = 1024 * 1024
 
 
 # -- helpers -----------------------------------------------------------------------------
 
-@dataclass
-class Server:
-    url: str
-    http: Any  # aiohttp TestClient on the same server, for looking behind the client's back
-    app: asyncjobs.App
-
-
-@pytest.fixture
-def start(make_client):
-    """A real App behind aiohttp's test server, with a short shutdown grace."""
-
-    async def start_(**sections: dict[str, Any]) -> Server:
-        queue = {"shutdown_grace": 0.5, **sections.pop("queue", {})}
-        http, app = await make_client(queue=queue, **sections)
-        return Server(str(http.make_url("/")), http, app)
-
-    return start_
-
-
-@pytest.fixture
-async def connect():
-    """Make Clients that are all closed at the end of the test."""
-    made: list[Client] = []
-
-    def connect_(url: str, **options: Any) -> Client:
-        made.append(Client(url, request_timeout_s=10.0, **options))
-        return made[-1]
-
-    yield connect_
-    for made_client in made:
-        await made_client.close()
 
 
 def expected_bytes(size: int, seed: str = "") -> bytes:

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from asyncjobs.client import (
-    Client,
     JobState,
     ServerBusy,
     SyncClient,
@@ -79,17 +78,6 @@ def start(make_client):
     return start_
 
 
-@pytest.fixture
-async def connect():
-    made: list[Client] = []
-
-    def connect_(url: str, **options: Any) -> Client:
-        made.append(Client(url, request_timeout_s=10.0, **options))
-        return made[-1]
-
-    yield connect_
-    for client in made:
-        await client.close()
 
 
 async def stored_jobs(http: Any) -> list[dict[str, Any]]:
