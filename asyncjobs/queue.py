@@ -232,6 +232,10 @@ class JobQueue:
         log.debug("job %s submitted (%s)", inserted.job.id, inserted.job.task)
         return inserted
 
+    async def counts(self) -> dict[str, int]:
+        """Jobs in the store by status (everyone's)."""
+        return await self.store.counts()
+
     async def _owner_start_s(self, owner: str) -> int:
         """Seconds until one of ``owner``'s queued jobs is likely to start: 1 to 60."""
         job = await self.store.next_queued(owner)

@@ -22,7 +22,7 @@ OPENAPI_KEY = web.AppKey("asyncjobs_openapi", bytes)
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format; the jobs-by-status and waiting-clients gauges are read now."""
     queue = request.app[QUEUE_KEY]
-    counts = await queue.store.counts()
+    counts = await queue.counts()
     waiters = request.app[WAITERS_KEY]
     body = request.app[METRICS_KEY].exposition(counts, {
         "long_poll": waiters.long_polls, "event_stream": waiters.event_streams, "websocket": waiters.websockets},
