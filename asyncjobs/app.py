@@ -147,7 +147,7 @@ class App:
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Stop accepting submits (503) and let running jobs finish within the grace period."""
-        self.queue.accepting = False
+        self.queue.close_intake()
         if self._started:
             await self.workers.stop(self.config.queue.shutdown_grace if grace_s is None else grace_s)
 

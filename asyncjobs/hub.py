@@ -6,7 +6,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from .models import Job
+from .models import CancelReason, Job, Status
 
 
 class Subscription:
@@ -90,6 +90,21 @@ class Hub:
         self._everything: set[Subscription] = set()
         self._maxsize = maxsize
         self._listeners: list[Callable[[Job], None]] = []
+        self._running: dict[str, Job] = {}  # the latest state published of each running job
+        self._cancel_listeners: list[Callable[[str, CancelReason], None]] = []
+
+    def latest(self, job_id: str) -> Job | None:
+        """The newest state published of a running job (its progress, ahead of the store), or None."""
+        return self._running.get(job_id)
+
+    def add_cancel_listener(self, callback: Callable[[str, CancelReason], None]) -> None:
+        """Call ``callback(job_id, reason)`` on every cancel request (the runners of jobs listen)."""
+        self._cancel_listeners.append(callback)
+
+    def request_cancel(self, job_id: str, reason: CancelReason) -> None:
+        """Ask whoever runs ``job_id`` to stop it: a cancel travels through the feed, not a map of runners."""
+        for callback in self._cancel_listeners:
+            callback(job_id, reason)
 
     def add_listener(self, callback: Callable[[Job], None]) -> None:
         """Call ``callback`` with every published job, synchronously and unbuffered (e.g. for metrics)."""
@@ -105,6 +120,10 @@ class Hub:
         return sub
 
     def publish(self, job: Job) -> None:
+        if job.status is Status.RUNNING:
+            self._running[job.id] = job
+        else:
+            self._running.pop(job.id, None)
         for listener in self._listeners:
             listener(job)
         for sub in self._by_job.get(job.id, ()):

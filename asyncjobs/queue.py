@@ -3,51 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from . import codec, protocol
 from .errors import InvalidRequest, JobGone, JobNotFound, KeyReused, QuotaExceeded, StateConflict, Unavailable
 from .files import FileStore, Upload
 from .hub import Hub
-from .models import CancelReason, Job, JobIds, Status, cancel, is_expired, with_progress
+from .models import CancelReason, Job, JobIds, Status, cancel, is_expired
 from .store import Inserted, Store
 from .tasks import TaskRegistry, validate
 
 log = logging.getLogger("asyncjobs.queue")
 
-PROGRESS_PERSIST_INTERVAL_S = 0.5  # progress reaches waiters at once, the store at most this often
 
 
 def equality_key(params: Any, digests: dict[str, str]) -> str:
     """What makes two submits equal (RFC 8785 canonical params, and the files' SHA-256): a hash."""
     return hashlib.sha256(codec.canonical([params, digests])).hexdigest()
-
-
-@dataclass(eq=False)
-class Execution:
-    """A job a worker is running: its live record and how to stop it."""
-
-    job: Job
-    stored_version: int
-    stop: Callable[[], None] = lambda: None  # set by the worker
-    cancel_reason: CancelReason | None = None
-    delete_when_done: bool = False
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    last_persist: float = 0.0
-    pending_write: asyncio.Task | None = None
-
-    def request_cancel(self, reason: CancelReason) -> None:
-        if self.cancel_reason is None:
-            self.cancel_reason = reason
-            self.stop()
 
 
 class RunTimes:
@@ -109,16 +88,15 @@ class JobQueue:
         self.max_queued_per_owner = max_queued_per_owner  # 0: no limit
         self.clock = clock
         self.virtual_time = 0  # the vt of the latest job claimed: a new principal's first job starts here
-        self.running: dict[str, Execution] = {}
+        self._delete_when_done: set[str] = set()  # jobs deleted while their handler was still stopping
         self._new_id = JobIds()
         self.run_times = RunTimes()
         self.wakeup = asyncio.Event()  # set when there may be work for the dispatcher
-        self.accepting = True
+        self.accepting = True  # False once the server stops taking submits (close_intake)
         # Jobs queued in the store by priority, kept in memory: backpressure, and the position of a new job.
         self._queued_by_priority: Counter[int] = Counter()
         self.next_due: float | None = None  # earliest run_at of a delayed job, if any
         self.deliveries = asyncio.Event()  # set when a callback delivery was scheduled
-        self._background: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         requeued, failed = await self.store.recover(now=self.clock(), retention_s=self.retention_s,
@@ -133,6 +111,10 @@ class JobQueue:
         self.next_due = await self.store.next_run_at(after=self.clock())
         self.wakeup.set()
         self.deliveries.set()
+
+    def close_intake(self) -> None:
+        """Take no more submits (503): the server is stopping."""
+        self.accepting = False
 
     # -- submit ------------------------------------------------------------
     def check_params(self, task_name: Any, params: Any) -> None:
@@ -248,19 +230,16 @@ class JobQueue:
 
     # -- read --------------------------------------------------------------
     async def find(self, job_id: str, *, owner: str | None = None) -> Job:
-        """The job as it is now; ``JobNotFound`` or ``JobGone`` otherwise."""
-        execution = self.running.get(job_id)
-        if execution is not None and (owner is None or execution.job.owner == owner):
-            job = execution.job
-        else:
-            found = await self.store.lookup(job_id)
-            if owner is not None and found.owner is not None and found.owner != owner:
-                raise JobNotFound(f"no job {job_id}")
-            if found.gone:
-                raise JobGone(f"job {job_id} has expired")
-            if found.job is None:
-                raise JobNotFound(f"no job {job_id}")
-            job = found.job
+        """The job as it is now (a running job's latest progress from the feed); ``JobNotFound`` or
+        ``JobGone`` otherwise."""
+        found = await self.store.lookup(job_id)
+        if owner is not None and found.owner is not None and found.owner != owner:
+            raise JobNotFound(f"no job {job_id}")
+        if found.gone:
+            raise JobGone(f"job {job_id} has expired")
+        if found.job is None:
+            raise JobNotFound(f"no job {job_id}")
+        job = self._fresher(found.job)
         if is_expired(job, self.clock()):
             raise JobGone(f"job {job_id} has expired", job_status=job.status.value)
         return job
@@ -344,8 +323,13 @@ class JobQueue:
         cursor = jobs[limit - 1].seq if len(jobs) > limit else None
         jobs = jobs[:limit]
         now = self.clock()
-        live = [self.running[j.id].job if j.id in self.running else j for j in jobs]
+        live = [self._fresher(j) for j in jobs]
         return [j for j in live if not is_expired(j, now)], cursor
+
+    def _fresher(self, job: Job) -> Job:
+        """A running job's progress is stored at most every half second; the feed has the latest."""
+        latest = self.hub.latest(job.id)
+        return latest if latest is not None and latest.version > job.version else job
 
     # -- cancel and delete ---------------------------------------------------
     async def cancel(self, job_id: str, *, owner: str | None = None) -> tuple[Job, bool]:
@@ -356,13 +340,8 @@ class JobQueue:
                 return job, True
             if job.terminal:
                 raise StateConflict(f"job {job_id} has already {job.status.value}", job_status=job.status.value)
-            execution = self.running.get(job_id)
-            if execution is not None:
-                return await self._stop_running(execution, CancelReason.REQUEST)
             if job.status is Status.RUNNING:
-                # Claimed a moment ago; its worker registers it before its next await.
-                await asyncio.sleep(0.01)
-                continue
+                return await self._stop_running(job, CancelReason.REQUEST, owner=owner)
             new = cancel(job, self.clock(), retention_s=self.retention_s)
             if await self.store.update(new, expected_version=job.version, deliver=self.callback_payload):
                 if new.callback_url is not None:
@@ -375,12 +354,11 @@ class JobQueue:
             await asyncio.sleep(0)  # claimed or changed meanwhile: look again
         raise Unavailable(f"job {job_id} kept changing; try again", retry_after_s=1)
 
-    async def _stop_running(self, execution: Execution, reason: CancelReason) -> tuple[Job, bool]:
-        execution.request_cancel(reason)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.cancel_grace_s):
-                await execution.done.wait()
-        return execution.job, execution.done.is_set()
+    async def _stop_running(self, job: Job, reason: CancelReason, *, owner: str | None) -> tuple[Job, bool]:
+        """Ask the feed to stop the job wherever it runs, and wait for it to end (``cancel_grace``)."""
+        self.hub.request_cancel(job.id, reason)
+        job = await self.wait(job.id, timeout_s=self.cancel_grace_s, until=lambda j: j.terminal, owner=owner)
+        return job, job.terminal
 
     async def delete(self, job_id: str, *, owner: str | None = None) -> bool:
         """Forget the job (canceling it first); False while a running handler is still stopping."""
@@ -388,15 +366,20 @@ class JobQueue:
         if not job.terminal:
             job, stopped = await self.cancel(job_id, owner=owner)
             if not stopped:
-                execution = self.running.get(job_id)
-                if execution is not None:
-                    execution.delete_when_done = True
+                self._delete_when_done.add(job_id)  # finish() forgets it once its handler has stopped
+                found = await self.store.lookup(job_id)
+                if found.job is None or not found.job.terminal:
                     return False
-        await self.store.delete(job_id)
-        if job.files is not None:
-            await self.files.remove_job(job_id)
-        log.info("job %s deleted", job_id)
+                self._delete_when_done.discard(job_id)  # it ended meanwhile: forget it now
+                job = found.job
+        await self._forget(job)
         return True
+
+    async def _forget(self, job: Job) -> None:
+        await self.store.delete(job.id)
+        if job.files is not None:
+            await self.files.remove_job(job.id)
+        log.info("job %s deleted", job.id)
 
     async def _settle_files(self, job: Job) -> None:
         """Inputs go once their job is terminal: it can never run again."""
@@ -409,38 +392,27 @@ class JobQueue:
         return codec.dumps(protocol.job_body(job))
 
     # -- reports from the workers -------------------------------------------
-    def progress(self, execution: Execution, fraction: float | None, message: str | None) -> None:
-        """A handler's progress: to waiters at once, to the store at most every half second."""
-        report: dict[str, Any] = {"fraction": fraction, "message": message}
-        if execution.job.status is not Status.RUNNING or execution.job.progress == report:
-            return
-        execution.job = with_progress(execution.job, report)
-        self.hub.publish(execution.job)
-        now = time.monotonic()
-        if now - execution.last_persist >= PROGRESS_PERSIST_INTERVAL_S and execution.pending_write is None:
-            execution.last_persist = now
-            execution.pending_write = asyncio.create_task(self._persist_progress(execution))
+    def publish(self, job: Job) -> None:
+        """Tell every waiter of a running job's new state (a progress report) before it is stored."""
+        self.hub.publish(job)
 
-    async def _persist_progress(self, execution: Execution) -> None:
-        job = execution.job
+    async def save_progress(self, job: Job, *, expected_version: int) -> bool:
+        """Store a running job's progress if the stored version is still ``expected_version``; a lost report
+        is logged, never raised (it is not worth failing the job)."""
         try:
-            if await self.store.update(job, expected_version=execution.stored_version):
-                execution.stored_version = job.version
-        except Exception as exc:  # a lost progress report is not worth failing the job
+            return await self.store.update(job, expected_version=expected_version)
+        except Exception as exc:
             log.warning("job %s: progress not stored: %s", job.id, exc)
-        finally:
-            execution.pending_write = None
+            return False
 
-    async def finish(self, execution: Execution, new: Job) -> None:
-        """Persist a running job's next state (terminal, or queued again), then publish it."""
-        if execution.pending_write is not None:
-            await execution.pending_write
+    async def finish(self, new: Job, *, expected_version: int) -> bool:
+        """Persist a running job's next state (terminal, or queued again), then publish it. False (and nothing
+        published) when the stored job changed under its worker."""
         deliver = new.terminal and new.callback_url is not None
-        if not await self.store.update(new, expected_version=execution.stored_version,
+        if not await self.store.update(new, expected_version=expected_version,
                                        deliver=self.callback_payload if deliver else None):
             log.warning("job %s changed under its worker; its outcome %s was not stored", new.id, new.status)
-        execution.stored_version = new.version
-        execution.job = new
+            return False
         if deliver:
             self.deliveries.set()
         if new.status is Status.QUEUED:
@@ -448,21 +420,15 @@ class JobQueue:
             self._due_at(new.run_at)
         self.hub.publish(new)
         await self._settle_files(new)
-        if execution.delete_when_done:
-            await self.store.delete(new.id)
-            if new.files is not None:
-                await self.files.remove_job(new.id)
+        if new.terminal and new.id in self._delete_when_done:
+            self._delete_when_done.discard(new.id)
+            await self._forget(new)
         log.debug("job %s %s (attempt %d)", new.id, new.status.value, new.attempts)
+        return True
 
-    async def claim(self, limit: int) -> list[Execution]:
-        """Take up to ``limit`` due jobs for the workers, respecting each task's concurrency.
-
-        Each is in ``running`` as soon as the claim returns, before any other await, so a
-        cancel never finds a claimed job that no worker will stop.
-        """
-        running_by_task: dict[str, int] = {}
-        for execution in self.running.values():
-            running_by_task[execution.job.task] = running_by_task.get(execution.job.task, 0) + 1
+    async def claim(self, limit: int, *, running_by_task: Mapping[str, int]) -> list[Job]:
+        """Start up to ``limit`` due jobs, each task within its concurrency (``running_by_task``: how many of
+        each already run here). The started jobs are published; the caller runs them."""
         room = {
             spec.name: None if spec.concurrency is None else spec.concurrency - running_by_task.get(spec.name, 0)
             for spec in self.registry
@@ -471,13 +437,8 @@ class JobQueue:
         for job in jobs:
             self._count_queued(job.priority, -1)
             self.virtual_time = max(self.virtual_time, job.vt)
-        executions = []
-        for job in jobs:
-            execution = Execution(job=job, stored_version=job.version)
-            self.running[job.id] = execution
-            executions.append(execution)
             self.hub.publish(job)
-        return executions
+        return jobs
 
     def _due_at(self, run_at: float) -> None:
         if run_at > self.clock():
@@ -503,15 +464,7 @@ class JobQueue:
         if result.with_files:
             await self.files.remove_jobs(result.with_files)
         for job_id in result.expired_running:
-            execution = self.running.get(job_id)
-            if execution is not None:
-                execution.request_cancel(CancelReason.EXPIRED)
+            self.hub.request_cancel(job_id, CancelReason.EXPIRED)
         if result.tombstoned or result.forgotten:
             log.info("sweep: %d jobs expired to tombstones, %d tombstones forgotten",
                      result.tombstoned, result.forgotten)
-
-    def spawn(self, coro: Any, name: str) -> asyncio.Task:
-        task = asyncio.create_task(coro, name=name)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task

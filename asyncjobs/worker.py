@@ -9,15 +9,18 @@ import mimetypes
 import random
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import codec
 from .errors import Canceled, RequestError, StoreError
 from .files import sanitize_name
-from .models import CancelReason, Job, Status, cancel, fail, requeue, succeed
-from .queue import Execution, JobQueue
+from .models import CancelReason, Job, Status, cancel, fail, requeue, succeed, with_progress
+from .queue import JobQueue
 from .tasks import Blob, FileResult, InputFile, Retry, TaskFailure, TaskSpec
 
 log = logging.getLogger("asyncjobs.worker")
@@ -25,6 +28,26 @@ log = logging.getLogger("asyncjobs.worker")
 MAX_BACKOFF_S = 3600.0
 WAIT_CAP_S = 1.0  # the longest the dispatcher sleeps without looking at the store
 BLOB_FILE_BYTES = 256 * 1024  # bytes results larger than this are stored as files, not in the job's row
+PROGRESS_PERSIST_INTERVAL_S = 0.5  # progress reaches waiters at once, the store at most this often
+PENDING_CANCELS = 1024  # cancel requests remembered for jobs not (yet) running here
+
+
+@dataclass(eq=False)
+class Execution:
+    """A job this process runs: its live record, how to stop it, and what of it is stored."""
+
+    job: Job
+    stored_version: int
+    stop: Callable[[], None] = lambda: None  # set by the worker once the handler runs
+    cancel_reason: CancelReason | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    last_persist: float = 0.0
+    pending_write: asyncio.Task | None = None
+
+    def request_cancel(self, reason: CancelReason) -> None:
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+            self.stop()
 
 
 class JobContext:
@@ -34,9 +57,9 @@ class JobContext:
     thread (call it); in a thread it raises ``Canceled`` once the job is canceled.
     """
 
-    def __init__(self, queue: JobQueue, execution: Execution, loop: asyncio.AbstractEventLoop, *,
+    def __init__(self, workers: Workers, execution: Execution, loop: asyncio.AbstractEventLoop, *,
                  loop_thread: int, report_lock: threading.Lock) -> None:
-        self._queue = queue
+        self._workers = workers
         self._execution = execution
         self._loop = loop
         self._loop_thread = loop_thread
@@ -45,7 +68,7 @@ class JobContext:
         self._report: tuple[float | None, str | None] | None = None  # latest from a thread, not yet applied
         self.job_id = execution.job.id
         self.attempt = execution.job.attempts
-        self.work_dir = queue.files.work_dir(self.job_id, self.attempt)
+        self.work_dir = workers.queue.files.work_dir(self.job_id, self.attempt)
         self.outputs: list[Path] = []
 
     def output_path(self, name: str) -> Path:
@@ -76,7 +99,7 @@ class JobContext:
             fraction = min(1.0, max(0.0, float(fraction)))
         message = None if message is None else str(message)[:1000]
         if threading.get_ident() == self._loop_thread:
-            self._queue.progress(self._execution, fraction, message)
+            self._workers.progress(self._execution, fraction, message)
             done = self._loop.create_future()
             done.set_result(None)
             return done
@@ -92,7 +115,7 @@ class JobContext:
         with self._report_lock:
             report, self._report = self._report, None
         if report is not None:
-            self._queue.progress(self._execution, *report)
+            self._workers.progress(self._execution, *report)
 
 
 class _Done:
@@ -120,6 +143,9 @@ class Workers:
         self.sweep_interval_s = sweep_interval_s
         self._executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix="asyncjobs-handler")
         self._tasks: dict[str, asyncio.Task] = {}
+        self.running: dict[str, Execution] = {}  # the jobs this process runs, by id
+        self._pending_cancels: dict[str, CancelReason] = {}  # asked before the job was registered here
+        queue.hub.add_cancel_listener(self._cancel_requested)
         self._busy = 0  # handlers running now; a job whose outcome is being stored no longer holds a worker
         self._loop_thread = 0  # the event loop's thread, known in start()
         self._report_lock = threading.Lock()
@@ -141,7 +167,7 @@ class Workers:
         if self._tasks:
             log.info("waiting up to %.1fs for %d running jobs", grace_s, len(self._tasks))
             await asyncio.wait(list(self._tasks.values()), timeout=grace_s)
-        for execution in list(self.queue.running.values()):
+        for execution in list(self.running.values()):
             execution.request_cancel(CancelReason.SHUTDOWN)
         if self._tasks:
             await asyncio.wait(list(self._tasks.values()), timeout=1.0)
@@ -162,9 +188,9 @@ class Workers:
             if free <= 0:
                 continue
             try:
-                executions = await queue.claim(free)
-                for execution in executions:
-                    self._launch(execution)
+                jobs = await queue.claim(free, running_by_task=Counter(e.job.task for e in self.running.values()))
+                for job in jobs:
+                    self._launch(job)
                 if queue.next_due is not None and queue.next_due <= queue.clock():
                     await queue.refresh_next_due()
             except StoreError as exc:
@@ -172,13 +198,50 @@ class Workers:
                 await asyncio.sleep(1.0)
                 queue.wakeup.set()
                 continue
-            if len(executions) == free:
+            if len(jobs) == free:
                 queue.wakeup.set()  # there may be more
 
-    def _launch(self, execution: Execution) -> None:
-        job_id = execution.job.id
+    def _launch(self, job: Job) -> None:
+        """Register a claimed job (before any await, so no cancel request misses it) and run it."""
+        execution = Execution(job=job, stored_version=job.version)
+        self.running[job.id] = execution
+        reason = self._pending_cancels.pop(job.id, None)
+        if reason is not None:
+            execution.request_cancel(reason)
         self._busy += 1
-        self._tasks[job_id] = asyncio.create_task(self._run(execution), name=f"asyncjobs-job-{job_id}")
+        self._tasks[job.id] = asyncio.create_task(self._run(execution), name=f"asyncjobs-job-{job.id}")
+
+    def _cancel_requested(self, job_id: str, reason: CancelReason) -> None:
+        """A cancel from the feed: stop the job if it runs here, or remember it for a moment in case its
+        claim has committed and its registration is still to come."""
+        execution = self.running.get(job_id)
+        if execution is not None:
+            execution.request_cancel(reason)
+            return
+        self._pending_cancels[job_id] = reason
+        while len(self._pending_cancels) > PENDING_CANCELS:
+            del self._pending_cancels[next(iter(self._pending_cancels))]
+
+    # -- progress reports --------------------------------------------------
+    def progress(self, execution: Execution, fraction: float | None, message: str | None) -> None:
+        """A handler's progress: to waiters at once, to the store at most every half second."""
+        report: dict[str, Any] = {"fraction": fraction, "message": message}
+        if execution.job.status is not Status.RUNNING or execution.job.progress == report:
+            return
+        execution.job = with_progress(execution.job, report)
+        self.queue.publish(execution.job)
+        now = time.monotonic()
+        if now - execution.last_persist >= PROGRESS_PERSIST_INTERVAL_S and execution.pending_write is None:
+            execution.last_persist = now
+            execution.pending_write = asyncio.create_task(self._persist_progress(execution))
+
+    async def _persist_progress(self, execution: Execution) -> None:
+        job = execution.job
+        try:
+            if await self.queue.save_progress(job, expected_version=execution.stored_version):
+                execution.stored_version = job.version
+        finally:
+            execution.pending_write = None
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -206,11 +269,15 @@ class Workers:
                 self._busy -= 1
                 self.queue.wakeup.set()
             try:
-                await self.queue.finish(execution, new)
+                if execution.pending_write is not None:
+                    await execution.pending_write
+                if await self.queue.finish(new, expected_version=execution.stored_version):
+                    execution.stored_version = new.version
+                execution.job = new
             except StoreError as exc:
                 log.error("job %s: outcome not stored (%s); it will be recovered at the next start", job.id, exc)
         finally:
-            self.queue.running.pop(job.id, None)
+            self.running.pop(job.id, None)
             self._tasks.pop(job.id, None)
             execution.done.set()
             self.queue.wakeup.set()
@@ -221,7 +288,7 @@ class Workers:
     async def _outcome(self, spec: TaskSpec, execution: Execution) -> Job:
         """Run the handler and turn what happened into the job's next state."""
         loop = asyncio.get_running_loop()
-        ctx = JobContext(self.queue, execution, loop, loop_thread=self._loop_thread, report_lock=self._report_lock)
+        ctx = JobContext(self, execution, loop, loop_thread=self._loop_thread, report_lock=self._report_lock)
         params = codec.loads(execution.job.params)
         params.update(self._input_files(execution.job))
         if spec.wants_context:

@@ -121,7 +121,7 @@ async def test_cancel_running_async_job_answers_200_once_stopped(make_client):
     assert status == 200
     assert body["status"] == "canceled" and body["error"]["type"] == "canceled"
     assert body["finished_at"] is not None
-    assert job["id"] not in app.queue.running  # the handler is gone, not merely marked
+    assert job["id"] not in app.workers.running  # the handler is gone, not merely marked
 
 
 async def test_cancel_running_sync_job_that_checks_answers_200(make_client):
@@ -214,7 +214,7 @@ async def test_delete_running_job_cancels_it_then_forgets_it(make_client):
     await wait_running(client, job["id"])
     async with client.delete(f"/jobs/{job['id']}") as resp:
         assert resp.status == 204
-    assert job["id"] not in app.queue.running
+    assert job["id"] not in app.workers.running
     assert (await get_job(client, job["id"]))[0] == 404
     async with client.get(f"/jobs/{job['id']}/result") as resp:
         await assert_problem(resp, 404)
@@ -232,7 +232,7 @@ async def test_delete_stubborn_job_is_202_and_record_goes_when_it_stops(make_cli
     status, still = await get_job(client, job["id"])  # the handler sleeps on for seconds yet
     assert status == 200 and still["status"] == "running"
     await wait_code(client, job["id"], 404, timeout_s=15)
-    await eventually(lambda: job["id"] not in app.queue.running, "the handler to end")
+    await eventually(lambda: job["id"] not in app.workers.running, "the handler to end")
     assert stored_row(app, job["id"]) is None
 
 
@@ -403,14 +403,14 @@ async def test_queued_job_past_max_age_is_gone_and_never_runs(make_client):
     # The blocker ignores cancellation, so it holds the only worker well past the queued job's expiry.
     client, app = await start(make_client, jobs={"max_age": 0.5}, queue={"workers": 1})
     blocker = await submit(client, "stubborn", {"seconds": 2})
-    await eventually(lambda: blocker["id"] in app.queue.running, "the blocker to start")  # it is 410 soon
+    await eventually(lambda: blocker["id"] in app.workers.running, "the blocker to start")  # it is 410 soon
     job = await submit(client, "echo", {"n": 1})
     assert abs(ts(job["expires_at"]) - ts(job["created_at"]) - 0.5) <= 0.002
     problem = await wait_code(client, job["id"], 410, timeout_s=10)
     assert problem["status"] == 410
     await eventually(lambda: stored_row(app, job["id"]) is None, "the expired job to become a tombstone")
-    assert blocker["id"] in app.queue.running  # so the job left the queue before any worker was free
-    await eventually(lambda: not app.queue.running, "the blocker to end", timeout_s=10)
+    assert blocker["id"] in app.workers.running  # so the job left the queue before any worker was free
+    await eventually(lambda: not app.workers.running, "the blocker to end", timeout_s=10)
     assert (await get_job(client, job["id"]))[0] == 410
 
 
@@ -418,9 +418,9 @@ async def test_running_job_past_max_age_is_canceled(make_client):
     """A job still running when its ``expires_at`` passes has its handler stopped and answers 410."""
     client, app = await start(make_client, jobs={"max_age": 0.5}, queue={"workers": 1})
     job = await submit(client, "block", {"seconds": 30})
-    await eventually(lambda: job["id"] in app.queue.running, "the job to start")
+    await eventually(lambda: job["id"] in app.workers.running, "the job to start")
     await wait_code(client, job["id"], 410, timeout_s=10)
-    await eventually(lambda: job["id"] not in app.queue.running,
+    await eventually(lambda: job["id"] not in app.workers.running,
                      "the handler to stop", timeout_s=5)
     async with client.get(f"/jobs/{job['id']}/result") as resp:
         await assert_problem(resp, 410)

@@ -7,7 +7,7 @@ async def test_submit_position_matches_the_monitor(make_client):
     """For jobs of mixed priorities behind a busy worker, each 202's position is the monitor's at that moment."""
     client, app = await make_client(queue={"workers": 1, "shutdown_grace": 0.5})
     blocker = await submit(client, "block", {"seconds": 30})
-    await eventually(lambda: blocker["id"] in app.queue.running, "the blocker to run")
+    await eventually(lambda: blocker["id"] in app.workers.running, "the blocker to run")
     for priority in (0, 5, 0, 5, 10, -1, 5):
         accepted = await submit(client, "echo", {"p": priority}, priority=priority)
         resp = await client.get(f"/jobs/{accepted['id']}")
@@ -21,7 +21,7 @@ async def test_list_positions_match_the_monitor(make_client):
     """GET /jobs gives each queued job the same position as its monitor (one query for the whole page)."""
     client, app = await make_client(queue={"workers": 1, "shutdown_grace": 0.5})
     blocker = await submit(client, "block", {"seconds": 30})
-    await eventually(lambda: blocker["id"] in app.queue.running, "the blocker to run")
+    await eventually(lambda: blocker["id"] in app.workers.running, "the blocker to run")
     for priority in (0, 5, 0, 10, -1):
         await submit(client, "echo", {"p": priority}, priority=priority)
     listed = (await (await client.get("/jobs", params={"status": "queued"})).json())["jobs"]

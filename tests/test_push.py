@@ -510,9 +510,9 @@ async def test_ws_slow_consumer_is_closed_not_buffered(start):
     async with client.ws_connect("/ws") as ws:
         await ws.send_json({"op": "subscribe", "jobs": [job["id"]], "progress": True})
         assert (await recv(ws))["type"] == "subscribed"
-        execution = app.queue.running[job["id"]]
+        execution = app.workers.running[job["id"]]
         for i in range(1, 201):  # what `await ctx.progress(...)` does, faster than any socket drains
-            app.queue.progress(execution, i / 200, f"report {i}")
+            app.workers.progress(execution, i / 200, f"report {i}")
         await eventually(counted(client, "websockets", 0), "the slow socket to be closed", timeout_s=5)
         assert app.hub.subscriptions == baseline
         received = []
@@ -531,9 +531,9 @@ async def test_ws_consumer_that_stops_reading_is_closed(start):
     async with client.ws_connect("/ws") as ws:
         await ws.send_json({"op": "subscribe", "jobs": [job["id"]], "progress": True})
         assert (await recv(ws))["type"] == "subscribed"
-        execution = app.queue.running[job["id"]]
+        execution = app.workers.running[job["id"]]
         for i in range(1, 20001):  # about 20 MB of frames: far more than the socket buffers hold
-            app.queue.progress(execution, i / 20000, f"report {i} " + "x" * 900)
+            app.workers.progress(execution, i / 20000, f"report {i} " + "x" * 900)
             await asyncio.sleep(0)  # the loop turns between reports, as in a real handler
             if i % 2000 == 0 and (await waiting(client))["websockets"] == 0:
                 break
@@ -550,7 +550,7 @@ async def test_every_channel_receives_one_completion_within_a_second(start):
     client, app = await start()
     held = asyncio.create_task(client.post("/jobs", json={"task": "sleep", "params": {"seconds": 2.0, "steps": 4}},
                                            headers={"Prefer": "wait=20"}))
-    job_id = (await eventually(lambda: list(app.queue.running), "the job to run"))[0]
+    job_id = (await eventually(lambda: list(app.workers.running), "the job to run"))[0]
 
     async def long_poll() -> tuple[dict, float]:
         resp = await client.get(f"/jobs/{job_id}", params={"wait": "20", "redirect": "false"})

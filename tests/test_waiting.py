@@ -334,7 +334,7 @@ async def test_submit_prefer_wait_canceled_answers_200(start):
     client, app = await start()
     held = asyncio.create_task(client.post("/jobs", json={"task": "block", "params": {"seconds": 30}},
                                            headers={"Prefer": "wait=20"}))
-    job_ids = await eventually(lambda: list(app.queue.running), "the job to run")
+    job_ids = await eventually(lambda: list(app.workers.running), "the job to run")
     await eventually(lambda: _long_polls_are(client, 1), "the submit to be held")
     await cancel(client, job_ids[0])
     resp = await asyncio.wait_for(held, 10)
