@@ -1,4 +1,5 @@
-"""Tasks for the benchmarks: `stamp` (its result is the moment the handler finished) and `blob` (an upload target)."""
+"""Tasks for the benchmarks: `stamp` (its result is the moment the handler finished), `blob` (an upload
+target) and `pause` (a fixed short job that reports when its handler started)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,15 @@ async def stamp(delay: float = 0.0) -> float:
     if delay:
         await asyncio.sleep(delay)
     return time.time()
+
+
+@task()
+async def pause(ms: float = 10.0) -> dict:
+    """Sleeps ``ms`` milliseconds; returns ``{"started": t}``, the wall-clock time the handler began (full
+    precision, unlike the job's millisecond ``started_at``): the fairness benchmark's job (bench/fairness.py)."""
+    started = time.time()
+    await asyncio.sleep(ms / 1000)
+    return {"started": started}
 
 
 @task(route="PUT /blobs/{name}")
