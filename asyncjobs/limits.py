@@ -56,20 +56,25 @@ class SubmitRates:
         for principal in full or list(self._buckets)[:1]:
             del self._buckets[principal]
 
-    def take(self, principal: str) -> float:
-        """Spend a token: 0.0 if one was free, else the seconds until one is (nothing is spent)."""
+    def take(self, principal: str) -> tuple[float, BucketState]:
+        """Spend a token: 0.0 if one was free, else the seconds until one is (nothing is spent); and the
+        bucket as it stands after, read at the same moment (so a refusal never says a token is left)."""
         bucket = self._bucket(principal)
+        wait_s = 0.0
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
-            return 0.0
-        return (1.0 - bucket.tokens) / self.rate
+        else:
+            wait_s = (1.0 - bucket.tokens) / self.rate
+        return wait_s, self._state(bucket)
 
     def refund(self, principal: str) -> None:
         bucket = self._bucket(principal)
         bucket.tokens = min(float(self.burst), bucket.tokens + 1.0)
 
     def state(self, principal: str) -> BucketState:
-        bucket = self._bucket(principal)
+        return self._state(self._bucket(principal))
+
+    def _state(self, bucket: _Bucket) -> BucketState:
         missing = 1.0 - (bucket.tokens - math.floor(bucket.tokens))
         full = bucket.tokens >= self.burst
         return BucketState(burst=self.burst, window_s=math.ceil(self.burst / self.rate),

@@ -111,6 +111,8 @@ class Job:
     callback_url: str | None = None
     files: dict[str, Any] | None = None  # {"inputs": {param: file}, "result": file or None}; None: no files
     vt: int = 0  # virtual start time: equal-priority jobs run in (vt, seq) order, so principals take turns
+    lease_owner: str | None = None  # the node running it (while running)
+    lease_until: float | None = None  # when another node may take it over; None: while its owner lives
 
     @property
     def terminal(self) -> bool:
@@ -120,6 +122,8 @@ class Job:
 def _move(job: Job, to: Status, **changes: Any) -> Job:
     if (job.status, to) not in ALLOWED_TRANSITIONS:
         raise InvalidTransition(f"job {job.id}: {job.status} -> {to} is not allowed")
+    if to is not Status.RUNNING:  # a lease is held only while running
+        changes = {"lease_owner": None, "lease_until": None, **changes}
     return dataclasses.replace(job, status=to, version=job.version + 1, **changes)
 
 

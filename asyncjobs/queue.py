@@ -6,6 +6,9 @@ import asyncio
 import hashlib
 import logging
 import math
+import os
+import secrets
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -22,6 +25,11 @@ from .tasks import TaskRegistry, validate
 
 log = logging.getLogger("asyncjobs.queue")
 
+
+
+def new_node_id() -> str:
+    """A name for this process that no other process, here or on another host, shares."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def equality_key(params: Any, digests: dict[str, str]) -> str:
@@ -73,6 +81,7 @@ class JobQueue:
         max_age_s: float,
         cancel_grace_s: float,
         max_queued_per_owner: int = 0,
+        node: str = "",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -86,6 +95,7 @@ class JobQueue:
         self.max_age_s = max_age_s
         self.cancel_grace_s = cancel_grace_s
         self.max_queued_per_owner = max_queued_per_owner  # 0: no limit
+        self.node = node or new_node_id()  # this process, as the holder of its running jobs' leases
         self.clock = clock
         self.virtual_time = 0  # the vt of the latest job claimed: a new principal's first job starts here
         self._delete_when_done: set[str] = set()  # jobs deleted while their handler was still stopping
@@ -99,7 +109,7 @@ class JobQueue:
         self.deliveries = asyncio.Event()  # set when a callback delivery was scheduled
 
     async def start(self) -> None:
-        requeued, failed = await self.store.recover(now=self.clock(), retention_s=self.retention_s,
+        requeued, failed = await self.store.recover(now=self.clock(), retention_s=self.retention_s, node=self.node,
                                                     payload=self.callback_payload)
         if requeued or failed:
             log.warning("recovered %d interrupted jobs: %d queued again, %d failed", requeued + failed,
@@ -285,9 +295,9 @@ class JobQueue:
         """
         position = None
         if job.status is Status.QUEUED:
-            if just_submitted:
+            if just_submitted and job.vt > self.virtual_time:  # behind its owner's backlog: last of its priority
                 position = sum(n for p, n in self._queued_by_priority.items() if p >= job.priority)
-            else:
+            else:  # a newcomer's turn comes soon, ahead of other backlogs: few jobs to count
                 position = await self.store.queue_position(job)
         return self._estimate(job, position)
 
@@ -433,7 +443,7 @@ class JobQueue:
             spec.name: None if spec.concurrency is None else spec.concurrency - running_by_task.get(spec.name, 0)
             for spec in self.registry
         }
-        jobs = await self.store.claim(now=self.clock(), limit=limit, tasks=room)
+        jobs = await self.store.claim(now=self.clock(), limit=limit, tasks=room, node=self.node)
         for job in jobs:
             self._count_queued(job.priority, -1)
             self.virtual_time = max(self.virtual_time, job.vt)

@@ -6,6 +6,7 @@ so two backends cannot drift on what a claim, a recovery, an expiry or a dedupe 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 
@@ -23,9 +24,11 @@ class Dedupe(StrEnum):
     QUOTA = "quota"  # the owner's queued jobs are at their limit (429)
 
 
-def pick_claimable(candidates: Iterable[Job], room: Mapping[str, int | None], limit: int, now: float) -> list[Job]:
+def pick_claimable(candidates: Iterable[Job], room: Mapping[str, int | None], limit: int, now: float, *,
+                   node: str = "", lease_until: float | None = None) -> list[Job]:
     """Start up to ``limit`` of ``candidates`` (in dispatch order), each task within its ``room``
-    (how many more of it may start; None: no cap). Returns the started jobs."""
+    (how many more of it may start; None: no cap), each leased to ``node`` until ``lease_until`` (None:
+    for as long as the node lives). Returns the started jobs."""
     left = dict(room)
     started: list[Job] = []
     for job in candidates:
@@ -36,8 +39,17 @@ def pick_claimable(candidates: Iterable[Job], room: Mapping[str, int | None], li
             if cap <= 0:
                 continue
             left[job.task] = cap - 1
-        started.append(start(job, now))
+        started.append(dataclasses.replace(start(job, now), lease_owner=node, lease_until=lease_until))
     return started
+
+
+def lease_lost(job: Job, now: float, *, node: str) -> bool:
+    """Whether a running job's runner is gone: another node holds it and its lease ran out, or it holds
+    no lease that could still be renewed (a lease without an end belongs to a process that has stopped
+    unless it is this node's)."""
+    if job.status is not Status.RUNNING or job.lease_owner == node:
+        return False
+    return job.lease_until is None or job.lease_until <= now
 
 
 def recover_one(job: Job, now: float, *, retention_s: float) -> Job:

@@ -108,16 +108,20 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX sessions_expiry ON sessions (expires_at);
     """,
+    """
+    ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
+    ALTER TABLE jobs ADD COLUMN lease_until REAL;
+    """,
 )
 
 _COLUMNS = (
     "seq, id, task, params, status, priority, created_at, started_at, finished_at, expires_at,"
     " run_at, attempts, max_attempts, version, progress, result, result_type, error, owner,"
-    " idempotency_key, request_hash, unique_key, callback_url, files, vt"
+    " idempotency_key, request_hash, unique_key, callback_url, files, vt, lease_owner, lease_until"
 )
 _MUTABLE = (
     "status", "started_at", "finished_at", "expires_at", "run_at", "attempts",
-    "version", "progress", "result", "result_type", "error", "files",
+    "version", "progress", "result", "result_type", "error", "files", "lease_owner", "lease_until",
 )
 
 
@@ -148,7 +152,7 @@ NEXT_RUN_SQL = "SELECT MIN(run_at) FROM jobs INDEXED BY jobs_due WHERE status = 
 def _row_to_job(row: sqlite3.Row | tuple) -> Job:
     (seq, id_, task, params, status, priority, created_at, started_at, finished_at, expires_at,
      run_at, attempts, max_attempts, version, progress, result, result_type, error, owner,
-     idempotency_key, request_hash, unique_key, callback_url, files, vt) = row
+     idempotency_key, request_hash, unique_key, callback_url, files, vt, lease_owner, lease_until) = row
     return Job(
         id=id_, seq=seq, task=task, params=params, status=Status(status), priority=priority,
         created_at=created_at, started_at=started_at, finished_at=finished_at,
@@ -158,6 +162,7 @@ def _row_to_job(row: sqlite3.Row | tuple) -> Job:
         error=codec.loads(error) if error else None, owner=owner,
         idempotency_key=idempotency_key, request_hash=request_hash, unique_key=unique_key,
         callback_url=callback_url, files=codec.loads(files) if files else None, vt=vt,
+        lease_owner=lease_owner, lease_until=lease_until,
     )
 
 
@@ -172,7 +177,7 @@ def _mutable_values(job: Job) -> tuple:
         codec.dumps(job.progress) if job.progress is not None else None,
         job.result, job.result_type,
         codec.dumps(job.error) if job.error is not None else None,
-        _encoded(job.files),
+        _encoded(job.files), job.lease_owner, job.lease_until,
     )
 
 
@@ -256,8 +261,9 @@ class Store(Protocol):
     async def lookup(self, job_id: str) -> Lookup: ...
     async def list_jobs(self, *, status: str | None, task: str | None, owner: str | None,
                    before_seq: int | None, limit: int) -> list[Job]: ...
-    async def claim(self, *, now: float, limit: int, tasks: dict[str, int | None]) -> list[Job]: ...
-    async def recover(self, *, now: float, retention_s: float, payload: Payload) -> tuple[int, int]: ...
+    async def claim(self, *, now: float, limit: int, tasks: dict[str, int | None], node: str = "",
+                    lease_s: float | None = None) -> list[Job]: ...
+    async def recover(self, *, now: float, retention_s: float, payload: Payload, node: str = "") -> tuple[int, int]: ...
     async def sweep(self, *, now: float, retention_s: float, tombstone_retention_s: float,
                     payload: Payload) -> SweepResult: ...
     async def queue_position(self, job: Job) -> int: ...
@@ -461,7 +467,7 @@ class SQLiteStore:
             (last,) = db.execute(OWNER_LAST_VT_SQL, (job.owner,)).fetchone()
             new = dataclasses.replace(job, vt=rules.virtual_start(owner_last=last, floor=vt_floor))
             cur = db.execute(
-                f"INSERT INTO jobs ({_COLUMNS}) VALUES (NULL{', ?' * 24})",
+                f"INSERT INTO jobs ({_COLUMNS}) VALUES (NULL{', ?' * 26})",
                 (new.id, new.task, new.params, new.status.value, new.priority, new.created_at,
                  new.started_at, new.finished_at, new.expires_at, new.run_at, new.attempts,
                  new.max_attempts, new.version,
@@ -469,7 +475,7 @@ class SQLiteStore:
                  new.result, new.result_type,
                  codec.dumps(new.error) if new.error is not None else None, new.owner,
                  new.idempotency_key, new.request_hash, new.unique_key, new.callback_url, _encoded(new.files),
-                 new.vt),
+                 new.vt, new.lease_owner, new.lease_until),
             )
             return Inserted(dataclasses.replace(new, seq=cur.lastrowid or 0))
 
@@ -501,11 +507,13 @@ class SQLiteStore:
 
         return await self._write(op)
 
-    async def claim(self, *, now: float, limit: int, tasks: dict[str, int | None]) -> list[Job]:
-        """Move up to ``limit`` due queued jobs to running, best first.
+    async def claim(self, *, now: float, limit: int, tasks: dict[str, int | None], node: str = "",
+                    lease_s: float | None = None) -> list[Job]:
+        """Move up to ``limit`` due queued jobs to running, best first, leased to ``node``.
 
         ``tasks`` maps each runnable task to how many more of it may start now
-        (None: no cap); jobs of other tasks are left queued.
+        (None: no cap); jobs of other tasks are left queued. ``lease_s`` None: the lease lasts as long
+        as the node (one process holds a SQLite file, so no other node could take the job over).
         """
         open_tasks = [t for t, room in tasks.items() if room is None or room > 0]
         if limit <= 0 or not open_tasks:
@@ -514,22 +522,24 @@ class SQLiteStore:
         def op(db: sqlite3.Connection) -> list[Job]:
             marks = ", ".join("?" for _ in open_tasks)
             cur = db.execute(CLAIM_SQL.format(marks=marks), (now, now, *open_tasks, limit * 4))
-            claimed = rules.pick_claimable(map(_row_to_job, cur.fetchall()), tasks, limit, now)
+            claimed = rules.pick_claimable(map(_row_to_job, cur.fetchall()), tasks, limit, now, node=node,
+                                           lease_until=None if lease_s is None else now + lease_s)
             db.executemany(
-                "UPDATE jobs SET status = 'running', started_at = ?, attempts = ?, version = ?, error = NULL"
-                " WHERE id = ?",
-                [(j.started_at, j.attempts, j.version, j.id) for j in claimed],
+                "UPDATE jobs SET status = 'running', started_at = ?, attempts = ?, version = ?, error = NULL,"
+                " lease_owner = ?, lease_until = ? WHERE id = ?",
+                [(j.started_at, j.attempts, j.version, j.lease_owner, j.lease_until, j.id) for j in claimed],
             )
             return claimed
 
         return await self._write(op)
 
-    async def recover(self, *, now: float, retention_s: float, payload: Payload) -> tuple[int, int]:
-        """After a crash: running jobs go back to the queue, or fail as interrupted past their attempts."""
+    async def recover(self, *, now: float, retention_s: float, payload: Payload, node: str = "") -> tuple[int, int]:
+        """Running jobs whose lease is lost (``rules.lease_lost``: at a SQLite store's start, every one
+        another process held) go back to the queue, or fail as interrupted past their attempts."""
 
         def op(db: sqlite3.Connection) -> tuple[int, int]:
             cur = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE status = 'running'")
-            rows = [_row_to_job(r) for r in cur.fetchall()]
+            rows = [j for j in map(_row_to_job, cur.fetchall()) if rules.lease_lost(j, now, node=node)]
             requeued = failed = 0
             for job in rows:
                 new = rules.recover_one(job, now, retention_s=retention_s)

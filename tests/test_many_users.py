@@ -196,8 +196,10 @@ async def test_a_lone_job_waits_behind_at_most_one_job_per_worker_of_a_backlog(m
                for _ in range(300)]
     for chunk in range(0, 300, 50):
         assert {r.status for r in await asyncio.gather(*backlog[chunk:chunk + 50])} == {202}
-    lone = await (await client.post("/jobs", json={"task": "block", "params": {"seconds": 0.01}},
-                                    headers=auth(BOB))).json()
+    answer = await client.post("/jobs", json={"task": "block", "params": {"seconds": 0.01}}, headers=auth(BOB))
+    lone = await answer.json()
+    assert lone["queue_position"] <= 3, lone["queue_position"]  # its 202 says it is near the front...
+    assert int(answer.headers["Retry-After"]) <= 2  # ...and not to come back after the whole backlog
     done = await wait_status(client, lone["id"], "succeeded", headers=auth(BOB), timeout_s=30)
     alice_jobs = await jobs_of(client, auth(ALICE))
     started_between = [j for j in alice_jobs if j["started_at"] and lone["created_at"] < j["started_at"] < done["started_at"]]

@@ -41,16 +41,18 @@ class Clock:
 def test_token_bucket_spends_refills_and_refunds():
     clock = Clock()
     rates = SubmitRates(2.0, 3, clock=clock)
-    assert [rates.take("a") for _ in range(3)] == [0.0, 0.0, 0.0]
-    assert rates.take("a") == pytest.approx(0.5)  # nothing spent: a token in half a second
+    assert [rates.take("a")[0] for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait_s, state = rates.take("a")
+    assert wait_s == pytest.approx(0.5)  # nothing spent: a token in half a second
+    assert (state.left, state.next_s) == (0, 1)  # said at the moment of the refusal
     assert rates.state("a").left == 0
     clock.now += 0.25
     state = rates.state("a")
     assert (state.left, state.next_s, state.burst, state.window_s) == (0, 1, 3, 2)
-    assert rates.take("a") == pytest.approx(0.25)
+    assert rates.take("a")[0] == pytest.approx(0.25)
     rates.refund("a")
-    assert rates.take("a") == 0.0
-    assert rates.take("b") == 0.0  # every principal has its own bucket
+    assert rates.take("a")[0] == 0.0
+    assert rates.take("b")[0] == 0.0  # every principal has its own bucket
     clock.now += 100
     assert rates.state("a").left == 3 and rates.state("a").next_s == 0  # full, not more
 

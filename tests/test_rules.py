@@ -59,3 +59,14 @@ def test_virtual_start_takes_turns():
     assert rules.virtual_start(owner_last=None, floor=0) == 0
     assert rules.virtual_start(owner_last=41, floor=3) == 42  # a backlog goes on from its own last job
     assert rules.virtual_start(owner_last=None, floor=7) == 7  # a newcomer starts at the current turn
+
+
+def test_a_lease_is_lost_when_another_node_held_it_and_it_ran_out():
+    running = start(job(), 1.0)
+    mine = rules.pick_claimable([job()], {}, 1, 1.0, node="a")[0]
+    assert not rules.lease_lost(mine, 5.0, node="a")
+    assert rules.lease_lost(mine, 5.0, node="b")  # no end: it lasts only while node a lives, and b is running
+    timed = rules.pick_claimable([job()], {}, 1, 1.0, node="a", lease_until=10.0)[0]
+    assert not rules.lease_lost(timed, 5.0, node="b") and rules.lease_lost(timed, 10.0, node="b")
+    assert not rules.lease_lost(job(), 5.0, node="b")  # only running jobs hold leases
+    assert rules.lease_lost(running, 5.0, node="b")

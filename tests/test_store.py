@@ -76,11 +76,12 @@ async def test_claim_respects_task_room(store):
 
 
 async def test_recover_requeues_or_interrupts(store):
-    """Running jobs left by a crash are queued again if attempts remain, else failed as interrupted."""
+    """Running jobs left by a crash (another node, gone) are queued again if attempts remain, else failed as
+    interrupted."""
     retryable = (await store.insert(make_job(max_attempts=2))).job
     final = (await store.insert(make_job(max_attempts=1))).job
-    await store.claim(now=200.0, limit=10, tasks={"echo": None})
-    assert await store.recover(now=300.0, retention_s=60, payload=lambda j: b"{}") == (1, 1)
+    await store.claim(now=200.0, limit=10, tasks={"echo": None}, node="crashed")
+    assert await store.recover(now=300.0, retention_s=60, payload=lambda j: b"{}", node="restarted") == (1, 1)
     assert (await store.lookup(retryable.id)).job.status is Status.QUEUED
     failed = (await store.lookup(final.id)).job
     assert failed.status is Status.FAILED and failed.error["type"] == "interrupted"
@@ -251,3 +252,16 @@ async def test_sessions_live_until_they_expire_or_are_deleted(store):
 async def test_file_owners_say_which_folders_belong_to_jobs(store):
     job = (await store.insert(make_job(files={"inputs": {"f": {}}, "result": None}))).job
     assert await store.file_owners([job.id, "stray"]) == {job.id: (False, False)}
+
+
+async def test_a_claim_leases_its_jobs_and_recovery_takes_only_lost_leases(store):
+    """Claimed jobs are leased to the claiming node; recovery leaves a live node's jobs alone (a lease
+    without an end lasts as long as its node) and takes those of any other node."""
+    await store.insert(make_job())
+    [job] = await store.claim(now=100.0, limit=1, tasks={"echo": None}, node="me")
+    assert (job.lease_owner, job.lease_until) == ("me", None)
+    assert (await store.lookup(job.id)).job.lease_owner == "me"
+    assert await store.recover(now=101.0, retention_s=10, payload=lambda j: b"", node="me") == (0, 0)
+    assert await store.recover(now=101.0, retention_s=10, payload=lambda j: b"", node="next") == (0, 1)
+    after = (await store.lookup(job.id)).job
+    assert after.status is Status.FAILED and after.lease_owner is None

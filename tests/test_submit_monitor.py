@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import hashlib
 import re
 import secrets
@@ -691,10 +692,12 @@ async def test_tasks_lists_registered_tasks(start):
 
 
 async def test_healthz_answers_200(start):
-    """``GET /healthz`` answers 200."""
-    client, _ = await start()
+    """``GET /healthz`` answers 200 and names this node (the holder of its running jobs' leases)."""
+    client, app = await start()
     resp = await client.get("/healthz")
     assert resp.status == 200
+    body = await resp.json()
+    assert body["status"] == "ok" and body["node"] == app.queue.node and str(os.getpid()) in body["node"]
 
 
 # -- 9. aiohttp's own errors ---------------------------------------------------------------------

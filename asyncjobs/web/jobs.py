@@ -96,11 +96,12 @@ def _spend_token(rates: SubmitRates | None, owner: str) -> None:
     """429 with Retry-After and the RateLimit fields when the caller's bucket is empty."""
     if rates is None:
         return
-    wait_s = rates.take(owner)
+    wait_s, state = rates.take(owner)
     if wait_s:
         raise WebProblem(QuotaExceeded(f"more than {rates.rate:g} submits per second (bursts of {rates.burst});"
                                        " slow down", retry_after_s=protocol.rate_retry_after_s(wait_s)),
-                         _ratelimit_headers(rates, owner))
+                         protocol.ratelimit_headers(burst=state.burst, window_s=state.window_s, left=state.left,
+                                                    next_s=state.next_s))
 
 
 def _ratelimit_headers(rates: SubmitRates, owner: str) -> dict[str, str]:
@@ -269,4 +270,5 @@ async def list_tasks(request: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     """Liveness, and how many clients are waiting on each channel."""
     waiters = request.app[WAITERS_KEY]
-    return json_response({"status": "ok", "waiting": vars(waiters)}, headers=protocol.NO_STORE)
+    return json_response({"status": "ok", "node": request.app[QUEUE_KEY].node, "waiting": vars(waiters)},
+                         headers=protocol.NO_STORE)
