@@ -17,6 +17,7 @@ import termios
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -320,11 +321,13 @@ def test_ctrl_c_during_wait_leaves_the_job_running(server, api):
     api.cancel(job)
 
 
-def run_in_pty(argv: list[str], timeout_s: float = RUN_TIMEOUT_S) -> tuple[int, str]:
-    """Run a command with a pseudo-terminal (100 columns) as its stdin, stdout and stderr; returns (status, output)."""
+def run_in_pty(argv: list[str], timeout_s: float = RUN_TIMEOUT_S, cwd: Path | None = None) -> tuple[int, str]:
+    """Run a command (in ``cwd``) with a pseudo-terminal (100 columns) as its stdin, stdout and stderr;
+    returns (status, output)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=clean_env(), close_fds=True)
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=clean_env(), cwd=cwd,
+                            close_fds=True)
     os.close(slave)
     chunks: list[bytes] = []
     deadline = time.monotonic() + timeout_s

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import hashlib
 import os
-import pty
-import select
-import struct
 import subprocess
 import sys
-import termios
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +15,7 @@ import pytest
 from asyncjobs import codec
 from asyncjobs.client import SyncClient, cli
 from tests.conftest import ServerProcess
+from tests.test_cli_client import run_in_pty as run_command_in_pty
 from tests.test_cli_client import (
     RUN_TIMEOUT_S,
     assert_one_line,
@@ -59,33 +54,8 @@ def expected_bytes(size: int, seed: str = "") -> bytes:
 
 
 def run_in_pty(argv: list[str], cwd: Path, timeout_s: float = RUN_TIMEOUT_S) -> tuple[int, str]:
-    """Run `python -m asyncjobs ARGV` in ``cwd`` with a pseudo-terminal (100 columns) as stdin, stdout
-    and stderr; returns (status, output)."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "asyncjobs", *argv], stdin=slave, stdout=slave, stderr=slave,
-                            env=clean_env(), cwd=cwd, close_fds=True)
-    os.close(slave)
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                break
-            try:
-                data = os.read(master, 4096)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not data:
-                break
-            chunks.append(data)
-        return proc.wait(timeout=5), b"".join(chunks).decode(errors="replace")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        os.close(master)
+    """Run `python -m asyncjobs ARGV` in ``cwd`` with a pseudo-terminal; returns (status, output)."""
+    return run_command_in_pty([sys.executable, "-m", "asyncjobs", *argv], timeout_s, cwd=cwd)
 
 
 def bars(output: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import random
@@ -158,7 +159,7 @@ async def test_logs_one_listening_line_and_serves(server_factory, http):
 
 async def test_uvloop_is_chosen_in_config(server_factory, http):
     """`server.loop = "uvloop"` runs the service on uvloop (the `speed` extra), and it serves."""
-    pytest.importorskip("uvloop")
+    assert importlib.util.find_spec("uvloop"), "uvloop is in the test extra: pip install '.[test]'"
     server = server_factory(config_text='[server]\nloop = "uvloop"\n')
     assert "(uvloop event loop)" in server.log(), server.log()
     async with http.post(server.url + "/jobs", json={"task": "echo", "params": {"x": 1}},
