@@ -97,6 +97,10 @@ class Hub:
         """The newest state published of a running job (its progress, ahead of the store), or None."""
         return self._running.get(job_id)
 
+    def forget(self, job_id: str) -> None:
+        """Drop a running job's latest state (its runner is done with it, though nothing was published)."""
+        self._running.pop(job_id, None)
+
     def add_cancel_listener(self, callback: Callable[[str, CancelReason], None]) -> None:
         """Call ``callback(job_id, reason)`` on every cancel request (the runners of jobs listen)."""
         self._cancel_listeners.append(callback)

@@ -422,6 +422,7 @@ class JobQueue:
         if not await self.store.update(new, expected_version=expected_version,
                                        deliver=self.callback_payload if deliver else None):
             log.warning("job %s changed under its worker; its outcome %s was not stored", new.id, new.status)
+            self.hub.forget(new.id)  # the store's state stands; this runner's last report must not shadow it
             return False
         if deliver:
             self.deliveries.set()
