@@ -10,7 +10,7 @@ RANKS = {
     "codec": 0, "errors": 0,
     "models": 1,
     "protocol": 2, "config": 2,
-    "rules": 2, "store": 3, "files": 3,
+    "rules": 2, "store": 3, "files": 3, "postgres": 4,
     "hub": 4, "tasks": 4,
     "queue": 5, "builtin": 5, "limits": 1,
     "worker": 6, "callbacks": 6,

@@ -12,6 +12,7 @@ from asyncjobs.errors import StoreError
 from asyncjobs.models import Job, JobIds, Status, start, succeed
 from asyncjobs.rules import Dedupe
 from asyncjobs.store import SQLiteStore
+from tests.postgres_cluster import postgres_server, postgres_url  # noqa: F401 (fixtures the postgres backend uses)
 
 
 NEW_ID = JobIds()
@@ -23,12 +24,23 @@ def make_job(task="echo", priority=0, run_at=100.0, **changes) -> Job:
     return Job(**{**base, **changes})
 
 
-BACKENDS = {"sqlite": lambda tmp_path: SQLiteStore(tmp_path / "store.db")}
+def _postgres(request):
+    from asyncjobs.postgres import PostgresStore
+
+    # The cluster starts on the first postgres test only (a fresh database for each test).
+    return PostgresStore(request.getfixturevalue("postgres_url"))
+
+
+# Each backend from its name, given the fixture's request and tmp_path.
+BACKENDS = {
+    "sqlite": lambda request, tmp_path: SQLiteStore(tmp_path / "store.db"),
+    "postgres": lambda request, tmp_path: _postgres(request),
+}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 async def store(request, tmp_path):
-    backend = BACKENDS[request.param](tmp_path)
+    backend = BACKENDS[request.param](request, tmp_path)
     await backend.open()
     yield backend
     await backend.close()

@@ -1,0 +1,589 @@
+"""The PostgreSQL store: ``PostgresStore``, the ``Store`` of many nodes sharing one database (asyncpg).
+
+The same contract as ``SQLiteStore`` (its docstrings are the reference), method for method: every write
+is one transaction on a pooled connection, committed before the method returns; the rules applied are
+those of ``rules``. What one writer thread serializes in SQLite is made safe here with row locks and
+transaction-level advisory locks:
+
+- insert takes ``pg_advisory_xact_lock`` on a hash of (owner, idempotency_key), of (owner, task,
+  unique_key), and, when an owner quota applies, of the owner, in that order, before it looks for the
+  earlier or equal job, so racing equal submits (on any node) make one job;
+- claim reads its candidates ``FOR UPDATE SKIP LOCKED`` in dispatch order (priority DESC, vt, seq), so two
+  nodes never start the same job and neither waits for the other;
+- recover and sweep lock the rows they change the same way, so two nodes never recover or sweep the same
+  rows;
+- the schema is migrated in one transaction under an advisory lock, so nodes starting at once are safe.
+
+Times still come from the caller (``now``), as with SQLite; lease expiry by the database's clock comes
+with the multi-node work. Connection failures and PostgreSQL errors are raised as ``StoreError`` (the web
+layer answers 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+from . import codec, rules
+from .errors import StoreError
+from .models import TERMINAL_STATUSES, Job, Status
+from .store import Delivery, Inserted, Lookup, Payload, SweepResult
+
+log = logging.getLogger("asyncjobs.postgres")
+
+SCHEMA_TABLE = "asyncjobs_schema"
+MIGRATE_LOCK = "asyncjobs.migrate"
+CLOSE_TIMEOUT = 10.0  # seconds close() waits for connections in use before it cuts them
+
+# Each entry migrates the schema from version i to i + 1 (the one row of asyncjobs_schema).
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE jobs (
+        seq             BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id              TEXT             NOT NULL UNIQUE,
+        task            TEXT             NOT NULL,
+        params          BYTEA            NOT NULL,
+        status          TEXT             NOT NULL,
+        priority        INTEGER          NOT NULL,
+        created_at      DOUBLE PRECISION NOT NULL,
+        started_at      DOUBLE PRECISION,
+        finished_at     DOUBLE PRECISION,
+        expires_at      DOUBLE PRECISION NOT NULL,
+        run_at          DOUBLE PRECISION NOT NULL,
+        attempts        INTEGER          NOT NULL,
+        max_attempts    INTEGER          NOT NULL,
+        version         INTEGER          NOT NULL,
+        progress        BYTEA,
+        result          BYTEA,
+        result_type     TEXT,
+        error           BYTEA,
+        owner           TEXT             NOT NULL DEFAULT '',
+        idempotency_key TEXT,
+        request_hash    TEXT,
+        unique_key      TEXT,
+        callback_url    TEXT,
+        files           BYTEA,
+        vt              BIGINT           NOT NULL DEFAULT 0,
+        lease_owner     TEXT,
+        lease_until     DOUBLE PRECISION
+    );
+    CREATE INDEX jobs_fair ON jobs (priority DESC, vt, seq) WHERE status = 'queued';
+    CREATE INDEX jobs_due ON jobs (run_at) WHERE status = 'queued';
+    CREATE INDEX jobs_running ON jobs (seq) WHERE status = 'running';
+    CREATE INDEX jobs_expiry ON jobs (expires_at);
+    CREATE INDEX jobs_status_seq ON jobs (status, seq);
+    CREATE INDEX jobs_task_seq ON jobs (task, seq);
+    CREATE INDEX jobs_owner_seq ON jobs (owner, seq);
+    CREATE INDEX jobs_owner_queued ON jobs (owner, vt) WHERE status = 'queued';
+    CREATE UNIQUE INDEX jobs_idempotency ON jobs (owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX jobs_unique ON jobs (owner, task, unique_key, seq)
+        WHERE unique_key IS NOT NULL AND status IN ('queued', 'running');
+    CREATE INDEX jobs_reuse ON jobs (owner, task, unique_key, seq)
+        WHERE unique_key IS NOT NULL AND status = 'succeeded';
+    CREATE TABLE tombstones (
+        id         TEXT PRIMARY KEY,
+        owner      TEXT NOT NULL DEFAULT '',
+        gone_until DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX tombstones_gone ON tombstones (gone_until);
+    CREATE TABLE deliveries (
+        job_id     TEXT PRIMARY KEY,
+        message_id TEXT             NOT NULL,
+        url        TEXT             NOT NULL,
+        payload    BYTEA            NOT NULL,
+        attempts   INTEGER          NOT NULL DEFAULT 0,
+        next_at    DOUBLE PRECISION NOT NULL,
+        state      TEXT             NOT NULL DEFAULT 'pending',
+        last_error TEXT
+    );
+    CREATE INDEX deliveries_due ON deliveries (next_at) WHERE state = 'pending';
+    CREATE TABLE sessions (
+        id         TEXT PRIMARY KEY,
+        principal  TEXT NOT NULL,
+        csrf       TEXT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX sessions_expiry ON sessions (expires_at);
+    """,
+)
+
+_COLUMN_NAMES = (
+    "seq", "id", "task", "params", "status", "priority", "created_at", "started_at", "finished_at", "expires_at",
+    "run_at", "attempts", "max_attempts", "version", "progress", "result", "result_type", "error", "owner",
+    "idempotency_key", "request_hash", "unique_key", "callback_url", "files", "vt", "lease_owner", "lease_until",
+)
+_COLUMNS = ", ".join(_COLUMN_NAMES)
+_INSERT_COLUMNS = ", ".join(_COLUMN_NAMES[1:])
+_MUTABLE = (
+    "status", "started_at", "finished_at", "expires_at", "run_at", "attempts",
+    "version", "progress", "result", "result_type", "error", "files", "lease_owner", "lease_until",
+)
+_ASSIGN = ", ".join(f"{c} = ${i}" for i, c in enumerate(_MUTABLE, start=1))
+_NEXT = len(_MUTABLE) + 1  # the first placeholder after the mutable values
+
+INSERT_SQL = (f"INSERT INTO jobs ({_INSERT_COLUMNS}) VALUES ({', '.join(f'${i}' for i in range(1, 27))})"
+              " RETURNING seq")
+UPDATE_SQL = f"UPDATE jobs SET {_ASSIGN} WHERE id = ${_NEXT} AND version = ${_NEXT + 1}"
+UPDATE_ANY_SQL = f"UPDATE jobs SET {_ASSIGN} WHERE id = ${_NEXT}"
+LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
+CLAIM_SQL = (f"SELECT {_COLUMNS} FROM jobs WHERE status = 'queued' AND run_at <= $1 AND expires_at > $1"
+             " AND task = ANY($2::text[]) ORDER BY priority DESC, vt, seq LIMIT $3 FOR UPDATE SKIP LOCKED")
+START_SQL = ("UPDATE jobs SET status = 'running', started_at = $1, attempts = $2, version = $3, error = NULL,"
+             " lease_owner = $4, lease_until = $5 WHERE id = $6")
+RUNNING_SQL = (f"SELECT {_COLUMNS} FROM jobs WHERE status = 'running' AND lease_owner IS DISTINCT FROM $2"
+               " AND (lease_until IS NULL OR lease_until <= $1) ORDER BY seq FOR UPDATE SKIP LOCKED")
+EXPIRED_SQL = (f"SELECT {_COLUMNS} FROM jobs WHERE expires_at <= $1 ORDER BY expires_at LIMIT 5000"
+               " FOR UPDATE SKIP LOCKED")
+POSITION_SQL = (
+    "SELECT (SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND priority > $1)"
+    " + (SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND priority = $1"
+    " AND (vt < $2 OR (vt = $2 AND seq < $3)))")
+POSITIONS_SQL = ("SELECT id, pos FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY priority DESC, vt, seq) AS pos"
+                 " FROM jobs WHERE status = 'queued') AS q WHERE id = ANY($1::text[])")
+BY_PRIORITY_SQL = "SELECT priority, COUNT(*) FROM jobs WHERE status = 'queued' GROUP BY priority"
+OWNER_LAST_VT_SQL = "SELECT MAX(vt) FROM jobs WHERE owner = $1 AND status = 'queued'"
+OWNER_QUEUED_SQL = "SELECT COUNT(*) FROM jobs WHERE owner = $1 AND status = 'queued'"
+MIN_VT_SQL = "SELECT MIN(vt) FROM jobs WHERE status = 'queued'"
+SAME_KEY_SQL = f"SELECT {_COLUMNS} FROM jobs WHERE owner = $1 AND idempotency_key = $2 AND expires_at > $3"
+LIVE_TWIN_SQL = (f"SELECT {_COLUMNS} FROM jobs WHERE owner = $1 AND task = $2 AND unique_key = $3"
+                 " AND status IN ('queued', 'running') AND expires_at > $4 ORDER BY seq DESC LIMIT 1")
+DONE_TWIN_SQL = (f"SELECT {_COLUMNS} FROM jobs WHERE owner = $1 AND task = $2 AND unique_key = $3"
+                 " AND status = 'succeeded' AND finished_at >= $4 AND expires_at > $5 ORDER BY seq DESC LIMIT 1")
+NEXT_RUN_SQL = "SELECT MIN(run_at) FROM jobs WHERE status = 'queued' AND run_at > $1"
+DELIVERY_SQL = ("INSERT INTO deliveries (job_id, message_id, url, payload, next_at) VALUES ($1, $2, $3, $4, $5)"
+                " ON CONFLICT (job_id) DO NOTHING")
+TOMBSTONE_SQL = ("INSERT INTO tombstones (id, owner, gone_until) VALUES ($1, $2, $3)"
+                 " ON CONFLICT (id) DO UPDATE SET owner = EXCLUDED.owner, gone_until = EXCLUDED.gone_until")
+
+# What a connection that failed, or a database that refused, raises; all become StoreError.
+_DB_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+def _row_to_job(row: Any) -> Job:
+    (seq, id_, task, params, status, priority, created_at, started_at, finished_at, expires_at,
+     run_at, attempts, max_attempts, version, progress, result, result_type, error, owner,
+     idempotency_key, request_hash, unique_key, callback_url, files, vt, lease_owner, lease_until) = row
+    return Job(
+        id=id_, seq=seq, task=task, params=bytes(params), status=Status(status), priority=priority,
+        created_at=created_at, started_at=started_at, finished_at=finished_at,
+        expires_at=expires_at, run_at=run_at, attempts=attempts, max_attempts=max_attempts,
+        version=version, progress=codec.loads(progress) if progress else None,
+        result=None if result is None else bytes(result), result_type=result_type,
+        error=codec.loads(error) if error else None, owner=owner,
+        idempotency_key=idempotency_key, request_hash=request_hash, unique_key=unique_key,
+        callback_url=callback_url, files=codec.loads(files) if files else None, vt=vt,
+        lease_owner=lease_owner, lease_until=lease_until,
+    )
+
+
+def _encoded(value: Any) -> bytes | None:
+    return None if value is None else codec.dumps(value)
+
+
+def _mutable_values(job: Job) -> tuple:
+    return (
+        job.status.value, job.started_at, job.finished_at, job.expires_at, job.run_at,
+        job.attempts, job.version, _encoded(job.progress), job.result, job.result_type,
+        _encoded(job.error), _encoded(job.files), job.lease_owner, job.lease_until,
+    )
+
+
+def _insert_values(job: Job) -> tuple:
+    return (
+        job.id, job.task, job.params, job.status.value, job.priority, job.created_at,
+        job.started_at, job.finished_at, job.expires_at, job.run_at, job.attempts,
+        job.max_attempts, job.version, _encoded(job.progress), job.result, job.result_type,
+        _encoded(job.error), job.owner, job.idempotency_key, job.request_hash, job.unique_key,
+        job.callback_url, _encoded(job.files), job.vt, job.lease_owner, job.lease_until,
+    )
+
+
+def _rowcount(status: str) -> int:
+    """The row count of a command tag such as ``UPDATE 1`` or ``INSERT 0 1``."""
+    try:
+        return int(status.rsplit(" ", 1)[-1])
+    except ValueError:
+        return 0
+
+
+def _lock_key(kind: str, *parts: str) -> str:
+    """The text hashed into an advisory lock: the kind, then each part length-prefixed (so no two
+    different tuples make the same text)."""
+    return kind + "".join(f"|{len(p)}:{p}" for p in parts)
+
+
+async def _schedule_delivery(db: asyncpg.Connection, job: Job, payload: Payload) -> None:
+    if job.callback_url:
+        await db.execute(DELIVERY_SQL, job.id, f"msg_{job.id}_{job.version}", job.callback_url, payload(job),
+                         job.finished_at or 0.0)
+
+
+WriteOp = Callable[[asyncpg.Connection], Awaitable[Any]]  # runs inside a transaction
+
+
+class PostgresStore:
+    """The shared store: one PostgreSQL database, reached through a pool of asyncpg connections."""
+
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10, connect_timeout: float = 10.0,
+                 command_timeout: float | None = 60.0) -> None:
+        self.url = url
+        self.min_size = min_size
+        self.max_size = max_size
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self._pool: asyncpg.Pool | None = None
+        self.commits = 0  # transactions committed, for tests and metrics
+        self.on_commit: Callable[[float, int], None] | None = None  # told (seconds, writes) after each commit
+
+    # -- lifecycle -------------------------------------------------------
+    async def open(self) -> None:
+        try:
+            pool = await asyncpg.create_pool(
+                self.url, min_size=self.min_size, max_size=self.max_size, timeout=self.connect_timeout,
+                command_timeout=self.command_timeout)
+        except _DB_ERRORS as exc:
+            raise StoreError(f"store.url: cannot connect to PostgreSQL: {exc}") from exc
+        except ValueError as exc:  # a malformed URL
+            raise StoreError(f"store.url: {exc}") from exc
+        try:
+            async with pool.acquire() as db, db.transaction():
+                await self._migrate(db)
+        except BaseException as exc:
+            await pool.close()
+            if isinstance(exc, _DB_ERRORS):
+                raise StoreError(f"store.url: cannot migrate the PostgreSQL schema: {exc}") from exc
+            raise
+        self._pool = pool
+
+    async def _migrate(self, db: asyncpg.Connection) -> None:
+        # Every node that starts takes this lock first: one migrates, the others then find it done.
+        await db.execute(LOCK_SQL, MIGRATE_LOCK)
+        await db.execute(f"CREATE TABLE IF NOT EXISTS {SCHEMA_TABLE} (version INTEGER NOT NULL)")
+        current = await db.fetchval(f"SELECT version FROM {SCHEMA_TABLE}")
+        if current is None:
+            await db.execute(f"INSERT INTO {SCHEMA_TABLE} (version) VALUES (0)")
+            current = 0
+        if current > len(MIGRATIONS):
+            raise StoreError(
+                f"store.url: schema version {current} is newer than this asyncjobs knows"
+                f" ({len(MIGRATIONS)}); upgrade asyncjobs")
+        for version in range(current, len(MIGRATIONS)):
+            await db.execute(MIGRATIONS[version])
+            await db.execute(f"UPDATE {SCHEMA_TABLE} SET version = $1", version + 1)
+            log.info("store schema migrated to version %d", version + 1)
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:  # writes under way finish first (they are shielded), within a bound
+                await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
+            except Exception:  # the database is gone, or a connection hangs
+                pool.terminate()
+
+    def _require_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreError("the store is closed")
+        return self._pool
+
+    # -- transactions ----------------------------------------------------
+    async def _write(self, op: WriteOp) -> Any:
+        """Run ``op`` in one transaction on a pooled connection; it has committed when this returns.
+
+        As with SQLite, a write once started commits even if the caller is cancelled and stops waiting
+        (the transaction is shielded; only the answer is dropped).
+        """
+        pool = self._require_pool()
+        return await asyncio.shield(self._transaction(pool, op))
+
+    async def _transaction(self, pool: asyncpg.Pool, op: WriteOp) -> Any:
+        started = time.perf_counter()
+        try:
+            async with pool.acquire() as db, db.transaction():
+                result = await op(db)
+        except _DB_ERRORS as exc:
+            log.error("store write failed: %s", exc)
+            raise StoreError(f"store write failed: {exc}") from exc
+        self.commits += 1
+        if self.on_commit is not None:
+            self.on_commit(time.perf_counter() - started, 1)
+        return result
+
+    async def _fetch(self, sql: str, *args: Any) -> list:
+        pool = self._require_pool()
+        try:
+            return list(await pool.fetch(sql, *args))
+        except _DB_ERRORS as exc:
+            raise StoreError(f"store read failed: {exc}") from exc
+
+    async def _fetchval(self, sql: str, *args: Any) -> Any:
+        pool = self._require_pool()
+        try:
+            return await pool.fetchval(sql, *args)
+        except _DB_ERRORS as exc:
+            raise StoreError(f"store read failed: {exc}") from exc
+
+    # -- writes ----------------------------------------------------------
+    async def insert(self, job: Job, *, admit: bool = True, reuse_s: float | None = None, fresh: bool = False,
+                     vt_floor: int = 0, max_queued_for_owner: int = 0) -> Inserted:
+        """Store a new job, unless an equal one answers it (see ``SQLiteStore.insert``).
+
+        One transaction; racing submits with the same idempotency key, or equal unique jobs, or (with a
+        quota) of the same owner, are serialized by advisory locks taken in that order.
+        """
+
+        async def op(db: asyncpg.Connection) -> Inserted:
+            if job.idempotency_key is not None:
+                await db.execute(LOCK_SQL, _lock_key("idempotency", job.owner, job.idempotency_key))
+            check_equal = job.unique_key is not None and not fresh
+            if check_equal:
+                assert job.unique_key is not None
+                await db.execute(LOCK_SQL, _lock_key("unique", job.owner, job.task, job.unique_key))
+            if max_queued_for_owner:
+                await db.execute(LOCK_SQL, _lock_key("owner", job.owner))
+            if job.idempotency_key is not None:
+                row = await db.fetchrow(SAME_KEY_SQL, job.owner, job.idempotency_key, job.created_at)
+                if row is not None:
+                    return Inserted(_row_to_job(row), rules.Dedupe.IDEMPOTENCY)
+            equal = await self._equal_job(db, job, reuse_s) if check_equal else None
+            owner_queued = await db.fetchval(OWNER_QUEUED_SQL, job.owner) \
+                if max_queued_for_owner and equal is None else None
+            decided = rules.dedupe(same_key=None, equal=equal, admit=admit, owner_queued=owner_queued,
+                                   max_queued_for_owner=max_queued_for_owner)
+            if decided is not None:
+                return Inserted(decided[1] or job, decided[0])
+            if job.idempotency_key is not None:  # an expired job's key is free again
+                await db.execute("UPDATE jobs SET idempotency_key = NULL WHERE owner = $1 AND idempotency_key = $2",
+                                 job.owner, job.idempotency_key)
+            last = await db.fetchval(OWNER_LAST_VT_SQL, job.owner)
+            new = dataclasses.replace(job, vt=rules.virtual_start(owner_last=last, floor=vt_floor))
+            seq = await db.fetchval(INSERT_SQL, *_insert_values(new))
+            return Inserted(dataclasses.replace(new, seq=seq))
+
+        return await self._write(op)
+
+    @staticmethod
+    async def _equal_job(db: asyncpg.Connection, job: Job, reuse_s: float | None) -> Job | None:
+        """The newest job equal to ``job`` that may answer it: live, or succeeded within ``reuse_s`` seconds."""
+        key = (job.owner, job.task, job.unique_key)
+        rows = [await db.fetchrow(LIVE_TWIN_SQL, *key, job.created_at)]
+        if reuse_s:
+            rows.append(await db.fetchrow(DONE_TWIN_SQL, *key, job.created_at - reuse_s, job.created_at))
+        found = [_row_to_job(r) for r in rows if r is not None]
+        return max(found, key=lambda j: j.seq) if found else None
+
+    async def update(self, job: Job, *, expected_version: int, deliver: Payload | None = None) -> bool:
+        """Write the job's mutable fields if the stored version is still ``expected_version``.
+
+        With ``deliver``, a callback of this state to ``job.callback_url`` is scheduled in the same transaction.
+        """
+
+        async def op(db: asyncpg.Connection) -> bool:
+            done = _rowcount(await db.execute(UPDATE_SQL, *_mutable_values(job), job.id, expected_version)) == 1
+            if done and deliver is not None:
+                await _schedule_delivery(db, job, deliver)
+            return done
+
+        return await self._write(op)
+
+    async def delete(self, job_id: str) -> bool:
+        async def op(db: asyncpg.Connection) -> bool:
+            deleted = _rowcount(await db.execute("DELETE FROM jobs WHERE id = $1", job_id))
+            await db.execute("DELETE FROM tombstones WHERE id = $1", job_id)
+            return deleted == 1
+
+        return await self._write(op)
+
+    async def claim(self, *, now: float, limit: int, tasks: dict[str, int | None], node: str = "",
+                    lease_s: float | None = None) -> list[Job]:
+        """Move up to ``limit`` due queued jobs to running, best first, leased to ``node``.
+
+        The candidates are locked ``FOR UPDATE SKIP LOCKED``: a job another node is claiming is passed over.
+        """
+        open_tasks = [t for t, room in tasks.items() if room is None or room > 0]
+        if limit <= 0 or not open_tasks:
+            return []
+
+        async def op(db: asyncpg.Connection) -> list[Job]:
+            rows = await db.fetch(CLAIM_SQL, now, open_tasks, limit * 4)
+            claimed = rules.pick_claimable(map(_row_to_job, rows), tasks, limit, now, node=node,
+                                           lease_until=None if lease_s is None else now + lease_s)
+            if claimed:
+                await db.executemany(
+                    START_SQL,
+                    [(j.started_at, j.attempts, j.version, j.lease_owner, j.lease_until, j.id) for j in claimed])
+            return claimed
+
+        return await self._write(op)
+
+    async def recover(self, *, now: float, retention_s: float, payload: Payload, node: str = "") -> tuple[int, int]:
+        """Running jobs whose lease is lost (``rules.lease_lost``) go back to the queue, or fail as
+        interrupted past their attempts. Rows another node is recovering are skipped."""
+
+        async def op(db: asyncpg.Connection) -> tuple[int, int]:
+            rows = await db.fetch(RUNNING_SQL, now, node)
+            lost = [j for j in map(_row_to_job, rows) if rules.lease_lost(j, now, node=node)]
+            requeued = failed = 0
+            for job in lost:
+                new = rules.recover_one(job, now, retention_s=retention_s)
+                if new.status is Status.QUEUED:
+                    requeued += 1
+                else:
+                    failed += 1
+                    await _schedule_delivery(db, new, payload)
+                await db.execute(UPDATE_ANY_SQL, *_mutable_values(new), new.id)
+            return requeued, failed
+
+        return await self._write(op)
+
+    async def sweep(self, *, now: float, retention_s: float, tombstone_retention_s: float,
+                    payload: Payload) -> SweepResult:
+        """Expire what is past ``expires_at`` into tombstones, and forget old tombstones, deliveries and
+        sessions. The expired rows are locked ``FOR UPDATE SKIP LOCKED``: two nodes never sweep the same rows.
+        """
+
+        async def op(db: asyncpg.Connection) -> SweepResult:
+            expired = [_row_to_job(r) for r in await db.fetch(EXPIRED_SQL, now)]
+            running = [j.id for j in expired if j.status is Status.RUNNING]
+            outcomes = [(j, rules.expired_outcome(j, now)) for j in expired]
+            gone = [(j, new) for j, new in outcomes if new is not None]
+            if gone:
+                await db.executemany(TOMBSTONE_SQL, [(j.id, j.owner, now + tombstone_retention_s) for j, _ in gone])
+                await db.execute("DELETE FROM jobs WHERE id = ANY($1::text[])", [j.id for j, _ in gone])
+            canceled = [new for j, new in gone if j.status is Status.QUEUED]
+            for new in canceled:
+                await _schedule_delivery(db, new, payload)
+            await db.execute("DELETE FROM deliveries WHERE state != 'pending' AND next_at <= $1",
+                             now - tombstone_retention_s)
+            await db.execute("DELETE FROM sessions WHERE expires_at <= $1", now)
+            forgotten = _rowcount(await db.execute("DELETE FROM tombstones WHERE gone_until <= $1", now))
+            return SweepResult(
+                expired_queued=canceled,
+                expired_running=running,
+                tombstoned=len(gone),
+                forgotten=forgotten,
+                with_files=[j.id for j, _ in gone if j.files is not None],
+            )
+
+        return await self._write(op)
+
+    async def create_session(self, session_id: str, *, principal: str, csrf: str, expires_at: float) -> None:
+        """A browser session (its id is what the signed cookie names; the CSRF token goes in its pages)."""
+
+        async def op(db: asyncpg.Connection) -> None:
+            await db.execute("INSERT INTO sessions (id, principal, csrf, expires_at) VALUES ($1, $2, $3, $4)",
+                             session_id, principal, csrf, expires_at)
+
+        await self._write(op)
+
+    async def delete_session(self, session_id: str) -> None:
+        async def op(db: asyncpg.Connection) -> None:
+            await db.execute("DELETE FROM sessions WHERE id = $1", session_id)
+
+        await self._write(op)
+
+    async def delivery_attempted(self, job_id: str, *, ok: bool, next_at: float | None, error: str | None) -> None:
+        """Record a callback attempt: delivered, to be retried at ``next_at``, or given up (None)."""
+        state = "delivered" if ok else ("pending" if next_at is not None else "failed")
+
+        async def op(db: asyncpg.Connection) -> None:
+            # A finished delivery's next_at is when it finished, so the sweep can age it out.
+            await db.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, state = $1, next_at = $2, last_error = $3"
+                " WHERE job_id = $4", state, next_at if next_at is not None else time.time(), error, job_id)
+
+        await self._write(op)
+
+    # -- reads -----------------------------------------------------------
+    async def session(self, session_id: str, *, now: float) -> tuple[str, str] | None:
+        """(principal, csrf token) of a live session, or None."""
+        rows = await self._fetch("SELECT principal, csrf FROM sessions WHERE id = $1 AND expires_at > $2",
+                                 session_id, now)
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    async def next_queued(self, owner: str) -> Job | None:
+        """The queued job of ``owner`` that runs first."""
+        rows = await self._fetch(f"SELECT {_COLUMNS} FROM jobs WHERE owner = $1 AND status = 'queued'"
+                                 " ORDER BY vt, seq LIMIT 1", owner)
+        return _row_to_job(rows[0]) if rows else None
+
+    async def min_queued_vt(self) -> int:
+        """The virtual time to resume from at start: the lowest ``vt`` still queued."""
+        return await self._fetchval(MIN_VT_SQL) or 0
+
+    async def lookup(self, job_id: str) -> Lookup:
+        rows = await self._fetch(f"SELECT {_COLUMNS} FROM jobs WHERE id = $1", job_id)
+        if rows:
+            job = _row_to_job(rows[0])
+            return Lookup(job=job, owner=job.owner)
+        rows = await self._fetch("SELECT owner FROM tombstones WHERE id = $1", job_id)
+        if rows:
+            return Lookup(gone=True, owner=rows[0][0])
+        return Lookup()
+
+    async def list_jobs(self, *, status: str | None, task: str | None, owner: str | None,
+                        before_seq: int | None, limit: int) -> list[Job]:
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (("status", status), ("task", task), ("owner", owner), ("seq", before_seq)):
+            if value is not None:
+                params.append(value)
+                where.append(f"{column} {'<' if column == 'seq' else '='} ${len(params)}")
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        params.append(limit)
+        rows = await self._fetch(f"SELECT {_COLUMNS} FROM jobs {clause} ORDER BY seq DESC LIMIT ${len(params)}",
+                                 *params)
+        return [_row_to_job(r) for r in rows]
+
+    async def queue_position(self, job: Job) -> int:
+        """1 for the next job to run, counting due and delayed jobs alike."""
+        return (await self._fetchval(POSITION_SQL, job.priority, job.vt, job.seq)) + 1
+
+    async def queue_positions(self, jobs: list[Job]) -> dict[str, int]:
+        """Positions of several queued jobs from one pass over the queue (not one count each)."""
+        if not jobs:
+            return {}
+        rows = await self._fetch(POSITIONS_SQL, [j.id for j in jobs])
+        return {job_id: pos for job_id, pos in rows}
+
+    async def count_queued(self) -> int:
+        return await self._fetchval("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")
+
+    async def queued_by_priority(self) -> dict[int, int]:
+        rows = await self._fetch(BY_PRIORITY_SQL)
+        return {priority: n for priority, n in rows}
+
+    async def next_run_at(self, *, after: float) -> float | None:
+        """The earliest run_at after ``after`` among queued jobs (delayed or backed off)."""
+        return await self._fetchval(NEXT_RUN_SQL, after)
+
+    async def due_deliveries(self, *, now: float, limit: int) -> list[Delivery]:
+        rows = await self._fetch(
+            "SELECT job_id, message_id, url, payload, attempts FROM deliveries WHERE state = 'pending'"
+            " AND next_at <= $1 ORDER BY next_at LIMIT $2", now, limit)
+        return [Delivery(job_id, message_id, url, bytes(payload), attempts)
+                for job_id, message_id, url, payload, attempts in rows]
+
+    async def next_delivery_at(self) -> float | None:
+        return await self._fetchval("SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'")
+
+    async def file_owners(self, ids: list[str]) -> dict[str, tuple[bool, bool]]:
+        """For the ids that are jobs: (terminal, has a file result), so the file store can drop the rest."""
+        owners: dict[str, tuple[bool, bool]] = {}
+        for at in range(0, len(ids), 5000):
+            rows = await self._fetch("SELECT id, status, files FROM jobs WHERE id = ANY($1::text[])",
+                                     ids[at:at + 5000])
+            for job_id, status, files in rows:
+                result = (codec.loads(files) or {}).get("result") if files else None
+                owners[job_id] = (Status(status) in TERMINAL_STATUSES, result is not None)
+        return owners
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self._fetch("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+        return {s.value: 0 for s in Status} | {status: n for status, n in rows}
