@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -63,9 +64,23 @@ def open_store(config: Config) -> Store:
     if config.store.url:
         if not is_server_url(config.store.url):
             raise ConfigError(f"store.url: expected postgresql://..., got {config.store.url!r}")
-        raise ConfigError("store.url: this version of asyncjobs stores jobs in SQLite only (store.path);"
-                          " the PostgreSQL backend is not part of it")
+        try:
+            from .postgres import PostgresStore
+        except ImportError:
+            raise ConfigError("store.url: PostgreSQL needs the asyncpg package: pip install 'asyncjobs[postgres]'"
+                              ) from None
+        return PostgresStore(config.store.url, exclusive=True)  # one node per database, for now
     return SQLiteStore(config.store.path, synchronous=config.store.synchronous)
+
+
+def store_name(config: Config) -> str:
+    """The store for a log line: the SQLite path, or the server URL without its password."""
+    if not config.store.url:
+        return config.store.path
+    parts = urlsplit(config.store.url)
+    host = parts.hostname or ""
+    return parts._replace(netloc=f"{parts.username + '@' if parts.username else ''}{host}"
+                                 f"{':' + str(parts.port) if parts.port else ''}").geturl()
 
 
 def sweep_interval_s(config: Config) -> float:
@@ -143,7 +158,7 @@ class App:
             raise
         self._started = True
         log.info("asyncjobs started: %d workers, tasks %s, store %s", self.config.queue.workers,
-                 ", ".join(self.registry.names()), self.config.store.path)
+                 ", ".join(self.registry.names()), store_name(self.config))
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Stop accepting submits (503) and let running jobs finish within the grace period."""

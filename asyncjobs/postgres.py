@@ -163,7 +163,7 @@ TOMBSTONE_SQL = ("INSERT INTO tombstones (id, owner, gone_until) VALUES ($1, $2,
 
 # What a connection that failed, or a database that refused, raises; all become StoreError.
 _DB_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+    asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
 
 
 def _row_to_job(row: Any) -> Job:
@@ -232,8 +232,12 @@ class PostgresStore:
     """The shared store: one PostgreSQL database, reached through a pool of asyncpg connections."""
 
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10, connect_timeout: float = 10.0,
-                 command_timeout: float | None = 60.0) -> None:
+                 command_timeout: float | None = 60.0, exclusive: bool = False) -> None:
         self.url = url
+        # exclusive: this node must be the database's only one (until leases expire and cancels cross
+        # nodes, a second node would take the first one's running jobs for lost at its start).
+        self.exclusive = exclusive
+        self._holder: asyncpg.Connection | None = None  # holds the exclusive lock while open
         self.min_size = min_size
         self.max_size = max_size
         self.connect_timeout = connect_timeout
@@ -253,14 +257,35 @@ class PostgresStore:
         except ValueError as exc:  # a malformed URL
             raise StoreError(f"store.url: {exc}") from exc
         try:
+            if self.exclusive:
+                await self._take_the_database(pool)
             async with pool.acquire() as db, db.transaction():
                 await self._migrate(db)
         except BaseException as exc:
+            await self._release_the_database(pool)
             await pool.close()
             if isinstance(exc, _DB_ERRORS):
                 raise StoreError(f"store.url: cannot migrate the PostgreSQL schema: {exc}") from exc
             raise
         self._pool = pool
+
+    async def _take_the_database(self, pool: asyncpg.Pool) -> None:
+        """Hold a session lock for as long as this store is open; refuse to open beside another node."""
+        holder = await pool.acquire()
+        if not await holder.fetchval("SELECT pg_try_advisory_lock(hashtextextended('asyncjobs.node', 0))"):
+            await pool.release(holder)
+            raise StoreError("store.url: another asyncjobs node uses this database; this version runs one node"
+                             " per database")
+        self._holder = holder
+
+    async def _release_the_database(self, pool: asyncpg.Pool) -> None:
+        holder, self._holder = self._holder, None
+        if holder is not None:
+            try:
+                await holder.execute("SELECT pg_advisory_unlock_all()")
+            except _DB_ERRORS:
+                pass  # the lock went with the connection
+            await pool.release(holder)
 
     async def _migrate(self, db: asyncpg.Connection) -> None:
         # Every node that starts takes this lock first: one migrates, the others then find it done.
@@ -282,6 +307,10 @@ class PostgresStore:
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
+            try:
+                await self._release_the_database(pool)
+            except Exception:  # the database is gone: the lock went with it
+                pass
             try:  # writes under way finish first (they are shielded), within a bound
                 await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
             except Exception:  # the database is gone, or a connection hangs

@@ -82,15 +82,16 @@ def test_db_flag_names_a_sqlite_file_or_a_server_and_wins_over_the_file():
 
 
 def test_store_url_is_checked_and_a_store_can_be_handed_in(tmp_path):
-    """A store.url that is not PostgreSQL is named; one that is says this version keeps jobs in SQLite;
-    an App takes a store built elsewhere (the seam a second backend plugs into)."""
+    """A store.url that is not PostgreSQL is named; one that is selects the PostgreSQL store; an App takes
+    a store built elsewhere (the seam a backend plugs into)."""
     from asyncjobs.app import App
     from asyncjobs.store import SQLiteStore
     from tests.conftest import make_config
 
     with pytest.raises(ConfigError, match="store.url: expected postgresql"):
         App(make_config(tmp_path, store={"url": "mysql://x"}))
-    with pytest.raises(ConfigError, match="store.url: .*SQLite only"):
-        App(make_config(tmp_path, store={"url": "postgresql://u@127.0.0.1/db"}))
+    from asyncjobs.postgres import PostgresStore
+
+    assert isinstance(App(make_config(tmp_path, store={"url": "postgresql://u@127.0.0.1/db"})).store, PostgresStore)
     mine = SQLiteStore(tmp_path / "mine.db")
     assert App(make_config(tmp_path), store=mine).store is mine
