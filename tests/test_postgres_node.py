@@ -88,3 +88,32 @@ async def test_one_node_per_database_for_now(tmp_path, postgres_url):  # noqa: F
     again = App(make_config(tmp_path, store={"url": postgres_url}))
     await again.start()  # the lock went with the first node
     await again.stop()
+
+
+async def test_serve_on_postgres_loses_no_acknowledged_job_to_kill_9(server_factory, http, postgres_url):  # noqa: F811
+    """`asyncjobs serve --db postgresql://...`: acknowledged jobs survive kill -9; the restarted node takes
+    the dead node's running job back (its lease is lost) and runs it to the end."""
+    server = server_factory("--db", postgres_url)
+    assert "store postgresql://" in server.log()
+    acked = []
+    for i in range(20):
+        async with http.post(f"{server.url}/jobs", json={"task": "echo", "params": {"i": i}, "delay": 1}) as resp:
+            assert resp.status == 202
+            acked.append((await resp.json())["id"])
+    async with http.post(f"{server.url}/jobs", json={"task": "hold", "params": {"seconds": 1.5}}) as resp:
+        held = (await resp.json())["id"]
+    for _ in range(100):
+        async with http.get(f"{server.url}/jobs/{held}", allow_redirects=False) as resp:
+            if (await resp.json())["status"] == "running":
+                break
+        await asyncio.sleep(0.05)
+    server.kill()
+    again = server_factory("--db", postgres_url)
+    for job_id in [*acked, held]:
+        for _ in range(200):
+            async with http.get(f"{again.url}/jobs/{job_id}", allow_redirects=False) as resp:
+                body = await resp.json()
+            if body["status"] == "succeeded":
+                break
+            await asyncio.sleep(0.05)
+        assert body["status"] == "succeeded", body
