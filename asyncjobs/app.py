@@ -8,11 +8,12 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from . import callbacks
+from . import callbacks, codec, protocol
 from .config import Config
 from .errors import ConfigError
 from .files import FileStore, default_dir
 from .hub import Hub
+from .models import Job
 from .queue import JobQueue
 from .store import SQLiteStore, Store
 from .tasks import TaskRegistry
@@ -83,6 +84,11 @@ def store_name(config: Config) -> str:
                                  f"{':' + str(parts.port) if parts.port else ''}").geturl()
 
 
+def callback_body(job: Job) -> bytes:
+    """What a callback POSTs: the job's representation, as every other answer about it carries."""
+    return codec.dumps(protocol.job_body(job))
+
+
 def sweep_interval_s(config: Config) -> float:
     """Often enough that retention and expiry are honoured within a fraction of the shortest of them."""
     shortest = min(config.jobs.retention, config.jobs.tombstone_retention, config.jobs.max_age)
@@ -116,6 +122,7 @@ class App:
             max_age_s=config.jobs.max_age,
             cancel_grace_s=config.jobs.cancel_grace,
             max_queued_per_owner=config.limits.max_queued_per_principal,
+            callback_payload=callback_body,
         )
         self.workers = Workers(self.queue, count=config.queue.workers, sweep_interval_s=sweep_interval_s(config))
         self.deliverer = None if callback_key is None else callbacks.Deliverer(

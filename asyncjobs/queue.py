@@ -82,6 +82,7 @@ class JobQueue:
         cancel_grace_s: float,
         max_queued_per_owner: int = 0,
         node: str = "",
+        callback_payload: Callable[[Job], bytes] = lambda job: b"",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -95,6 +96,7 @@ class JobQueue:
         self.max_age_s = max_age_s
         self.cancel_grace_s = cancel_grace_s
         self.max_queued_per_owner = max_queued_per_owner  # 0: no limit
+        self.callback_payload = callback_payload  # what a callback POSTs (the App gives the wire form)
         self.node = node or new_node_id()  # this process, as the holder of its running jobs' leases
         self.clock = clock
         self.virtual_time = 0  # the vt of the latest job claimed: a new principal's first job starts here
@@ -396,10 +398,6 @@ class JobQueue:
         if job.terminal and job.files is not None and job.files.get("inputs"):
             await self.files.remove_inputs(job.id)
 
-    @staticmethod
-    def callback_payload(job: Job) -> bytes:
-        """What a callback POSTs: the job's representation."""
-        return codec.dumps(protocol.job_body(job))
 
     # -- reports from the workers -------------------------------------------
     def publish(self, job: Job) -> None:
