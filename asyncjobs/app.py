@@ -130,7 +130,7 @@ class App:
             max_attempts=config.callbacks.max_attempts, retry_delay_s=config.callbacks.retry_delay,
             timeout_s=config.callbacks.timeout)
         self.web = make_web_app(self.queue, WebSettings(
-            monitor_style=config.protocol.monitor,
+            monitor_style=protocol.MonitorStyle(config.protocol.monitor),
             max_body_bytes=config.server.max_body_bytes,
             max_upload_bytes=config.files.max_upload_bytes,
             upload_read_timeout_s=config.files.read_timeout,

@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
+from enum import StrEnum
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -120,17 +121,24 @@ def submit_answer(job: Job, *, eta: float | None, now: float) -> Answer:
                         "Retry-After": str(retry_after_s(eta, now)), **job_headers(job)})
 
 
-def monitor_answer(job: Job, *, eta: float | None, now: float, style: str = "rest",
+class MonitorStyle(StrEnum):
+    """How the status monitor answers (``protocol.monitor``); the values are the config's words."""
+
+    REST = "rest"  # 200 while pending, 303 to the result when succeeded
+    FLOW = "flow"  # 202 + Location while pending, 200 when done (Logic Apps, Azure pollers)
+
+
+def monitor_answer(job: Job, *, eta: float | None, now: float, style: MonitorStyle = MonitorStyle.REST,
                    redirect: bool = True) -> Answer:
     """The status monitor: rest (200 / 303 / 200) or flow (202 while pending, 200 when done)."""
     headers = job_headers(job)
     pending = job.status in (Status.QUEUED, Status.RUNNING)
     if pending:
         headers["Retry-After"] = str(retry_after_s(eta, now))
-        if style == "flow":
+        if style == MonitorStyle.FLOW:
             return Answer(202, {**headers, "Location": job_url(job.id)})
         return Answer(200, headers)
-    if job.status is Status.SUCCEEDED and style == "rest" and redirect:
+    if job.status is Status.SUCCEEDED and style == MonitorStyle.REST and redirect:
         return Answer(303, {**headers, "Location": f"{job_url(job.id)}/result"})
     return Answer(200, headers)
 
@@ -383,9 +391,16 @@ SSE_KEEPALIVE = b": keep-alive\n\n"
 MAX_IDS_PER_SOCKET = 10_000
 
 
+class WsOp(StrEnum):
+    """What a client frame on the WebSocket asks (the values are the wire strings)."""
+
+    SUBSCRIBE = "subscribe"
+    UNSUBSCRIBE = "unsubscribe"
+
+
 @dataclass(frozen=True)
 class WsCommand:
-    op: str  # "subscribe" | "unsubscribe"
+    op: WsOp
     jobs: list[str] | None  # None: every job the caller may see ("*")
     progress: bool = False
 
@@ -397,6 +412,7 @@ def parse_ws_frame(data: Any) -> WsCommand:
     op = data.get("op")
     if op not in ("subscribe", "unsubscribe"):
         raise InvalidRequest("op must be 'subscribe' or 'unsubscribe'")
+    op = WsOp(op)
     jobs = data.get("jobs")
     if jobs == "*":
         ids = None

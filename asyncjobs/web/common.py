@@ -28,7 +28,7 @@ PROBLEM_TYPE = "application/problem+json"
 
 @dataclass(frozen=True)
 class WebSettings:
-    monitor_style: str = "rest"
+    monitor_style: protocol.MonitorStyle = protocol.MonitorStyle.REST
     max_body_bytes: int = 1_048_576
     max_upload_bytes: int = 1_073_741_824  # one uploaded file
     upload_read_timeout_s: float = 60.0  # an upload that stalls this long is given up (408)

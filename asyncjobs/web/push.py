@@ -178,7 +178,7 @@ async def _handle_frame(queue: JobQueue, sock: _Socket, text: str) -> None:
         await sock.send(protocol.ws_error(400, exc.detail))
         return
     async with sock.lock:  # keep "subscribed" and the states it promises ahead of later changes
-        if command.op == "unsubscribe":
+        if command.op is protocol.WsOp.UNSUBSCRIBE:
             await _unsubscribe(sock, command)
         else:
             await _subscribe(queue, sock, command)
