@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (0: any free port)")
     serve.add_argument("--db", help="the store: a SQLite file, or a postgresql:// URL (store.url)")
     serve.add_argument("--workers", type=int, help="worker coroutines")
+    serve.add_argument("--processes", type=int, default=1,
+                       help="processes sharing the port, each a node (several nodes on PostgreSQL: not in this"
+                            " version, so 1)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     for name, text in CLIENT_COMMANDS.items():  # listed for --help; main() hands them to the client
         commands.add_parser(name, help=text, add_help=False)
@@ -103,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return client_cli.main(argv)
     args = build_parser().parse_args(argv)
+    if args.processes != 1:
+        print("asyncjobs: --processes: this version runs one node per store (several nodes on PostgreSQL are"
+              " not part of it); use --processes 1", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = config_module.load(args.config, overrides=_flag_overrides(args))

@@ -31,6 +31,14 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Several nodes on one PostgreSQL database (ignored with SQLite, and by this version's single node)."""
+
+    lease: float = 30.0  # seconds a running job is held without a heartbeat
+    heartbeat: float = 10.0  # seconds between lease renewals
+
+
+@dataclass(frozen=True)
 class QueueConfig:
     workers: int = 8
     max_queued: int = 100_000
@@ -100,6 +108,7 @@ class TasksConfig:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     files: FilesConfig = field(default_factory=FilesConfig)
@@ -113,6 +122,7 @@ class Config:
 _SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "store": StoreConfig,
+    "cluster": ClusterConfig,
     "queue": QueueConfig,
     "jobs": JobsConfig,
     "files": FilesConfig,
@@ -130,7 +140,8 @@ _CHOICES = {
 }
 _POSITIVE = {("server", "max_body_bytes"), ("server", "max_wait"), ("queue", "workers"), ("queue", "max_queued"),
              ("callbacks", "max_attempts"), ("callbacks", "timeout"), ("files", "max_upload_bytes"),
-             ("files", "read_timeout"), ("auth", "session_ttl")}
+             ("files", "read_timeout"), ("auth", "session_ttl"), ("cluster", "lease"),
+             ("cluster", "heartbeat")}
 
 
 def _coerce(name: str, value: Any, kind: Any) -> Any:
