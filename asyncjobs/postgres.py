@@ -613,6 +613,10 @@ class PostgresStore:
                 owners[job_id] = (Status(status) in TERMINAL_STATUSES, result is not None)
         return owners
 
+    async def ping(self) -> None:
+        """Raise ``StoreError`` unless the database answers now."""
+        await self._fetchval("SELECT 1")
+
     async def counts(self) -> dict[str, int]:
         rows = await self._fetch("SELECT status, COUNT(*) FROM jobs GROUP BY status")
         return {s.value: 0 for s in Status} | {status: n for status, n in rows}

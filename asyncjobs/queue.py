@@ -16,7 +16,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import codec, protocol
-from .errors import InvalidRequest, JobGone, JobNotFound, KeyReused, QuotaExceeded, StateConflict, Unavailable
+from .errors import (
+    InvalidRequest,
+    JobGone,
+    JobNotFound,
+    KeyReused,
+    QuotaExceeded,
+    StateConflict,
+    StoreError,
+    Unavailable,
+)
 from .files import FileStore, Upload
 from .hub import Hub
 from .models import CancelReason, Job, JobIds, Status, cancel, is_expired
@@ -225,6 +234,14 @@ class JobQueue:
         self._due_at(inserted.job.run_at)
         log.debug("job %s submitted (%s)", inserted.job.id, inserted.job.task)
         return inserted
+
+    async def store_up(self) -> bool:
+        """Whether the store answers right now (for /healthz)."""
+        try:
+            await self.store.ping()
+        except StoreError:
+            return False
+        return True
 
     async def counts(self) -> dict[str, int]:
         """Jobs in the store by status (everyone's)."""

@@ -692,12 +692,19 @@ async def test_tasks_lists_registered_tasks(start):
 
 
 async def test_healthz_answers_200(start):
-    """``GET /healthz`` answers 200 and names this node (the holder of its running jobs' leases)."""
+    """``GET /healthz`` answers 200 and names this node (the holder of its running jobs' leases) and the
+    state of its store and feed; 503 while the store does not answer."""
     client, app = await start()
     resp = await client.get("/healthz")
     assert resp.status == 200
     body = await resp.json()
     assert body["status"] == "ok" and body["node"] == app.queue.node and str(os.getpid()) in body["node"]
+    assert (body["store"], body["feed"]) == ("up", "up")
+    await app.store.close()  # the store stops answering: 503, and the node says so
+    resp = await client.get("/healthz")
+    assert resp.status == 503 and resp.headers["Retry-After"] == "5"
+    body = await resp.json()
+    assert (body["status"], body["store"]) == ("unavailable", "down")
 
 
 # -- 9. aiohttp's own errors ---------------------------------------------------------------------

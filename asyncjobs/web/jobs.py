@@ -268,7 +268,12 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness, and how many clients are waiting on each channel."""
+    """Liveness: this node, whether its store and change feed are up, and who waits on each channel;
+    503 while the store does not answer."""
     waiters = request.app[WAITERS_KEY]
-    return json_response({"status": "ok", "node": request.app[QUEUE_KEY].node, "waiting": vars(waiters)},
-                         headers=protocol.NO_STORE)
+    queue = request.app[QUEUE_KEY]
+    up = await queue.store_up()
+    body = {"status": "ok" if up else "unavailable", "node": queue.node, "store": "up" if up else "down",
+            "feed": "up", "waiting": vars(waiters)}  # the feed is this process's own: up while it runs
+    return json_response(body, status=200 if up else 503,
+                         headers={**protocol.NO_STORE, **({} if up else {"Retry-After": "5"})})

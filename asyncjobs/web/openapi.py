@@ -116,8 +116,9 @@ SCHEMAS: dict[str, Any] = {
                                 "contentSchema": {"$ref": "#/components/schemas/Job"}}},
     },
     "Health": {
-        "type": "object", "required": ["status", "waiting"],
-        "properties": {"status": {"const": "ok"}, "waiting": {
+        "type": "object", "required": ["status", "node", "store", "feed", "waiting"],
+        "properties": {"status": {"enum": ["ok", "unavailable"]}, "node": {"type": "string"},
+                       "store": {"enum": ["up", "down"]}, "feed": {"enum": ["up", "down"]}, "waiting": {
             "type": "object", "required": ["long_polls", "event_streams", "websockets"],
             "properties": {k: {"type": "integer", "minimum": 0}
                            for k in ("long_polls", "event_streams", "websockets")}}},
@@ -355,7 +356,9 @@ def _paths(specs: list[TaskSpec]) -> dict[str, Any]:
             "get": {"summary": "Liveness, and how many clients wait on each channel", "operationId": "healthz",
                     "tags": ["operations"], "security": [],
                     "responses": {"200": {"description": "Alive", "content": {JSON: {"schema": _ref("Health")}}},
-                                  **_common_problems()}},
+                                  **_common_problems(),
+                                  "503": {"description": "The store does not answer (Retry-After)",
+                                          "content": {JSON: {"schema": _ref("Health")}}}}},
         },
         "/metrics": {
             "get": {"summary": "Prometheus metrics (text exposition format)", "operationId": "metrics",
