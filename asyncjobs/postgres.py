@@ -33,7 +33,18 @@ import asyncpg
 from . import codec, rules
 from .errors import StoreError
 from .models import TERMINAL_STATUSES, Job, Status
-from .store import Delivery, Inserted, Lookup, Payload, SweepResult
+from .store import (
+    COLUMN_NAMES,
+    MUTABLE,
+    Delivery,
+    Inserted,
+    Lookup,
+    Payload,
+    SweepResult,
+    encoded,
+    mutable_values,
+    row_to_job,
+)
 
 log = logging.getLogger("asyncjobs.postgres")
 
@@ -113,19 +124,10 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-_COLUMN_NAMES = (
-    "seq", "id", "task", "params", "status", "priority", "created_at", "started_at", "finished_at", "expires_at",
-    "run_at", "attempts", "max_attempts", "version", "progress", "result", "result_type", "error", "owner",
-    "idempotency_key", "request_hash", "unique_key", "callback_url", "files", "vt", "lease_owner", "lease_until",
-)
-_COLUMNS = ", ".join(_COLUMN_NAMES)
-_INSERT_COLUMNS = ", ".join(_COLUMN_NAMES[1:])
-_MUTABLE = (
-    "status", "started_at", "finished_at", "expires_at", "run_at", "attempts",
-    "version", "progress", "result", "result_type", "error", "files", "lease_owner", "lease_until",
-)
-_ASSIGN = ", ".join(f"{c} = ${i}" for i, c in enumerate(_MUTABLE, start=1))
-_NEXT = len(_MUTABLE) + 1  # the first placeholder after the mutable values
+_COLUMNS = ", ".join(COLUMN_NAMES)
+_INSERT_COLUMNS = ", ".join(COLUMN_NAMES[1:])
+_ASSIGN = ", ".join(f"{c} = ${i}" for i, c in enumerate(MUTABLE, start=1))
+_NEXT = len(MUTABLE) + 1  # the first placeholder after the mutable values
 
 INSERT_SQL = (f"INSERT INTO jobs ({_INSERT_COLUMNS}) VALUES ({', '.join(f'${i}' for i in range(1, 27))})"
               " RETURNING seq")
@@ -166,42 +168,14 @@ _DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
 
 
-def _row_to_job(row: Any) -> Job:
-    (seq, id_, task, params, status, priority, created_at, started_at, finished_at, expires_at,
-     run_at, attempts, max_attempts, version, progress, result, result_type, error, owner,
-     idempotency_key, request_hash, unique_key, callback_url, files, vt, lease_owner, lease_until) = row
-    return Job(
-        id=id_, seq=seq, task=task, params=bytes(params), status=Status(status), priority=priority,
-        created_at=created_at, started_at=started_at, finished_at=finished_at,
-        expires_at=expires_at, run_at=run_at, attempts=attempts, max_attempts=max_attempts,
-        version=version, progress=codec.loads(progress) if progress else None,
-        result=None if result is None else bytes(result), result_type=result_type,
-        error=codec.loads(error) if error else None, owner=owner,
-        idempotency_key=idempotency_key, request_hash=request_hash, unique_key=unique_key,
-        callback_url=callback_url, files=codec.loads(files) if files else None, vt=vt,
-        lease_owner=lease_owner, lease_until=lease_until,
-    )
-
-
-def _encoded(value: Any) -> bytes | None:
-    return None if value is None else codec.dumps(value)
-
-
-def _mutable_values(job: Job) -> tuple:
-    return (
-        job.status.value, job.started_at, job.finished_at, job.expires_at, job.run_at,
-        job.attempts, job.version, _encoded(job.progress), job.result, job.result_type,
-        _encoded(job.error), _encoded(job.files), job.lease_owner, job.lease_until,
-    )
-
 
 def _insert_values(job: Job) -> tuple:
     return (
         job.id, job.task, job.params, job.status.value, job.priority, job.created_at,
         job.started_at, job.finished_at, job.expires_at, job.run_at, job.attempts,
-        job.max_attempts, job.version, _encoded(job.progress), job.result, job.result_type,
-        _encoded(job.error), job.owner, job.idempotency_key, job.request_hash, job.unique_key,
-        job.callback_url, _encoded(job.files), job.vt, job.lease_owner, job.lease_until,
+        job.max_attempts, job.version, encoded(job.progress), job.result, job.result_type,
+        encoded(job.error), job.owner, job.idempotency_key, job.request_hash, job.unique_key,
+        job.callback_url, encoded(job.files), job.vt, job.lease_owner, job.lease_until,
     )
 
 
@@ -379,7 +353,7 @@ class PostgresStore:
             if job.idempotency_key is not None:
                 row = await db.fetchrow(SAME_KEY_SQL, job.owner, job.idempotency_key, job.created_at)
                 if row is not None:
-                    return Inserted(_row_to_job(row), rules.Dedupe.IDEMPOTENCY)
+                    return Inserted(row_to_job(row), rules.Dedupe.IDEMPOTENCY)
             equal = await self._equal_job(db, job, reuse_s) if check_equal else None
             owner_queued = await db.fetchval(OWNER_QUEUED_SQL, job.owner) \
                 if max_queued_for_owner and equal is None else None
@@ -404,7 +378,7 @@ class PostgresStore:
         rows = [await db.fetchrow(LIVE_TWIN_SQL, *key, job.created_at)]
         if reuse_s:
             rows.append(await db.fetchrow(DONE_TWIN_SQL, *key, job.created_at - reuse_s, job.created_at))
-        found = [_row_to_job(r) for r in rows if r is not None]
+        found = [row_to_job(r) for r in rows if r is not None]
         return max(found, key=lambda j: j.seq) if found else None
 
     async def update(self, job: Job, *, expected_version: int, deliver: Payload | None = None) -> bool:
@@ -414,7 +388,7 @@ class PostgresStore:
         """
 
         async def op(db: asyncpg.Connection) -> bool:
-            done = _rowcount(await db.execute(UPDATE_SQL, *_mutable_values(job), job.id, expected_version)) == 1
+            done = _rowcount(await db.execute(UPDATE_SQL, *mutable_values(job), job.id, expected_version)) == 1
             if done and deliver is not None:
                 await _schedule_delivery(db, job, deliver)
             return done
@@ -441,7 +415,7 @@ class PostgresStore:
 
         async def op(db: asyncpg.Connection) -> list[Job]:
             rows = await db.fetch(CLAIM_SQL, now, open_tasks, limit * 4)
-            claimed = rules.pick_claimable(map(_row_to_job, rows), tasks, limit, now, node=node,
+            claimed = rules.pick_claimable(map(row_to_job, rows), tasks, limit, now, node=node,
                                            lease_until=None if lease_s is None else now + lease_s)
             if claimed:
                 await db.executemany(
@@ -457,7 +431,7 @@ class PostgresStore:
 
         async def op(db: asyncpg.Connection) -> tuple[int, int]:
             rows = await db.fetch(RUNNING_SQL, now, node)
-            lost = [j for j in map(_row_to_job, rows) if rules.lease_lost(j, now, node=node)]
+            lost = [j for j in map(row_to_job, rows) if rules.lease_lost(j, now, node=node)]
             requeued = failed = 0
             for job in lost:
                 new = rules.recover_one(job, now, retention_s=retention_s)
@@ -466,7 +440,7 @@ class PostgresStore:
                 else:
                     failed += 1
                     await _schedule_delivery(db, new, payload)
-                await db.execute(UPDATE_ANY_SQL, *_mutable_values(new), new.id)
+                await db.execute(UPDATE_ANY_SQL, *mutable_values(new), new.id)
             return requeued, failed
 
         return await self._write(op)
@@ -478,7 +452,7 @@ class PostgresStore:
         """
 
         async def op(db: asyncpg.Connection) -> SweepResult:
-            expired = [_row_to_job(r) for r in await db.fetch(EXPIRED_SQL, now)]
+            expired = [row_to_job(r) for r in await db.fetch(EXPIRED_SQL, now)]
             running = [j.id for j in expired if j.status is Status.RUNNING]
             outcomes = [(j, rules.expired_outcome(j, now)) for j in expired]
             gone = [(j, new) for j, new in outcomes if new is not None]
@@ -540,7 +514,7 @@ class PostgresStore:
         """The queued job of ``owner`` that runs first."""
         rows = await self._fetch(f"SELECT {_COLUMNS} FROM jobs WHERE owner = $1 AND status = 'queued'"
                                  " ORDER BY vt, seq LIMIT 1", owner)
-        return _row_to_job(rows[0]) if rows else None
+        return row_to_job(rows[0]) if rows else None
 
     async def min_queued_vt(self) -> int:
         """The virtual time to resume from at start: the lowest ``vt`` still queued."""
@@ -549,7 +523,7 @@ class PostgresStore:
     async def lookup(self, job_id: str) -> Lookup:
         rows = await self._fetch(f"SELECT {_COLUMNS} FROM jobs WHERE id = $1", job_id)
         if rows:
-            job = _row_to_job(rows[0])
+            job = row_to_job(rows[0])
             return Lookup(job=job, owner=job.owner)
         rows = await self._fetch("SELECT owner FROM tombstones WHERE id = $1", job_id)
         if rows:
@@ -568,7 +542,7 @@ class PostgresStore:
         params.append(limit)
         rows = await self._fetch(f"SELECT {_COLUMNS} FROM jobs {clause} ORDER BY seq DESC LIMIT ${len(params)}",
                                  *params)
-        return [_row_to_job(r) for r in rows]
+        return [row_to_job(r) for r in rows]
 
     async def queue_position(self, job: Job) -> int:
         """1 for the next job to run, counting due and delayed jobs alike."""

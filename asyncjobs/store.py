@@ -114,12 +114,14 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-_COLUMNS = (
-    "seq, id, task, params, status, priority, created_at, started_at, finished_at, expires_at,"
-    " run_at, attempts, max_attempts, version, progress, result, result_type, error, owner,"
-    " idempotency_key, request_hash, unique_key, callback_url, files, vt, lease_owner, lease_until"
+# A job's row, in the same column order in every backend; ``row_to_job`` and ``mutable_values`` map it.
+COLUMN_NAMES = (
+    "seq", "id", "task", "params", "status", "priority", "created_at", "started_at", "finished_at", "expires_at",
+    "run_at", "attempts", "max_attempts", "version", "progress", "result", "result_type", "error", "owner",
+    "idempotency_key", "request_hash", "unique_key", "callback_url", "files", "vt", "lease_owner", "lease_until",
 )
-_MUTABLE = (
+_COLUMNS = ", ".join(COLUMN_NAMES)
+MUTABLE = (
     "status", "started_at", "finished_at", "expires_at", "run_at", "attempts",
     "version", "progress", "result", "result_type", "error", "files", "lease_owner", "lease_until",
 )
@@ -149,7 +151,8 @@ DONE_TWIN_SQL = (f"SELECT {_COLUMNS} FROM jobs INDEXED BY jobs_reuse WHERE owner
 NEXT_RUN_SQL = "SELECT MIN(run_at) FROM jobs INDEXED BY jobs_due WHERE status = 'queued' AND run_at > ?"
 
 
-def _row_to_job(row: sqlite3.Row | tuple) -> Job:
+def row_to_job(row: Any) -> Job:
+    """A job from a row of ``COLUMN_NAMES`` (SQLite's tuple or asyncpg's Record)."""
     (seq, id_, task, params, status, priority, created_at, started_at, finished_at, expires_at,
      run_at, attempts, max_attempts, version, progress, result, result_type, error, owner,
      idempotency_key, request_hash, unique_key, callback_url, files, vt, lease_owner, lease_until) = row
@@ -166,18 +169,16 @@ def _row_to_job(row: sqlite3.Row | tuple) -> Job:
     )
 
 
-def _encoded(value: Any) -> bytes | None:
+def encoded(value: Any) -> bytes | None:
     return None if value is None else codec.dumps(value)
 
 
-def _mutable_values(job: Job) -> tuple:
+def mutable_values(job: Job) -> tuple:
+    """The values of ``MUTABLE``, as every backend writes them."""
     return (
         job.status.value, job.started_at, job.finished_at, job.expires_at, job.run_at,
-        job.attempts, job.version,
-        codec.dumps(job.progress) if job.progress is not None else None,
-        job.result, job.result_type,
-        codec.dumps(job.error) if job.error is not None else None,
-        _encoded(job.files), job.lease_owner, job.lease_until,
+        job.attempts, job.version, encoded(job.progress), job.result, job.result_type,
+        encoded(job.error), encoded(job.files), job.lease_owner, job.lease_until,
     )
 
 
@@ -218,7 +219,7 @@ def _equal_job(db: sqlite3.Connection, job: Job, reuse_s: float | None) -> Job |
     rows = [db.execute(LIVE_TWIN_SQL, (*key, job.created_at)).fetchone()]
     if reuse_s:
         rows.append(db.execute(DONE_TWIN_SQL, (*key, job.created_at - reuse_s, job.created_at)).fetchone())
-    found = [_row_to_job(r) for r in rows if r is not None]
+    found = [row_to_job(r) for r in rows if r is not None]
     return max(found, key=lambda j: j.seq) if found else None
 
 
@@ -454,7 +455,7 @@ class SQLiteStore:
                     (job.owner, job.idempotency_key, job.created_at))
                 row = cur.fetchone()
                 if row is not None:
-                    return Inserted(_row_to_job(row), rules.Dedupe.IDEMPOTENCY)
+                    return Inserted(row_to_job(row), rules.Dedupe.IDEMPOTENCY)
             equal = _equal_job(db, job, reuse_s) if job.unique_key is not None and not fresh else None
             owner_queued = db.execute(OWNER_QUEUED_SQL, (job.owner,)).fetchone()[0] \
                 if max_queued_for_owner and equal is None else None
@@ -475,7 +476,7 @@ class SQLiteStore:
                  codec.dumps(new.progress) if new.progress is not None else None,
                  new.result, new.result_type,
                  codec.dumps(new.error) if new.error is not None else None, new.owner,
-                 new.idempotency_key, new.request_hash, new.unique_key, new.callback_url, _encoded(new.files),
+                 new.idempotency_key, new.request_hash, new.unique_key, new.callback_url, encoded(new.files),
                  new.vt, new.lease_owner, new.lease_until),
             )
             return Inserted(dataclasses.replace(new, seq=cur.lastrowid or 0))
@@ -487,12 +488,12 @@ class SQLiteStore:
 
         With ``deliver``, a callback of this state to ``job.callback_url`` is scheduled in the same transaction.
         """
-        assignments = ", ".join(f"{c} = ?" for c in _MUTABLE)
+        assignments = ", ".join(f"{c} = ?" for c in MUTABLE)
 
         def op(db: sqlite3.Connection) -> bool:
             cur = db.execute(
                 f"UPDATE jobs SET {assignments} WHERE id = ? AND version = ?",
-                (*_mutable_values(job), job.id, expected_version),
+                (*mutable_values(job), job.id, expected_version),
             )
             if cur.rowcount == 1 and deliver is not None:
                 _schedule_delivery(db, job, deliver)
@@ -523,7 +524,7 @@ class SQLiteStore:
         def op(db: sqlite3.Connection) -> list[Job]:
             marks = ", ".join("?" for _ in open_tasks)
             cur = db.execute(CLAIM_SQL.format(marks=marks), (now, now, *open_tasks, limit * 4))
-            claimed = rules.pick_claimable(map(_row_to_job, cur.fetchall()), tasks, limit, now, node=node,
+            claimed = rules.pick_claimable(map(row_to_job, cur.fetchall()), tasks, limit, now, node=node,
                                            lease_until=None if lease_s is None else now + lease_s)
             db.executemany(
                 "UPDATE jobs SET status = 'running', started_at = ?, attempts = ?, version = ?, error = NULL,"
@@ -540,7 +541,7 @@ class SQLiteStore:
 
         def op(db: sqlite3.Connection) -> tuple[int, int]:
             cur = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE status = 'running'")
-            rows = [j for j in map(_row_to_job, cur.fetchall()) if rules.lease_lost(j, now, node=node)]
+            rows = [j for j in map(row_to_job, cur.fetchall()) if rules.lease_lost(j, now, node=node)]
             requeued = failed = 0
             for job in rows:
                 new = rules.recover_one(job, now, retention_s=retention_s)
@@ -550,8 +551,8 @@ class SQLiteStore:
                     failed += 1
                     _schedule_delivery(db, new, payload)
                 db.execute(
-                    f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in _MUTABLE)} WHERE id = ?",
-                    (*_mutable_values(new), new.id),
+                    f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in MUTABLE)} WHERE id = ?",
+                    (*mutable_values(new), new.id),
                 )
             return requeued, failed
 
@@ -568,7 +569,7 @@ class SQLiteStore:
             cur = db.execute(
                 f"SELECT {_COLUMNS} FROM jobs WHERE expires_at <= ? LIMIT 5000", (now,)
             )
-            expired = [_row_to_job(r) for r in cur.fetchall()]
+            expired = [row_to_job(r) for r in cur.fetchall()]
             running = [j.id for j in expired if j.status is Status.RUNNING]
             outcomes = [(j, rules.expired_outcome(j, now)) for j in expired]
             gone = [(j, new) for j, new in outcomes if new is not None]
@@ -615,7 +616,7 @@ class SQLiteStore:
         """The queued job of ``owner`` that runs first."""
         rows = await self._fetchall(f"SELECT {_COLUMNS} FROM jobs INDEXED BY jobs_owner_queued WHERE owner = ?"
                                     " AND status = 'queued' ORDER BY vt, seq LIMIT 1", (owner,))
-        return _row_to_job(rows[0]) if rows else None
+        return row_to_job(rows[0]) if rows else None
 
     async def min_queued_vt(self) -> int:
         """The virtual time to resume from at start: the lowest ``vt`` still queued."""
@@ -647,7 +648,7 @@ class SQLiteStore:
     async def lookup(self, job_id: str) -> Lookup:
         rows = await self._fetchall(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
         if rows:
-            job = _row_to_job(rows[0])
+            job = row_to_job(rows[0])
             return Lookup(job=job, owner=job.owner)
         rows = await self._fetchall("SELECT owner FROM tombstones WHERE id = ?", (job_id,))
         if rows:
@@ -669,7 +670,7 @@ class SQLiteStore:
         rows = await self._fetchall(
             f"SELECT {_COLUMNS} FROM jobs {clause} ORDER BY seq DESC LIMIT ?", (*params, limit)
         )
-        return [_row_to_job(r) for r in rows]
+        return [row_to_job(r) for r in rows]
 
     async def queue_position(self, job: Job) -> int:
         """1 for the next job to run, counting due and delayed jobs alike."""
