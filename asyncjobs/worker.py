@@ -43,6 +43,7 @@ class Execution:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     last_persist: float = 0.0
     pending_write: asyncio.Task | None = None
+    has_work_dir: bool = False  # the handler asked for an output path: its folder goes after the attempt
 
     def request_cancel(self, reason: CancelReason) -> None:
         if self.cancel_reason is None:
@@ -78,6 +79,7 @@ class JobContext:
         after asking for exactly one output path that it wrote gets that file as its result.
         """
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._execution.has_work_dir = True
         path = self.work_dir / sanitize_name(name).lstrip(".")
         if path == self.work_dir or path.parent != self.work_dir:
             path = self.work_dir / "output"
@@ -281,7 +283,7 @@ class Workers:
             self._tasks.pop(job.id, None)
             execution.done.set()
             self.queue.wakeup.set()
-            if self.queue.files.work_dir(job.id, job.attempts).exists():
+            if execution.has_work_dir:  # known without a look at the disk for every job
                 await asyncio.get_running_loop().run_in_executor(
                     None, self.queue.files.remove_work, job.id, job.attempts)
 
