@@ -25,8 +25,18 @@ import pytest
 from asyncjobs import cli as server_cli
 from asyncjobs import codec
 from asyncjobs.client import SyncClient, cli
-from asyncjobs.client.errors import (BadRequest, ConnectError, JobFailed, JobGone, NotFound, ProtocolError,
-                                     RequestTimeout, ServerBusy, Unauthorized, WaitTimeout)
+from asyncjobs.client.errors import (
+    BadRequest,
+    ConnectError,
+    JobFailed,
+    JobGone,
+    NotFound,
+    ProtocolError,
+    RequestTimeout,
+    ServerBusy,
+    Unauthorized,
+    WaitTimeout,
+)
 from asyncjobs.client.rules import JobState
 from tests.conftest import ROOT, TEST_MODULES, ServerProcess
 
@@ -49,16 +59,20 @@ def config_text(extra: str = "") -> str:
     return f"[tasks]\nmodules = [{modules}]\n[queue]\nshutdown_grace = 0.5\n{extra}"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[ServerProcess]:
-    """One real `asyncjobs serve` process shared by this module's tests (each uses its own jobs)."""
-    tmp = tmp_path_factory.mktemp("cli-server")
+def module_server(tmp_path_factory, name: str) -> Iterator[ServerProcess]:
+    """One real `asyncjobs serve` process for a whole test module (each test uses its own jobs)."""
+    tmp = tmp_path_factory.mktemp(name)
     config = tmp / "config.toml"
     config.write_text(config_text())
     proc = ServerProcess(tmp, tmp / "jobs.db", ["--config", str(config)], clean_env())
     proc.start()
     yield proc
     proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[ServerProcess]:
+    yield from module_server(tmp_path_factory, "cli-server")
 
 
 def run(*argv: str, url: str | None = None, env: dict[str, str] | None = None) -> tuple[int, str, str]:

@@ -15,14 +15,14 @@ import pytest
 from asyncjobs import codec
 from asyncjobs.client import SyncClient, cli
 from tests.conftest import ServerProcess
-from tests.test_cli_client import run_in_pty as run_command_in_pty
 from tests.test_cli_client import (
     RUN_TIMEOUT_S,
     assert_one_line,
     clean_env,
-    config_text,
+    module_server,
     run,
 )
+from tests.test_cli_client import run_in_pty as run_command_in_pty
 
 MIB = 1024 * 1024
 
@@ -31,14 +31,7 @@ MIB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[ServerProcess]:
-    """One real `asyncjobs serve` process shared by this module's tests (each uses its own jobs)."""
-    tmp = tmp_path_factory.mktemp("cli-files-server")
-    config = tmp / "config.toml"
-    config.write_text(config_text())
-    proc = ServerProcess(tmp, tmp / "jobs.db", ["--config", str(config)], clean_env())
-    proc.start()
-    yield proc
-    proc.kill()
+    yield from module_server(tmp_path_factory, "cli-files-server")
 
 
 @pytest.fixture
