@@ -12,9 +12,9 @@ from . import callbacks, codec, protocol
 from .config import Config
 from .errors import ConfigError
 from .files import FileStore, default_dir
-from .hub import Hub
+from .hub import Feed, Hub, LocalFeed
 from .models import Job
-from .queue import JobQueue
+from .queue import JobQueue, new_node_id
 from .store import SQLiteStore, Store
 from .tasks import TaskRegistry
 from .web import WebSettings, make_web_app
@@ -60,8 +60,9 @@ def is_server_url(value: str) -> bool:
     return value.startswith(("postgresql://", "postgres://"))
 
 
-def open_store(config: Config) -> Store:
-    """The store backend the configuration names (SQLite unless ``store.url`` names a server)."""
+def open_store(config: Config, *, node: str = "") -> Store:
+    """The store backend the configuration names (SQLite unless ``store.url`` names a server); ``node``
+    names this process in what a shared store announces."""
     if config.store.url:
         if not is_server_url(config.store.url):
             raise ConfigError(f"store.url: expected postgresql://..., got {config.store.url!r}")
@@ -70,7 +71,7 @@ def open_store(config: Config) -> Store:
         except ImportError:
             raise ConfigError("store.url: PostgreSQL needs the asyncpg package: pip install 'asyncjobs[postgres]'"
                               ) from None
-        return PostgresStore(config.store.url, exclusive=True)  # one node per database, for now
+        return PostgresStore(config.store.url, node=node)
     return SQLiteStore(config.store.path, synchronous=config.store.synchronous)
 
 
@@ -89,10 +90,12 @@ def callback_body(job: Job) -> bytes:
     return codec.dumps(protocol.job_body(job))
 
 
-def sweep_interval_s(config: Config) -> float:
-    """Often enough that retention and expiry are honoured within a fraction of the shortest of them."""
+def sweep_interval_s(config: Config, *, shared: bool = False) -> float:
+    """Often enough that retention and expiry are honoured within a fraction of the shortest of them; on a
+    shared store at least every second, since the same loop rescues jobs whose lease ended and reads the
+    queue's counts again."""
     shortest = min(config.jobs.retention, config.jobs.tombstone_retention, config.jobs.max_age)
-    return max(0.05, min(10.0, shortest / 4))
+    return max(0.05, min(1.0 if shared else 10.0, shortest / 4))
 
 
 class App:
@@ -102,7 +105,8 @@ class App:
         callback_key = _callback_key(config)
         self.config = config
         self.registry = registry or TaskRegistry.from_modules(config.tasks.modules, config.tasks.overrides)
-        self.store = store or open_store(config)
+        self.node = new_node_id()
+        self.store = store or open_store(config, node=self.node)
         self.files = FileStore(config.files.dir or default_dir(config.store.path),
                                max_upload_bytes=config.files.max_upload_bytes,
                                max_total_bytes=config.files.max_total_bytes)
@@ -122,9 +126,13 @@ class App:
             max_age_s=config.jobs.max_age,
             cancel_grace_s=config.jobs.cancel_grace,
             max_queued_per_owner=config.limits.max_queued_per_principal,
+            node=self.node,
+            feed=self._feed(),
+            lease_s=config.cluster.lease if self.store.shared else None,
             callback_payload=callback_body,
         )
-        self.workers = Workers(self.queue, count=config.queue.workers, sweep_interval_s=sweep_interval_s(config))
+        self.workers = Workers(self.queue, count=config.queue.workers, heartbeat_s=config.cluster.heartbeat,
+                               sweep_interval_s=sweep_interval_s(config, shared=self.store.shared))
         self.deliverer = None if callback_key is None else callbacks.Deliverer(
             store=self.store, wakeup=self.queue.deliveries, key=callback_key,
             max_attempts=config.callbacks.max_attempts, retry_delay_s=config.callbacks.retry_delay,
@@ -146,6 +154,16 @@ class App:
         self.web.cleanup_ctx.append(self._lifecycle)
         self._started = False
 
+    def _feed(self) -> Feed:
+        """The change feed that goes with the store: the hub alone, unless other processes share the store."""
+        if not self.store.shared:
+            return LocalFeed(self.hub)
+        from .cluster import ClusterFeed
+        from .postgres import PostgresStore
+
+        assert isinstance(self.store, PostgresStore)
+        return ClusterFeed(self.store, self.hub, node=self.node, on_queued=lambda: self.queue.wakeup.set())
+
     async def _lifecycle(self, _app: web.Application) -> AsyncIterator[None]:
         await self.start()
         yield
@@ -156,11 +174,13 @@ class App:
             return
         await self.store.open()
         try:
+            await self.queue.feed.start()
             await self.queue.start()
             await self.workers.start()
             if self.deliverer is not None:
                 await self.deliverer.start()
         except BaseException:
+            await self.queue.feed.stop()
             await self.store.close()
             raise
         self._started = True
@@ -179,6 +199,7 @@ class App:
         await self.drain()
         if self.deliverer is not None:
             await self.deliverer.stop()
+        await self.queue.feed.stop()
         await self.store.close()
         self._started = False
         log.info("asyncjobs stopped")

@@ -105,7 +105,9 @@ class Deliverer:
                 room = self.concurrency - len(self._in_flight)
                 if room > 0:
                     self._finished.clear()
-                    due = await self.store.due_deliveries(now=self.clock(), limit=self.concurrency * 2)
+                    # Taken (held from other nodes) only as many as can start now.
+                    due = await self.store.due_deliveries(now=self.clock(), limit=room,
+                                                          hold_s=self.timeout_s + 30.0)
                     # An attempt that ended during the read may be listed as it was before: skip it.
                     busy = self._in_flight.keys() | self._finished
                     for delivery in [d for d in due if d.job_id not in busy][:room]:

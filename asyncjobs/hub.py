@@ -1,10 +1,12 @@
-"""The hub: an in-process change feed of jobs, with bounded queues per subscriber."""
+"""The hub: an in-process change feed of jobs, with bounded queues per subscriber; and the ``Feed`` seam,
+through which changes and cancels from other processes reach the hub (``LocalFeed``: there are none)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from .models import CancelReason, Job, Status
 
@@ -123,18 +125,29 @@ class Hub:
             self._everything.add(sub)
         return sub
 
-    def publish(self, job: Job) -> None:
+    def publish(self, job: Job, *, remote: bool = False) -> None:
+        """Tell every subscription that watches ``job``. A ``remote`` change (made by another node, read
+        back by the feed) reaches subscribers but not the listeners, which count this node's own changes."""
         if job.status is Status.RUNNING:
             self._running[job.id] = job
         else:
             self._running.pop(job.id, None)
-        for listener in self._listeners:
-            listener(job)
+        if not remote:
+            for listener in self._listeners:
+                listener(job)
         for sub in self._by_job.get(job.id, ()):
             sub._push(job)
         for sub in self._everything:
             if job.id not in sub.job_ids:
                 sub._push(job)
+
+    def watched(self, job_id: str) -> bool:
+        """Whether a subscription watches ``job_id`` (or every job)."""
+        return job_id in self._by_job or bool(self._everything)
+
+    def watched_ids(self) -> list[str]:
+        """The ids subscriptions watch by name (a feed re-reads these after it missed changes)."""
+        return list(self._by_job)
 
     @property
     def subscriptions(self) -> int:
@@ -153,3 +166,35 @@ class Hub:
                 subs.discard(sub)
                 if not subs:
                     del self._by_job[job_id]
+
+
+class Feed(Protocol):
+    """How changes and cancel requests made by other processes reach this one's hub, and how this one's
+    cancel requests reach the process that runs the job. Chosen with the store (``App``)."""
+
+    @property
+    def up(self) -> bool:
+        """Whether changes from other processes arrive now (for /healthz)."""
+        ...
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def request_cancel(self, job_id: str, reason: CancelReason) -> None: ...
+
+
+class LocalFeed:
+    """The feed of a store that one process holds (SQLite): every change is made here, so the hub is all."""
+
+    up = True
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def request_cancel(self, job_id: str, reason: CancelReason) -> None:
+        self.hub.request_cancel(job_id, reason)

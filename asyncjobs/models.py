@@ -29,6 +29,7 @@ class CancelReason(StrEnum):
     REQUEST = "request"  # a client canceled or deleted it: canceled
     SHUTDOWN = "shutdown"  # the server stops: queued again, the attempt refunded
     EXPIRED = "expired"  # its expires_at passed: canceled and gone
+    LEASE_LOST = "lease"  # this node's lease ended (not renewed in time): another node may run it now
 
     @property
     def message(self) -> str:
@@ -39,6 +40,7 @@ _CANCEL_MESSAGES = {
     CancelReason.REQUEST: "canceled by request",
     CancelReason.SHUTDOWN: "the server is shutting down",
     CancelReason.EXPIRED: "expired before it finished",
+    CancelReason.LEASE_LOST: "this node's lease on the job ended; another node may run it",
 }
 
 TERMINAL_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELED})

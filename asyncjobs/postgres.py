@@ -32,7 +32,7 @@ import asyncpg
 
 from . import codec, rules
 from .errors import StoreError
-from .models import TERMINAL_STATUSES, Job, Status
+from .models import TERMINAL_STATUSES, CancelReason, Job, Status
 from .store import (
     COLUMN_NAMES,
     MUTABLE,
@@ -122,7 +122,40 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX sessions_expiry ON sessions (expires_at);
     """,
+    # Many nodes: a cancel asked of a running job (read by its node's heartbeat), and the change feed: after
+    # every statement that inserts jobs or changes their version, one NOTIFY of "node|id:version:s,..." (s:
+    # the status's first letter), delivered at commit; "node|*" when the list would not fit in a payload.
+    """
+    ALTER TABLE jobs ADD COLUMN cancel_reason TEXT;
+    CREATE INDEX jobs_lease ON jobs (lease_until) WHERE status = 'running';
+    CREATE FUNCTION asyncjobs_notify() RETURNS trigger LANGUAGE plpgsql AS $fn$
+    DECLARE
+        body TEXT;
+        node TEXT := coalesce(current_setting('asyncjobs.node', true), '');
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            SELECT string_agg(n.id || ':' || n.version || ':' || left(n.status, 1), ',') INTO body FROM new_rows n;
+        ELSE
+            SELECT string_agg(n.id || ':' || n.version || ':' || left(n.status, 1), ',') INTO body
+              FROM new_rows n JOIN old_rows o ON o.seq = n.seq WHERE n.version <> o.version;
+        END IF;
+        IF body IS NOT NULL THEN
+            IF octet_length(body) > 7000 THEN
+                body := '*';
+            END IF;
+            PERFORM pg_notify('asyncjobs_changes', node || '|' || body);
+        END IF;
+        RETURN NULL;
+    END
+    $fn$;
+    CREATE TRIGGER jobs_notify_insert AFTER INSERT ON jobs REFERENCING NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION asyncjobs_notify();
+    CREATE TRIGGER jobs_notify_update AFTER UPDATE ON jobs REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION asyncjobs_notify();
+    """,
 )
+CHANGES_CHANNEL = "asyncjobs_changes"  # "node|id:version:s,..." or "node|*" (see the migration)
+CANCELS_CHANNEL = "asyncjobs_cancels"  # "id|reason": stop this job if it runs here
 
 _COLUMNS = ", ".join(COLUMN_NAMES)
 _INSERT_COLUMNS = ", ".join(COLUMN_NAMES[1:])
@@ -132,14 +165,38 @@ _NEXT = len(MUTABLE) + 1  # the first placeholder after the mutable values
 INSERT_SQL = (f"INSERT INTO jobs ({_INSERT_COLUMNS}) VALUES ({', '.join(f'${i}' for i in range(1, 27))})"
               " RETURNING seq")
 UPDATE_SQL = f"UPDATE jobs SET {_ASSIGN} WHERE id = ${_NEXT} AND version = ${_NEXT + 1}"
+# A running job's own reports: only while its lease is held, by this node, by the database's clock (fencing).
+# While the job stays running (a progress report), its lease is the database's, renewed by the heartbeat
+# since the runner's copy was read: kept as stored. Any other next state takes the job's (none).
+_KEEP_LEASE = {c: f"CASE WHEN ${MUTABLE.index('status') + 1} = 'running' THEN jobs.{c} ELSE ${i} END"
+               for i, c in enumerate(MUTABLE, start=1) if c in ("lease_owner", "lease_until")}
+_FENCED_ASSIGN = ", ".join(f"{c} = {_KEEP_LEASE.get(c, f'${i}')}" for i, c in enumerate(MUTABLE, start=1))
+FENCED_UPDATE_SQL = (f"UPDATE jobs SET {_FENCED_ASSIGN} WHERE id = ${_NEXT} AND version = ${_NEXT + 1}"
+                     f" AND status = 'running' AND lease_owner = ${_NEXT + 2}"
+                     " AND (lease_until IS NULL OR lease_until > extract(epoch FROM clock_timestamp()))")
+DB_NOW_SQL = "SELECT extract(epoch FROM clock_timestamp())::float8"
 UPDATE_ANY_SQL = f"UPDATE jobs SET {_ASSIGN} WHERE id = ${_NEXT}"
 LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
 CLAIM_SQL = (f"SELECT {_COLUMNS} FROM jobs WHERE status = 'queued' AND run_at <= $1 AND expires_at > $1"
              " AND task = ANY($2::text[]) ORDER BY priority DESC, vt, seq LIMIT $3 FOR UPDATE SKIP LOCKED")
-START_SQL = ("UPDATE jobs SET status = 'running', started_at = $1, attempts = $2, version = $3, error = NULL,"
-             " lease_owner = $4, lease_until = $5 WHERE id = $6")
-RUNNING_SQL = (f"SELECT {_COLUMNS} FROM jobs WHERE status = 'running' AND lease_owner IS DISTINCT FROM $2"
-               " AND (lease_until IS NULL OR lease_until <= $1) ORDER BY seq FOR UPDATE SKIP LOCKED")
+# One statement for a whole claim (one NOTIFY, one round trip): the started jobs as arrays.
+START_SQL = ("UPDATE jobs SET status = 'running', started_at = u.started_at, attempts = u.attempts,"
+             " version = u.version, error = NULL, lease_owner = $4, lease_until = $5, cancel_reason = NULL"
+             " FROM unnest($1::text[], $2::float8[], $3::int[], $6::int[]) AS u(id, started_at, version, attempts)"
+             " WHERE jobs.id = u.id")
+RUNNING_BY_TASK_SQL = ("SELECT task, COUNT(*) FROM jobs WHERE status = 'running' AND task = ANY($1::text[])"
+                       " GROUP BY task")
+# Running jobs whose lease is lost: held by a node that is gone (no end, not us) or past its end (anyone's).
+RUNNING_SQL = (f"SELECT {_COLUMNS}, cancel_reason FROM jobs WHERE status = 'running' AND"
+               " ((lease_until IS NULL AND lease_owner IS DISTINCT FROM $2) OR lease_until <= $1)"
+               " ORDER BY seq LIMIT 1000 FOR UPDATE SKIP LOCKED")
+RENEW_SQL = ("UPDATE jobs SET lease_until = $3 + $4 WHERE id = ANY($1::text[]) AND status = 'running'"
+             " AND lease_owner = $2 AND lease_until > $3 RETURNING id, cancel_reason")
+CANCEL_SQL = "UPDATE jobs SET cancel_reason = $2 WHERE id = $1 AND status = 'running' AND cancel_reason IS NULL"
+CLAIM_DELIVERIES_SQL = (
+    "UPDATE deliveries SET next_at = $3 WHERE job_id IN (SELECT job_id FROM deliveries WHERE state = 'pending'"
+    " AND next_at <= $1 ORDER BY next_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
+    " RETURNING job_id, message_id, url, payload, attempts")
 EXPIRED_SQL = (f"SELECT {_COLUMNS} FROM jobs WHERE expires_at <= $1 ORDER BY expires_at LIMIT 5000"
                " FOR UPDATE SKIP LOCKED")
 POSITION_SQL = (
@@ -205,13 +262,12 @@ WriteOp = Callable[[asyncpg.Connection], Awaitable[Any]]  # runs inside a transa
 class PostgresStore:
     """The shared store: one PostgreSQL database, reached through a pool of asyncpg connections."""
 
-    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10, connect_timeout: float = 10.0,
-                 command_timeout: float | None = 60.0, exclusive: bool = False) -> None:
+    shared = True  # many nodes share it: leases expire, and changes are announced to the other nodes
+
+    def __init__(self, url: str, *, node: str = "", min_size: int = 1, max_size: int = 10,
+                 connect_timeout: float = 10.0, command_timeout: float | None = 60.0) -> None:
         self.url = url
-        # exclusive: this node must be the database's only one (until leases expire and cancels cross
-        # nodes, a second node would take the first one's running jobs for lost at its start).
-        self.exclusive = exclusive
-        self._holder: asyncpg.Connection | None = None  # holds the exclusive lock while open
+        self.node = node  # named in every change this store's connections announce (asyncjobs.node)
         self.min_size = min_size
         self.max_size = max_size
         self.connect_timeout = connect_timeout
@@ -225,41 +281,25 @@ class PostgresStore:
         try:
             pool = await asyncpg.create_pool(
                 self.url, min_size=self.min_size, max_size=self.max_size, timeout=self.connect_timeout,
-                command_timeout=self.command_timeout)
+                command_timeout=self.command_timeout, server_settings=self._settings())
         except _DB_ERRORS as exc:
             raise StoreError(f"store.url: cannot connect to PostgreSQL: {exc}") from exc
         except ValueError as exc:  # a malformed URL
             raise StoreError(f"store.url: {exc}") from exc
         try:
-            if self.exclusive:
-                await self._take_the_database(pool)
             async with pool.acquire() as db, db.transaction():
                 await self._migrate(db)
         except BaseException as exc:
-            await self._release_the_database(pool)
             await pool.close()
             if isinstance(exc, _DB_ERRORS):
                 raise StoreError(f"store.url: cannot migrate the PostgreSQL schema: {exc}") from exc
             raise
         self._pool = pool
 
-    async def _take_the_database(self, pool: asyncpg.Pool) -> None:
-        """Hold a session lock for as long as this store is open; refuse to open beside another node."""
-        holder = await pool.acquire()
-        if not await holder.fetchval("SELECT pg_try_advisory_lock(hashtextextended('asyncjobs.node', 0))"):
-            await pool.release(holder)
-            raise StoreError("store.url: another asyncjobs node uses this database; this version runs one node"
-                             " per database")
-        self._holder = holder
-
-    async def _release_the_database(self, pool: asyncpg.Pool) -> None:
-        holder, self._holder = self._holder, None
-        if holder is not None:
-            try:
-                await holder.execute("SELECT pg_advisory_unlock_all()")
-            except _DB_ERRORS:
-                pass  # the lock went with the connection
-            await pool.release(holder)
+    def _settings(self, role: str = "asyncjobs") -> dict[str, str]:
+        """Session settings of every connection: the node, named in the changes it announces (and in
+        ``pg_stat_activity``, with the connection's role)."""
+        return {"asyncjobs.node": self.node, "application_name": f"{role} {self.node}"[:63]}
 
     async def _migrate(self, db: asyncpg.Connection) -> None:
         # Every node that starts takes this lock first: one migrates, the others then find it done.
@@ -281,10 +321,6 @@ class PostgresStore:
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
-            try:
-                await self._release_the_database(pool)
-            except Exception:  # the database is gone: the lock went with it
-                pass
             try:  # writes under way finish first (they are shielded), within a bound
                 await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
             except Exception:  # the database is gone, or a connection hangs
@@ -381,14 +417,21 @@ class PostgresStore:
         found = [row_to_job(r) for r in rows if r is not None]
         return max(found, key=lambda j: j.seq) if found else None
 
-    async def update(self, job: Job, *, expected_version: int, deliver: Payload | None = None) -> bool:
+    async def update(self, job: Job, *, expected_version: int, deliver: Payload | None = None,
+                     fence: str | None = None) -> bool:
         """Write the job's mutable fields if the stored version is still ``expected_version``.
 
         With ``deliver``, a callback of this state to ``job.callback_url`` is scheduled in the same transaction.
+        With ``fence`` (a node), the stored job must also be running under that node's lease, unexpired by
+        the database's clock: a report from a node whose lease ended is discarded.
         """
 
         async def op(db: asyncpg.Connection) -> bool:
-            done = _rowcount(await db.execute(UPDATE_SQL, *mutable_values(job), job.id, expected_version)) == 1
+            if fence is None:
+                status = await db.execute(UPDATE_SQL, *mutable_values(job), job.id, expected_version)
+            else:
+                status = await db.execute(FENCED_UPDATE_SQL, *mutable_values(job), job.id, expected_version, fence)
+            done = _rowcount(status) == 1
             if done and deliver is not None:
                 await _schedule_delivery(db, job, deliver)
             return done
@@ -405,36 +448,54 @@ class PostgresStore:
 
     async def claim(self, *, now: float, limit: int, tasks: dict[str, int | None], node: str = "",
                     lease_s: float | None = None) -> list[Job]:
-        """Move up to ``limit`` due queued jobs to running, best first, leased to ``node``.
+        """Move up to ``limit`` due queued jobs to running, best first, leased to ``node`` for ``lease_s``
+        seconds of the database's clock (None: for as long as the node lives).
 
-        The candidates are locked ``FOR UPDATE SKIP LOCKED``: a job another node is claiming is passed over.
+        ``tasks`` maps each runnable task to its concurrency (None: no cap), which holds across all nodes:
+        the capped tasks' running jobs are counted under a lock per task, so two nodes cannot both take
+        the last place. The candidates are locked ``FOR UPDATE SKIP LOCKED``: a job another node is
+        claiming is passed over, and neither waits for the other.
         """
-        open_tasks = [t for t, room in tasks.items() if room is None or room > 0]
+        open_tasks = [t for t, cap in tasks.items() if cap is None or cap > 0]
         if limit <= 0 or not open_tasks:
             return []
+        capped = sorted(t for t in open_tasks if tasks[t] is not None)
 
         async def op(db: asyncpg.Connection) -> list[Job]:
-            rows = await db.fetch(CLAIM_SQL, now, open_tasks, limit * 4)
-            claimed = rules.pick_claimable(map(row_to_job, rows), tasks, limit, now, node=node,
-                                           lease_until=None if lease_s is None else now + lease_s)
+            room = dict(tasks)
+            if capped:
+                for task in capped:  # in one order on every node: no deadlock
+                    await db.execute(LOCK_SQL, _lock_key("concurrency", task))
+                running = dict(await db.fetch(RUNNING_BY_TASK_SQL, capped))
+                room.update({t: max(0, (tasks[t] or 0) - running.get(t, 0)) for t in capped})
+            runnable = [t for t in open_tasks if room[t] is None or (room[t] or 0) > 0]
+            if not runnable:
+                return []
+            rows = await db.fetch(CLAIM_SQL, now, runnable, limit * 4)
+            db_now = await db.fetchval(DB_NOW_SQL) if lease_s is not None else 0.0
+            claimed = rules.pick_claimable(map(row_to_job, rows), room, limit, now, node=node,
+                                           lease_until=None if lease_s is None else db_now + lease_s)
             if claimed:
-                await db.executemany(
-                    START_SQL,
-                    [(j.started_at, j.attempts, j.version, j.lease_owner, j.lease_until, j.id) for j in claimed])
+                await db.execute(START_SQL, [j.id for j in claimed], [j.started_at for j in claimed],
+                                 [j.version for j in claimed], node, claimed[0].lease_until,
+                                 [j.attempts for j in claimed])
             return claimed
 
         return await self._write(op)
 
     async def recover(self, *, now: float, retention_s: float, payload: Payload, node: str = "") -> tuple[int, int]:
-        """Running jobs whose lease is lost (``rules.lease_lost``) go back to the queue, or fail as
-        interrupted past their attempts. Rows another node is recovering are skipped."""
+        """Running jobs whose lease is lost (``rules.lease_lost``, by the database's clock) go back to the
+        queue, or fail as interrupted past their attempts: any node rescues any node's jobs, at its start
+        and then periodically. Rows another node is recovering are skipped."""
 
         async def op(db: asyncpg.Connection) -> tuple[int, int]:
-            rows = await db.fetch(RUNNING_SQL, now, node)
-            lost = [j for j in map(row_to_job, rows) if rules.lease_lost(j, now, node=node)]
+            db_now = await db.fetchval(DB_NOW_SQL)  # leases end by the database's clock, never a node's
+            rows = [(row_to_job(tuple(r)[:-1]), r["cancel_reason"]) for r in await db.fetch(RUNNING_SQL, db_now, node)]
+            lost = [(j, reason) for j, reason in rows if rules.lease_lost(j, db_now, node=node)]
             requeued = failed = 0
-            for job in lost:
-                new = rules.recover_one(job, now, retention_s=retention_s)
+            for job, reason in lost:
+                new = rules.recover_one(job, now, retention_s=retention_s,
+                                        canceled=None if reason is None else CancelReason(reason))
                 if new.status is Status.QUEUED:
                     requeued += 1
                 else:
@@ -473,6 +534,31 @@ class PostgresStore:
                 forgotten=forgotten,
                 with_files=[j.id for j, _ in gone if j.files is not None],
             )
+
+        return await self._write(op)
+
+    async def renew(self, job_ids: list[str], *, node: str, lease_s: float) -> dict[str, str | None]:
+        """Extend ``node``'s leases of ``job_ids`` by ``lease_s`` from the database's clock now. Returns the
+        jobs still held, each with the cancel asked of it (None: none); a job missing from the answer is no
+        longer this node's (its lease ended, or it was rescued) and must stop."""
+        if not job_ids:
+            return {}
+
+        async def op(db: asyncpg.Connection) -> dict[str, str | None]:
+            db_now = await db.fetchval(DB_NOW_SQL)
+            return dict(await db.fetch(RENEW_SQL, job_ids, node, db_now, lease_s))
+
+        return await self._write(op)
+
+    async def request_cancel(self, job_id: str, reason: str) -> bool:
+        """Ask the node that runs ``job_id`` to stop it: recorded on the row (its heartbeat reads it) and
+        announced at once. False when the job is not running."""
+
+        async def op(db: asyncpg.Connection) -> bool:
+            done = _rowcount(await db.execute(CANCEL_SQL, job_id, reason)) == 1
+            if done:
+                await db.execute("SELECT pg_notify($1, $2)", CANCELS_CHANNEL, f"{job_id}|{reason}")
+            return done
 
         return await self._write(op)
 
@@ -566,10 +652,15 @@ class PostgresStore:
         """The earliest run_at after ``after`` among queued jobs (delayed or backed off)."""
         return await self._fetchval(NEXT_RUN_SQL, after)
 
-    async def due_deliveries(self, *, now: float, limit: int) -> list[Delivery]:
-        rows = await self._fetch(
-            "SELECT job_id, message_id, url, payload, attempts FROM deliveries WHERE state = 'pending'"
-            " AND next_at <= $1 ORDER BY next_at LIMIT $2", now, limit)
+    async def due_deliveries(self, *, now: float, limit: int, hold_s: float = 60.0) -> list[Delivery]:
+        """Claim up to ``limit`` due callback deliveries for ``hold_s`` seconds: no other node takes them
+        meanwhile (``delivery_attempted`` then records the outcome); if this node dies, they are due again
+        after the hold."""
+
+        async def op(db: asyncpg.Connection) -> list:
+            return list(await db.fetch(CLAIM_DELIVERIES_SQL, now, limit, now + hold_s))
+
+        rows = await self._write(op)
         return [Delivery(job_id, message_id, url, bytes(payload), attempts)
                 for job_id, message_id, url, payload, attempts in rows]
 
@@ -591,6 +682,49 @@ class PostgresStore:
         """Raise ``StoreError`` unless the database answers now."""
         await self._fetchval("SELECT 1")
 
+    async def jobs(self, job_ids: list[str]) -> list[Job]:
+        """The jobs among ``job_ids`` that exist (for the change feed: one read for a batch of changes)."""
+        rows = await self._fetch(f"SELECT {_COLUMNS} FROM jobs WHERE id = ANY($1::text[])", job_ids)
+        return [row_to_job(r) for r in rows]
+
+    async def listen(self, on_change: Callable[[str], None], on_cancel: Callable[[str], None],
+                     on_lost: Callable[[], None]) -> Listening:
+        """A connection of its own that listens for changes and cancels from every node (the payloads, as
+        the migration and ``request_cancel`` write them). ``on_lost`` is told once if the connection
+        breaks."""
+        try:
+            db = await asyncpg.connect(self.url, timeout=self.connect_timeout,
+                                       server_settings=self._settings("asyncjobs-listen"))
+            await db.add_listener(CHANGES_CHANNEL, lambda _c, _p, _ch, payload: on_change(payload))
+            await db.add_listener(CANCELS_CHANNEL, lambda _c, _p, _ch, payload: on_cancel(payload))
+        except _DB_ERRORS as exc:
+            raise StoreError(f"cannot listen for changes: {exc}") from exc
+        except ValueError as exc:
+            raise StoreError(f"store.url: {exc}") from exc
+        db.add_termination_listener(lambda _c: on_lost())
+        return Listening(db)
+
     async def counts(self) -> dict[str, int]:
         rows = await self._fetch("SELECT status, COUNT(*) FROM jobs GROUP BY status")
         return {s.value: 0 for s in Status} | {status: n for status, n in rows}
+
+
+class Listening:
+    """The listening connection of ``PostgresStore.listen``."""
+
+    def __init__(self, db: asyncpg.Connection) -> None:
+        self._db = db
+
+    async def ping(self, timeout_s: float) -> None:
+        """Raise ``StoreError`` unless the connection answers within ``timeout_s`` (a cut network is
+        otherwise noticed only when TCP gives up)."""
+        try:
+            await self._db.fetchval("SELECT 1", timeout=timeout_s)
+        except _DB_ERRORS as exc:
+            raise StoreError(f"the listening connection is lost: {exc}") from exc
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self._db.close(), 2.0)
+        except Exception:  # a broken connection is closed by force
+            self._db.terminate()

@@ -11,7 +11,7 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ from .errors import (
     Unavailable,
 )
 from .files import FileStore, Upload
-from .hub import Hub
+from .hub import Feed, Hub, LocalFeed
 from .models import CancelReason, Job, JobIds, Status, cancel, is_expired
 from .store import Inserted, Store
 from .tasks import TaskRegistry, validate
@@ -91,6 +91,8 @@ class JobQueue:
         cancel_grace_s: float,
         max_queued_per_owner: int = 0,
         node: str = "",
+        feed: Feed | None = None,
+        lease_s: float | None = None,
         callback_payload: Callable[[Job], bytes] = lambda job: b"",
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -107,6 +109,8 @@ class JobQueue:
         self.max_queued_per_owner = max_queued_per_owner  # 0: no limit
         self.callback_payload = callback_payload  # what a callback POSTs (the App gives the wire form)
         self.node = node or new_node_id()  # this process, as the holder of its running jobs' leases
+        self.feed: Feed = feed or LocalFeed(hub)  # changes and cancels from and to other processes
+        self.lease_s = lease_s  # how long a claim holds a job without renewal (None: while this process lives)
         self.clock = clock
         self.virtual_time = 0  # the vt of the latest job claimed: a new principal's first job starts here
         self._delete_when_done: set[str] = set()  # jobs deleted while their handler was still stopping
@@ -127,11 +131,16 @@ class JobQueue:
                         requeued, failed)
         await self.files.open()
         await self.files.sweep_orphans(self.store.file_owners)
-        self._queued_by_priority = Counter(await self.store.queued_by_priority())
-        self.virtual_time = await self.store.min_queued_vt()
+        await self.refresh_counts()
         self.next_due = await self.store.next_run_at(after=self.clock())
         self.wakeup.set()
         self.deliveries.set()
+
+    async def refresh_counts(self) -> None:
+        """Read the queued counts and the virtual time again: at start, and periodically when other
+        processes share the store (their submits and claims change both)."""
+        self._queued_by_priority = Counter(await self.store.queued_by_priority())
+        self.virtual_time = max(self.virtual_time, await self.store.min_queued_vt())
 
     def close_intake(self) -> None:
         """Take no more submits (503): the server is stopping."""
@@ -385,7 +394,7 @@ class JobQueue:
 
     async def _stop_running(self, job: Job, reason: CancelReason, *, owner: str | None) -> tuple[Job, bool]:
         """Ask the feed to stop the job wherever it runs, and wait for it to end (``cancel_grace``)."""
-        self.hub.request_cancel(job.id, reason)
+        await self.feed.request_cancel(job.id, reason)
         job = await self.wait(job.id, timeout_s=self.cancel_grace_s, until=lambda j: j.terminal, owner=owner)
         return job, job.terminal
 
@@ -425,16 +434,16 @@ class JobQueue:
         """Store a running job's progress if the stored version is still ``expected_version``; a lost report
         is logged, never raised (it is not worth failing the job)."""
         try:
-            return await self.store.update(job, expected_version=expected_version)
+            return await self.store.update(job, expected_version=expected_version, fence=self.node)
         except Exception as exc:
             log.warning("job %s: progress not stored: %s", job.id, exc)
             return False
 
     async def finish(self, new: Job, *, expected_version: int) -> bool:
         """Persist a running job's next state (terminal, or queued again), then publish it. False (and nothing
-        published) when the stored job changed under its worker."""
+        published) when the stored job changed under its worker, or this node's lease on it ended."""
         deliver = new.terminal and new.callback_url is not None
-        if not await self.store.update(new, expected_version=expected_version,
+        if not await self.store.update(new, expected_version=expected_version, fence=self.node,
                                        deliver=self.callback_payload if deliver else None):
             log.warning("job %s changed under its worker; its outcome %s was not stored", new.id, new.status)
             self.hub.forget(new.id)  # the store's state stands; this runner's last report must not shadow it
@@ -452,14 +461,13 @@ class JobQueue:
         log.debug("job %s %s (attempt %d)", new.id, new.status.value, new.attempts)
         return True
 
-    async def claim(self, limit: int, *, running_by_task: Mapping[str, int]) -> list[Job]:
-        """Start up to ``limit`` due jobs, each task within its concurrency (``running_by_task``: how many of
-        each already run here). The started jobs are published; the caller runs them."""
-        room = {
-            spec.name: None if spec.concurrency is None else spec.concurrency - running_by_task.get(spec.name, 0)
-            for spec in self.registry
-        }
-        jobs = await self.store.claim(now=self.clock(), limit=limit, tasks=room, node=self.node)
+    async def claim(self, limit: int) -> list[Job]:
+        """Start up to ``limit`` due jobs, each task within its concurrency (counted by the store, across
+        every process that shares it), leased to this node. The started jobs are published; the caller
+        runs them."""
+        concurrency = {spec.name: spec.concurrency for spec in self.registry}
+        jobs = await self.store.claim(now=self.clock(), limit=limit, tasks=concurrency, node=self.node,
+                                      lease_s=self.lease_s)
         for job in jobs:
             self._count_queued(job.priority, -1)
             self.virtual_time = max(self.virtual_time, job.vt)
@@ -490,7 +498,23 @@ class JobQueue:
         if result.with_files:
             await self.files.remove_jobs(result.with_files)
         for job_id in result.expired_running:
-            self.hub.request_cancel(job_id, CancelReason.EXPIRED)
+            await self.feed.request_cancel(job_id, CancelReason.EXPIRED)
         if result.tombstoned or result.forgotten:
             log.info("sweep: %d jobs expired to tombstones, %d tombstones forgotten",
                      result.tombstoned, result.forgotten)
+
+    async def rescue(self) -> None:
+        """Take over running jobs whose lease ended (their node died or was cut off): queued again while
+        attempts remain, else failed as interrupted. Any node does it, periodically, for every node."""
+        requeued, failed = await self.store.recover(now=self.clock(), retention_s=self.retention_s, node=self.node,
+                                                    payload=self.callback_payload)
+        if requeued or failed:
+            log.warning("rescued %d jobs whose lease ended: %d queued again, %d failed", requeued + failed,
+                        requeued, failed)
+            self.wakeup.set()
+            self.deliveries.set()
+
+    async def renew(self, job_ids: list[str]) -> dict[str, str | None]:
+        """Extend this node's leases of ``job_ids``: the ones still held, each with any cancel asked of it."""
+        assert self.lease_s is not None
+        return await self.store.renew(job_ids, node=self.node, lease_s=self.lease_s)

@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 
-from .models import Job, Status, expire, fail, requeue, start
+from .models import CancelReason, Job, Status, cancel, expire, fail, requeue, start
 
 INTERRUPTED = "the server stopped while the job ran, and it has no attempts left"
 
@@ -44,17 +44,23 @@ def pick_claimable(candidates: Iterable[Job], room: Mapping[str, int | None], li
 
 
 def lease_lost(job: Job, now: float, *, node: str) -> bool:
-    """Whether a running job's runner is gone: another node holds it and its lease ran out, or it holds
-    no lease that could still be renewed (a lease without an end belongs to a process that has stopped
-    unless it is this node's)."""
-    if job.status is not Status.RUNNING or job.lease_owner == node:
+    """Whether a running job's runner is gone: its lease ran out by ``now`` (the database's clock; whoever
+    held it, this node too: a lease it could not renew is over), or it has a lease without an end (one
+    that lasts while its process lives) held by another process than this node, which has stopped."""
+    if job.status is not Status.RUNNING:
         return False
-    return job.lease_until is None or job.lease_until <= now
+    if job.lease_until is None:
+        return job.lease_owner != node
+    return job.lease_until <= now
 
 
-def recover_one(job: Job, now: float, *, retention_s: float) -> Job:
-    """A job found running whose runner is gone: queued again while attempts remain, else failed as
-    interrupted."""
+def recover_one(job: Job, now: float, *, retention_s: float, canceled: CancelReason | None = None) -> Job:
+    """A job found running whose runner is gone: canceled if a cancel was asked of it (``canceled``, which
+    its runner never applied), else queued again while attempts remain, else failed as interrupted."""
+    if canceled is CancelReason.EXPIRED:
+        return cancel(job, now, retention_s=max(0.0, job.expires_at - now), message=canceled.message)
+    if canceled is not None:
+        return cancel(job, now, retention_s=retention_s, message=canceled.message)
     if job.attempts < job.max_attempts:
         return requeue(job, run_at=now)
     return fail(job, now, error_type="interrupted", message=INTERRUPTED, retention_s=retention_s)

@@ -245,6 +245,7 @@ class Store(Protocol):
     A backend is SQL and transactions only: the rules it applies are the pure functions of ``rules``.
     """
 
+    shared: bool  # whether other processes use it too (leases expire; changes must be announced)
     commits: int  # transactions committed, for tests and metrics
     on_commit: Callable[[float, int], None] | None  # told (seconds, writes) after each commit
 
@@ -257,7 +258,8 @@ class Store(Protocol):
     async def delete_session(self, session_id: str) -> None: ...
     async def min_queued_vt(self) -> int: ...
     async def next_queued(self, owner: str) -> Job | None: ...
-    async def update(self, job: Job, *, expected_version: int, deliver: Payload | None = None) -> bool: ...
+    async def update(self, job: Job, *, expected_version: int, deliver: Payload | None = None,
+                     fence: str | None = None) -> bool: ...
     async def delete(self, job_id: str) -> bool: ...
     async def lookup(self, job_id: str) -> Lookup: ...
     async def list_jobs(self, *, status: str | None, task: str | None, owner: str | None,
@@ -274,8 +276,11 @@ class Store(Protocol):
     async def next_run_at(self, *, after: float) -> float | None: ...
     async def counts(self) -> dict[str, int]: ...
     async def ping(self) -> None: ...
+    async def jobs(self, job_ids: list[str]) -> list[Job]: ...
+    async def renew(self, job_ids: list[str], *, node: str, lease_s: float) -> dict[str, str | None]: ...
+    async def request_cancel(self, job_id: str, reason: str) -> bool: ...
     async def file_owners(self, ids: list[str]) -> dict[str, tuple[bool, bool]]: ...
-    async def due_deliveries(self, *, now: float, limit: int) -> list[Delivery]: ...
+    async def due_deliveries(self, *, now: float, limit: int, hold_s: float = 60.0) -> list[Delivery]: ...
     async def next_delivery_at(self) -> float | None: ...
     async def delivery_attempted(self, job_id: str, *, ok: bool, next_at: float | None, error: str | None) -> None: ...
 
@@ -285,6 +290,8 @@ WriteOp = Callable[[sqlite3.Connection], Any]  # runs on the writer thread, insi
 
 class SQLiteStore:
     """The embedded store: one SQLite file in WAL mode."""
+
+    shared = False  # one process holds the file for its life
 
     def __init__(self, path: str | Path, *, synchronous: str = "full", max_batch: int = 512) -> None:
         self.path = str(path)
@@ -483,17 +490,21 @@ class SQLiteStore:
 
         return await self._write(op)
 
-    async def update(self, job: Job, *, expected_version: int, deliver: Payload | None = None) -> bool:
+    async def update(self, job: Job, *, expected_version: int, deliver: Payload | None = None,
+                     fence: str | None = None) -> bool:
         """Write the job's mutable fields if the stored version is still ``expected_version``.
 
         With ``deliver``, a callback of this state to ``job.callback_url`` is scheduled in the same transaction.
+        With ``fence`` (a node), the stored job must also be running under that node's lease (a SQLite
+        lease lasts while its process lives, so the version alone decides here in practice).
         """
         assignments = ", ".join(f"{c} = ?" for c in MUTABLE)
+        fenced = "" if fence is None else " AND status = 'running' AND lease_owner = ?"
 
         def op(db: sqlite3.Connection) -> bool:
             cur = db.execute(
-                f"UPDATE jobs SET {assignments} WHERE id = ? AND version = ?",
-                (*mutable_values(job), job.id, expected_version),
+                f"UPDATE jobs SET {assignments} WHERE id = ? AND version = ?{fenced}",
+                (*mutable_values(job), job.id, expected_version, *(() if fence is None else (fence,))),
             )
             if cur.rowcount == 1 and deliver is not None:
                 _schedule_delivery(db, job, deliver)
@@ -513,18 +524,28 @@ class SQLiteStore:
                     lease_s: float | None = None) -> list[Job]:
         """Move up to ``limit`` due queued jobs to running, best first, leased to ``node``.
 
-        ``tasks`` maps each runnable task to how many more of it may start now
-        (None: no cap); jobs of other tasks are left queued. ``lease_s`` None: the lease lasts as long
-        as the node (one process holds a SQLite file, so no other node could take the job over).
+        ``tasks`` maps each runnable task to its concurrency (None: no cap), counted against the jobs of
+        it running in the store; jobs of other tasks are left queued. ``lease_s`` None: the lease lasts as
+        long as the node (one process holds a SQLite file, so no other node could take the job over).
         """
-        open_tasks = [t for t, room in tasks.items() if room is None or room > 0]
+        open_tasks = [t for t, cap in tasks.items() if cap is None or cap > 0]
         if limit <= 0 or not open_tasks:
             return []
+        capped = [t for t in open_tasks if tasks[t] is not None]
 
         def op(db: sqlite3.Connection) -> list[Job]:
-            marks = ", ".join("?" for _ in open_tasks)
-            cur = db.execute(CLAIM_SQL.format(marks=marks), (now, now, *open_tasks, limit * 4))
-            claimed = rules.pick_claimable(map(row_to_job, cur.fetchall()), tasks, limit, now, node=node,
+            room = dict(tasks)
+            if capped:
+                running = dict(db.execute(
+                    f"SELECT task, COUNT(*) FROM jobs WHERE status = 'running' AND task IN"
+                    f" ({', '.join('?' for _ in capped)}) GROUP BY task", capped).fetchall())
+                room.update({t: max(0, (tasks[t] or 0) - running.get(t, 0)) for t in capped})
+            runnable = [t for t in open_tasks if room[t] is None or (room[t] or 0) > 0]
+            if not runnable:
+                return []
+            marks = ", ".join("?" for _ in runnable)
+            cur = db.execute(CLAIM_SQL.format(marks=marks), (now, now, *runnable, limit * 4))
+            claimed = rules.pick_claimable(map(row_to_job, cur.fetchall()), room, limit, now, node=node,
                                            lease_until=None if lease_s is None else now + lease_s)
             db.executemany(
                 "UPDATE jobs SET status = 'running', started_at = ?, attempts = ?, version = ?, error = NULL,"
@@ -696,7 +717,8 @@ class SQLiteStore:
         rows = await self._fetchall(NEXT_RUN_SQL, (after,))
         return rows[0][0]
 
-    async def due_deliveries(self, *, now: float, limit: int) -> list[Delivery]:
+    async def due_deliveries(self, *, now: float, limit: int, hold_s: float = 60.0) -> list[Delivery]:
+        """Due callback deliveries (one process delivers them all: no hold needed)."""
         rows = await self._fetchall(
             "SELECT job_id, message_id, url, payload, attempts FROM deliveries WHERE state = 'pending'"
             " AND next_at <= ? ORDER BY next_at LIMIT ?", (now, limit))
@@ -721,6 +743,27 @@ class SQLiteStore:
     async def ping(self) -> None:
         """Raise ``StoreError`` unless the store answers a read now."""
         await self._fetchall("SELECT 1")
+
+    async def jobs(self, job_ids: list[str]) -> list[Job]:
+        """The jobs among ``job_ids`` that exist."""
+        found: list[Job] = []
+        for at in range(0, len(job_ids), 500):
+            part = job_ids[at:at + 500]
+            rows = await self._fetchall(
+                f"SELECT {_COLUMNS} FROM jobs WHERE id IN ({', '.join('?' for _ in part)})", tuple(part))
+            found += map(row_to_job, rows)
+        return found
+
+    async def renew(self, job_ids: list[str], *, node: str, lease_s: float) -> dict[str, str | None]:
+        """The jobs of ``job_ids`` that ``node`` still runs (a SQLite lease never ends while its process
+        lives, so there is nothing to extend), with no cancel asked: one process hears its cancels at once."""
+        held = await self.jobs(job_ids)
+        return {j.id: None for j in held if j.status is Status.RUNNING and j.lease_owner == node}
+
+    async def request_cancel(self, job_id: str, reason: str) -> bool:
+        """Whether ``job_id`` runs (its process, the only one, is told through its own feed)."""
+        found = await self.jobs([job_id])
+        return bool(found) and found[0].status is Status.RUNNING
 
     async def counts(self) -> dict[str, int]:
         rows = await self._fetchall("SELECT status, COUNT(*) FROM jobs GROUP BY status")

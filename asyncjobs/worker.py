@@ -9,7 +9,6 @@ import mimetypes
 import random
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ class Execution:
     cancel_reason: CancelReason | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     last_persist: float = 0.0
+    leased_at: float = field(default_factory=time.monotonic)  # when its lease was last taken or renewed
     pending_write: asyncio.Task | None = None
     has_work_dir: bool = False  # the handler asked for an output path: its folder goes after the attempt
 
@@ -139,10 +139,12 @@ def backoff_s(spec: TaskSpec, attempts: int) -> float:
 class Workers:
     """Runs up to ``count`` jobs at once; async handlers on the loop, sync ones in threads."""
 
-    def __init__(self, queue: JobQueue, *, count: int, sweep_interval_s: float = 1.0) -> None:
+    def __init__(self, queue: JobQueue, *, count: int, sweep_interval_s: float = 1.0,
+                 heartbeat_s: float = 10.0) -> None:
         self.queue = queue
         self.count = count
         self.sweep_interval_s = sweep_interval_s
+        self.heartbeat_s = heartbeat_s  # between lease renewals, when leases end (queue.lease_s)
         self._executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix="asyncjobs-handler")
         self._tasks: dict[str, asyncio.Task] = {}
         self.running: dict[str, Execution] = {}  # the jobs this process runs, by id
@@ -153,11 +155,14 @@ class Workers:
         self._report_lock = threading.Lock()
         self._dispatcher: asyncio.Task | None = None
         self._sweeper: asyncio.Task | None = None
+        self._heart: asyncio.Task | None = None
 
     async def start(self) -> None:
         self._loop_thread = threading.get_ident()
         self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="asyncjobs-dispatcher")
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="asyncjobs-sweeper")
+        if self.queue.lease_s is not None:
+            self._heart = asyncio.create_task(self._heartbeat_loop(), name="asyncjobs-heartbeat")
 
     async def stop(self, grace_s: float) -> None:
         """Stop taking jobs; give running ones ``grace_s``; put the rest back in the queue."""
@@ -173,6 +178,10 @@ class Workers:
             execution.request_cancel(CancelReason.SHUTDOWN)
         if self._tasks:
             await asyncio.wait(list(self._tasks.values()), timeout=1.0)
+        if self._heart is not None:  # the leases are renewed until the last job is handed back
+            self._heart.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heart
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- dispatch --------------------------------------------------------
@@ -190,7 +199,7 @@ class Workers:
             if free <= 0:
                 continue
             try:
-                jobs = await queue.claim(free, running_by_task=Counter(e.job.task for e in self.running.values()))
+                jobs = await queue.claim(free)
                 for job in jobs:
                     self._launch(job)
                 if queue.next_due is not None and queue.next_due <= queue.clock():
@@ -246,12 +255,53 @@ class Workers:
             execution.pending_write = None
 
     async def _sweep_loop(self) -> None:
+        shared = self.queue.store.shared
         while True:
             try:
                 await self.queue.sweep()
+                if shared:  # other processes change the queue, and may die holding jobs
+                    await self.queue.rescue()
+                    await self.queue.refresh_counts()
             except StoreError as exc:
                 log.error("sweep failed: %s", exc)
             await asyncio.sleep(self.sweep_interval_s)
+
+    # -- leases ------------------------------------------------------------
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            await self.heartbeat()
+
+    async def heartbeat(self) -> None:
+        """Renew the leases of the jobs running here. A job whose lease is gone (ended before it was renewed,
+        or taken over) is stopped, and its outcome is not stored; a cancel asked through the store is
+        applied. While the store does not answer, a job whose lease has run out by this node's clock is
+        stopped too: another node may take it over now."""
+        lease_s = self.queue.lease_s
+        assert lease_s is not None
+        executions = list(self.running.values())
+        if not executions:
+            return
+        asked = time.monotonic()
+        try:
+            held = await self.queue.renew([e.job.id for e in executions])
+        except StoreError as exc:
+            log.warning("cannot renew %d leases: %s", len(executions), exc)
+            for execution in executions:
+                if time.monotonic() - execution.leased_at >= lease_s:
+                    execution.request_cancel(CancelReason.LEASE_LOST)
+            return
+        for execution in executions:
+            if execution.job.id not in held:
+                if execution.cancel_reason is None:
+                    log.warning("job %s: this node's lease ended; stopping it here", execution.job.id)
+                execution.request_cancel(CancelReason.LEASE_LOST)
+                continue
+            execution.leased_at = asked
+            reason = held[execution.job.id]
+            if reason is not None:
+                with contextlib.suppress(ValueError):
+                    execution.request_cancel(CancelReason(reason))
 
     # -- running one job -------------------------------------------------
     async def _run(self, execution: Execution) -> None:
@@ -273,11 +323,15 @@ class Workers:
             try:
                 if execution.pending_write is not None:
                     await execution.pending_write
-                if await self.queue.finish(new, expected_version=execution.stored_version):
+                if execution.cancel_reason is CancelReason.LEASE_LOST:
+                    log.warning("job %s: its outcome is discarded (the lease ended)", job.id)
+                    self.queue.hub.forget(job.id)
+                elif await self.queue.finish(new, expected_version=execution.stored_version):
                     execution.stored_version = new.version
                 execution.job = new
             except StoreError as exc:
-                log.error("job %s: outcome not stored (%s); it will be recovered at the next start", job.id, exc)
+                log.error("job %s: outcome not stored (%s); it is recovered at the next start, or"
+                          " by another node once its lease ends", job.id, exc)
         finally:
             self.running.pop(job.id, None)
             self._tasks.pop(job.id, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from typing import Any, Literal
@@ -176,3 +177,12 @@ async def text_upload(ctx: Any, name: str, text: InputFile, seconds: float = 0.0
     """A raw-body route that takes text only; unique, so equal uploads share one live job."""
     await asyncio.sleep(seconds)
     return text.size
+
+
+@task(retries=1)
+async def whoami(ctx: Any, seconds: float = 0.5, steps: int = 2) -> dict[str, int]:
+    """Reports progress ``steps`` times over ``seconds``; returns which process ran which attempt."""
+    for step in range(steps):
+        await asyncio.sleep(seconds / max(1, steps))
+        await ctx.progress((step + 1) / max(1, steps), f"step {step + 1}")
+    return {"pid": os.getpid(), "attempt": ctx.attempt}

@@ -12,7 +12,7 @@ RANKS = {
     "protocol": 2, "config": 2,
     "rules": 2, "store": 3, "files": 3, "postgres": 4,
     "hub": 4, "tasks": 4,
-    "queue": 5, "builtin": 5, "limits": 1,
+    "queue": 5, "builtin": 5, "limits": 1, "cluster": 5,
     "worker": 6, "callbacks": 6,
     "web": 7,
     "app": 8,

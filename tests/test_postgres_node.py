@@ -11,8 +11,7 @@ import aiohttp
 import pytest
 
 from asyncjobs import App
-from asyncjobs.errors import StoreError
-from tests.conftest import TEST_MODULES, make_config, wait_status
+from tests.conftest import TEST_MODULES, config_text, make_config, wait_status
 from tests.postgres_cluster import postgres_server, postgres_url  # noqa: F401 (fixtures)
 
 
@@ -75,25 +74,11 @@ async def test_racing_submits_with_one_key_make_one_job_on_postgres(pg_client):
     assert len(ids) == 1 and {a.status for a in answers} == {202}
 
 
-async def test_one_node_per_database_for_now(tmp_path, postgres_url):  # noqa: F811 (the fixture)
-    """A second node on the same database refuses to start (this version runs one node per database)."""
-    first = App(make_config(tmp_path, store={"url": postgres_url}))
-    await first.start()
-    try:
-        second = App(make_config(tmp_path, store={"url": postgres_url}))
-        with pytest.raises(StoreError, match="another asyncjobs node"):
-            await second.start()
-    finally:
-        await first.stop()
-    again = App(make_config(tmp_path, store={"url": postgres_url}))
-    await again.start()  # the lock went with the first node
-    await again.stop()
-
-
 async def test_serve_on_postgres_loses_no_acknowledged_job_to_kill_9(server_factory, http, postgres_url):  # noqa: F811
     """`asyncjobs serve --db postgresql://...`: acknowledged jobs survive kill -9; the restarted node takes
-    the dead node's running job back (its lease is lost) and runs it to the end."""
-    server = server_factory("--db", postgres_url)
+    the dead node's running job back once its lease (1 s here) has ended, and runs it to the end."""
+    short_lease = config_text(cluster={"lease": 1, "heartbeat": 0.3})
+    server = server_factory("--db", postgres_url, config_text=short_lease)
     assert "store postgresql://" in server.log()
     acked = []
     for i in range(20):
@@ -108,7 +93,7 @@ async def test_serve_on_postgres_loses_no_acknowledged_job_to_kill_9(server_fact
                 break
         await asyncio.sleep(0.05)
     server.kill()
-    again = server_factory("--db", postgres_url)
+    again = server_factory("--db", postgres_url, config_text=short_lease)
     for job_id in [*acked, held]:
         for _ in range(200):
             async with http.get(f"{again.url}/jobs/{job_id}", allow_redirects=False) as resp:

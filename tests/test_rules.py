@@ -68,5 +68,6 @@ def test_a_lease_is_lost_when_another_node_held_it_and_it_ran_out():
     assert rules.lease_lost(mine, 5.0, node="b")  # no end: it lasts only while node a lives, and b is running
     timed = rules.pick_claimable([job()], {}, 1, 1.0, node="a", lease_until=10.0)[0]
     assert not rules.lease_lost(timed, 5.0, node="b") and rules.lease_lost(timed, 10.0, node="b")
+    assert not rules.lease_lost(timed, 5.0, node="a") and rules.lease_lost(timed, 10.0, node="a")  # not renewed
     assert not rules.lease_lost(job(), 5.0, node="b")  # only running jobs hold leases
     assert rules.lease_lost(running, 5.0, node="b")

@@ -77,14 +77,33 @@ async def test_claim_orders_by_priority_then_submission(store):
     assert await store.next_run_at(after=200.0) == 500.0
 
 
-async def test_claim_respects_task_room(store):
-    """A task with no room left, or not runnable here, is not claimed."""
-    for _ in range(3):
+async def test_claim_respects_task_concurrency_counted_in_the_store(store):
+    """A task's concurrency counts its jobs running in the store (by any node); a task not runnable here is
+    not claimed."""
+    for _ in range(4):
         await store.insert(make_job(task="capped"))
     await store.insert(make_job(task="unknown"))
-    claimed = await store.claim(now=200.0, limit=10, tasks={"capped": 2})
+    claimed = await store.claim(now=200.0, limit=10, tasks={"capped": 2}, node="a")
     assert [j.task for j in claimed] == ["capped", "capped"]
+    assert await store.claim(now=200.0, limit=10, tasks={"capped": 2}, node="b") == []
     assert await store.claim(now=200.0, limit=10, tasks={"capped": 0}) == []
+    done = succeed(claimed[0], 201.0, result=b"1", result_type=None, retention_s=10)
+    assert await store.update(done, expected_version=claimed[0].version, fence="a")
+    assert len(await store.claim(now=202.0, limit=10, tasks={"capped": 2}, node="b")) == 1
+
+
+async def test_reports_are_fenced_by_the_lease_holder(store):
+    """With a fence, only the node that holds the running job's lease may write it; renewals answer which
+    jobs a node still holds."""
+    job = (await store.insert(make_job())).job
+    [running] = await store.claim(now=200.0, limit=1, tasks={"echo": None}, node="a", lease_s=30.0)
+    assert await store.renew([job.id], node="a", lease_s=30.0) == {job.id: None}
+    assert await store.renew([job.id], node="b", lease_s=30.0) == {}
+    done = succeed(running, 201.0, result=b"1", result_type=None, retention_s=10)
+    assert not await store.update(done, expected_version=running.version, fence="b")
+    assert await store.update(done, expected_version=running.version, fence="a")
+    assert await store.renew([job.id], node="a", lease_s=30.0) == {}  # no longer running
+    assert (await store.jobs([job.id, "nothing"]))[0].status is Status.SUCCEEDED
 
 
 async def test_recover_requeues_or_interrupts(store):

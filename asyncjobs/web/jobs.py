@@ -274,6 +274,6 @@ async def healthz(request: web.Request) -> web.Response:
     queue = request.app[QUEUE_KEY]
     up = await queue.store_up()
     body = {"status": "ok" if up else "unavailable", "node": queue.node, "store": "up" if up else "down",
-            "feed": "up", "waiting": vars(waiters)}  # the feed is this process's own: up while it runs
+            "feed": "up" if queue.feed.up else "down", "waiting": vars(waiters)}
     return json_response(body, status=200 if up else 503,
                          headers={**protocol.NO_STORE, **({} if up else {"Retry-After": "5"})})
