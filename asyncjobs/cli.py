@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--db", help="the store: a SQLite file, or a postgresql:// URL (store.url)")
     serve.add_argument("--workers", type=int, help="worker coroutines")
     serve.add_argument("--processes", type=int, default=1,
-                       help="processes sharing the port, each a node (several nodes on PostgreSQL: not in this"
-                            " version, so 1)")
+                       help="processes sharing the port, each a node with its own workers (PostgreSQL only)")
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # a child of --processes
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     for name, text in CLIENT_COMMANDS.items():  # listed for --help; main() hands them to the client
         commands.add_parser(name, help=text, add_help=False)
@@ -64,7 +64,7 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
-async def serve(app: App) -> None:
+async def serve(app: App, *, reuse_port: bool = False) -> None:
     """Run until SIGINT/SIGTERM, then drain: 503 for submits, running jobs get the grace period."""
     # Handlers are cancelled when their client goes away (a long poll frees its waiter at once);
     # at shutdown, waiters still open after a short while are cut.
@@ -72,7 +72,7 @@ async def serve(app: App) -> None:
                            handler_cancellation=True, shutdown_timeout=2.0)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, app.config.server.host, app.config.server.port)
+        site = web.TCPSite(runner, app.config.server.host, app.config.server.port, reuse_port=reuse_port or None)
         await site.start()
         host, port = runner.addresses[0][:2]
         loop = asyncio.get_running_loop()
@@ -106,16 +106,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return client_cli.main(argv)
     args = build_parser().parse_args(argv)
-    if args.processes != 1:
-        print("asyncjobs: --processes: this version runs one node per store (several nodes on PostgreSQL are"
-              " not part of it); use --processes 1", file=sys.stderr)
-        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = config_module.load(args.config, overrides=_flag_overrides(args))
+        if args.processes != 1:
+            from .processes import supervise
+
+            return supervise(argv, cfg, args.processes)
         app = App(cfg)
         with asyncio.Runner(loop_factory=loop_factory(cfg.server.loop)) as runner:
-            runner.run(serve(app))
+            runner.run(serve(app, reuse_port=args.reuse_port))
     except ConfigError as exc:
         print(f"asyncjobs: configuration error: {exc}", file=sys.stderr)
         return 2

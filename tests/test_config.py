@@ -97,13 +97,15 @@ def test_store_url_is_checked_and_a_store_can_be_handed_in(tmp_path):
     assert App(make_config(tmp_path), store=mine).store is mine
 
 
-def test_cluster_keys_are_accepted_and_processes_other_than_one_is_refused(capsys):
-    """[cluster] lease/heartbeat load (a 1.4 config starts); --processes N > 1 stops with one line, exit 2."""
+def test_cluster_keys_are_accepted_and_processes_on_sqlite_are_refused(capsys, tmp_path):
+    """[cluster] lease/heartbeat load; --processes N > 1 on a SQLite store stops with one line, exit 2."""
     from asyncjobs import cli
 
     loaded = config.from_dict({"cluster": {"lease": 20, "heartbeat": 5}})
     assert (loaded.cluster.lease, loaded.cluster.heartbeat) == (20.0, 5.0)
     with pytest.raises(ConfigError, match="cluster.lease"):
         config.from_dict({"cluster": {"lease": 0}})
-    assert cli.main(["serve", "--processes", "2"]) == 2
+    assert cli.main(["serve", "--processes", "2", "--db", str(tmp_path / "one.db")]) == 2
+    assert "--processes" in capsys.readouterr().err
+    assert cli.main(["serve", "--processes", "0", "--db", "postgresql://u@127.0.0.1:1/db"]) == 2
     assert "--processes" in capsys.readouterr().err

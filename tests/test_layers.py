@@ -15,7 +15,7 @@ RANKS = {
     "queue": 5, "builtin": 5, "limits": 1, "cluster": 5,
     "worker": 6, "callbacks": 6,
     "web": 7,
-    "app": 8,
+    "app": 8, "processes": 8,
     "cli": 9, "__init__": 9, "__main__": 10,
 }
 

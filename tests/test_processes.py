@@ -1,0 +1,56 @@
+"""`asyncjobs serve --processes N` on PostgreSQL: N nodes on one port, stopped together by SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import aiohttp
+
+from tests.conftest import eventually
+from tests.postgres_cluster import postgres_server, postgres_url  # noqa: F401 (fixtures)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+async def test_processes_share_one_port_as_nodes_and_stop_together(server_factory, postgres_url):  # noqa: F811
+    server = server_factory("--db", postgres_url, "--processes", "2", "--workers", "2")
+    await eventually(lambda: "(2 processes)" in server.log(), "the parent to say where the service listens")
+    assert server.proc is not None
+    children = _children(server.proc.pid)
+    assert len(children) == 2
+    nodes = set()
+    for _ in range(60):  # each new connection goes to one of them, as the kernel chooses
+        async with aiohttp.ClientSession() as http, http.get(f"{server.url}/healthz") as resp:
+            body = await resp.json()
+            assert resp.status == 200 and body["feed"] == "up"
+            nodes.add(body["node"])
+        if len(nodes) == 2:
+            break
+    assert len(nodes) == 2, nodes
+    async with aiohttp.ClientSession() as http:
+        ids = []
+        for i in range(10):
+            async with http.post(f"{server.url}/jobs", json={"task": "echo", "params": {"i": i}}) as resp:
+                assert resp.status == 202
+                ids.append((await resp.json())["id"])
+        for job_id in ids:
+            async with http.get(f"{server.url}/jobs/{job_id}?wait=10", allow_redirects=False) as resp:
+                assert (await resp.json())["status"] == "succeeded"
+    assert server.terminate() == 0
+    for _ in range(100):
+        if not any(_alive(pid) for pid in children):
+            break
+        await asyncio.sleep(0.05)
+    assert not any(_alive(pid) for pid in children)
