@@ -264,10 +264,12 @@ class PostgresStore:
 
     shared = True  # many nodes share it: leases expire, and changes are announced to the other nodes
 
-    def __init__(self, url: str, *, node: str = "", min_size: int = 1, max_size: int = 10,
+    def __init__(self, url: str, *, node: str = "", min_size: int = 0, max_size: int = 10,
                  connect_timeout: float = 10.0, command_timeout: float | None = 60.0) -> None:
         self.url = url
         self.node = node  # named in every change this store's connections announce (asyncjobs.node)
+        # min_size 0: connections are made when needed and kept while used; with a floor, asyncpg would
+        # log a traceback for every failed attempt to restore it while the database is away.
         self.min_size = min_size
         self.max_size = max_size
         self.connect_timeout = connect_timeout

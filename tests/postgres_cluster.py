@@ -152,7 +152,34 @@ async def _drop_database(url: str, name: str) -> None:
         await conn.close()
 
 
+class PrivateCluster:
+    """A cluster of one test's own, which it may stop and start again (a database restart mid-load)."""
+
+    def __init__(self, server: Server, pg_ctl: list[str], base: str) -> None:
+        self.server = server
+        self._pg_ctl = pg_ctl
+        self._base = base
+
+    def stop(self) -> None:
+        _run(_as_postgres([*self._pg_ctl, "-m", "fast", "-w", "stop"]), cwd=self._base)
+
+    def start(self) -> None:
+        _run(_as_postgres([*self._pg_ctl, "-w", "-t", str(int(START_TIMEOUT)), "start"]), cwd=self._base)
+
+
+def start_private_cluster() -> tuple[PrivateCluster, Any]:
+    """A cluster for one test (never the shared one, nor ASYNCJOBS_TEST_POSTGRES_URL's: it will be
+    restarted); returns it and the function that removes it."""
+    server, stop, pg_ctl, base = _start_cluster_parts()
+    return PrivateCluster(server, pg_ctl, base), stop
+
+
 def _start_cluster() -> tuple[Server, Any]:
+    server, stop, _, _ = _start_cluster_parts()
+    return server, stop
+
+
+def _start_cluster_parts() -> tuple[Server, Any, list[str], str]:
     initdb, pg_ctl = _bins()
     if os.geteuid() == 0 and subprocess.run(["id", "postgres"], capture_output=True).returncode != 0:
         _run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh", "postgres"])
@@ -168,15 +195,15 @@ def _start_cluster() -> tuple[Server, Any]:
                        "-E", "UTF8", "--no-locale", "--no-sync"]), cwd=base)
     options = (f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={base}"
                " -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
-    _run(_as_postgres([pg_ctl, "-D", data, "-o", options, "-l", os.path.join(base, "log"), "-w",
-                       "-t", str(int(START_TIMEOUT)), "start"]), cwd=base)
+    control = [pg_ctl, "-D", data, "-o", options, "-l", os.path.join(base, "log")]
+    _run(_as_postgres([*control, "-w", "-t", str(int(START_TIMEOUT)), "start"]), cwd=base)
 
     def stop() -> None:
         subprocess.run(_as_postgres([pg_ctl, "-D", data, "-m", "immediate", "stop"]), capture_output=True,
                        cwd=base)
         shutil.rmtree(base, ignore_errors=True)
 
-    return Server(url=f"postgresql://postgres@127.0.0.1:{port}/postgres"), stop
+    return Server(url=f"postgresql://postgres@127.0.0.1:{port}/postgres"), stop, control, base
 
 
 @pytest.fixture(scope="session")
@@ -198,12 +225,23 @@ def _with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
+def create_database(server: Server) -> str:
+    """Create a fresh, empty database ``test_<random>`` on ``server``; returns its URL."""
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    run_sync(_create_database(server.url, name))
+    return _with_database(server.url, name)
+
+
+def drop_database(server: Server, url: str) -> None:
+    """Drop a database that create_database made (closing whatever connections are still on it)."""
+    run_sync(_drop_database(server.url, urlsplit(url).path.lstrip("/")))
+
+
 @pytest.fixture
 def postgres_url(postgres_server: Server) -> Iterator[str]:
     """The URL of a fresh, empty database, dropped after the test."""
-    name = f"test_{uuid.uuid4().hex[:16]}"
-    run_sync(_create_database(postgres_server.url, name))
+    url = create_database(postgres_server)
     try:
-        yield _with_database(postgres_server.url, name)
+        yield url
     finally:
-        run_sync(_drop_database(postgres_server.url, name))
+        drop_database(postgres_server, url)

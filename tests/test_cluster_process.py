@@ -1,0 +1,186 @@
+"""Real `asyncjobs serve` nodes on one PostgreSQL database, killed, stopped and cut off from it:
+nothing acknowledged is lost, a dead node's jobs are taken over after its lease, a late outcome is
+discarded, and a database restart gives 503s, never 500s."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import TEST_MODULES, config_text, eventually
+from tests.postgres_cluster import (  # noqa: F401 (fixtures)
+    create_database,
+    postgres_server,
+    postgres_url,
+    start_private_cluster,
+)
+
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+
+def node_config(tmp_path) -> str:
+    return config_text(cluster={"lease": 1, "heartbeat": 0.3}, files={"dir": str(tmp_path / "files")},
+                       queue={"shutdown_grace": 1}, tasks={"modules": TEST_MODULES})
+
+
+async def job_state(http: aiohttp.ClientSession, url: str, job_id: str) -> dict[str, Any]:
+    async with http.get(f"{url}/jobs/{job_id}", allow_redirects=False) as resp:
+        assert resp.status in (200, 303), (resp.status, await resp.text())
+        return await resp.json()
+
+
+async def until_terminal(http: aiohttp.ClientSession, url: str, ids: list[str], timeout_s: float) -> dict[str, dict]:
+    deadline = time.monotonic() + timeout_s
+    states: dict[str, dict] = {}
+    for job_id in ids:
+        while True:
+            states[job_id] = await job_state(http, url, job_id)
+            if states[job_id]["status"] in TERMINAL:
+                break
+            assert time.monotonic() < deadline, f"job {job_id} stayed {states[job_id]['status']}"
+            await asyncio.sleep(0.05)
+    return states
+
+
+async def test_kill_9_of_a_node_mid_load_loses_nothing_and_its_jobs_run_elsewhere(server_factory, tmp_path,
+                                                                                  postgres_url):  # noqa: F811
+    """Three nodes take a stream of submits; one is killed with SIGKILL mid-load. Every job acknowledged (by
+    any node, the dead one too) ends; the dead node's running jobs are run again by the others after its
+    lease (whoami allows a second attempt)."""
+    config = node_config(tmp_path)
+    servers = [server_factory("--db", postgres_url, "--workers", "4", config_text=config) for _ in range(3)]
+    victim = servers[0]
+    assert victim.proc is not None
+    victim_pid = victim.proc.pid
+    acked: list[str] = []
+    refused = 0
+    async with aiohttp.ClientSession() as http:
+
+        async def submit(i: int) -> None:
+            nonlocal refused
+            server = servers[i % 3]
+            try:
+                async with http.post(f"{server.url}/jobs", json={"task": "whoami",
+                                                                  "params": {"seconds": 1.0, "steps": 2}}) as resp:
+                    assert resp.status == 202, await resp.text()
+                    acked.append((await resp.json())["id"])
+            except aiohttp.ClientError:
+                refused += 1  # the dead node: not acknowledged, so not owed
+
+        for i in range(90):
+            if i == 45:
+                victim.kill()
+            await submit(i)
+            await asyncio.sleep(0.01)
+        assert refused >= 14  # a third of the second half went to the dead node
+        states = await until_terminal(http, servers[1].url, acked, timeout_s=60)
+    statuses = {s["status"] for s in states.values()}
+    assert statuses <= {"succeeded", "failed"}, statuses
+    interrupted = [s for s in states.values() if s["status"] == "failed"]
+    assert all(s["error"]["type"] == "interrupted" for s in interrupted), interrupted
+    rerun = [s for s in states.values() if s["status"] == "succeeded" and s["attempts"] == 2]
+    assert rerun, "the dead node held running jobs: the others must have run them again"
+    assert all(s["result"]["pid"] != victim_pid for s in rerun)
+
+
+async def test_a_node_stopped_past_its_lease_loses_the_job_and_its_late_outcome_is_discarded(
+        server_factory, tmp_path, postgres_url):  # noqa: F811
+    """A runs a job and is frozen (SIGSTOP) past its lease; B takes the job over and runs it; A, thawed,
+    finishes its attempt too, but its outcome is not stored: the job keeps B's."""
+    config = node_config(tmp_path)
+    a = server_factory("--db", postgres_url, config_text=config)
+    assert a.proc is not None
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{a.url}/jobs", json={"task": "whoami", "params": {"seconds": 3, "steps": 1}}) as resp:
+            job_id = (await resp.json())["id"]
+        await eventually(lambda: _running(http, a.url, job_id), "the job to run on A")
+        b = server_factory("--db", postgres_url, config_text=config)
+        assert b.proc is not None
+        a.proc.send_signal(signal.SIGSTOP)
+        try:
+            done = (await until_terminal(http, b.url, [job_id], timeout_s=30))[job_id]
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        assert done["status"] == "succeeded" and done["attempts"] == 2
+        assert done["result"] == {"pid": b.proc.pid, "attempt": 2}
+        await eventually(lambda: re.search(r"lease ended|changed under its worker", a.log()),
+                         "A to drop its late outcome", timeout_s=15)
+        after = await job_state(http, a.url, job_id)
+    assert after["result"] == {"pid": b.proc.pid, "attempt": 2} and after["version"] == done["version"]
+
+
+async def _running(http: aiohttp.ClientSession, url: str, job_id: str) -> bool:
+    return (await job_state(http, url, job_id))["status"] == "running"
+
+
+@pytest.fixture
+def private_cluster():
+    cluster, remove = start_private_cluster()
+    try:
+        yield cluster
+    finally:
+        remove()
+
+
+async def test_a_database_restart_mid_load_gives_503s_never_500s_and_loses_nothing(server_factory, tmp_path,
+                                                                                    private_cluster):
+    """Two nodes take submits while PostgreSQL is stopped and started again: every answer is 202 or 503 (with
+    Retry-After), /healthz says unavailable meanwhile, the nodes reconnect on their own, and every job
+    acknowledged ends."""
+    url = create_database(private_cluster.server)
+    config = node_config(tmp_path)
+    servers = [server_factory("--db", url, config_text=config) for _ in range(2)]
+    answers: list[tuple[int, bool]] = []
+    acked: list[str] = []
+    async with aiohttp.ClientSession() as http:
+
+        async def load(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            i = 0
+            while time.monotonic() < deadline:
+                server = servers[i % 2]
+                i += 1
+                async with http.post(f"{server.url}/jobs", json={"task": "whoami",
+                                                                  "params": {"seconds": 0.1, "steps": 1}}) as resp:
+                    answers.append((resp.status, "Retry-After" in resp.headers))
+                    if resp.status == 202:
+                        acked.append((await resp.json())["id"])
+                await asyncio.sleep(0.02)
+
+        loader = asyncio.create_task(load(9.0))
+        await asyncio.sleep(2.0)
+        await asyncio.to_thread(private_cluster.stop)
+        try:
+            await asyncio.sleep(1.0)
+            for server in servers:
+                async with http.get(f"{server.url}/healthz") as resp:
+                    body = await resp.json()
+                    assert resp.status == 503 and body["status"] == "unavailable" and body["store"] == "down"
+                    assert "Retry-After" in resp.headers
+            await asyncio.sleep(1.0)
+        finally:
+            await asyncio.to_thread(private_cluster.start)
+        await loader
+        statuses = {status for status, _ in answers}
+        assert statuses <= {202, 503}, statuses
+        assert 503 in statuses and all(retry for status, retry in answers if status == 503)
+        assert answers[-1][0] == 202  # back on their own
+        for server in servers:
+            async def healthy(server: Any = server) -> bool:
+                async with http.get(f"{server.url}/healthz") as resp:
+                    body = await resp.json()
+                    return resp.status == 200 and body["feed"] == "up"
+
+            await eventually(healthy, "the node to listen again", timeout_s=20)
+        states = await until_terminal(http, servers[0].url, acked, timeout_s=60)
+    assert {s["status"] for s in states.values()} <= {"succeeded", "failed"}
+    assert all(s["error"]["type"] == "interrupted" for s in states.values() if s["status"] == "failed")
+    assert sum(s["status"] == "succeeded" for s in states.values()) >= len(acked) - 5
+    for server in servers:
+        assert " 500 " not in server.log() and "Traceback" not in server.log()
