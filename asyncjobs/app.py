@@ -109,7 +109,7 @@ class App:
         self.store = store or open_store(config, node=self.node)
         self.files = FileStore(config.files.dir or default_dir(config.store.path),
                                max_upload_bytes=config.files.max_upload_bytes,
-                               max_total_bytes=config.files.max_total_bytes)
+                               max_total_bytes=config.files.max_total_bytes, shared=self.store.shared)
         self.hub = Hub()
         self.metrics = Metrics()
         self.hub.add_listener(self.metrics.observe_job)

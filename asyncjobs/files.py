@@ -19,6 +19,7 @@ import os
 import secrets
 import shutil
 import threading
+import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -157,8 +158,12 @@ class Upload:
 class FileStore:
     """Files of jobs in one folder; tracks their bytes for ``max_total_bytes`` and the metrics."""
 
-    def __init__(self, root: str | Path, *, max_upload_bytes: int, max_total_bytes: int = 0) -> None:
+    def __init__(self, root: str | Path, *, max_upload_bytes: int, max_total_bytes: int = 0,
+                 shared: bool = False) -> None:
         self.root = Path(root)
+        # shared: other nodes use the folder at the same time, so what one did not write is left alone
+        # unless it is stale (SHARED_STALE_S) or its job is known to be done with it.
+        self.shared = shared
         self.max_upload_bytes = max_upload_bytes
         self.max_total_bytes = max_total_bytes  # 0: no limit
         self.bytes = 0  # committed files on disk
@@ -181,9 +186,13 @@ class FileStore:
     def _open(self) -> None:
         for folder in ("jobs", "tmp", "work"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
-        for folder in ("tmp", "work"):  # whatever is here was left by a process that died
+        # Whatever is here was left by a process that died; in a shared folder, only what nobody has
+        # touched for a long while (an upload in flight writes its part at least every read timeout;
+        # work folders of jobs that ended are swept by sweep_orphans).
+        for folder in ("tmp",) if self.shared else ("tmp", "work"):
             for entry in (self.root / folder).iterdir():
-                _remove(entry)
+                if not self.shared or _stale(entry):
+                    _remove(entry)
         self.bytes, self.count = 0, 0
         for path in (self.root / "jobs").glob("*/*"):
             self.bytes += path.stat().st_size
@@ -194,20 +203,30 @@ class FileStore:
         result files a job never recorded. ``jobs`` tells, for ids, (terminal, has a file result)."""
         loop = asyncio.get_running_loop()
         ids = await loop.run_in_executor(None, lambda: [p.name for p in (self.root / "jobs").iterdir()])
-        known = await jobs(ids) if ids else {}
-        return await loop.run_in_executor(None, self._sweep, ids, known)
+        work = await loop.run_in_executor(None, lambda: [p.name for p in (self.root / "work").iterdir()])
+        asked = sorted({*ids, *(w.rpartition(".")[0] for w in work)})
+        known = await jobs(asked) if asked else {}
+        return await loop.run_in_executor(None, self._sweep, ids, work, known)
 
-    def _sweep(self, ids: list[str], known: Mapping[str, tuple[bool, bool]]) -> int:
+    def _sweep(self, ids: list[str], work: list[str], known: Mapping[str, tuple[bool, bool]]) -> int:
+        # In a shared folder another node may be between writing a file and committing its job (an upload
+        # placed, a result stored): what is recent is left for a later start to judge.
         removed = 0
         for job_id in ids:
             folder = self.root / "jobs" / job_id
             if job_id not in known:
-                removed += self._forget(folder)
+                if not self.shared or _stale(folder):
+                    removed += self._forget(folder)
                 continue
             terminal, has_result = known[job_id]
             for path in list(folder.iterdir()):
-                if (terminal and path.name.startswith("in.")) or (path.name == RESULT and not has_result):
+                if (terminal and path.name.startswith("in.")) or (
+                        path.name == RESULT and not has_result and (not self.shared or _stale(path))):
                     removed += self._unlink(path)
+        for name in work:  # a job's work folder outlives no attempt: its job is done, or unknown
+            job = known.get(name.rpartition(".")[0])
+            if job is None or job[0]:
+                _remove(self.root / "work" / name)
         if removed:
             log.warning("removed %d files that no committed job owned", removed)
         return removed
@@ -328,6 +347,20 @@ class FileStore:
         removed = sum(self._unlink(p) for p in paths)
         shutil.rmtree(folder, ignore_errors=True)
         return removed
+
+
+SHARED_STALE_S = 3600.0  # in a shared folder, what nobody touched for this long was left by a dead node
+
+
+def _stale(path: Path) -> bool:
+    """Whether ``path`` (and, for a folder, each entry in it) was last modified SHARED_STALE_S ago or more."""
+    try:
+        times = [path.stat().st_mtime]
+        if path.is_dir():
+            times += [p.stat().st_mtime for p in path.iterdir()]
+    except OSError:
+        return False
+    return time.time() - max(times) >= SHARED_STALE_S
 
 
 def _remove(path: Path) -> None:

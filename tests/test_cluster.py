@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import json
 import time
 from datetime import datetime
@@ -189,6 +190,32 @@ async def test_a_node_that_lost_its_listening_connection_rereads_what_its_client
     resp = await asyncio.wait_for(poll, 15)
     assert resp.status == 303 and (await resp.json())["status"] == "succeeded"
     await eventually(lambda: feed.up and feed.reconnects >= 1, "the feed to listen again")
+
+
+async def test_a_node_that_starts_leaves_the_shared_files_of_other_nodes_alone(nodes, tmp_path):
+    """In the shared files folder, a starting node removes only what is stale or what no live job owns: not
+    another node's upload in flight, a folder placed just before its commit, or a running job's work."""
+    [(a, app_a)] = await nodes(1)
+    job = await (await a.post("/jobs", json={"task": "block", "params": {"seconds": 60}})).json()
+    await wait_status(a, job["id"], "running")
+    files = tmp_path / "files"
+    part = files / "tmp" / "upload-in-flight.part"
+    part.write_bytes(b"x")
+    placed = files / "jobs" / "not-yet-committed"
+    placed.mkdir()
+    (placed / "in.file").write_bytes(b"x")
+    work = files / "work" / f"{job['id']}.1"
+    work.mkdir()
+    old = files / "jobs" / "left-by-a-dead-node"
+    old.mkdir()
+    (old / "in.file").write_bytes(b"x")
+    stale_part = files / "tmp" / "dead.part"
+    stale_part.write_bytes(b"x")
+    for path in (old / "in.file", old, stale_part):
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    await nodes(1)  # node B starts on the same database and folder
+    assert part.exists() and (placed / "in.file").exists() and work.exists()
+    assert not old.exists() and not stale_part.exists()
 
 
 async def _admin_connection(app: App) -> Any:
