@@ -10,6 +10,7 @@ processes can share (PostgreSQL) allows it.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import socket
@@ -24,6 +25,7 @@ from .errors import ConfigError
 log = logging.getLogger("asyncjobs")
 
 READY_TIMEOUT_S = 60.0
+PR_SET_PDEATHSIG = 1  # prctl(2)
 RESTART_DELAY_S = 1.0
 
 
@@ -42,6 +44,20 @@ def _child_argv(argv: list[str], port: int) -> list[str]:
             continue
         out.append(arg)
     return [sys.executable, "-m", "asyncjobs", *out, "--port", str(port), "--reuse-port"]
+
+
+def _die_with_parent() -> None:
+    """In a child, before it runs: be sent SIGTERM when the parent dies (Linux), even by SIGKILL, so no
+    child outlives its supervisor."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the parent's signal handlers are what there is
+        pass
+
+
+def _spawn(command: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(command, preexec_fn=_die_with_parent)
 
 
 def _reserve(host: str, port: int) -> socket.socket:
@@ -81,7 +97,7 @@ def supervise(argv: list[str], config: Config, count: int) -> int:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
 
-    children = [subprocess.Popen(command) for _ in range(count)]
+    children = [_spawn(command) for _ in range(count)]
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
@@ -106,7 +122,7 @@ def supervise(argv: list[str], config: Config, count: int) -> int:
                     continue
                 log.error("process %d exited with %s; starting it again", child.pid, code)
                 time.sleep(RESTART_DELAY_S)
-                children[i] = subprocess.Popen(command)
+                children[i] = _spawn(command)
             if stopping and all(c.poll() is not None for c in children):
                 return worst
             time.sleep(0.1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 import aiohttp
@@ -49,8 +48,15 @@ async def test_processes_share_one_port_as_nodes_and_stop_together(server_factor
             async with http.get(f"{server.url}/jobs/{job_id}?wait=10", allow_redirects=False) as resp:
                 assert (await resp.json())["status"] == "succeeded"
     assert server.terminate() == 0
-    for _ in range(100):
-        if not any(_alive(pid) for pid in children):
-            break
-        await asyncio.sleep(0.05)
-    assert not any(_alive(pid) for pid in children)
+    await eventually(lambda: not any(_alive(pid) for pid in children), "every child to stop")
+
+
+async def test_the_children_do_not_outlive_a_killed_parent(server_factory, postgres_url):  # noqa: F811
+    """kill -9 of the parent: its children are told by the kernel and stop (no orphaned nodes)."""
+    server = server_factory("--db", postgres_url, "--processes", "2", "--workers", "1")
+    assert server.proc is not None
+    await eventually(lambda: len(_children(server.proc.pid)) == 2, "two children")
+    children = _children(server.proc.pid)
+    server.kill()
+    await eventually(lambda: not any(_alive(pid) for pid in children), "the orphaned children to stop",
+                     timeout_s=30)
