@@ -22,6 +22,7 @@ layer answers 503).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -265,7 +266,8 @@ class PostgresStore:
     shared = True  # many nodes share it: leases expire, and changes are announced to the other nodes
 
     def __init__(self, url: str, *, node: str = "", min_size: int = 0, max_size: int = 10,
-                 connect_timeout: float = 10.0, command_timeout: float | None = 60.0) -> None:
+                 connect_timeout: float = 10.0, command_timeout: float | None = 60.0, writers: int = 4,
+                 max_batch: int = 256) -> None:
         self.url = url
         self.node = node  # named in every change this store's connections announce (asyncjobs.node)
         # min_size 0: connections are made when needed and kept while used; with a floor, asyncpg would
@@ -275,6 +277,10 @@ class PostgresStore:
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self._pool: asyncpg.Pool | None = None
+        self._writers = writers  # group-commit writer tasks (0: one transaction per write, as it comes)
+        self.max_batch = max_batch
+        self._pending: asyncio.Queue[tuple[WriteOp, asyncio.Future]] = asyncio.Queue()
+        self._writer_tasks: list[asyncio.Task] = []
         self.commits = 0  # transactions committed, for tests and metrics
         self.on_commit: Callable[[float, int], None] | None = None  # told (seconds, writes) after each commit
 
@@ -297,6 +303,8 @@ class PostgresStore:
                 raise StoreError(f"store.url: cannot migrate the PostgreSQL schema: {exc}") from exc
             raise
         self._pool = pool
+        self._writer_tasks = [asyncio.create_task(self._writer(pool), name=f"asyncjobs-pg-writer-{i}")
+                              for i in range(self._writers)]
 
     def _settings(self, role: str = "asyncjobs") -> dict[str, str]:
         """Session settings of every connection: the node, named in the changes it announces (and in
@@ -323,6 +331,19 @@ class PostgresStore:
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
+            deadline = time.monotonic() + CLOSE_TIMEOUT  # writes queued commit first, within a bound
+            while not self._pending.empty() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            for task in self._writer_tasks:
+                task.cancel()
+            for task in self._writer_tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            self._writer_tasks = []
+            while not self._pending.empty():
+                _, fut = self._pending.get_nowait()
+                if not fut.done():
+                    fut.set_exception(StoreError("the store is closed"))
             try:  # writes under way finish first (they are shielded), within a bound
                 await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
             except Exception:  # the database is gone, or a connection hangs
@@ -335,26 +356,65 @@ class PostgresStore:
 
     # -- transactions ----------------------------------------------------
     async def _write(self, op: WriteOp) -> Any:
-        """Run ``op`` in one transaction on a pooled connection; it has committed when this returns.
+        """Run ``op`` in a transaction; it has committed when this returns.
 
-        As with SQLite, a write once started commits even if the caller is cancelled and stops waiting
-        (the transaction is shielded; only the answer is dropped).
+        Group commit: ``writers`` writer tasks each take every write waiting (up to ``max_batch``) and run
+        them in one transaction on one pooled connection, so under load one commit carries many inserts,
+        claims, outcomes and heartbeats (a claim may start jobs inserted in its own batch: they are
+        durable together). A batch that fails is run again one write at a time, so one bad write spoils
+        only itself. As with SQLite, a write once queued commits even if the caller is cancelled and stops
+        waiting (only the answer is dropped).
         """
         pool = self._require_pool()
-        return await asyncio.shield(self._transaction(pool, op))
+        if not self._writers:
+            return await asyncio.shield(self._transaction(pool, [op]))
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending.put_nowait((op, fut))
+        return await fut
 
-    async def _transaction(self, pool: asyncpg.Pool, op: WriteOp) -> Any:
+    async def _writer(self, pool: asyncpg.Pool) -> None:
+        while True:
+            batch = [await self._pending.get()]
+            while len(batch) < self.max_batch and not self._pending.empty():
+                batch.append(self._pending.get_nowait())
+            try:
+                await self._run_batch(pool, batch)
+            except asyncio.CancelledError:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(StoreError("the store is closed"))
+                raise
+
+    async def _run_batch(self, pool: asyncpg.Pool, batch: list[tuple[WriteOp, asyncio.Future]]) -> None:
+        try:
+            results = await self._transaction(pool, [op for op, _ in batch])
+        except Exception as exc:
+            if len(batch) > 1 and not isinstance(exc, StoreError | OSError):  # one write spoiled the batch
+                for item in batch:
+                    await self._run_batch(pool, [item])
+                return
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for (_, fut), result in zip(batch, results, strict=True):
+            if not fut.done():
+                fut.set_result(result)
+
+    async def _transaction(self, pool: asyncpg.Pool, ops: list[WriteOp]) -> list[Any]:
         started = time.perf_counter()
         try:
             async with pool.acquire() as db, db.transaction():
-                result = await op(db)
+                results = [await op(db) for op in ops]
         except _DB_ERRORS as exc:
+            if len(ops) > 1 and isinstance(exc, asyncpg.PostgresError):
+                raise  # the database refused one write of a batch: each is tried alone
             log.error("store write failed: %s", exc)
             raise StoreError(f"store write failed: {exc}") from exc
         self.commits += 1
         if self.on_commit is not None:
-            self.on_commit(time.perf_counter() - started, 1)
-        return result
+            self.on_commit(time.perf_counter() - started, len(ops))
+        return results
 
     async def _fetch(self, sql: str, *args: Any) -> list:
         pool = self._require_pool()

@@ -1,6 +1,6 @@
 """The store contract: every backend passes these unchanged (the fixture builds each from its name).
 
-SQLite-only behaviour (the file's pragmas, WAL, query plans, group commit) is in test_sqlite_store.py.
+SQLite-only behaviour (the file's pragmas, WAL, query plans, its writer thread) is in test_sqlite_store.py.
 """
 
 import asyncio
@@ -296,3 +296,12 @@ async def test_a_claim_leases_its_jobs_and_recovery_takes_only_lost_leases(store
     assert await store.recover(now=101.0, retention_s=10, payload=lambda j: b"", node="next") == (0, 1)
     after = (await store.lookup(job.id)).job
     assert after.status is Status.FAILED and after.lease_owner is None
+
+
+async def test_concurrent_writes_share_commits(store):
+    """Group commit: 200 inserts at once are all stored, in fewer commits than writes."""
+    before = store.commits
+    inserted = await asyncio.gather(*(store.insert(make_job()) for _ in range(200)))
+    assert len({i.job.id for i in inserted}) == 200 and all(i.duplicate is None for i in inserted)
+    assert store.commits - before < 200
+    assert await store.count_queued() == 200
