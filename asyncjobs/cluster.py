@@ -116,9 +116,9 @@ class ClusterFeed:
                     return
 
     def _on_change(self, payload: str) -> None:
-        # This node's own changes are read back only if it did not publish them itself (a rescue): the
-        # versions it published are known, and nothing older or equal is read.
         node, _, body = payload.partition("|")
+        if node == self.node:
+            return  # published here already (what it changed unpublished, a rescue, asks for a resync)
         if body == "*":
             self._resync()
             self.on_queued()
@@ -134,7 +134,7 @@ class ClusterFeed:
                 continue
             if newer and self.hub.watched(job_id):
                 self._pending.add(job_id)
-        if queued and node != self.node:
+        if queued:
             self.on_queued()
         if self._pending:
             self._wake.set()
@@ -145,6 +145,9 @@ class ClusterFeed:
             self.hub.request_cancel(job_id, CancelReason(reason))
         except ValueError:
             log.warning("change feed: a cancel with an unknown reason %r", reason)
+
+    def resync(self) -> None:
+        self._resync()
 
     def _resync(self) -> None:
         self._pending.update(self.hub.watched_ids())

@@ -164,6 +164,7 @@ class FileStore:
         # shared: other nodes use the folder at the same time, so what one did not write is left alone
         # unless it is stale (SHARED_STALE_S) or its job is known to be done with it.
         self.shared = shared
+        self.careful = shared  # other nodes may be writing here right now (open() knows better)
         self.max_upload_bytes = max_upload_bytes
         self.max_total_bytes = max_total_bytes  # 0: no limit
         self.bytes = 0  # committed files on disk
@@ -177,7 +178,10 @@ class FileStore:
             self.count += files
 
     # -- lifecycle ------------------------------------------------------------------
-    async def open(self) -> None:
+    async def open(self, *, alone: bool = True) -> None:
+        """Make the folders and sweep what a dead process left. In a shared folder with other nodes
+        running (not ``alone``), only what is stale: they may be writing the rest."""
+        self.careful = self.shared and not alone
         try:
             await asyncio.get_running_loop().run_in_executor(None, self._open)
         except OSError as exc:
@@ -189,9 +193,9 @@ class FileStore:
         # Whatever is here was left by a process that died; in a shared folder, only what nobody has
         # touched for a long while (an upload in flight writes its part at least every read timeout;
         # work folders of jobs that ended are swept by sweep_orphans).
-        for folder in ("tmp",) if self.shared else ("tmp", "work"):
+        for folder in ("tmp",) if self.careful else ("tmp", "work"):
             for entry in (self.root / folder).iterdir():
-                if not self.shared or _stale(entry):
+                if not self.careful or _stale(entry):
                     _remove(entry)
         self.bytes, self.count = 0, 0
         for path in (self.root / "jobs").glob("*/*"):
@@ -215,13 +219,13 @@ class FileStore:
         for job_id in ids:
             folder = self.root / "jobs" / job_id
             if job_id not in known:
-                if not self.shared or _stale(folder):
+                if not self.careful or _stale(folder):
                     removed += self._forget(folder)
                 continue
             terminal, has_result = known[job_id]
             for path in list(folder.iterdir()):
                 if (terminal and path.name.startswith("in.")) or (
-                        path.name == RESULT and not has_result and (not self.shared or _stale(path))):
+                        path.name == RESULT and not has_result and (not self.careful or _stale(path))):
                     removed += self._unlink(path)
         for name in work:  # a job's work folder outlives no attempt: its job is done, or unknown
             job = known.get(name.rpartition(".")[0])

@@ -32,7 +32,7 @@ from typing import Any
 import asyncpg
 
 from . import codec, rules
-from .errors import StoreError
+from .errors import InvalidRequest, StoreError
 from .models import TERMINAL_STATUSES, CancelReason, Job, Status
 from .store import (
     COLUMN_NAMES,
@@ -187,9 +187,18 @@ START_SQL = ("UPDATE jobs SET status = 'running', started_at = u.started_at, att
              " WHERE jobs.id = u.id")
 RUNNING_BY_TASK_SQL = ("SELECT task, COUNT(*) FROM jobs WHERE status = 'running' AND task = ANY($1::text[])"
                        " GROUP BY task")
-# Running jobs whose lease is lost: held by a node that is gone (no end, not us) or past its end (anyone's).
-RUNNING_SQL = (f"SELECT {_COLUMNS}, cancel_reason FROM jobs WHERE status = 'running' AND"
-               " ((lease_until IS NULL AND lease_owner IS DISTINCT FROM $2) OR lease_until <= $1)"
+# Whether the node holding a job has no session on the database any more (its connections are named
+# after it, see _settings): a node killed outright loses them at once, so a node that starts need not
+# wait for the lease to take its jobs. (Not used for the periodic rescue: while the database restarts,
+# every node is briefly without sessions.)
+_OWNER_GONE = ("(lease_owner IS DISTINCT FROM $2 AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a"
+               " WHERE a.datname = current_database() AND a.application_name IN"
+               " (left('asyncjobs ' || jobs.lease_owner, 63), left('asyncjobs-listen ' || jobs.lease_owner, 63))))")
+# Running jobs whose lease is lost: held by a node that is gone (no end, not us; or, with $3, no session
+# left) or past its end (anyone's).
+RUNNING_SQL = (f"SELECT {_COLUMNS}, cancel_reason, $3::bool AND {_OWNER_GONE} AS gone FROM jobs"
+               " WHERE status = 'running' AND ((lease_until IS NULL AND lease_owner IS DISTINCT FROM $2)"
+               f" OR lease_until <= $1 OR ($3::bool AND {_OWNER_GONE}))"
                " ORDER BY seq LIMIT 1000 FOR UPDATE SKIP LOCKED")
 RENEW_SQL = ("UPDATE jobs SET lease_until = $3 + $4 WHERE id = ANY($1::text[]) AND status = 'running'"
              " AND lease_owner = $2 AND lease_until > $3 RETURNING id, cancel_reason")
@@ -235,6 +244,20 @@ def _insert_values(job: Job) -> tuple:
         encoded(job.error), job.owner, job.idempotency_key, job.request_hash, job.unique_key,
         job.callback_url, encoded(job.files), job.vt, job.lease_owner, job.lease_until,
     )
+
+
+def _matchable(args: tuple) -> tuple | None:
+    """A read's arguments without what no stored text can equal: PostgreSQL text holds no NUL character,
+    so a value with one (an id or filter a client sent) matches nothing. None: nothing can match at all;
+    a list loses just those items."""
+    out = []
+    for arg in args:
+        if isinstance(arg, str) and "\x00" in arg:
+            return None
+        if isinstance(arg, list):
+            arg = [a for a in arg if not (isinstance(a, str) and "\x00" in a)]
+        out.append(arg)
+    return tuple(out)
 
 
 def _rowcount(status: str) -> int:
@@ -418,15 +441,21 @@ class PostgresStore:
 
     async def _fetch(self, sql: str, *args: Any) -> list:
         pool = self._require_pool()
+        clean = _matchable(args)
+        if clean is None:
+            return []
         try:
-            return list(await pool.fetch(sql, *args))
+            return list(await pool.fetch(sql, *clean))
         except _DB_ERRORS as exc:
             raise StoreError(f"store read failed: {exc}") from exc
 
     async def _fetchval(self, sql: str, *args: Any) -> Any:
         pool = self._require_pool()
+        clean = _matchable(args)
+        if clean is None:
+            return None
         try:
-            return await pool.fetchval(sql, *args)
+            return await pool.fetchval(sql, *clean)
         except _DB_ERRORS as exc:
             raise StoreError(f"store read failed: {exc}") from exc
 
@@ -438,6 +467,13 @@ class PostgresStore:
         One transaction; racing submits with the same idempotency key, or equal unique jobs, or (with a
         quota) of the same owner, are serialized by advisory locks taken in that order.
         """
+
+        texts = {"task": job.task, "owner": job.owner, "Idempotency-Key": job.idempotency_key,
+                 "callback_url": job.callback_url}
+        for name, text in texts.items():
+            if text is not None and "\x00" in text:
+                raise InvalidRequest(f"{name} contains a NUL character, which cannot be stored",
+                                     errors=[{"field": name, "message": "contains a NUL character"}])
 
         async def op(db: asyncpg.Connection) -> Inserted:
             if job.idempotency_key is not None:
@@ -545,15 +581,20 @@ class PostgresStore:
 
         return await self._write(op)
 
-    async def recover(self, *, now: float, retention_s: float, payload: Payload, node: str = "") -> tuple[int, int]:
+    async def recover(self, *, now: float, retention_s: float, payload: Payload, node: str = "",
+                      at_start: bool = False) -> tuple[int, int]:
         """Running jobs whose lease is lost (``rules.lease_lost``, by the database's clock) go back to the
         queue, or fail as interrupted past their attempts: any node rescues any node's jobs, at its start
-        and then periodically. Rows another node is recovering are skipped."""
+        and then periodically. ``at_start``: also the jobs of nodes that have no session on the database
+        any more (killed: a restart finds their jobs at once, as with SQLite). Rows another node is
+        recovering are skipped."""
 
         async def op(db: asyncpg.Connection) -> tuple[int, int]:
             db_now = await db.fetchval(DB_NOW_SQL)  # leases end by the database's clock, never a node's
-            rows = [(row_to_job(tuple(r)[:-1]), r["cancel_reason"]) for r in await db.fetch(RUNNING_SQL, db_now, node)]
-            lost = [(j, reason) for j, reason in rows if rules.lease_lost(j, db_now, node=node)]
+            rows = [(row_to_job(tuple(r)[:-2]), r["cancel_reason"], r["gone"])
+                    for r in await db.fetch(RUNNING_SQL, db_now, node, at_start)]
+            lost = [(j, reason) for j, reason, gone in rows
+                    if rules.lease_lost(j, db_now, node=node, owner_gone=gone)]
             requeued = failed = 0
             for job, reason in lost:
                 new = rules.recover_one(job, now, retention_s=retention_s,
@@ -611,6 +652,14 @@ class PostgresStore:
             return dict(await db.fetch(RENEW_SQL, job_ids, node, db_now, lease_s))
 
         return await self._write(op)
+
+    async def others_alive(self, node: str) -> bool:
+        """Whether another node has a session on this database now (its connections are named after it)."""
+        return bool(await self._fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+            " AND (application_name LIKE 'asyncjobs %' OR application_name LIKE 'asyncjobs-listen %')"
+            " AND application_name NOT IN (left('asyncjobs ' || $1, 63), left('asyncjobs-listen ' || $1, 63)))",
+            node))
 
     async def request_cancel(self, job_id: str, reason: str) -> bool:
         """Ask the node that runs ``job_id`` to stop it: recorded on the row (its heartbeat reads it) and

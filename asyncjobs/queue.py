@@ -125,11 +125,11 @@ class JobQueue:
 
     async def start(self) -> None:
         requeued, failed = await self.store.recover(now=self.clock(), retention_s=self.retention_s, node=self.node,
-                                                    payload=self.callback_payload)
+                                                    payload=self.callback_payload, at_start=True)
         if requeued or failed:
             log.warning("recovered %d interrupted jobs: %d queued again, %d failed", requeued + failed,
                         requeued, failed)
-        await self.files.open()
+        await self.files.open(alone=not await self.store.others_alive(self.node))
         await self.files.sweep_orphans(self.store.file_owners)
         await self.refresh_counts()
         self.next_due = await self.store.next_run_at(after=self.clock())
@@ -511,6 +511,7 @@ class JobQueue:
         if requeued or failed:
             log.warning("rescued %d jobs whose lease ended: %d queued again, %d failed", requeued + failed,
                         requeued, failed)
+            self.feed.resync()  # the rescued jobs changed here without a publish: waiters read them again
             self.wakeup.set()
             self.deliveries.set()
 

@@ -43,12 +43,15 @@ def pick_claimable(candidates: Iterable[Job], room: Mapping[str, int | None], li
     return started
 
 
-def lease_lost(job: Job, now: float, *, node: str) -> bool:
+def lease_lost(job: Job, now: float, *, node: str, owner_gone: bool = False) -> bool:
     """Whether a running job's runner is gone: its lease ran out by ``now`` (the database's clock; whoever
     held it, this node too: a lease it could not renew is over), or it has a lease without an end (one
-    that lasts while its process lives) held by another process than this node, which has stopped."""
+    that lasts while its process lives) held by another process than this node, which has stopped, or
+    its holder is another node known to be gone (``owner_gone``)."""
     if job.status is not Status.RUNNING:
         return False
+    if owner_gone and job.lease_owner != node:
+        return True
     if job.lease_until is None:
         return job.lease_owner != node
     return job.lease_until <= now
