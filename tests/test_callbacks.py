@@ -19,7 +19,7 @@ from aiohttp import web
 
 from asyncjobs import App
 from asyncjobs.errors import ConfigError
-from tests.conftest import TEST_MODULES, make_config, submit, wait_status, eventually
+from tests.conftest import TEST_MODULES, make_config, postgres_row, store_url, submit, wait_status, eventually
 
 PROBLEM = "application/problem+json"
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
@@ -326,6 +326,9 @@ def _served_config() -> str:
 
 def _attempts_recorded(db_path: str, job_id: str) -> int:
     """The attempts the server has stored for the job's delivery (read-only; the server is the only writer)."""
+    if url := store_url(db_path):  # --store postgres: the database standing in for that file
+        row = postgres_row(url, "SELECT attempts FROM deliveries WHERE job_id = $1", job_id)
+        return 0 if row is None else row[0]
     with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1) as db:
         row = db.execute("SELECT attempts FROM deliveries WHERE job_id = ?", (job_id,)).fetchone()
     return 0 if row is None else row[0]

@@ -14,12 +14,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import TEST_MODULES, config_text, eventually
-from tests.postgres_cluster import (  # noqa: F401 (fixtures)
-    create_database,
-    postgres_server,
-    postgres_url,
-    start_private_cluster,
-)
+from tests.postgres_cluster import create_database, start_private_cluster
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 
@@ -49,7 +44,7 @@ async def until_terminal(http: aiohttp.ClientSession, url: str, ids: list[str], 
 
 
 async def test_kill_9_of_a_node_mid_load_loses_nothing_and_its_jobs_run_elsewhere(server_factory, tmp_path,
-                                                                                  postgres_url):  # noqa: F811
+                                                                                  postgres_url):
     """Three nodes take a stream of submits; one is killed with SIGKILL mid-load. Every job acknowledged (by
     any node, the dead one too) ends; the dead node's running jobs are run again by the others after its
     lease (whoami allows a second attempt)."""
@@ -90,7 +85,7 @@ async def test_kill_9_of_a_node_mid_load_loses_nothing_and_its_jobs_run_elsewher
 
 
 async def test_a_node_stopped_past_its_lease_loses_the_job_and_its_late_outcome_is_discarded(
-        server_factory, tmp_path, postgres_url):  # noqa: F811
+        server_factory, tmp_path, postgres_url):
     """A runs a job and is frozen (SIGSTOP) past its lease; B takes the job over and runs it; A, thawed,
     finishes its attempt too, but its outcome is not stored: the job keeps B's."""
     config = node_config(tmp_path)

@@ -145,6 +145,7 @@ async def test_a_disk_that_fills_up_answers_507_and_the_server_goes_on(server_fa
         assert len((await resp.json())["jobs"]) == 1
 
 
+@pytest.mark.sqlite_only  # fills a tmpfs under the SQLite file and checks its integrity
 async def test_a_full_store_answers_503_and_stays_intact(server_factory, http, tmpfs):
     """SQLite on a full disk: submits get 503 with Retry-After, never 500; the file passes integrity_check
     afterwards and the server takes submits again once there is room."""

@@ -9,8 +9,10 @@ import time
 from datetime import datetime
 from typing import Any, Awaitable, Callable
 
+import pytest
+
 from asyncjobs.store import MIGRATIONS
-from tests.conftest import submit, wait_status, eventually
+from tests.conftest import postgres_row, submit, wait_status, eventually
 
 PROBLEM = "application/problem+json"
 TEST_MODULES = ["asyncjobs.builtin", "tests.sample_tasks"]
@@ -63,7 +65,11 @@ async def assert_problem(resp, status: int) -> dict:
 
 
 def stored_row(app, job_id: str) -> tuple | None:
-    """The job's row straight from the SQLite file (a reader beside the server's WAL writer)."""
+    """The job's row straight from the SQLite file (a reader beside the server's WAL writer), or from the
+    PostgreSQL database under --store postgres."""
+    if app.config.store.url:
+        return postgres_row(app.config.store.url, "SELECT status, started_at, attempts FROM jobs WHERE id = $1",
+                            job_id)
     with contextlib.closing(sqlite3.connect(app.config.store.path)) as db:
         return db.execute("SELECT status, started_at, attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
 
@@ -475,6 +481,7 @@ async def test_task_override_from_config_sets_timeout(make_client):
 
 # -- 10. the store -------------------------------------------------------------------
 
+@pytest.mark.sqlite_only  # reads the SQLite file's pragmas
 async def test_store_file_is_wal_with_the_latest_schema_version(make_client):
     """After jobs ran, the SQLite file is in WAL mode and its ``user_version`` is the latest schema version."""
     client, app = await start(make_client)

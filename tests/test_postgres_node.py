@@ -12,11 +12,10 @@ import pytest
 
 from asyncjobs import App
 from tests.conftest import TEST_MODULES, config_text, make_config, wait_status
-from tests.postgres_cluster import postgres_server, postgres_url  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
-async def pg_client(aiohttp_client, tmp_path, postgres_url):  # noqa: F811 (the fixture)
+async def pg_client(aiohttp_client, tmp_path, postgres_url):
     """An App whose store is a fresh PostgreSQL database, behind a real test server."""
 
     async def make(**sections):
@@ -74,7 +73,7 @@ async def test_racing_submits_with_one_key_make_one_job_on_postgres(pg_client):
     assert len(ids) == 1 and {a.status for a in answers} == {202}
 
 
-async def test_serve_on_postgres_loses_no_acknowledged_job_to_kill_9(server_factory, http, postgres_url):  # noqa: F811
+async def test_serve_on_postgres_loses_no_acknowledged_job_to_kill_9(server_factory, http, postgres_url):
     """`asyncjobs serve --db postgresql://...`: acknowledged jobs survive kill -9; the restarted node takes
     the dead node's running job back once its lease (1 s here) has ended, and runs it to the end."""
     short_lease = config_text(cluster={"lease": 1, "heartbeat": 0.3})

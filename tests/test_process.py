@@ -193,6 +193,7 @@ async def test_port_flag_sets_the_listening_port(server_factory, http):
         assert resp.status == 200
 
 
+@pytest.mark.sqlite_only  # --db PATH: checks the SQLite file itself
 async def test_db_flag_chooses_the_store_file(server_factory, http, tmp_path):
     """`--db PATH` stores jobs in PATH: they are there after a restart on it, and absent from another file."""
     db_a, db_b = tmp_path / "a.db", tmp_path / "b.db"
@@ -284,6 +285,7 @@ def test_missing_config_file_stops_the_start(tmp_path):
     assert "Traceback" not in output, output
 
 
+@pytest.mark.sqlite_only  # a SQLite file in a missing folder
 def test_store_in_missing_folder_stops_the_start(tmp_path):
     """A store path in a folder that does not exist stops the start with a clear message, without a traceback."""
     path = tmp_path / "ok.toml"

@@ -7,7 +7,6 @@ import os
 import aiohttp
 
 from tests.conftest import eventually
-from tests.postgres_cluster import postgres_server, postgres_url  # noqa: F401 (fixtures)
 
 
 def _alive(pid: int) -> bool:
@@ -23,7 +22,7 @@ def _children(pid: int) -> list[int]:
         return [int(p) for p in f.read().split()]
 
 
-async def test_processes_share_one_port_as_nodes_and_stop_together(server_factory, postgres_url):  # noqa: F811
+async def test_processes_share_one_port_as_nodes_and_stop_together(server_factory, postgres_url):
     server = server_factory("--db", postgres_url, "--processes", "2", "--workers", "2")
     await eventually(lambda: "(2 processes)" in server.log(), "the parent to say where the service listens")
     assert server.proc is not None
@@ -51,7 +50,7 @@ async def test_processes_share_one_port_as_nodes_and_stop_together(server_factor
     await eventually(lambda: not any(_alive(pid) for pid in children), "every child to stop")
 
 
-async def test_the_children_do_not_outlive_a_killed_parent(server_factory, postgres_url):  # noqa: F811
+async def test_the_children_do_not_outlive_a_killed_parent(server_factory, postgres_url):
     """kill -9 of the parent: its children are told by the kernel and stop (no orphaned nodes)."""
     server = server_factory("--db", postgres_url, "--processes", "2", "--workers", "1")
     assert server.proc is not None

@@ -935,6 +935,7 @@ JUNK = {
 }
 
 
+@pytest.mark.sqlite_only  # a junk SQLite file
 @pytest.mark.parametrize("kind", list(JUNK))
 def test_store_file_that_is_not_sqlite_stops_the_start(tmp_path, kind):
     """A store file that is not SQLite stops the start: non-zero exit, a message naming it, no traceback, file kept."""
@@ -949,6 +950,7 @@ def test_store_file_that_is_not_sqlite_stops_the_start(tmp_path, kind):
     assert db.read_bytes() == JUNK[kind], "the store file was changed"
 
 
+@pytest.mark.sqlite_only  # holds the SQLite file's write lock
 async def test_a_locked_store_delays_submits_but_never_fails_them(start, tmp_path):
     """While another connection holds the SQLite write lock for a second, submits wait and then succeed; reads go on."""
     client, app = await start()

@@ -12,8 +12,6 @@ from asyncjobs.errors import StoreError
 from asyncjobs.models import Job, JobIds, Status, start, succeed
 from asyncjobs.rules import Dedupe
 from asyncjobs.store import SQLiteStore
-from tests.postgres_cluster import postgres_server, postgres_url  # noqa: F401 (fixtures the postgres backend uses)
-
 
 NEW_ID = JobIds()
 
