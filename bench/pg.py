@@ -11,8 +11,7 @@ Setups of asyncjobs (each `asyncjobs serve --db postgresql://...`, --workers wor
 - 2nodes: two `asyncjobs serve` on two ports, the same database, the load spread over both;
 - processes2: one `asyncjobs serve --processes 2` (one port, two processes).
 
-A setup that cannot start (2nodes while asyncjobs opens PostgreSQL exclusively, processes2 before
---processes is built) is reported with the server's own words, and the run goes on.
+A setup that cannot start is reported with the server's own words, and the run goes on.
 
 Per setup:
 
@@ -55,10 +54,8 @@ from pg_cluster import (  # noqa: E402
     CpuMeter,
     Node,
     RssSampler,
-    exclusive_store,
     machine,
     percentile,
-    processes_supported,
     wait_quiet,
 )
 
@@ -207,18 +204,6 @@ async def submit_and_confirm(ports: list[int], jobs: int, concurrency: int, dead
             "total_s": total_s, "jobs_per_s": len(ids) / total_s, "sweeps": sweeps, "not_succeeded": failed}
 
 
-def precheck(setup: Setup) -> str | None:
-    """Why a setup cannot run in this checkout, as far as the source says (the start itself is the test)."""
-    if setup.processes > 1:
-        ok, why = processes_supported()
-        if not ok:
-            return why
-    if setup.nodes * setup.processes > 1 and exclusive_store():
-        return ("asyncjobs opens PostgreSQL exclusively in this checkout (asyncjobs/app.py: exclusive=True):"
-                " one node per database")
-    return None
-
-
 def run_setup(pg: Cluster, setup: Setup, args: argparse.Namespace) -> dict:
     out: dict = {"setup": setup.name}
     if not args.no_wrk:
@@ -292,11 +277,10 @@ def main() -> None:
               f" {args.concurrency} submitters", flush=True)
         for setup in setups:
             print(f"{setup.name}: {setup.describe(args.workers)}", flush=True)
-            why = precheck(setup)
             try:
                 results.append(run_setup(pg, setup, args))
             except Unavailable as exc:
-                skipped[setup.name] = f"{exc}" + (f" ({why})" if why else "")
+                skipped[setup.name] = f"{exc}"
                 print(f"  not available: {skipped[setup.name]}", flush=True)
         if not args.no_peer:
             from pg_peer_procrastinate import procrastinate_version, run_peer

@@ -403,19 +403,6 @@ class Node:
         self.stop()
 
 
-def processes_supported() -> tuple[bool, str]:
-    """Whether this checkout's `asyncjobs serve` takes --processes N > 1 (it refused it before it was built)."""
-    cli = (ROOT / "asyncjobs" / "cli.py").read_text()
-    if "use --processes 1" in cli:
-        return False, "asyncjobs serve refuses --processes > 1 in this checkout (asyncjobs/cli.py)"
-    return True, ""
-
-
-def exclusive_store() -> bool:
-    """True while asyncjobs opens PostgreSQL exclusively (one node per database): app.py has exclusive=True."""
-    return "exclusive=True" in (ROOT / "asyncjobs" / "app.py").read_text()
-
-
 def source_digest() -> str:
     """A short SHA-256 of this checkout's asyncjobs/**/*.py: which code was measured, without asking git."""
     import hashlib

@@ -33,7 +33,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from pg_cluster import Cluster, Node, exclusive_store, machine, percentile, wait_quiet  # noqa: E402
+from pg_cluster import Cluster, Node, machine, percentile, wait_quiet  # noqa: E402
 
 
 def parse_time(text: str) -> float:
@@ -102,8 +102,7 @@ def run_mode(pg: Cluster, mode: str, args: argparse.Namespace) -> dict | None:
                                   modules=("asyncjobs.builtin",)))
         except RuntimeError as exc:
             lines = [line for line in str(exc).splitlines() if line.strip()]
-            print(f"{mode}: not available: {lines[-1] if lines else exc}"
-                  + (" (asyncjobs/app.py still has exclusive=True)" if exclusive_store() else ""))
+            print(f"{mode}: not available: {lines[-1] if lines else exc}")
             return None
         pg.checkpoint()
         note = wait_quiet(args.quiet_wait)
