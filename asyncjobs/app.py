@@ -13,6 +13,7 @@ from .config import Config
 from .errors import ConfigError
 from .files import FileStore, default_dir
 from .hub import Feed, Hub, LocalFeed
+from .limits import Rates, SharedSubmitRates
 from .models import Job
 from .queue import JobQueue, new_node_id
 from .store import SQLiteStore, Store
@@ -149,7 +150,7 @@ class App:
             callback_hosts=tuple(h.lower() for h in config.callbacks.allow_hosts),
             submit_rate=config.limits.submit_rate,
             submit_burst=config.limits.submit_burst,
-        ))
+        ), rates=self._shared_rates())
         self.web[METRICS_KEY] = self.metrics
         self.web.cleanup_ctx.append(self._lifecycle)
         self._started = False
@@ -163,6 +164,17 @@ class App:
 
         assert isinstance(self.store, PostgresStore)
         return ClusterFeed(self.store, self.hub, node=self.node, on_queued=lambda: self.queue.wakeup.set())
+
+    def _shared_rates(self) -> Rates | None:
+        """With a submit rate on a store other processes share, the buckets live in the store, so the rate
+        holds across every node together (else the web layer keeps them in this process)."""
+        if not (self.config.limits.submit_rate and self.store.shared):
+            return None
+        from .postgres import PostgresStore
+
+        assert isinstance(self.store, PostgresStore)
+        return SharedSubmitRates(self.config.limits.submit_rate, self.config.limits.submit_burst,
+                                 bucket=self.store.rate_bucket)
 
     async def _lifecycle(self, _app: web.Application) -> AsyncIterator[None]:
         await self.start()

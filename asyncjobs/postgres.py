@@ -31,7 +31,7 @@ from typing import Any
 
 import asyncpg
 
-from . import codec, rules
+from . import codec, limits, rules
 from .errors import InvalidRequest, StoreError
 from .models import TERMINAL_STATUSES, CancelReason, Job, Status
 from .store import (
@@ -153,6 +153,16 @@ MIGRATIONS: tuple[str, ...] = (
         FOR EACH STATEMENT EXECUTE FUNCTION asyncjobs_notify();
     CREATE TRIGGER jobs_notify_update AFTER UPDATE ON jobs REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
         FOR EACH STATEMENT EXECUTE FUNCTION asyncjobs_notify();
+    """,
+    # The submit rate's token buckets, shared by every node (full_at: when it is full again, for the sweep).
+    """
+    CREATE TABLE rate_buckets (
+        owner   TEXT PRIMARY KEY,
+        tokens  DOUBLE PRECISION NOT NULL,
+        at      DOUBLE PRECISION NOT NULL,
+        full_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX rate_buckets_full ON rate_buckets (full_at);
     """,
 )
 CHANGES_CHANNEL = "asyncjobs_changes"  # "node|id:version:s,..." or "node|*" (see the migration)
@@ -629,6 +639,7 @@ class PostgresStore:
             await db.execute("DELETE FROM deliveries WHERE state != 'pending' AND next_at <= $1",
                              now - tombstone_retention_s)
             await db.execute("DELETE FROM sessions WHERE expires_at <= $1", now)
+            await db.execute("DELETE FROM rate_buckets WHERE full_at <= extract(epoch FROM clock_timestamp())")
             forgotten = _rowcount(await db.execute("DELETE FROM tombstones WHERE gone_until <= $1", now))
             return SweepResult(
                 expired_queued=canceled,
@@ -650,6 +661,25 @@ class PostgresStore:
         async def op(db: asyncpg.Connection) -> dict[str, str | None]:
             db_now = await db.fetchval(DB_NOW_SQL)
             return dict(await db.fetch(RENEW_SQL, job_ids, node, db_now, lease_s))
+
+        return await self._write(op)
+
+    async def rate_bucket(self, owner: str, cost: float, rate: float, burst: int) -> tuple[float, float]:
+        """Apply ``limits.spend`` to ``owner``'s token bucket (refilled by the database's clock) in one
+        transaction, the row locked: (tokens after, seconds to wait). A bucket not stored is full."""
+
+        async def op(db: asyncpg.Connection) -> tuple[float, float]:
+            db_now = await db.fetchval(DB_NOW_SQL)
+            row = await db.fetchrow("SELECT tokens, at FROM rate_buckets WHERE owner = $1 FOR UPDATE", owner)
+            if row is None:  # a first submit: racing ones meet at the row (the loser's insert does nothing)
+                await db.execute("INSERT INTO rate_buckets (owner, tokens, at, full_at) VALUES ($1, $2, $3, $3)"
+                                 " ON CONFLICT (owner) DO NOTHING", owner, float(burst), db_now)
+                row = await db.fetchrow("SELECT tokens, at FROM rate_buckets WHERE owner = $1 FOR UPDATE", owner)
+            tokens = limits.refill(row["tokens"], row["at"], db_now, rate=rate, burst=burst)
+            tokens, wait_s = limits.spend(tokens, cost, rate=rate, burst=burst)
+            await db.execute("UPDATE rate_buckets SET tokens = $2, at = $3, full_at = $4 WHERE owner = $1", owner,
+                             tokens, db_now, db_now + (burst - tokens) / rate)
+            return tokens, wait_s
 
         return await self._write(op)
 

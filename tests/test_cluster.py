@@ -125,6 +125,20 @@ async def test_unique_jobs_and_quotas_hold_across_nodes(nodes):
     assert sorted(a.status for a in answers) == [202, 202] + [429] * 10
 
 
+async def test_the_submit_rate_holds_across_nodes(nodes):
+    """A burst of 3 at 0.1 submits/s per principal: of 15 submits spread over three nodes, 3 are accepted
+    and the rest get 429 with Retry-After and the RateLimit fields; a refused submit spends no token."""
+    made = await nodes(limits={"submit_rate": 0.1, "submit_burst": 3})
+    bad = await made[2][0].post("/jobs", json={"task": "echo", "params": "not an object"})
+    assert bad.status == 400
+    answers = await asyncio.gather(*(made[i % 3][0].post("/jobs", json={"task": "echo", "params": {"i": i}})
+                                     for i in range(15)))
+    assert sorted(a.status for a in answers) == [202] * 3 + [429] * 12
+    refused = next(a for a in answers if a.status == 429)
+    assert "Retry-After" in refused.headers and "RateLimit" in refused.headers
+    assert "RateLimit-Policy" in refused.headers
+
+
 async def test_task_concurrency_holds_across_nodes(nodes):
     """A task with concurrency 1 never runs on two nodes at once: its jobs' run times do not overlap."""
     made = await nodes()

@@ -7,7 +7,7 @@ import weakref
 
 from aiohttp import web
 
-from ..limits import SubmitRates
+from ..limits import Rates, SubmitRates
 from ..queue import JobQueue
 from ..tasks import TaskSpec
 from . import jobs, ops, pages, push, session, uploads
@@ -32,13 +32,17 @@ def _body_limit(request: web.Request, *, spec: TaskSpec | None) -> int | None:
     return uploads.body_limit(request, spec)
 
 
-def make_web_app(queue: JobQueue, settings: WebSettings) -> web.Application:
+def make_web_app(queue: JobQueue, settings: WebSettings, *, rates: Rates | None = None) -> web.Application:
+    """The aiohttp application. ``rates``: where the submit rate's buckets are kept (by default, with a
+    ``submit_rate`` set, in this process)."""
     # Without tokens the auth middleware would only pass every request on: it is left out.
     middlewares = [problems_middleware, auth_middleware] if settings.tokens else [problems_middleware]
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[QUEUE_KEY] = queue
     app[SETTINGS_KEY] = settings
-    app[RATES_KEY] = SubmitRates(settings.submit_rate, settings.submit_burst) if settings.submit_rate else None
+    if rates is None and settings.submit_rate:
+        rates = SubmitRates(settings.submit_rate, settings.submit_burst)
+    app[RATES_KEY] = rates
     app[WAITERS_KEY] = Waiters()
     app[push.SOCKETS_KEY] = weakref.WeakSet()
     app[push.CLOSING_KEY] = set()

@@ -15,7 +15,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from .. import codec, protocol
 from ..errors import InvalidRequest, RequestError, StoreError, TooLarge, Unauthorized, UnsupportedType
-from ..limits import SubmitRates
+from ..limits import Rates
 from ..queue import JobQueue
 from . import problems
 from .metrics import Metrics
@@ -58,7 +58,7 @@ QUEUE_KEY = web.AppKey("asyncjobs_queue", JobQueue)
 SETTINGS_KEY = web.AppKey("asyncjobs_settings", WebSettings)
 WAITERS_KEY = web.AppKey("asyncjobs_waiters", Waiters)
 METRICS_KEY = web.AppKey("asyncjobs_metrics", Metrics)
-RATES_KEY: web.AppKey[SubmitRates | None] = web.AppKey("asyncjobs_rates")  # None: no submit rate limit
+RATES_KEY: web.AppKey[Rates | None] = web.AppKey("asyncjobs_rates")  # None: no submit rate limit
 
 
 # -- responses -----------------------------------------------------------------

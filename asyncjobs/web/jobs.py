@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -9,7 +10,7 @@ from aiohttp import web
 from .. import callbacks, codec, protocol
 from ..errors import InvalidRequest, QuotaExceeded
 from ..files import Upload
-from ..limits import SubmitRates
+from ..limits import BucketState, Rates
 from ..models import Job
 from ..queue import JobQueue
 from ..tasks import TaskSpec
@@ -69,7 +70,7 @@ async def _submit(request: web.Request, queue: JobQueue, body: protocol.Submit,
         request_hash = codec.fingerprint([body.fingerprint(), digests]) if digests else body.fingerprint()
     owner = principal_of(request) or ""
     rates = request.app[RATES_KEY]
-    _spend_token(rates, owner)
+    bucket = await _spend_token(rates, owner)
     try:
         inserted = await queue.submit(
             body.task, body.params, priority=body.priority, delay_s=body.delay_s, owner=owner,
@@ -77,37 +78,34 @@ async def _submit(request: web.Request, queue: JobQueue, body: protocol.Submit,
             fresh=protocol.wants_fresh(request.headers.get("Cache-Control")))
     except BaseException:
         if rates is not None:
-            rates.refund(owner)  # a refused submit spends no token
+            await asyncio.shield(rates.give_back(owner))  # a refused submit spends no token
         raise
     if inserted.duplicate is not None and rates is not None:
-        rates.refund(owner)  # replays and reused jobs take no quota
+        bucket = await rates.give_back(owner)  # replays and reused jobs take no quota
     if inserted.duplicate == "reuse":
         response = await _answer_reuse(request, queue, inserted.job)
     else:
         response = await _answer_submit(request, queue, inserted.job, just_submitted=inserted.duplicate is None)
     if inserted.duplicate == "idempotency":
         response.headers["Idempotent-Replayed"] = "true"
-    if rates is not None:
-        response.headers.update(_ratelimit_headers(rates, owner))
+    if bucket is not None:
+        response.headers.update(protocol.ratelimit_headers(burst=bucket.burst, window_s=bucket.window_s,
+                                                           left=bucket.left, next_s=bucket.next_s))
     return response
 
 
-def _spend_token(rates: SubmitRates | None, owner: str) -> None:
-    """429 with Retry-After and the RateLimit fields when the caller's bucket is empty."""
+async def _spend_token(rates: Rates | None, owner: str) -> BucketState | None:
+    """The caller's bucket after a token is spent; 429 with Retry-After and the RateLimit fields when it is
+    empty."""
     if rates is None:
-        return
-    wait_s, state = rates.take(owner)
+        return None
+    wait_s, state = await rates.take_token(owner)
     if wait_s:
         raise WebProblem(QuotaExceeded(f"more than {rates.rate:g} submits per second (bursts of {rates.burst});"
                                        " slow down", retry_after_s=protocol.rate_retry_after_s(wait_s)),
                          protocol.ratelimit_headers(burst=state.burst, window_s=state.window_s, left=state.left,
                                                     next_s=state.next_s))
-
-
-def _ratelimit_headers(rates: SubmitRates, owner: str) -> dict[str, str]:
-    state = rates.state(owner)
-    return protocol.ratelimit_headers(burst=state.burst, window_s=state.window_s, left=state.left,
-                                      next_s=state.next_s)
+    return state
 
 
 async def _answer_reuse(request: web.Request, queue: JobQueue, job: Job) -> web.Response:
