@@ -173,8 +173,12 @@ _INSERT_COLUMNS = ", ".join(COLUMN_NAMES[1:])
 _ASSIGN = ", ".join(f"{c} = ${i}" for i, c in enumerate(MUTABLE, start=1))
 _NEXT = len(MUTABLE) + 1  # the first placeholder after the mutable values
 
-INSERT_SQL = (f"INSERT INTO jobs ({_INSERT_COLUMNS}) VALUES ({', '.join(f'${i}' for i in range(1, 27))})"
-              " RETURNING seq")
+# The new job's vt is rules.virtual_start written in SQL (one round trip, not two): one past its owner's last
+# queued job ($18 is the owner), no earlier than the floor passed as its vt ($24).
+_VT = ("GREATEST($24::bigint,"
+       " COALESCE((SELECT MAX(q.vt) + 1 FROM jobs q WHERE q.owner = $18 AND q.status = 'queued'), 0))")
+INSERT_SQL = (f"INSERT INTO jobs ({_INSERT_COLUMNS}) VALUES"
+              f" ({', '.join(_VT if i == 24 else f'${i}' for i in range(1, 27))}) RETURNING seq, vt")
 UPDATE_SQL = f"UPDATE jobs SET {_ASSIGN} WHERE id = ${_NEXT} AND version = ${_NEXT + 1}"
 # A running job's own reports: only while its lease is held, by this node, by the database's clock (fencing).
 # While the job stays running (a progress report), its lease is the database's, renewed by the heartbeat
@@ -188,7 +192,8 @@ FENCED_UPDATE_SQL = (f"UPDATE jobs SET {_FENCED_ASSIGN} WHERE id = ${_NEXT} AND 
 DB_NOW_SQL = "SELECT extract(epoch FROM clock_timestamp())::float8"
 UPDATE_ANY_SQL = f"UPDATE jobs SET {_ASSIGN} WHERE id = ${_NEXT}"
 LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
-CLAIM_SQL = (f"SELECT {_COLUMNS} FROM jobs WHERE status = 'queued' AND run_at <= $1 AND expires_at > $1"
+CLAIM_SQL = (f"SELECT {_COLUMNS}, extract(epoch FROM clock_timestamp())::float8 FROM jobs"
+             " WHERE status = 'queued' AND run_at <= $1 AND expires_at > $1"
              " AND task = ANY($2::text[]) ORDER BY priority DESC, vt, seq LIMIT $3 FOR UPDATE SKIP LOCKED")
 # One statement for a whole claim (one NOTIFY, one round trip): the started jobs as arrays.
 START_SQL = ("UPDATE jobs SET status = 'running', started_at = u.started_at, attempts = u.attempts,"
@@ -226,7 +231,6 @@ POSITION_SQL = (
 POSITIONS_SQL = ("SELECT id, pos FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY priority DESC, vt, seq) AS pos"
                  " FROM jobs WHERE status = 'queued') AS q WHERE id = ANY($1::text[])")
 BY_PRIORITY_SQL = "SELECT priority, COUNT(*) FROM jobs WHERE status = 'queued' GROUP BY priority"
-OWNER_LAST_VT_SQL = "SELECT MAX(vt) FROM jobs WHERE owner = $1 AND status = 'queued'"
 OWNER_QUEUED_SQL = "SELECT COUNT(*) FROM jobs WHERE owner = $1 AND status = 'queued'"
 MIN_VT_SQL = "SELECT MIN(vt) FROM jobs WHERE status = 'queued'"
 SAME_KEY_SQL = f"SELECT {_COLUMNS} FROM jobs WHERE owner = $1 AND idempotency_key = $2 AND expires_at > $3"
@@ -508,10 +512,8 @@ class PostgresStore:
             if job.idempotency_key is not None:  # an expired job's key is free again
                 await db.execute("UPDATE jobs SET idempotency_key = NULL WHERE owner = $1 AND idempotency_key = $2",
                                  job.owner, job.idempotency_key)
-            last = await db.fetchval(OWNER_LAST_VT_SQL, job.owner)
-            new = dataclasses.replace(job, vt=rules.virtual_start(owner_last=last, floor=vt_floor))
-            seq = await db.fetchval(INSERT_SQL, *_insert_values(new))
-            return Inserted(dataclasses.replace(new, seq=seq))
+            seq, vt = await db.fetchrow(INSERT_SQL, *_insert_values(dataclasses.replace(job, vt=vt_floor)))
+            return Inserted(dataclasses.replace(job, seq=seq, vt=vt))
 
         return await self._write(op)
 
@@ -579,9 +581,13 @@ class PostgresStore:
             runnable = [t for t in open_tasks if room[t] is None or (room[t] or 0) > 0]
             if not runnable:
                 return []
-            rows = await db.fetch(CLAIM_SQL, now, runnable, limit * 4)
-            db_now = await db.fetchval(DB_NOW_SQL) if lease_s is not None else 0.0
-            claimed = rules.pick_claimable(map(row_to_job, rows), room, limit, now, node=node,
+            # Candidates beyond the limit only where a capped task may have to be passed over (each one read
+            # is locked until the commit, so other nodes skip it meanwhile).
+            rows = await db.fetch(CLAIM_SQL, now, runnable, limit * 4 if capped else limit)
+            if not rows:
+                return []
+            db_now = rows[0][-1]  # the database's clock, read with the rows
+            claimed = rules.pick_claimable((row_to_job(tuple(r)[:-1]) for r in rows), room, limit, now, node=node,
                                            lease_until=None if lease_s is None else db_now + lease_s)
             if claimed:
                 await db.execute(START_SQL, [j.id for j in claimed], [j.started_at for j in claimed],
