@@ -303,3 +303,20 @@ async def test_concurrent_writes_share_commits(store):
     assert len({i.job.id for i in inserted}) == 200 and all(i.duplicate is None for i in inserted)
     assert store.commits - before < 200
     assert await store.count_queued() == 200
+
+
+async def test_reports_sent_together_are_each_fenced(store):
+    """Outcomes of several running jobs written at once (one statement on PostgreSQL): each is checked on
+    its own version and lease; the stale ones write nothing."""
+    for _ in range(5):
+        await store.insert(make_job())
+    running = await store.claim(now=200.0, limit=5, tasks={"echo": None}, node="a", lease_s=30.0)
+    assert len(running) == 5
+    outcomes = [succeed(j, 201.0, result=b"1", result_type=None, retention_s=10) for j in running]
+    written = await asyncio.gather(
+        *(store.update(o, expected_version=j.version, fence="a") for o, j in zip(outcomes[:3], running[:3])),
+        store.update(outcomes[3], expected_version=running[3].version - 1, fence="a"),  # stale version
+        store.update(outcomes[4], expected_version=running[4].version, fence="b"))  # not its lease
+    assert written == [True, True, True, False, False]
+    statuses = [(await store.lookup(j.id)).job.status for j in running]
+    assert statuses == [Status.SUCCEEDED] * 3 + [Status.RUNNING] * 2
