@@ -190,6 +190,15 @@ _FENCED_ASSIGN = ", ".join(f"{c} = {_KEEP_LEASE.get(c, f'${i}')}" for i, c in en
 FENCED_UPDATE_SQL = (f"UPDATE jobs SET {_FENCED_ASSIGN} WHERE id = ${_NEXT} AND version = ${_NEXT + 1}"
                      f" AND status = 'running' AND lease_owner = ${_NEXT + 2}"
                      " AND (lease_until IS NULL OR lease_until > extract(epoch FROM clock_timestamp()))")
+# The plain inserts of a batch (no key, no equal job to look for, no quota) in one statement.
+_INSERT_TYPES = ("text", "text", "bytea", "text", "int", "float8", "float8", "float8", "float8", "float8", "int",
+                 "int", "int", "bytea", "bytea", "text", "bytea", "text", "text", "text", "text", "text", "bytea",
+                 "bigint", "text", "float8")
+INSERTS_SQL = (f"INSERT INTO jobs ({_INSERT_COLUMNS}) SELECT * FROM unnest("
+               + ", ".join(f"${i}::{t}[]" for i, t in enumerate(_INSERT_TYPES, start=1))
+               + ") RETURNING id, seq")
+OWNERS_LAST_VT_SQL = ("SELECT owner, MAX(vt) FROM jobs WHERE owner = ANY($1::text[]) AND status = 'queued'"
+                      " GROUP BY owner")
 # The reports of a batch (progress and outcomes of running jobs) in one statement: the same rules as
 # FENCED_UPDATE_SQL, a row each from the arrays; it returns the ids it wrote.
 _MUTABLE_TYPES = {"status": "text", "started_at": "float8", "finished_at": "float8", "expires_at": "float8",
@@ -328,6 +337,29 @@ class _Report:
     fence: str
 
 
+@dataclass(frozen=True)
+class _Insert:
+    """A new job that needs no check but its vt (no idempotency key, no equal job to look for, no quota, the
+    queue not full): the plain inserts of one batch are written by one statement, first in the batch."""
+
+    job: Job
+    vt_floor: int
+
+
+async def _write_inserts(db: asyncpg.Connection, inserts: list[_Insert]) -> dict[str, Inserted]:
+    """Store ``inserts`` with their vt (``rules.virtual_start``, in the batch's order per owner)."""
+    owners = sorted({i.job.owner for i in inserts})
+    last: dict[str, int | None] = dict(await db.fetch(OWNERS_LAST_VT_SQL, owners))
+    jobs = []
+    for item in inserts:
+        vt = rules.virtual_start(owner_last=last.get(item.job.owner), floor=item.vt_floor)
+        last[item.job.owner] = vt
+        jobs.append(dataclasses.replace(item.job, vt=vt))
+    columns = [list(values) for values in zip(*(_insert_values(j) for j in jobs), strict=True)]
+    seqs = dict(await db.fetch(INSERTS_SQL, *columns))
+    return {j.id: Inserted(dataclasses.replace(j, seq=seqs[j.id])) for j in jobs}
+
+
 async def _write_reports(db: asyncpg.Connection, reports: list[_Report]) -> set[str]:
     """Apply ``reports``; the ids of the jobs written (a report whose lease or version is gone writes nothing)."""
     if len(reports) == 1 or len({r.job.id for r in reports}) < len(reports):
@@ -363,7 +395,7 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._writers = writers  # group-commit writer tasks (0: one transaction per write, as it comes)
         self.max_batch = max_batch
-        self._pending: asyncio.Queue[tuple[WriteOp | _Report, asyncio.Future]] = asyncio.Queue()
+        self._pending: asyncio.Queue[tuple[WriteOp | _Report | _Insert, asyncio.Future]] = asyncio.Queue()
         self._writer_tasks: list[asyncio.Task] = []
         self.commits = 0  # transactions committed, for tests and metrics
         self.on_commit: Callable[[float, int], None] | None = None  # told (seconds, writes) after each commit
@@ -439,7 +471,7 @@ class PostgresStore:
         return self._pool
 
     # -- transactions ----------------------------------------------------
-    async def _write(self, op: WriteOp | _Report) -> Any:
+    async def _write(self, op: WriteOp | _Report | _Insert) -> Any:
         """Run ``op`` in a transaction; it has committed when this returns.
 
         Group commit: ``writers`` writer tasks each take every write waiting (up to ``max_batch``) and run
@@ -469,7 +501,8 @@ class PostgresStore:
                         fut.set_exception(StoreError("the store is closed"))
                 raise
 
-    async def _run_batch(self, pool: asyncpg.Pool, batch: list[tuple[WriteOp | _Report, asyncio.Future]]) -> None:
+    async def _run_batch(self, pool: asyncpg.Pool,
+                         batch: list[tuple[WriteOp | _Report | _Insert, asyncio.Future]]) -> None:
         try:
             results = await self._transaction(pool, [op for op, _ in batch])
         except Exception as exc:
@@ -485,13 +518,17 @@ class PostgresStore:
             if not fut.done():
                 fut.set_result(result)
 
-    async def _transaction(self, pool: asyncpg.Pool, ops: list[WriteOp | _Report]) -> list[Any]:
+    async def _transaction(self, pool: asyncpg.Pool, ops: list[WriteOp | _Report | _Insert]) -> list[Any]:
         started = time.perf_counter()
         try:
             async with pool.acquire() as db, db.transaction():
+                inserts = [op for op in ops if isinstance(op, _Insert)]
+                inserted = await _write_inserts(db, inserts) if inserts else {}
                 reports = [op for op in ops if isinstance(op, _Report)]
                 written = await _write_reports(db, reports) if reports else set()
-                results = [op.job.id in written if isinstance(op, _Report) else await op(db) for op in ops]
+                results = [inserted[op.job.id] if isinstance(op, _Insert)
+                           else op.job.id in written if isinstance(op, _Report)
+                           else await op(db) for op in ops]
         except _DB_ERRORS as exc:
             if len(ops) > 1 and isinstance(exc, asyncpg.PostgresError):
                 raise  # the database refused one write of a batch: each is tried alone
@@ -537,6 +574,8 @@ class PostgresStore:
             if text is not None and "\x00" in text:
                 raise InvalidRequest(f"{name} contains a NUL character, which cannot be stored",
                                      errors=[{"field": name, "message": "contains a NUL character"}])
+        if admit and job.idempotency_key is None and (job.unique_key is None or fresh) and not max_queued_for_owner:
+            return await self._write(_Insert(job, vt_floor))  # joins the batch's one statement of inserts
 
         async def op(db: asyncpg.Connection) -> Inserted:
             if job.idempotency_key is not None:
