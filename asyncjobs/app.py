@@ -91,6 +91,12 @@ def callback_body(job: Job) -> bytes:
     return codec.dumps(protocol.job_body(job))
 
 
+def heartbeat_s(config: Config) -> float:
+    """Seconds between lease renewals: ``cluster.heartbeat``, but at most a third of the lease, so a lease is
+    renewed twice before it could end (a lease of 3 s with the default heartbeat of 10 still works)."""
+    return min(config.cluster.heartbeat, config.cluster.lease / 3)
+
+
 def sweep_interval_s(config: Config, *, shared: bool = False) -> float:
     """Often enough that retention and expiry are honoured within a fraction of the shortest of them; on a
     shared store at least every second, since the same loop rescues jobs whose lease ended and reads the
@@ -132,7 +138,7 @@ class App:
             lease_s=config.cluster.lease if self.store.shared else None,
             callback_payload=callback_body,
         )
-        self.workers = Workers(self.queue, count=config.queue.workers, heartbeat_s=config.cluster.heartbeat,
+        self.workers = Workers(self.queue, count=config.queue.workers, heartbeat_s=heartbeat_s(config),
                                sweep_interval_s=sweep_interval_s(config, shared=self.store.shared))
         self.deliverer = None if callback_key is None else callbacks.Deliverer(
             store=self.store, wakeup=self.queue.deliveries, key=callback_key,

@@ -32,7 +32,7 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Several nodes on one PostgreSQL database (ignored with SQLite, and by this version's single node)."""
+    """Several nodes on one PostgreSQL database (ignored with SQLite)."""
 
     lease: float = 30.0  # seconds a running job is held without a heartbeat
     heartbeat: float = 10.0  # seconds between lease renewals

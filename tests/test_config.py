@@ -105,6 +105,10 @@ def test_cluster_keys_are_accepted_and_processes_on_sqlite_are_refused(capsys, t
     assert (loaded.cluster.lease, loaded.cluster.heartbeat) == (20.0, 5.0)
     with pytest.raises(ConfigError, match="cluster.lease"):
         config.from_dict({"cluster": {"lease": 0}})
+    from asyncjobs.app import heartbeat_s
+
+    assert heartbeat_s(config.from_dict({"cluster": {"lease": 3}})) == 1.0  # a third of a short lease
+    assert heartbeat_s(config.from_dict({"cluster": {"lease": 60, "heartbeat": 5}})) == 5.0
     assert cli.main(["serve", "--processes", "2", "--db", str(tmp_path / "one.db")]) == 2
     assert "--processes" in capsys.readouterr().err
     assert cli.main(["serve", "--processes", "0", "--db", "postgresql://u@127.0.0.1:1/db"]) == 2
