@@ -1,7 +1,8 @@
 """The PostgreSQL store: ``PostgresStore``, the ``Store`` of many nodes sharing one database (asyncpg).
 
 The same contract as ``SQLiteStore`` (its docstrings are the reference), method for method: every write
-is one transaction on a pooled connection, committed before the method returns; the rules applied are
+has committed before the method returns (group commit: writer tasks run the writes waiting in one
+transaction, a batch's plain inserts and reports as one array statement each); the rules applied are
 those of ``rules``. What one writer thread serializes in SQLite is made safe here with row locks and
 transaction-level advisory locks:
 
@@ -14,9 +15,10 @@ transaction-level advisory locks:
   rows;
 - the schema is migrated in one transaction under an advisory lock, so nodes starting at once are safe.
 
-Times still come from the caller (``now``), as with SQLite; lease expiry by the database's clock comes
-with the multi-node work. Connection failures and PostgreSQL errors are raised as ``StoreError`` (the web
-layer answers 503).
+A job's times come from the caller (``now``), as with SQLite; leases begin and end by the database's
+clock, never a node's. Every insert and version change is announced with NOTIFY (a statement trigger) for
+the other nodes' change feeds (``cluster``). Connection failures and PostgreSQL errors are raised as
+``StoreError`` (the web layer answers 503).
 """
 
 from __future__ import annotations
