@@ -79,6 +79,17 @@ def test_db_flag_names_a_sqlite_file_or_a_server_and_wins_over_the_file():
     assert flags("--db", "postgresql://u@h/db")["store"] == {"url": "postgresql://u@h/db"}
     assert flags("--db", "jobs.db")["store"] == {"url": "", "path": "jobs.db"}
     assert "store" not in flags()
+    assert flags("--db", "postgres://u@h/db")["store"] == {"url": "postgres://u@h/db"}  # the short scheme too
+
+
+def test_store_url_comes_from_the_environment_too():
+    """ASYNCJOBS_STORE_URL sets store.url, and --db still wins over it."""
+    loaded = config.load(None,
+                         environ={"ASYNCJOBS_STORE_URL": "postgresql://u@h/env"})
+    assert loaded.store.url == "postgresql://u@h/env"
+    loaded = config.load(None, environ={"ASYNCJOBS_STORE_URL": "postgresql://u@h/env"},
+                         overrides={"store": {"url": "", "path": "flag.db"}})
+    assert (loaded.store.url, loaded.store.path) == ("", "flag.db")
 
 
 def test_store_url_is_checked_and_a_store_can_be_handed_in(tmp_path):
