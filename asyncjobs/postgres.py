@@ -34,9 +34,9 @@ from typing import Any
 
 import asyncpg
 
-from . import codec, limits, rules
+from . import limits, rules
 from .errors import InvalidRequest, StoreError
-from .models import TERMINAL_STATUSES, CancelReason, Job, Status
+from .models import CancelReason, Job, Status
 from .store import (
     COLUMN_NAMES,
     MUTABLE,
@@ -46,6 +46,7 @@ from .store import (
     Payload,
     SweepResult,
     encoded,
+    file_owner,
     mutable_values,
     row_to_job,
 )
@@ -914,9 +915,7 @@ class PostgresStore:
         for at in range(0, len(ids), 5000):
             rows = await self._fetch("SELECT id, status, files FROM jobs WHERE id = ANY($1::text[])",
                                      ids[at:at + 5000])
-            for job_id, status, files in rows:
-                result = (codec.loads(files) or {}).get("result") if files else None
-                owners[job_id] = (Status(status) in TERMINAL_STATUSES, result is not None)
+            owners.update((job_id, file_owner(status, files)) for job_id, status, files in rows)
         return owners
 
     async def ping(self) -> None:

@@ -169,6 +169,12 @@ def row_to_job(row: Any) -> Job:
     )
 
 
+def file_owner(status: str, files: bytes | None) -> tuple[bool, bool]:
+    """What the file store needs of a job's row: (terminal, has a file result)."""
+    result = (codec.loads(files) or {}).get("result") if files else None
+    return Status(status) in TERMINAL_STATUSES, result is not None
+
+
 def encoded(value: Any) -> bytes | None:
     return None if value is None else codec.dumps(value)
 
@@ -738,9 +744,7 @@ class SQLiteStore:
             part = ids[at:at + 500]
             rows = await self._fetchall(
                 f"SELECT id, status, files FROM jobs WHERE id IN ({', '.join('?' for _ in part)})", tuple(part))
-            for job_id, status, files in rows:
-                result = (codec.loads(files) or {}).get("result") if files else None
-                owners[job_id] = (Status(status) in TERMINAL_STATUSES, result is not None)
+            owners.update((job_id, file_owner(status, files)) for job_id, status, files in rows)
         return owners
 
     async def ping(self) -> None:
