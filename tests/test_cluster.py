@@ -98,6 +98,18 @@ async def test_cancel_and_delete_on_another_node_stop_the_job_where_it_runs(node
     assert not app_a.workers.running
 
 
+async def test_a_cancel_on_another_node_answers_202_while_the_runner_is_still_stopping(nodes):
+    """A handler that ignores cancels runs on A; a cancel through B answers 202 after cancel_grace, and the job
+    ends canceled once the handler returns, as B then sees."""
+    (a, _), (b, _) = await nodes(2, modules=[TEST_MODULES, BUILTIN_ONLY], jobs={"cancel_grace": 0.5})
+    job = await (await a.post("/jobs", json={"task": "stubborn", "params": {"seconds": 2}})).json()
+    await wait_status(b, job["id"], "running")
+    resp = await b.post(f"/jobs/{job['id']}/cancel")
+    assert resp.status == 202, await resp.text()
+    done = await wait_status(b, job["id"], "canceled", timeout_s=10)
+    assert done["error"]["type"] == "canceled"
+
+
 async def test_racing_submits_with_one_key_over_three_nodes_make_one_job(nodes):
     """200 concurrent submits with one Idempotency-Key, spread over three nodes: one job, all 202 with its id."""
     made = await nodes()
