@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -36,7 +35,7 @@ import asyncpg
 
 from . import limits, rules
 from .errors import InvalidRequest, StoreError
-from .models import CancelReason, Job, Status
+from .models import CancelReason, Job, Status, evolve
 from .store import (
     COLUMN_NAMES,
     MUTABLE,
@@ -357,10 +356,10 @@ async def _write_inserts(db: asyncpg.Connection, inserts: list[_Insert]) -> dict
     for item in inserts:
         vt = rules.virtual_start(owner_last=last.get(item.job.owner), floor=item.vt_floor)
         last[item.job.owner] = vt
-        jobs.append(dataclasses.replace(item.job, vt=vt))
+        jobs.append(evolve(item.job, vt=vt))
     columns = [list(values) for values in zip(*(_insert_values(j) for j in jobs), strict=True)]
     seqs = dict(await db.fetch(INSERTS_SQL, *columns))
-    return {j.id: Inserted(dataclasses.replace(j, seq=seqs[j.id])) for j in jobs}
+    return {j.id: Inserted(evolve(j, seq=seqs[j.id])) for j in jobs}
 
 
 async def _write_reports(db: asyncpg.Connection, reports: list[_Report]) -> set[str]:
@@ -603,8 +602,8 @@ class PostgresStore:
             if job.idempotency_key is not None:  # an expired job's key is free again
                 await db.execute("UPDATE jobs SET idempotency_key = NULL WHERE owner = $1 AND idempotency_key = $2",
                                  job.owner, job.idempotency_key)
-            seq, vt = await db.fetchrow(INSERT_SQL, *_insert_values(dataclasses.replace(job, vt=vt_floor)))
-            return Inserted(dataclasses.replace(job, seq=seq, vt=vt))
+            seq, vt = await db.fetchrow(INSERT_SQL, *_insert_values(evolve(job, vt=vt_floor)))
+            return Inserted(evolve(job, seq=seq, vt=vt))
 
         return await self._write(op)
 

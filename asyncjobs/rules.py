@@ -6,7 +6,6 @@ so two backends cannot drift on what a claim, a recovery, an expiry or a dedupe 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 
@@ -39,7 +38,7 @@ def pick_claimable(candidates: Iterable[Job], room: Mapping[str, int | None], li
             if cap <= 0:
                 continue
             left[job.task] = cap - 1
-        started.append(dataclasses.replace(start(job, now), lease_owner=node, lease_until=lease_until))
+        started.append(start(job, now, node=node, lease_until=lease_until))
     return started
 
 

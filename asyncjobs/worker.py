@@ -69,8 +69,15 @@ class JobContext:
         self._report: tuple[float | None, str | None] | None = None  # latest from a thread, not yet applied
         self.job_id = execution.job.id
         self.attempt = execution.job.attempts
-        self.work_dir = workers.queue.files.work_dir(self.job_id, self.attempt)
+        self._work_dir: Path | None = None
         self.outputs: list[Path] = []
+
+    @property
+    def work_dir(self) -> Path:
+        """This attempt's own folder (made by ``output_path``); worked out when first asked for."""
+        if self._work_dir is None:
+            self._work_dir = self._workers.queue.files.work_dir(self.job_id, self.attempt)
+        return self._work_dir
 
     def output_path(self, name: str) -> Path:
         """A fresh path for a file the handler writes: its own folder, removed after this attempt.
