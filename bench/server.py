@@ -17,7 +17,7 @@ ROOT = BENCH.parent
 
 class Server:
     def __init__(self, *, workers: int = 8, synchronous: str = "full", max_wait: int = 600, loop: str = "asyncio",
-                 extra_config: str = "", db: Path | None = None, env: dict[str, str] | None = None) -> None:
+                 extra_config: str = "", db: Path | str | None = None, env: dict[str, str] | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="asyncjobs-bench-"))
         self.db = db or self.dir / "bench.db"
         config = self.dir / "config.toml"

@@ -1,0 +1,234 @@
+"""Per-job cost: CPU microseconds per `noop` job on the event loop, the store's writer, and the database.
+
+    python bench/cost.py [--jobs 20000] [--store sqlite|postgres] [--profile OUT]
+
+One server with the defaults (SQLite, `synchronous = "full"`, 8 workers; or
+`--store postgres`: one node on a throwaway PostgreSQL cluster the script
+starts) pinned to core 0, with PostgreSQL's processes on the same core; the
+load on core 1: `--jobs` submits of `noop` from 64 keep-alive connections of
+a lean HTTP/1.1 client (bench/w2_end_to_end.py's), then a long poll on the
+last job. CPU time (user + system, from /proc) is read per thread of the
+server before the first submit and after that long poll answers, and for
+PostgreSQL the CPU of every server process of the cluster; each is divided
+by the number of jobs. Each job is submitted, claimed, run and finished in
+that window, so the figure is the whole life of a job. Afterwards every job
+is confirmed terminal (not counted).
+
+The threads: the event loop (HTTP, the queue, the workers, the feed), the
+SQLite writer thread (Python around the statements, and SQLite itself:
+B-trees, the WAL, the fsync of each commit), other threads (the readers'
+threads of aiosqlite, the default executor). With `--profile OUT`, py-spy
+samples the server (native frames included) during the window, and the
+writer thread's samples are split into those inside SQLite's C code (the
+"database" column) and the rest (Python), written with a flat profile to OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import orjson
+
+from server import Server, machine
+from w2_end_to_end import raw_submitter
+
+SERVER_CORE, LOAD_CORE = 0, 1
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name (threads of one name summed)."""
+    out: Counter = Counter()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        out[kind_of(name, int(tid) == pid)] += (int(fields[11]) + int(fields[12])) / TICK
+    return dict(out)
+
+
+def kind_of(name: str, main: bool) -> str:
+    if main:
+        return "event loop"
+    if name == "store-writer":
+        return "writer"
+    return "other threads"
+
+
+def processes_cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICK
+    return total
+
+
+def commits(server: Server) -> tuple[float, float]:
+    """(commits, writes) so far, from /metrics."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"{server.url}/metrics", timeout=30).read().decode()
+    count = sum_ = 0.0
+    for line in text.splitlines():
+        if line.startswith("asyncjobs_store_commit_batch_size_count"):
+            count = float(line.split()[-1])
+        elif line.startswith("asyncjobs_store_commit_batch_size_sum"):
+            sum_ = float(line.split()[-1])
+    return count, sum_
+
+
+def py_spy() -> str:
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else "py-spy"
+
+
+def pin_all(pid: int, core: int) -> None:
+    subprocess.run(["taskset", "-a", "-p", "-c", str(core), str(pid)], check=True, capture_output=True)
+
+
+async def drive(server: Server, jobs: int, concurrency: int, deadline_s: float) -> tuple[list[str], float]:
+    ids: list[str] = []
+    body = orjson.dumps({"task": "noop", "params": {}})
+    counter = iter(range(jobs))
+    t0 = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(raw_submitter(server, body, counter, ids)
+                                            for _ in range(concurrency))), deadline_s)
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(f"GET /jobs/{ids[-1]}?wait=60&redirect=false HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), deadline_s)
+    writer.close()
+    if b"200" not in head[:13]:
+        raise RuntimeError(f"long poll answered {head[:40]!r}")
+    return ids, time.perf_counter() - t0
+
+
+async def confirm(server: Server, ids: list[str]) -> int:
+    import aiohttp
+
+    pending = set(ids)
+    async with aiohttp.ClientSession(server.url) as session:
+        for _ in range(120):
+            url: str | None = "/jobs?status=succeeded&limit=500"
+            while url and pending:
+                async with session.get(url) as r:
+                    page = await r.json(loads=orjson.loads)
+                pending.difference_update(j["id"] for j in page["jobs"])
+                url = page["next"]
+            if not pending:
+                break
+            await asyncio.sleep(0.5)
+    return len(pending)
+
+
+def split_profile(raw: Path, out: Path) -> dict[str, float]:
+    """Share of the writer thread's samples inside SQLite (native frames below sqlite3's calls)."""
+    writer_total = writer_db = 0
+    self_t: Counter = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        self_t[frames[-1]] += n
+        if "asyncjobs-store-writer" in frames[0]:
+            writer_total += n
+            if any(("sqlite3" in f and ".py" not in f) or "pysqlite" in f or "libsqlite" in f for f in frames):
+                writer_db += n
+    lines = [f"{total} samples; writer thread {writer_total}, of which in SQLite {writer_db}", "", "## self (top 50)"]
+    lines += [f"{n / total:6.1%}  {f}" for f, n in self_t.most_common(50)]
+    out.write_text("\n".join(lines) + "\n")
+    shutil.copy(raw, out.with_suffix(".collapsed"))
+    return {"writer_db_share": writer_db / writer_total if writer_total else 0.0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=20000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--store", default="sqlite", choices=["sqlite", "postgres"])
+    parser.add_argument("--profile", type=Path, help="py-spy the window; split the writer thread's time")
+    parser.add_argument("--db-share", type=float, help="the writer thread's share inside SQLite, from a profile")
+    parser.add_argument("--synchronous", default="full", choices=["full", "normal"])
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"], help="the server's server.loop")
+    parser.add_argument("--deadline", type=float, default=300)
+    args = parser.parse_args()
+    os.sched_setaffinity(0, {LOAD_CORE})
+    print(machine())
+    pg = None
+    db: str | None = None
+    if args.store == "postgres":
+        from pg_cluster import Cluster, proc_tree
+
+        pg = Cluster().__enter__()
+        db = pg.create_database("cost")
+    try:
+        with Server(db=db, synchronous=args.synchronous, workers=args.workers, loop=args.loop) as server:
+            pin_all(server.proc.pid, SERVER_CORE)
+            time.sleep(0.5)
+            if pg is not None:
+                for pid in proc_tree(pg.pid):
+                    pin_all(pid, SERVER_CORE)
+            time.sleep(1.0)
+            spy = None
+            if args.profile:
+                raw = server.dir / "profile.raw"
+                spy = subprocess.Popen(["taskset", "-c", str(LOAD_CORE), py_spy(), "record", "--format", "raw",
+                                        "--threads", *(["--native"] if os.environ.get("NATIVE") else []), "-r", "200", "-o", str(raw),
+                                        "-p", str(server.proc.pid)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1.0)
+            commits_before = commits(server)
+            before = thread_cpu(server.proc.pid)
+            db_before = processes_cpu(proc_tree(pg.pid)) if pg else 0.0
+            ids, wall = asyncio.run(drive(server, args.jobs, args.concurrency, args.deadline))
+            after = thread_cpu(server.proc.pid)
+            commits_after = commits(server)
+            db_after = processes_cpu(proc_tree(pg.pid)) if pg else 0.0
+            share = args.db_share
+            if spy is not None:
+                spy.send_signal(2)
+                spy.wait(60)
+                share = split_profile(raw, args.profile)["writer_db_share"]
+            missing = asyncio.run(confirm(server, ids))
+            server.stop()
+            shutil.rmtree(server.dir, ignore_errors=True)
+    finally:
+        if pg is not None:
+            pg.__exit__(None, None, None)
+    n = len(ids)
+    cost = {k: (after.get(k, 0.0) - before.get(k, 0.0)) / n * 1e6 for k in after}
+    print(f"store {args.store}: {n} jobs in {wall:.2f} s = {n / wall:,.0f} jobs/s; not confirmed: {missing}")
+    n_commits = commits_after[0] - commits_before[0]
+    n_writes = commits_after[1] - commits_before[1]
+    if n_commits:
+        print(f"  commits {n_commits:,.0f} ({n_commits / n:.2f} a job), writes {n_writes:,.0f}"
+              f" ({n_writes / n_commits:.1f} a commit)")
+    for k in ("event loop", "writer", "other threads"):
+        print(f"  {k:14s} {cost.get(k, 0.0):7.1f} us/job")
+    if share is not None and "writer" in cost:
+        print(f"    writer in SQLite {cost['writer'] * share:7.1f}, Python {cost['writer'] * (1 - share):7.1f}"
+              f" (share {share:.2f} from the profile)")
+    if pg is not None:
+        print(f"  {'PostgreSQL':14s} {(db_after - db_before) / n * 1e6:7.1f} us/job")
+    print(f"  {'total':14s} {sum(cost.values()) + ((db_after - db_before) / n * 1e6 if pg else 0):7.1f} us/job")
+
+
+if __name__ == "__main__":
+    main()
