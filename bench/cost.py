@@ -1,6 +1,6 @@
 """Per-job cost: CPU microseconds per `noop` job on the event loop, the store's writer, and the database.
 
-    python bench/cost.py [--jobs 20000] [--store sqlite|postgres] [--profile OUT]
+    python bench/cost.py [--jobs 20000] [--store sqlite|postgres] [--profile OUT] [--source CHECKOUT]
 
 One server with the defaults (SQLite, `synchronous = "full"`, 8 workers; or
 `--store postgres`: one node on a throwaway PostgreSQL cluster the script
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import orjson
 
-from server import Server, machine
+from server import BENCH, Server, machine
 from w2_end_to_end import raw_submitter
 
 SERVER_CORE, LOAD_CORE = 0, 1
@@ -167,6 +167,9 @@ def main() -> None:
     parser.add_argument("--synchronous", default="full", choices=["full", "normal"])
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"], help="the server's server.loop")
+    parser.add_argument("--source", type=Path,
+                        help="run the asyncjobs package of this checkout (e.g. a git worktree of an older commit);"
+                             " before the writer thread had its name, its CPU shows under 'other threads'")
     parser.add_argument("--deadline", type=float, default=300)
     args = parser.parse_args()
     os.sched_setaffinity(0, {LOAD_CORE})
@@ -179,7 +182,8 @@ def main() -> None:
         pg = Cluster().__enter__()
         db = pg.create_database("cost")
     try:
-        with Server(db=db, synchronous=args.synchronous, workers=args.workers, loop=args.loop) as server:
+        env = {"PYTHONPATH": os.pathsep.join([str(args.source.resolve()), str(BENCH)])} if args.source else None
+        with Server(db=db, synchronous=args.synchronous, workers=args.workers, loop=args.loop, env=env) as server:
             pin_all(server.proc.pid, SERVER_CORE)
             time.sleep(0.5)
             if pg is not None:
