@@ -1,6 +1,6 @@
 """Per-job cost: CPU microseconds per `noop` job on the event loop, the store's writer, and the database.
 
-    python bench/cost.py [--jobs 20000] [--store sqlite|postgres] [--profile OUT] [--source CHECKOUT]
+    python bench/cost.py [--jobs 20000] [--store sqlite|postgres] [--floor] [--profile OUT] [--source CHECKOUT]
 
 One server with the defaults (SQLite, `synchronous = "full"`, 8 workers; or
 `--store postgres`: one node on a throwaway PostgreSQL cluster the script
@@ -17,10 +17,17 @@ is confirmed terminal (not counted).
 The threads: the event loop (HTTP, the queue, the workers, the feed), the
 SQLite writer thread (Python around the statements, and SQLite itself:
 B-trees, the WAL, the fsync of each commit), other threads (the readers'
-threads of aiosqlite, the default executor). With `--profile OUT`, py-spy
-samples the server (native frames included) during the window, and the
-writer thread's samples are split into those inside SQLite's C code (the
-"database" column) and the rest (Python), written with a flat profile to OUT.
+thread of aiosqlite, the default executor). With `--floor`, the same SQL
+statements the writer runs for a job's life (the owner's last vt, the
+INSERT, the claim's SELECT and UPDATE, the outcome's UPDATE), as many jobs
+to a fsynced commit as the server put in one, are run for as many jobs from
+plain sqlite3 in this process: SQLite's own cost a job (the "database"
+column for SQLite), the rest of the writer thread's CPU being the Python
+around it. With `--profile OUT`, py-spy samples the server during the window
+and a flat profile per thread goes to OUT. `--source CHECKOUT` runs the
+package of another checkout (a git worktree of an older commit) for the
+before column; before the writer thread had its name (store-writer), its CPU
+shows under "other threads".
 """
 
 from __future__ import annotations
@@ -36,7 +43,6 @@ from collections import Counter
 from pathlib import Path
 
 import orjson
-
 from server import BENCH, Server, machine
 from w2_end_to_end import raw_submitter
 
@@ -74,6 +80,54 @@ def processes_cpu(pids: list[int]) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / TICK
     return total
+
+
+def sqlite_floor(jobs: int, per_commit: int) -> float:
+    """CPU us a job costs SQLite alone: the statements the writer runs for one job's life (the owner's last vt,
+    the INSERT, the claim's SELECT and UPDATE, the outcome's UPDATE), ``per_commit`` jobs to a fsynced commit,
+    on a store made by asyncjobs' own migrations, from plain sqlite3 in this thread: no Python of ours."""
+    import secrets
+    import sqlite3
+    import tempfile
+
+    sys.path.insert(0, str(BENCH.parent))
+    from asyncjobs import store as S
+
+    folder = tempfile.mkdtemp(prefix="asyncjobs-cost-")
+    path = f"{folder}/floor.db"
+    made = S.SQLiteStore(path)
+
+    async def migrate() -> None:
+        await made.open()
+        await made.close()
+
+    asyncio.run(migrate())
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA synchronous = FULL")
+    insert = f"INSERT INTO jobs ({S._COLUMNS}) VALUES (NULL{', ?' * 26})"
+    outcome = f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in S.MUTABLE)} WHERE id = ? AND version = ?"
+    claim = ("UPDATE jobs SET status = 'running', started_at = ?, attempts = ?, version = ?, error = NULL,"
+             " lease_owner = ?, lease_until = ? WHERE id = ?")
+    now = time.time()
+    started = time.thread_time()
+    for _ in range(0, jobs, per_commit):
+        db.execute("BEGIN IMMEDIATE")
+        for _ in range(per_commit):
+            (last,) = db.execute(S.OWNER_LAST_VT_SQL, ("",)).fetchone()
+            db.execute(insert, (secrets.token_urlsafe(16), "noop", b"{}", "queued", 0, now, None, None, now + 86400,
+                                now, 0, 1, 1, None, None, None, None, "", None, None, None, None, None,
+                                (last or 0) + 1, None, None))
+        rows = db.execute(S.CLAIM_SQL.format(marks="?"), (now + 1, now, "noop", per_commit)).fetchall()
+        db.executemany(claim, [(now, 1, 2, "", None, r[1]) for r in rows])
+        for r in rows:
+            db.execute(outcome, ("succeeded", now, now, now + 86400, now, 1, 3, None, b"null", None, None, None,
+                                 None, None, r[1], 2))
+        db.execute("COMMIT")
+    spent = time.thread_time() - started
+    db.close()
+    shutil.rmtree(folder, ignore_errors=True)
+    return spent / jobs * 1e6
 
 
 def commits(server: Server) -> tuple[float, float]:
@@ -133,10 +187,11 @@ async def confirm(server: Server, ids: list[str]) -> int:
     return len(pending)
 
 
-def split_profile(raw: Path, out: Path) -> dict[str, float]:
-    """Share of the writer thread's samples inside SQLite (native frames below sqlite3's calls)."""
-    writer_total = writer_db = 0
+def write_profile(raw: Path, out: Path) -> None:
+    """py-spy's collapsed stacks as a flat profile per thread: self and inclusive shares."""
+    threads: Counter = Counter()
     self_t: Counter = Counter()
+    incl: Counter = Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -145,31 +200,32 @@ def split_profile(raw: Path, out: Path) -> dict[str, float]:
         n = int(count)
         total += n
         frames = stack.split(";")
+        threads[frames[0]] += n
         self_t[frames[-1]] += n
-        if "asyncjobs-store-writer" in frames[0]:
-            writer_total += n
-            if any(("sqlite3" in f and ".py" not in f) or "pysqlite" in f or "libsqlite" in f for f in frames):
-                writer_db += n
-    lines = [f"{total} samples; writer thread {writer_total}, of which in SQLite {writer_db}", "", "## self (top 50)"]
-    lines += [f"{n / total:6.1%}  {f}" for f, n in self_t.most_common(50)]
+        for frame in set(frames[1:]):
+            incl[frame] += n
+    lines = [f"{total} samples (wall time of each thread while not idle)", "", "## per thread"]
+    lines += [f"{n:6d}  {t}" for t, n in threads.most_common()]
+    lines += ["", "## self (top 50)"] + [f"{n / total:6.1%}  {f}" for f, n in self_t.most_common(50)]
+    lines += ["", "## inclusive (top 80)"] + [f"{n / total:6.1%}  {f}" for f, n in incl.most_common(80)]
     out.write_text("\n".join(lines) + "\n")
     shutil.copy(raw, out.with_suffix(".collapsed"))
-    return {"writer_db_share": writer_db / writer_total if writer_total else 0.0}
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=20000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--store", default="sqlite", choices=["sqlite", "postgres"])
-    parser.add_argument("--profile", type=Path, help="py-spy the window; split the writer thread's time")
-    parser.add_argument("--db-share", type=float, help="the writer thread's share inside SQLite, from a profile")
+    parser.add_argument("--profile", type=Path, help="py-spy the window: a flat profile per thread into this file")
     parser.add_argument("--synchronous", default="full", choices=["full", "normal"])
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"], help="the server's server.loop")
     parser.add_argument("--source", type=Path,
                         help="run the asyncjobs package of this checkout (e.g. a git worktree of an older commit);"
                              " before the writer thread had its name, its CPU shows under 'other threads'")
+    parser.add_argument("--floor", action="store_true",
+                        help="also run the writer's statements for as many jobs in plain sqlite3 (SQLite alone),"
+                             " as many jobs to a commit as the server put in one")
     parser.add_argument("--deadline", type=float, default=300)
     args = parser.parse_args()
     os.sched_setaffinity(0, {LOAD_CORE})
@@ -194,7 +250,7 @@ def main() -> None:
             if args.profile:
                 raw = server.dir / "profile.raw"
                 spy = subprocess.Popen(["taskset", "-c", str(LOAD_CORE), py_spy(), "record", "--format", "raw",
-                                        "--threads", *(["--native"] if os.environ.get("NATIVE") else []), "-r", "200", "-o", str(raw),
+                                        "--threads", "-r", "200", "-o", str(raw),
                                         "-p", str(server.proc.pid)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)
@@ -205,11 +261,10 @@ def main() -> None:
             after = thread_cpu(server.proc.pid)
             commits_after = commits(server)
             db_after = processes_cpu(proc_tree(pg.pid)) if pg else 0.0
-            share = args.db_share
             if spy is not None:
                 spy.send_signal(2)
                 spy.wait(60)
-                share = split_profile(raw, args.profile)["writer_db_share"]
+                write_profile(raw, args.profile)
             missing = asyncio.run(confirm(server, ids))
             server.stop()
             shutil.rmtree(server.dir, ignore_errors=True)
@@ -226,9 +281,11 @@ def main() -> None:
               f" ({n_writes / n_commits:.1f} a commit)")
     for k in ("event loop", "writer", "other threads"):
         print(f"  {k:14s} {cost.get(k, 0.0):7.1f} us/job")
-    if share is not None and "writer" in cost:
-        print(f"    writer in SQLite {cost['writer'] * share:7.1f}, Python {cost['writer'] * (1 - share):7.1f}"
-              f" (share {share:.2f} from the profile)")
+    if args.floor and pg is None and n_commits:
+        per = max(1, round(n / n_commits))
+        floor = sqlite_floor(n, per)
+        print(f"  SQLite alone   {floor:7.1f} us/job (the same statements from plain sqlite3, {per} jobs a commit);"
+              f" the writer's Python about {cost.get('writer', 0.0) - floor:.1f}")
     if pg is not None:
         print(f"  {'PostgreSQL':14s} {(db_after - db_before) / n * 1e6:7.1f} us/job")
     print(f"  {'total':14s} {sum(cost.values()) + ((db_after - db_before) / n * 1e6 if pg else 0):7.1f} us/job")
