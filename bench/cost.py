@@ -44,6 +44,7 @@ from pathlib import Path
 
 import orjson
 from server import BENCH, Server, machine
+from w1_submit import summarise_profile
 from w2_end_to_end import raw_submitter
 
 SERVER_CORE, LOAD_CORE = 0, 1
@@ -187,30 +188,6 @@ async def confirm(server: Server, ids: list[str]) -> int:
     return len(pending)
 
 
-def write_profile(raw: Path, out: Path) -> None:
-    """py-spy's collapsed stacks as a flat profile per thread: self and inclusive shares."""
-    threads: Counter = Counter()
-    self_t: Counter = Counter()
-    incl: Counter = Counter()
-    total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
-        n = int(count)
-        total += n
-        frames = stack.split(";")
-        threads[frames[0]] += n
-        self_t[frames[-1]] += n
-        for frame in set(frames[1:]):
-            incl[frame] += n
-    lines = [f"{total} samples (wall time of each thread while not idle)", "", "## per thread"]
-    lines += [f"{n:6d}  {t}" for t, n in threads.most_common()]
-    lines += ["", "## self (top 50)"] + [f"{n / total:6.1%}  {f}" for f, n in self_t.most_common(50)]
-    lines += ["", "## inclusive (top 80)"] + [f"{n / total:6.1%}  {f}" for f, n in incl.most_common(80)]
-    out.write_text("\n".join(lines) + "\n")
-    shutil.copy(raw, out.with_suffix(".collapsed"))
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=20000)
@@ -264,7 +241,7 @@ def main() -> None:
             if spy is not None:
                 spy.send_signal(2)
                 spy.wait(60)
-                write_profile(raw, args.profile)
+                summarise_profile(raw, args.profile, title=f"asyncjobs serve, {args.jobs} noop jobs ({args.store})")
             missing = asyncio.run(confirm(server, ids))
             server.stop()
             shutil.rmtree(server.dir, ignore_errors=True)

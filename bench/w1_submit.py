@@ -116,7 +116,8 @@ def asyncjobs_run(synchronous: str, duration: int, connections: int, profile: Pa
             shutil.rmtree(server.dir, ignore_errors=True)
 
 
-def summarise_profile(raw: Path, out: Path, top: int = 40) -> None:
+def summarise_profile(raw: Path, out: Path, top: int = 40,
+                      title: str = "asyncjobs serve under W1 load (synchronous=full)") -> None:
     """py-spy's raw format is collapsed stacks ("f1;f2;f3 count"): flat self and inclusive time."""
     self_t: Counter = Counter()
     incl: Counter = Counter()
@@ -136,7 +137,7 @@ def summarise_profile(raw: Path, out: Path, top: int = 40) -> None:
         stack, _, count = line.rpartition(" ")
         if stack:
             threads[stack.split(";")[0]] += int(count)
-    lines = [f"py-spy record --threads, {total} samples, asyncjobs serve under W1 load (synchronous=full)", "",
+    lines = [f"py-spy record --threads, {total} samples, {title}", "",
              "## samples per thread"]
     lines += [f"{n:6d}  {t}" for t, n in threads.most_common()]
     lines += ["", "## self (top)"]
