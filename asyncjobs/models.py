@@ -123,6 +123,7 @@ class Job:
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(Job))  # in the order of Job's __init__
+assert all(f.init for f in dataclasses.fields(Job)), "evolve builds a Job from every field, positionally"
 _FIELD_INDEX = {name: i for i, name in enumerate(_FIELDS)}
 _field_values = operator.attrgetter(*_FIELDS)
 

@@ -1,13 +1,14 @@
 """The job record's transitions, tested as a table without I/O."""
 
 import base64
+import dataclasses
 import itertools
 import os
 
 import pytest
 
 from asyncjobs.errors import InvalidTransition
-from asyncjobs.models import (ALLOWED_TRANSITIONS, TERMINAL_STATUSES, Job, JobIds, Status, cancel, fail,
+from asyncjobs.models import (ALLOWED_TRANSITIONS, TERMINAL_STATUSES, Job, JobIds, Status, cancel, evolve, fail,
                               is_expired, requeue, start, succeed, with_progress)
 
 
@@ -36,6 +37,29 @@ def test_transition_table(source, target):
     else:
         with pytest.raises(InvalidTransition):
             MOVES[target](job)
+
+
+def test_evolve_changes_exactly_the_named_fields():
+    """``evolve`` is ``dataclasses.replace`` made faster: every field, changed alone, lands in its own place."""
+    job = make_job(owner="alice", files={"inputs": {}, "result": None}, lease_owner="n1", lease_until=5.0)
+    for field in dataclasses.fields(Job):
+        value = object() if field.name not in ("id",) else "j2"
+        changed = evolve(job, **{field.name: value})
+        assert getattr(changed, field.name) is value or getattr(changed, field.name) == value
+        for other in dataclasses.fields(Job):
+            if other.name != field.name:
+                assert getattr(changed, other.name) == getattr(job, other.name), (field.name, other.name)
+    assert evolve(job, status=Status.RUNNING, version=2) == dataclasses.replace(job, status=Status.RUNNING, version=2)
+    assert evolve(job) == job and evolve(job) is not job
+    with pytest.raises(KeyError):
+        evolve(job, no_such_field=1)
+
+
+def test_start_leases_the_job_to_its_node():
+    job = start(make_job(), 200.0, node="n1", lease_until=230.0)
+    assert (job.status, job.lease_owner, job.lease_until, job.attempts, job.version) == \
+        (Status.RUNNING, "n1", 230.0, 1, 2)
+    assert start(make_job(), 200.0).lease_owner == ""  # a SQLite node's lease: no end, held while it lives
 
 
 def test_terminal_statuses_have_no_way_out():
