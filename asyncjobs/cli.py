@@ -89,12 +89,15 @@ async def serve(app: App, *, reuse_port: bool = False) -> None:
 
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The event loop ``server.loop`` names (None: asyncio's own)."""
+    """The event loop ``server.loop`` names (None: asyncio's own). "auto" takes uvloop when it is installed:
+    measured faster on both submits and end to end (bench/RESULTS.md), and asyncio otherwise."""
     if name == "asyncio":
         return None
     try:
         import uvloop
     except ImportError:
+        if name == "auto":
+            return None
         raise ConfigError('server.loop = "uvloop" needs the uvloop package: pip install \'asyncjobs[speed]\'') from None
     return uvloop.new_event_loop
 

@@ -20,7 +20,7 @@ class ServerConfig:
     max_body_bytes: int = 1_048_576
     max_wait: float = 60.0  # longest long poll or Prefer: wait, seconds
     access_log: str = "off"  # "off", "text" or "json" (one JSON object a line)
-    loop: str = "asyncio"  # or "uvloop" (pip install 'asyncjobs[speed]')
+    loop: str = "auto"  # uvloop when it is installed (pip install 'asyncjobs[speed]'), else asyncio; or either by name
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ _SECTIONS: dict[str, type] = {
 
 _CHOICES = {
     ("server", "access_log"): ("off", "text", "json"),
-    ("server", "loop"): ("asyncio", "uvloop"),
+    ("server", "loop"): ("auto", "asyncio", "uvloop"),
     ("store", "synchronous"): ("full", "normal"),
     ("protocol", "monitor"): ("rest", "flow"),
 }

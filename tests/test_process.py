@@ -168,16 +168,55 @@ async def test_uvloop_is_chosen_in_config(server_factory, http):
         assert (await resp.json())["result"] == {"x": 1}
 
 
-def test_uvloop_missing_stops_the_start_with_the_install_hint(tmp_path):
-    """Without the uvloop package, `loop = "uvloop"` is a configuration error that says what to install."""
+async def test_the_default_loop_is_uvloop_where_it_is_installed(server_factory, http):
+    """With no `server.loop` set ("auto"), a service where uvloop is installed runs on it."""
+    assert importlib.util.find_spec("uvloop"), "uvloop is in the test extra: pip install '.[test]'"
+    server = server_factory(config_text="")
+    assert "(uvloop event loop)" in server.log(), server.log()
+    async with http.get(server.url + "/healthz", timeout=REQUEST_TIMEOUT) as resp:
+        assert resp.status == 200
+
+
+def _without_uvloop(tmp_path: Path) -> dict[str, str]:
+    """serve's environment with a uvloop that cannot be imported first on the path."""
     fake = tmp_path / "no_uvloop"
     (fake / "uvloop").mkdir(parents=True)
     (fake / "uvloop" / "__init__.py").write_text('raise ImportError("uvloop is not installed here")\n')
-    config = tmp_path / "uv.toml"
-    config.write_text('[server]\nloop = "uvloop"\n')
     env = serve_env()
     env["PYTHONPATH"] = str(fake) + os.pathsep + env["PYTHONPATH"]
-    done = run_serve(tmp_path, "--config", str(config), "--db", str(tmp_path / "jobs.db"), env=env)
+    return env
+
+
+@pytest.mark.parametrize("text", ["", '[server]\nloop = "asyncio"\n'])
+def test_without_uvloop_auto_and_asyncio_run_on_asyncio(tmp_path, text):
+    """Where uvloop is missing, the default ("auto") starts on asyncio, as `loop = "asyncio"` does anywhere."""
+    config = tmp_path / "loop.toml"
+    config.write_text(text)
+    proc = subprocess.Popen([sys.executable, "-m", "asyncjobs", "serve", "--config", str(config), "--port", "0",
+                             "--db", str(tmp_path / "jobs.db")], env=_without_uvloop(tmp_path), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "listening on" in line:
+                break
+        assert any("(asyncio event loop)" in line for line in lines), "".join(lines)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        proc.stdout.close()
+
+
+def test_uvloop_missing_stops_the_start_with_the_install_hint(tmp_path):
+    """Without the uvloop package, `loop = "uvloop"` is a configuration error that says what to install."""
+    config = tmp_path / "uv.toml"
+    config.write_text('[server]\nloop = "uvloop"\n')
+    done = run_serve(tmp_path, "--config", str(config), "--db", str(tmp_path / "jobs.db"), env=_without_uvloop(tmp_path))
     output = done.stdout + done.stderr
     assert done.returncode == 2, output
     assert "server.loop" in output and "asyncjobs[speed]" in output, output
