@@ -45,7 +45,7 @@ from pathlib import Path
 import orjson
 from server import BENCH, Server, machine
 from w1_submit import summarise_profile
-from w2_end_to_end import raw_submitter
+from w2_end_to_end import raw_submitter, strike_succeeded
 
 SERVER_CORE, LOAD_CORE = 0, 1
 TICK = os.sysconf("SC_CLK_TCK")
@@ -176,12 +176,7 @@ async def confirm(server: Server, ids: list[str]) -> int:
     pending = set(ids)
     async with aiohttp.ClientSession(server.url) as session:
         for _ in range(120):
-            url: str | None = "/jobs?status=succeeded&limit=500"
-            while url and pending:
-                async with session.get(url) as r:
-                    page = await r.json(loads=orjson.loads)
-                pending.difference_update(j["id"] for j in page["jobs"])
-                url = page["next"]
+            await strike_succeeded(session, pending)
             if not pending:
                 break
             await asyncio.sleep(0.5)

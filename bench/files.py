@@ -64,7 +64,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server import BENCH, Server, machine
+from server import BENCH, Server, machine, stop_process
 from w1_submit import free_port, pin, summarise_profile, wait_port
 
 SERVER_CORE, CLIENT_CORE = "0", "1"
@@ -430,12 +430,7 @@ def bare_target(work: Path, src: Path, size: int, sha256: str) -> Iterator[Targe
             {"upload raw": clear, "upload multipart": clear},
             {"upload raw": src, "upload multipart": src, "download": src})
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
 
 
 @contextlib.contextmanager

@@ -58,6 +58,7 @@ from pg_cluster import (  # noqa: E402
     percentile,
     wait_quiet,
 )
+from w2_end_to_end import strike_succeeded  # noqa: E402
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 
@@ -182,12 +183,7 @@ async def submit_and_confirm(ports: list[int], jobs: int, concurrency: int, dead
         failed = sweeps = 0
         while pending and time.perf_counter() - t0 < deadline_s:
             sweeps += 1
-            url: str | None = "/jobs?status=succeeded&limit=500"
-            while url and pending:
-                async with session.get(url) as r:
-                    page = await r.json(loads=orjson.loads)
-                pending.difference_update(j["id"] for j in page["jobs"])
-                url = page["next"]
+            await strike_succeeded(session, pending)
             if pending and len(pending) < 1000:
                 waiting = list(pending)
                 statuses = await asyncio.gather(*(long_poll(j) for j in waiting))

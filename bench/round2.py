@@ -54,7 +54,7 @@ sys.path.insert(0, str(BENCH))
 
 from pg import SETUPS, run_setup  # noqa: E402
 from pg_cluster import Cluster, proc_tree, wait_quiet  # noqa: E402
-from server import Server, machine  # noqa: E402
+from server import Server, machine, stop_process  # noqa: E402
 from w1_submit import LOAD_CORE, SERVER_CORE, asyncjobs_run, bare_run, free_port, pin, wait_port  # noqa: E402
 from w2_end_to_end import raw_submitter, run  # noqa: E402
 
@@ -149,11 +149,7 @@ def w2_bare(jobs: int, deadline: float) -> dict:
 
         submit_s = on_load_core(submit)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
     rate = jobs / submit_s
     return {"per_s": rate, "submit_s": submit_s,
             "_show": f"{rate:.0f} submits/s ({submit_s:.2f} s){'' if pinned else ' (server not pinned)'}"}

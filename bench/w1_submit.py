@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from server import BENCH, Server, machine
+from server import BENCH, Server, machine, stop_process
 
 SERVER_CORE, LOAD_CORE = "0", "1"
 
@@ -86,11 +86,7 @@ def bare_run(duration: int, connections: int, loop: str = "asyncio") -> tuple[di
         pinned = pin(proc.pid, SERVER_CORE)
         return run_wrk(f"http://127.0.0.1:{port}/jobs", duration, connections), pinned
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 def asyncjobs_run(synchronous: str, duration: int, connections: int, profile: Path | None = None,

@@ -47,6 +47,16 @@ async def raw_submitter(server: Server, body: bytes, counter, ids: list[str]) ->
         writer.close()
 
 
+async def strike_succeeded(session: aiohttp.ClientSession, pending: set[str]) -> None:
+    """One sweep of `GET /jobs?status=succeeded`, following `next` links, striking the ids seen off ``pending``."""
+    url: str | None = "/jobs?status=succeeded&limit=500"
+    while url and pending:
+        async with session.get(url) as r:
+            page = await r.json(loads=orjson.loads)
+        pending.difference_update(j["id"] for j in page["jobs"])
+        url = page["next"]
+
+
 async def run(server: Server, jobs: int, concurrency: int, deadline_s: float, client: str = "aiohttp") -> dict:
     ids: list[str] = []
     body = orjson.dumps({"task": "noop", "params": {}})
@@ -78,12 +88,7 @@ async def run(server: Server, jobs: int, concurrency: int, deadline_s: float, cl
         sweeps = 0
         while pending and time.perf_counter() - t0 < deadline_s:
             sweeps += 1
-            url: str | None = "/jobs?status=succeeded&limit=500"
-            while url and pending:
-                async with session.get(url) as r:
-                    page = await r.json(loads=orjson.loads)
-                pending.difference_update(j["id"] for j in page["jobs"])
-                url = page["next"]
+            await strike_succeeded(session, pending)
             if pending and len(pending) < 1000:  # stragglers (or failures): ask each one
                 statuses = await asyncio.gather(*(long_poll(j) for j in list(pending)))
                 for job_id, status in zip(list(pending), statuses):
