@@ -95,7 +95,7 @@ class ClusterFeed:
             self.up = True
             connected.set()
             backoff = 0.1
-            self._resync()  # whatever changed while nobody listened
+            self.resync()  # whatever changed while nobody listened
             try:
                 await self._hold(listening, lost)
             finally:
@@ -120,7 +120,7 @@ class ClusterFeed:
         if node == self.node:
             return  # published here already (what it changed unpublished, a rescue, asks for a resync)
         if body == "*":
-            self._resync()
+            self.resync()
             self.on_queued()
             return
         queued = False
@@ -147,9 +147,7 @@ class ClusterFeed:
             log.warning("change feed: a cancel with an unknown reason %r", reason)
 
     def resync(self) -> None:
-        self._resync()
-
-    def _resync(self) -> None:
+        """Re-read every job a client here waits on (see ``hub.Feed.resync``)."""
         self._pending.update(self.hub.watched_ids())
         self._wake.set()
 
