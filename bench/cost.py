@@ -45,7 +45,7 @@ from pathlib import Path
 import orjson
 from server import BENCH, Server, machine
 from w1_submit import summarise_profile
-from w2_end_to_end import raw_submitter, strike_succeeded
+from w2_end_to_end import confirm_all, raw_submitter
 
 SERVER_CORE, LOAD_CORE = 0, 1
 TICK = os.sysconf("SC_CLK_TCK")
@@ -170,17 +170,13 @@ async def drive(server: Server, jobs: int, concurrency: int, deadline_s: float) 
     return ids, time.perf_counter() - t0
 
 
-async def confirm(server: Server, ids: list[str]) -> int:
+async def confirm(server: Server, ids: list[str], deadline_s: float) -> int:
+    """Every job terminal (raises if not): how many did not succeed."""
     import aiohttp
 
-    pending = set(ids)
     async with aiohttp.ClientSession(server.url) as session:
-        for _ in range(120):
-            await strike_succeeded(session, pending)
-            if not pending:
-                break
-            await asyncio.sleep(0.5)
-    return len(pending)
+        _, failed = await confirm_all(session, ids, started=time.perf_counter(), deadline_s=deadline_s)
+    return failed
 
 
 def main() -> None:
@@ -237,7 +233,7 @@ def main() -> None:
                 spy.send_signal(2)
                 spy.wait(60)
                 summarise_profile(raw, args.profile, title=f"asyncjobs serve, {args.jobs} noop jobs ({args.store})")
-            missing = asyncio.run(confirm(server, ids))
+            failed = asyncio.run(confirm(server, ids, args.deadline))
             server.stop()
             shutil.rmtree(server.dir, ignore_errors=True)
     finally:
@@ -245,7 +241,7 @@ def main() -> None:
             pg.__exit__(None, None, None)
     n = len(ids)
     cost = {k: (after.get(k, 0.0) - before.get(k, 0.0)) / n * 1e6 for k in after}
-    print(f"store {args.store}: {n} jobs in {wall:.2f} s = {n / wall:,.0f} jobs/s; not confirmed: {missing}")
+    print(f"store {args.store}: {n} jobs in {wall:.2f} s = {n / wall:,.0f} jobs/s; not succeeded: {failed}")
     n_commits = commits_after[0] - commits_before[0]
     n_writes = commits_after[1] - commits_before[1]
     if n_commits:

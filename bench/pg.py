@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,12 +56,11 @@ from pg_cluster import (  # noqa: E402
     Node,
     RssSampler,
     machine,
-    percentile,
     wait_quiet,
 )
-from w2_end_to_end import strike_succeeded  # noqa: E402
+from server import percentile  # noqa: E402
+from w2_end_to_end import confirm_all  # noqa: E402
 
-TERMINAL = {"succeeded", "failed", "canceled"}
 
 
 @dataclass(frozen=True)
@@ -174,53 +174,19 @@ async def submit_and_confirm(ports: list[int], jobs: int, concurrency: int, dead
     t_submitted = time.perf_counter()
     async with aiohttp.ClientSession(f"http://127.0.0.1:{ports[0]}",
                                      connector=aiohttp.TCPConnector(limit=0)) as session:
-        async def long_poll(job_id: str) -> str:
-            async with session.get(f"/jobs/{job_id}?wait=30&redirect=false") as r:
-                return (await r.json(loads=orjson.loads))["status"]
-
-        await asyncio.wait_for(long_poll(ids[-1]), deadline_s)
-        pending = set(ids)
-        failed = sweeps = 0
-        while pending and time.perf_counter() - t0 < deadline_s:
-            sweeps += 1
-            await strike_succeeded(session, pending)
-            if pending and len(pending) < 1000:
-                waiting = list(pending)
-                statuses = await asyncio.gather(*(long_poll(j) for j in waiting))
-                for job_id, status in zip(waiting, statuses):
-                    if status in TERMINAL:
-                        pending.discard(job_id)
-                        failed += status != "succeeded"
+        sweeps, failed = await confirm_all(session, ids, started=t0, deadline_s=deadline_s)
         t_done = time.perf_counter()
-    if pending:
-        raise RuntimeError(f"{len(pending)} jobs not terminal after {deadline_s} s")
     submit_s, total_s = t_submitted - t0, t_done - t0
     return {"jobs": len(ids), "submit_s": submit_s, "submit_rate": len(ids) / submit_s,
             "p50": percentile(latencies, 50), "p90": percentile(latencies, 90), "p99": percentile(latencies, 99),
             "total_s": total_s, "jobs_per_s": len(ids) / total_s, "sweeps": sweeps, "not_succeeded": failed}
 
 
-def run_setup(pg: Cluster, setup: Setup, args: argparse.Namespace) -> dict:
-    out: dict = {"setup": setup.name}
-    if not args.no_wrk:
-        db = pg.create_database(f"aj_{setup.name}_w1")
-        with Nodes(setup, db, args.workers, args.loop) as nodes:
-            pg.checkpoint()
-            note = wait_quiet(args.quiet_wait)
-            if note:
-                print(f"  {note}", flush=True)
-            with RssSampler(nodes.root_pids) as rss:
-                time.sleep(0.3)
-                with CpuMeter({"servers": nodes.root_pids, "postgres": lambda: [pg.pid]}) as cpu:
-                    out["wrk"] = run_wrk(nodes.ports, args.duration, args.connections)
-            out["wrk"].update(rss.figures(), cpu=cpu.describe())
-        r = out["wrk"]
-        print(f"  W1 wrk: {r['rps']:.0f} req/s, p50 {r['p50']:.2f} ms, p90 {r['p90']:.2f} ms, p99 {r['p99']:.2f} ms,"
-              f" non-2xx {r['non2xx']}{', socket errors ' + r['errors'] if r['errors'] else ''};"
-              f" RSS idle {r['rss_idle_mib']:.0f} MiB, peak {r['rss_peak_mib']:.0f} MiB"
-              f" (at the end per process: {r['rss_split']})", flush=True)
-        print(f"    CPU: {r['cpu']}", flush=True)
-    db = pg.create_database(f"aj_{setup.name}_w2")
+def measured(pg: Cluster, setup: Setup, args: argparse.Namespace, part: str,
+             work: Callable[[Nodes], dict]) -> dict:
+    """``work`` on the setup's nodes, started on a fresh database once the machine is quiet, with the
+    nodes' RSS and the CPU of the nodes and PostgreSQL added to what it returns."""
+    db = pg.create_database(f"aj_{setup.name}_{part}")
     with Nodes(setup, db, args.workers, args.loop) as nodes:
         pg.checkpoint()
         note = wait_quiet(args.quiet_wait)
@@ -229,8 +195,24 @@ def run_setup(pg: Cluster, setup: Setup, args: argparse.Namespace) -> dict:
         with RssSampler(nodes.root_pids) as rss:
             time.sleep(0.3)
             with CpuMeter({"servers": nodes.root_pids, "postgres": lambda: [pg.pid]}) as cpu:
-                out["py"] = asyncio.run(submit_and_confirm(nodes.ports, args.jobs, args.concurrency, args.deadline))
-        out["py"].update(rss.figures(), cpu=cpu.describe())
+                result = work(nodes)
+        result.update(rss.figures(), cpu=cpu.describe())
+    return result
+
+
+def run_setup(pg: Cluster, setup: Setup, args: argparse.Namespace) -> dict:
+    out: dict = {"setup": setup.name}
+    if not args.no_wrk:
+        out["wrk"] = measured(pg, setup, args, "w1",
+                              lambda nodes: run_wrk(nodes.ports, args.duration, args.connections))
+        r = out["wrk"]
+        print(f"  W1 wrk: {r['rps']:.0f} req/s, p50 {r['p50']:.2f} ms, p90 {r['p90']:.2f} ms, p99 {r['p99']:.2f} ms,"
+              f" non-2xx {r['non2xx']}{', socket errors ' + r['errors'] if r['errors'] else ''};"
+              f" RSS idle {r['rss_idle_mib']:.0f} MiB, peak {r['rss_peak_mib']:.0f} MiB"
+              f" (at the end per process: {r['rss_split']})", flush=True)
+        print(f"    CPU: {r['cpu']}", flush=True)
+    out["py"] = measured(pg, setup, args, "w2", lambda nodes: asyncio.run(
+        submit_and_confirm(nodes.ports, args.jobs, args.concurrency, args.deadline)))
     r = out["py"]
     print(f"  W1 Python client: {r['submit_rate']:.0f} submits/s, p50 {r['p50']:.2f} ms, p90 {r['p90']:.2f} ms,"
           f" p99 {r['p99']:.2f} ms; W2 {r['jobs_per_s']:.0f} jobs/s ({r['total_s']:.2f} s,"

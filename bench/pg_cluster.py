@@ -1,4 +1,4 @@
-"""The PostgreSQL benchmarks' plumbing: a throwaway cluster, `asyncjobs serve` nodes on it, RSS, percentiles.
+"""The PostgreSQL benchmarks' plumbing: a throwaway cluster, `asyncjobs serve` nodes on it, RSS and CPU.
 
 ``Cluster`` runs initdb and pg_ctl from the installed server binaries (PATH, else the newest
 /usr/lib/postgresql/*/bin) in a temp folder, on 127.0.0.1 and a free port, as the ``postgres`` user when
@@ -27,6 +27,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from server import serve_env
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 
@@ -35,14 +37,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
-    return ordered[k]
 
 
 def pg_bins() -> tuple[str, str, str]:
@@ -326,8 +320,7 @@ class Node:
             f'[tasks]\nmodules = [{module_list}]\n{extra_config}'
         )
         self.log = self.dir / "server.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ASYNCJOBS_")}
-        env["PYTHONPATH"] = os.pathsep.join([str(BENCH), str(ROOT), env.get("PYTHONPATH", "")])
+        env = serve_env()
         argv = [sys.executable, "-m", "asyncjobs", "serve", "--config", str(config), "--host", "127.0.0.1",
                 "--port", str(self.port), "--db", db_url]
         if processes != 1:

@@ -29,7 +29,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from pg_cluster import Cluster, CpuMeter, RssSampler, machine, percentile, wait_quiet  # noqa: E402
+from pg_cluster import Cluster, CpuMeter, RssSampler, machine, wait_quiet  # noqa: E402
+from server import percentile  # noqa: E402
 
 
 def make_app(url: str, pool: int):

@@ -33,7 +33,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from pg_cluster import Cluster, Node, machine, percentile, wait_quiet  # noqa: E402
+from pg_cluster import Cluster, Node, machine, wait_quiet  # noqa: E402
+from server import percentile  # noqa: E402
 
 
 def parse_time(text: str) -> float:

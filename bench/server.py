@@ -15,6 +15,15 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 
 
+def serve_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a benchmarked `asyncjobs serve`: no ASYNCJOBS_ overrides from this shell, this
+    checkout and bench/ (for bench_tasks) on the path, then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASYNCJOBS_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(BENCH), str(ROOT), env.get("PYTHONPATH", "")])
+    env.update(extra or {})
+    return env
+
+
 class Server:
     def __init__(self, *, workers: int = 8, synchronous: str = "full", max_wait: int = 600, loop: str = "asyncio",
                  extra_config: str = "", db: Path | str | None = None, env: dict[str, str] | None = None) -> None:
@@ -27,9 +36,7 @@ class Server:
             f'[tasks]\nmodules = ["asyncjobs.builtin", "bench_tasks"]\n{extra_config}'
         )
         self.log = self.dir / "server.log"
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("ASYNCJOBS_")}
-        full_env["PYTHONPATH"] = os.pathsep.join([str(BENCH), str(ROOT), full_env.get("PYTHONPATH", "")])
-        full_env.update(env or {})
+        full_env = serve_env(env)
         self.started_at = time.monotonic()
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(

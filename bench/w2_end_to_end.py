@@ -57,6 +57,34 @@ async def strike_succeeded(session: aiohttp.ClientSession, pending: set[str]) ->
         url = page["next"]
 
 
+async def confirm_all(session: aiohttp.ClientSession, ids: list[str], *, started: float,
+                      deadline_s: float) -> tuple[int, int]:
+    """Wait until every id is seen terminal through the protocol: a long poll on the last one submitted, then
+    sweeps of the succeeded list, long polls for stragglers (or failures). (sweeps, jobs not succeeded);
+    raises if some are not terminal ``deadline_s`` after ``started``."""
+
+    async def long_poll(job_id: str) -> str:
+        async with session.get(f"/jobs/{job_id}?wait=30&redirect=false") as r:
+            return (await r.json(loads=orjson.loads))["status"]
+
+    await asyncio.wait_for(long_poll(ids[-1]), deadline_s)
+    pending = set(ids)
+    failed = sweeps = 0
+    while pending and time.perf_counter() - started < deadline_s:
+        sweeps += 1
+        await strike_succeeded(session, pending)
+        if pending and len(pending) < 1000:
+            waiting = list(pending)
+            statuses = await asyncio.gather(*(long_poll(j) for j in waiting))
+            for job_id, status in zip(waiting, statuses):
+                if status in TERMINAL:
+                    pending.discard(job_id)
+                    failed += status != "succeeded"
+    if pending:
+        raise RuntimeError(f"{len(pending)} jobs not terminal after {deadline_s} s")
+    return sweeps, failed
+
+
 async def run(server: Server, jobs: int, concurrency: int, deadline_s: float, client: str = "aiohttp") -> dict:
     ids: list[str] = []
     body = orjson.dumps({"task": "noop", "params": {}})
@@ -77,27 +105,8 @@ async def run(server: Server, jobs: int, concurrency: int, deadline_s: float, cl
                       for _ in range(concurrency)]
         await asyncio.wait_for(asyncio.gather(*submitters), deadline_s)
         t_submitted = time.perf_counter()
-
-        async def long_poll(job_id: str) -> str:
-            async with session.get(f"/jobs/{job_id}?wait=30&redirect=false") as r:
-                return (await r.json(loads=orjson.loads))["status"]
-
-        await asyncio.wait_for(long_poll(ids[-1]), deadline_s)
-        pending = set(ids)
-        failed = 0
-        sweeps = 0
-        while pending and time.perf_counter() - t0 < deadline_s:
-            sweeps += 1
-            await strike_succeeded(session, pending)
-            if pending and len(pending) < 1000:  # stragglers (or failures): ask each one
-                statuses = await asyncio.gather(*(long_poll(j) for j in list(pending)))
-                for job_id, status in zip(list(pending), statuses):
-                    if status in TERMINAL:
-                        pending.discard(job_id)
-                        failed += status != "succeeded"
+        sweeps, failed = await confirm_all(session, ids, started=t0, deadline_s=deadline_s)
         t_done = time.perf_counter()
-    if pending:
-        raise RuntimeError(f"{len(pending)} jobs not terminal after {deadline_s} s")
     return {"jobs": len(ids), "submit_s": t_submitted - t0, "total_s": t_done - t0, "sweeps": sweeps,
             "not_succeeded": failed}
 
