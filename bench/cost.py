@@ -1,6 +1,7 @@
 """Per-job cost: CPU microseconds per `noop` job on the event loop, the store's writer, and the database.
 
     python bench/cost.py [--jobs 20000] [--store sqlite|postgres] [--floor] [--profile OUT] [--source CHECKOUT]
+    python bench/cost.py --instructions [--jobs 2000] [--source CHECKOUT]
 
 One server with the defaults (SQLite, `synchronous = "full"`, 8 workers; or
 `--store postgres`: one node on a throwaway PostgreSQL cluster the script
@@ -28,6 +29,15 @@ and a flat profile per thread goes to OUT. `--source CHECKOUT` runs the
 package of another checkout (a git worktree of an older commit) for the
 before column; before the writer thread had its name (store-writer), its CPU
 shows under "other threads".
+
+CPU time on a shared virtual machine varies by a fifth from one run to the
+next. `--instructions` counts instead: the server runs under valgrind's
+callgrind with counting off, counting is switched on for the window only,
+and the instructions executed by every thread of the server (the
+interpreter, aiohttp, SQLite; not the kernel, not PostgreSQL) are divided by
+the jobs. The same code and load give the same count within a fraction of a
+percent, so a change of a few percent shows. It runs about 50 times slower:
+use a few thousand jobs (`--jobs 2000`). Needs Debian's `valgrind`.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -52,7 +63,8 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds per thread name (threads of one name summed)."""
+    """CPU seconds per thread name (threads of one name summed), and under "NAME:kernel" the part spent in
+    the kernel (system calls: socket I/O, fsync)."""
     out: Counter = Counter()
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
@@ -60,7 +72,9 @@ def thread_cpu(pid: int) -> dict[str, float]:
             fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
         except FileNotFoundError:
             continue
-        out[kind_of(name, int(tid) == pid)] += (int(fields[11]) + int(fields[12])) / TICK
+        kind = kind_of(name, int(tid) == pid)
+        out[kind] += (int(fields[11]) + int(fields[12])) / TICK
+        out[f"{kind}:kernel"] += int(fields[12]) / TICK
     return dict(out)
 
 
@@ -145,6 +159,21 @@ def commits(server: Server) -> tuple[float, float]:
     return count, sum_
 
 
+def callgrind_totals(folder: Path) -> tuple[int, int]:
+    """Instructions (Ir) of the main thread (the event loop: callgrind's thread 1) and of the others, from
+    the dumps of the run (one file per thread)."""
+    main = rest = 0
+    for path in folder.iterdir():
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("totals:"):
+                if path.name.endswith("-01"):
+                    main += int(line.split()[1])
+                else:
+                    rest += int(line.split()[1])
+                break
+    return main, rest
+
+
 def py_spy() -> str:
     beside = Path(sys.executable).parent / "py-spy"
     return str(beside) if beside.exists() else "py-spy"
@@ -194,6 +223,8 @@ def main() -> None:
     parser.add_argument("--floor", action="store_true",
                         help="also run the writer's statements for as many jobs in plain sqlite3 (SQLite alone),"
                              " as many jobs to a commit as the server put in one")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count instructions per job under callgrind (deterministic; slow: use --jobs 2000)")
     parser.add_argument("--deadline", type=float, default=300)
     args = parser.parse_args()
     os.sched_setaffinity(0, {LOAD_CORE})
@@ -207,7 +238,12 @@ def main() -> None:
         db = pg.create_database("cost")
     try:
         env = {"PYTHONPATH": os.pathsep.join([str(args.source.resolve()), str(BENCH)])} if args.source else None
-        with Server(db=db, synchronous=args.synchronous, workers=args.workers, loop=args.loop, env=env) as server:
+        counted = Path(tempfile.mkdtemp(prefix="asyncjobs-callgrind-")) / "callgrind.out"
+        wrap = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+                f"--callgrind-out-file={counted}"] \
+            if args.instructions else None
+        with Server(db=db, synchronous=args.synchronous, workers=args.workers, loop=args.loop, env=env,
+                    wrap=wrap) as server:
             pin_all(server.proc.pid, SERVER_CORE)
             time.sleep(0.5)
             if pg is not None:
@@ -222,10 +258,16 @@ def main() -> None:
                                         "-p", str(server.proc.pid)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)
+            if args.instructions:
+                subprocess.run(["callgrind_control", "--instr=on", str(server.proc.pid)], check=True,
+                               capture_output=True)
             commits_before = commits(server)
             before = thread_cpu(server.proc.pid)
             db_before = processes_cpu(proc_tree(pg.pid)) if pg else 0.0
             ids, wall = asyncio.run(drive(server, args.jobs, args.concurrency, args.deadline))
+            if args.instructions:
+                subprocess.run(["callgrind_control", "--instr=off", str(server.proc.pid)], check=True,
+                               capture_output=True)
             after = thread_cpu(server.proc.pid)
             commits_after = commits(server)
             db_after = processes_cpu(proc_tree(pg.pid)) if pg else 0.0
@@ -233,13 +275,20 @@ def main() -> None:
                 spy.send_signal(2)
                 spy.wait(60)
                 summarise_profile(raw, args.profile, title=f"asyncjobs serve, {args.jobs} noop jobs ({args.store})")
+                shutil.copy(raw, args.profile.with_suffix(".raw"))
             failed = asyncio.run(confirm(server, ids, args.deadline))
             server.stop()
+            server.proc.wait(120)
             shutil.rmtree(server.dir, ignore_errors=True)
     finally:
         if pg is not None:
             pg.__exit__(None, None, None)
     n = len(ids)
+    if args.instructions:
+        main, rest = callgrind_totals(counted.parent)
+        print(f"instructions a job: {(main + rest) / n:,.0f}; event loop {main / n:,.0f}, other threads (the"
+              f" writer) {rest / n:,.0f} ({n} jobs, under callgrind: the CPU figures below are valgrind's)")
+        shutil.rmtree(counted.parent, ignore_errors=True)
     cost = {k: (after.get(k, 0.0) - before.get(k, 0.0)) / n * 1e6 for k in after}
     print(f"store {args.store}: {n} jobs in {wall:.2f} s = {n / wall:,.0f} jobs/s; not succeeded: {failed}")
     n_commits = commits_after[0] - commits_before[0]
@@ -248,7 +297,7 @@ def main() -> None:
         print(f"  commits {n_commits:,.0f} ({n_commits / n:.2f} a job), writes {n_writes:,.0f}"
               f" ({n_writes / n_commits:.1f} a commit)")
     for k in ("event loop", "writer", "other threads"):
-        print(f"  {k:14s} {cost.get(k, 0.0):7.1f} us/job")
+        print(f"  {k:14s} {cost.get(k, 0.0):7.1f} us/job ({cost.get(k + ':kernel', 0.0):.1f} in the kernel)")
     if args.floor and pg is None and n_commits:
         per = max(1, round(n / n_commits))
         floor = sqlite_floor(n, per)
@@ -256,7 +305,8 @@ def main() -> None:
               f" the writer's Python about {cost.get('writer', 0.0) - floor:.1f}")
     if pg is not None:
         print(f"  {'PostgreSQL':14s} {(db_after - db_before) / n * 1e6:7.1f} us/job")
-    print(f"  {'total':14s} {sum(cost.values()) + ((db_after - db_before) / n * 1e6 if pg else 0):7.1f} us/job")
+    total = sum(v for k, v in cost.items() if ":" not in k) + ((db_after - db_before) / n * 1e6 if pg else 0)
+    print(f"  {'total':14s} {total:7.1f} us/job")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ def serve_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 class Server:
     def __init__(self, *, workers: int = 8, synchronous: str = "full", max_wait: int = 600, loop: str = "asyncio",
-                 extra_config: str = "", db: Path | str | None = None, env: dict[str, str] | None = None) -> None:
+                 extra_config: str = "", db: Path | str | None = None, env: dict[str, str] | None = None,
+                 wrap: list[str] | None = None) -> None:
+        """``wrap``: a command the server runs under (e.g. valgrind's), its own process (the same pid)."""
         self.dir = Path(tempfile.mkdtemp(prefix="asyncjobs-bench-"))
         self.db = db or self.dir / "bench.db"
         config = self.dir / "config.toml"
@@ -40,11 +42,11 @@ class Server:
         self.started_at = time.monotonic()
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "asyncjobs", "serve", "--config", str(config), "--port", "0",
+                [*(wrap or ()), sys.executable, "-m", "asyncjobs", "serve", "--config", str(config), "--port", "0",
                  "--db", str(self.db)],
                 env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
             )
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + (600 if wrap else 120)
         while time.monotonic() < deadline:
             match = re.search(r"listening on (http://[\d.]+:\d+)", self.log.read_text(errors="replace"))
             if match:
