@@ -122,6 +122,31 @@ class Job:
         return self.status in TERMINAL_STATUSES
 
 
+def _set_slots_directly(cls: type) -> None:
+    """Give a frozen, slotted dataclass an ``__init__`` that sets each slot through its descriptor.
+
+    The ``__init__`` that ``dataclass`` writes for a frozen class looks ``object.__setattr__`` up and
+    calls it for every field, 27 times for a Job, and a job is built five or six times in its life (at
+    the submit, by the store on insert and claim, at each change of status). This one has the same
+    parameters and defaults and does the same, in about half the time. The class stays frozen: only
+    ``__init__`` sets its fields.
+    """
+    fields = dataclasses.fields(cls)
+    assert all(f.init and f.default_factory is dataclasses.MISSING for f in fields), "plain defaults only"
+    scope: dict[str, Any] = {f"_set_{f.name}": cls.__dict__[f.name].__set__ for f in fields}
+    scope.update({f"_default_{f.name}": f.default for f in fields if f.default is not dataclasses.MISSING})
+    params = ", ".join(f.name if f.default is dataclasses.MISSING else f"{f.name}=_default_{f.name}"
+                       for f in fields)
+    body = "".join(f"    _set_{f.name}(self, {f.name})\n" for f in fields)
+    exec(f"def __init__(self, {params}):\n{body}", scope)  # the source: field names and their defaults
+    init = scope["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__doc__ = cls.__dict__["__init__"].__doc__
+    cls.__init__ = init  # type: ignore[misc]
+
+
+_set_slots_directly(Job)
+
 _FIELDS = tuple(f.name for f in dataclasses.fields(Job))  # in the order of Job's __init__
 assert all(f.init for f in dataclasses.fields(Job)), "evolve builds a Job from every field, positionally"
 _FIELD_INDEX = {name: i for i, name in enumerate(_FIELDS)}

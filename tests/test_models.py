@@ -2,6 +2,7 @@
 
 import base64
 import dataclasses
+import inspect
 import itertools
 import os
 
@@ -119,3 +120,21 @@ def test_job_ids_differ_in_a_forked_child():
     child = os.read(read, 64).decode()
     os.close(read)
     assert len(child) == 22 and child != ids()
+
+
+def test_job_init_sets_the_slots_itself_with_the_declared_defaults() -> None:
+    """Job's __init__ is the fast one (no object.__setattr__ per field), with the dataclass's parameters."""
+    assert "__setattr__" not in Job.__init__.__code__.co_names
+    params = inspect.signature(Job).parameters
+    assert list(params) == [f.name for f in dataclasses.fields(Job)]
+    for f in dataclasses.fields(Job):
+        declared = inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
+        assert params[f.name].default == declared, f.name
+    job = Job(id="j", task="t", params=b"{}", status=Status.QUEUED, priority=2, created_at=1.0, expires_at=9.0,
+              run_at=1.0, max_attempts=3, owner="alice")
+    assert (job.priority, job.owner, job.version, job.seq, job.files) == (2, "alice", 1, 0, None)
+    assert job == evolve(job) and hash(job) == hash(evolve(job))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.owner = "bob"  # type: ignore[misc]
+    with pytest.raises(TypeError, match="missing"):
+        Job(id="j")  # type: ignore[call-arg]
