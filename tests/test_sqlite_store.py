@@ -116,3 +116,17 @@ async def test_wal_is_cut_back_after_a_long_read_let_it_grow(tmp_path):
     finally:
         reader.close()
         await store.close()
+
+
+def test_none_and_bytes_are_bound_as_they_are() -> None:
+    """The store registers identity adapters, so sqlite3 binds None and bytes without its failed lookup of an
+    adapter (an exception raised and swallowed per value); what is stored is unchanged."""
+    data = b"\x00{}"
+    assert sqlite3.adapters[(type(None), sqlite3.PrepareProtocol)](None) is None
+    assert sqlite3.adapters[(bytes, sqlite3.PrepareProtocol)](data) is data
+    db = sqlite3.connect(":memory:")
+    try:
+        assert db.execute("SELECT ?, typeof(?), ?, typeof(?)", (None, None, data, data)).fetchone() == (
+            None, "null", data, "blob")
+    finally:
+        db.close()
