@@ -179,6 +179,14 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
+def too_deep(raw: bytes, value: Any) -> bool:
+    """Whether the JSON ``value`` decoded from ``raw`` nests deeper than ``MAX_JSON_DEPTH``. A text with
+    no more brackets than that cannot (a typical submit has two or three), so the walk is skipped for it."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return False
+    return json_depth(value) > MAX_JSON_DEPTH
+
+
 def is_json_content_type(content_type: str | None) -> bool:
     if not content_type:
         return False

@@ -132,3 +132,16 @@ def test_next_page_url():
     assert protocol.next_page_url(status="queued", task=None, limit=3, cursor=7) == \
         "/jobs?status=queued&limit=3&cursor=7"
     assert protocol.next_page_url(status=None, task=None, limit=3, cursor=None) is None
+
+
+@pytest.mark.parametrize("text, deep", [
+    ('{"x": ' + "[" * 63 + "]" * 63 + "}", False),  # 64 levels: the limit
+    ('{"x": ' + "[" * 64 + "]" * 64 + "}", True),
+    ('{"x": "' + "[{" * 100 + '"}', False),  # brackets in a string nest nothing
+    ("[" + ", ".join(["[]"] * 100) + "]", False),  # many brackets, two levels
+    ('{"task": "noop", "params": {"a": [1, {"b": 2}]}}', False),
+])
+def test_too_deep_counts_levels_not_brackets(text: str, deep: bool) -> None:
+    raw = text.encode()
+    assert protocol.too_deep(raw, codec.loads(raw)) is deep
+    assert protocol.too_deep(raw, codec.loads(raw)) is (protocol.json_depth(codec.loads(raw)) > protocol.MAX_JSON_DEPTH)

@@ -139,7 +139,7 @@ async def read_json(request: web.Request, *, required: bool = True) -> Any:
         value = codec.loads(raw)
     except codec.JSONDecodeError as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
-    if protocol.json_depth(value) > protocol.MAX_JSON_DEPTH:
+    if protocol.too_deep(raw, value):
         raise InvalidRequest(f"the body nests deeper than {protocol.MAX_JSON_DEPTH} levels")
     return value
 
