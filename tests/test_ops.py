@@ -177,3 +177,31 @@ def test_an_unknown_access_log_mode_stops_the_start():
 
     with pytest.raises(ConfigError, match="server.access_log"):
         config.from_dict({"server": {"access_log": "yaml"}})
+
+
+def test_run_time_buckets_count_each_observation_at_or_below_their_bound() -> None:
+    """The per-task histograms are counted in plain numbers and exposed as prometheus_client would: a run
+    of exactly a bucket's bound counts in that bucket, the buckets are cumulative, and the sum is exact."""
+    from asyncjobs.models import Job, Status, start, succeed
+    from asyncjobs.web.metrics import Metrics
+
+    metrics = Metrics()
+    for i, run_s in enumerate([0.005, 0.0051, 2.5, 4000.0]):
+        job = Job(id=f"j{i}", task="noop", params=b"{}", status=Status.QUEUED, priority=0, created_at=100.0,
+                  expires_at=1e9, run_at=100.0, max_attempts=1)
+        for change in (job, job := start(job, 100.0), succeed(job, 100.0 + run_s, result=None, result_type=None,
+                                                                retention_s=60)):
+            metrics.observe_job(change)
+    samples = {}
+    for family in text_string_to_metric_families(metrics.exposition({}, {}).decode()):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    bucket = {le: value(samples, "asyncjobs_run_seconds_bucket", task="noop", le=le)
+              for le in ("0.005", "0.01", "2.5", "5.0", "3600.0", "+Inf")}
+    assert bucket == {"0.005": 1, "0.01": 2, "2.5": 3, "5.0": 3, "3600.0": 3, "+Inf": 4}
+    assert value(samples, "asyncjobs_run_seconds_count", task="noop") == 4
+    assert value(samples, "asyncjobs_run_seconds_sum", task="noop") == pytest.approx(0.005 + 0.0051 + 2.5 + 4000)
+    assert value(samples, "asyncjobs_jobs_submitted_total", task="noop") == 4
+    assert value(samples, "asyncjobs_jobs_completed_total", task="noop") == 4
+    assert value(samples, "asyncjobs_jobs_failed_total", task="noop") == 0
+    assert value(samples, "asyncjobs_queue_wait_seconds_count", task="noop") == 4
