@@ -194,11 +194,12 @@ class JobQueue:
         delay or a callback is never equal to another.
         """
         self.check_params(task_name, params)
-        self.check_files(task_name, [u.param for u in uploads or ()])
-        if not self.accepting:
-            raise Unavailable("the server is shutting down", retry_after_s=5)
         spec = self.registry.get(task_name)
         assert spec is not None
+        if uploads or spec.files:
+            self.check_files(task_name, [u.param for u in uploads or ()])
+        if not self.accepting:
+            raise Unavailable("the server is shutting down", retry_after_s=5)
         now = self.clock()
         inputs = {u.param: u.stored.as_dict() for u in uploads or () if u.stored is not None}
         digests = {name: f["sha256"] for name, f in inputs.items()}

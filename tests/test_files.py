@@ -497,3 +497,19 @@ async def test_multipart_file_names_escaped_by_browsers_are_shown_as_chosen(make
         resp = await _raw_multipart(client, body)
         assert resp.status == 202, await resp.text()
         assert (await resp.json())["files"]["inputs"]["file"]["name"] == shown
+
+
+@pytest.mark.parametrize("content_type, multipart", [
+    ("multipart/form-data; boundary=x", True),
+    ("Multipart/Form-Data; boundary=x", True),
+    ("application/json", False),
+    ("multipart/mixed; boundary=x", False),
+    (None, False),
+])
+def test_only_a_multipart_form_is_read_as_files(content_type: str | None, multipart: bool) -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from asyncjobs.web import uploads
+
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    assert uploads.is_multipart(make_mocked_request("POST", "/jobs", headers=headers)) is multipart

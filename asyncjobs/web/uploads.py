@@ -30,6 +30,9 @@ T = TypeVar("T")
 
 
 def is_multipart(request: web.Request) -> bool:
+    raw = request.headers.get("Content-Type")
+    if raw is None or "multipart" not in raw.lower():  # most submits are JSON: no parse of their header
+        return False
     return request.content_type.lower() == "multipart/form-data"
 
 
