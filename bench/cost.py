@@ -2,6 +2,7 @@
 
     python bench/cost.py [--jobs 20000] [--store sqlite|postgres] [--floor] [--profile OUT] [--source CHECKOUT]
     python bench/cost.py --instructions [--jobs 2000] [--source CHECKOUT]
+    python bench/cost.py --instructions --bare [--jobs 2000]
 
 One server with the defaults (SQLite, `synchronous = "full"`, 8 workers; or
 `--store postgres`: one node on a throwaway PostgreSQL cluster the script
@@ -37,7 +38,9 @@ and the instructions executed by every thread of the server (the
 interpreter, aiohttp, SQLite; not the kernel, not PostgreSQL) are divided by
 the jobs. The same code and load give the same count within a fraction of a
 percent, so a change of a few percent shows. It runs about 50 times slower:
-use a few thousand jobs (`--jobs 2000`). Needs Debian's `valgrind`.
+use a few thousand jobs (`--jobs 2000`). Needs Debian's `valgrind`. With
+`--bare`, the same count for the bare aiohttp app (bench/bare.py, the W1
+ceiling) under the same submits: what HTTP alone costs a request.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from pathlib import Path
 
 import orjson
 from server import BENCH, Server, machine
-from w1_submit import summarise_profile
+from w1_submit import free_port, summarise_profile, wait_port
 from w2_end_to_end import confirm_all, raw_submitter
 
 SERVER_CORE, LOAD_CORE = 0, 1
@@ -174,6 +177,36 @@ def callgrind_totals(folder: Path) -> tuple[int, int]:
     return main, rest
 
 
+def bare_instructions(submits: int, concurrency: int, deadline_s: float) -> float:
+    """The bare app (bench/bare.py) under callgrind: instructions a submit, every thread."""
+    folder = Path(tempfile.mkdtemp(prefix="asyncjobs-callgrind-"))
+    port = free_port()
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+                             f"--callgrind-out-file={folder / 'callgrind.out'}", sys.executable,
+                             str(BENCH / "bare.py"), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc, timeout=600)
+        target = type("Target", (), {"host": "127.0.0.1", "port": port})()
+        subprocess.run(["callgrind_control", "--instr=on", str(proc.pid)], check=True, capture_output=True)
+        ids: list[str] = []
+        body = orjson.dumps({"task": "noop", "params": {}})
+        counter = iter(range(submits))
+
+        async def load() -> None:
+            await asyncio.wait_for(asyncio.gather(*(raw_submitter(target, body, counter, ids)
+                                                    for _ in range(concurrency))), deadline_s)
+
+        asyncio.run(load())
+        subprocess.run(["callgrind_control", "--instr=off", str(proc.pid)], check=True, capture_output=True)
+    finally:
+        proc.terminate()
+        proc.wait(120)
+    main, rest = callgrind_totals(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    return (main + rest) / len(ids)
+
+
 def py_spy() -> str:
     beside = Path(sys.executable).parent / "py-spy"
     return str(beside) if beside.exists() else "py-spy"
@@ -225,10 +258,18 @@ def main() -> None:
                              " as many jobs to a commit as the server put in one")
     parser.add_argument("--instructions", action="store_true",
                         help="count instructions per job under callgrind (deterministic; slow: use --jobs 2000)")
+    parser.add_argument("--bare", action="store_true",
+                        help="with --instructions: count the bare aiohttp app's instructions a submit instead")
     parser.add_argument("--deadline", type=float, default=300)
     args = parser.parse_args()
     os.sched_setaffinity(0, {LOAD_CORE})
     print(machine())
+    if args.bare:
+        if not args.instructions:
+            parser.error("--bare counts instructions: add --instructions")
+        per_request = bare_instructions(args.jobs, args.concurrency, args.deadline)
+        print(f"instructions a submit of the bare aiohttp app: {per_request:,.0f} ({args.jobs} submits)")
+        return
     pg = None
     db: str | None = None
     if args.store == "postgres":
