@@ -258,9 +258,10 @@ async def test_principals_take_turns_within_a_priority(store):
     assert [j.vt for j in backlog] == [0, 1, 2, 3, 4]
     lone = (await store.insert(make_job(owner="b"), vt_floor=1)).job
     assert lone.vt == 1
+    assert (await store.insert(make_job(owner="a"), vt_floor=9)).job.vt == 9  # the floor past a's backlog wins
     order = [j.owner for j in await store.claim(now=100.0, limit=6, tasks={"echo": None})]
     assert order == ["a", "a", "b", "a", "a", "a"]
-    assert await store.min_queued_vt() == 0
+    assert await store.min_queued_vt() == 9
 
 
 async def test_next_queued_of_an_owner(store):
