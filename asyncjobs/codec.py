@@ -38,8 +38,14 @@ def isotime(ts: float | None) -> str | None:
     """RFC 3339 UTC with millisecond precision and a ``Z`` (milliseconds truncated, as ``datetime`` does)."""
     if ts is None:
         return None
-    fraction, whole = math.modf(ts)  # rounded to the microsecond as datetime.fromtimestamp does
-    seconds, micros = divmod(int(whole) * 1_000_000 + round(fraction * 1e6), 1_000_000)
+    if ts >= 0:  # every job's times: the whole seconds by int(), the fraction exactly as modf gives it
+        seconds = int(ts)
+        micros = round((ts - seconds) * 1e6)  # rounded to the microsecond as datetime.fromtimestamp does
+        if micros == 1_000_000:
+            seconds, micros = seconds + 1, 0
+    else:
+        fraction, whole = math.modf(ts)
+        seconds, micros = divmod(int(whole) * 1_000_000 + round(fraction * 1e6), 1_000_000)
     return f"{_utc_second(seconds)}.{micros // 1000:03d}Z"
 
 

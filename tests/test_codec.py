@@ -35,3 +35,8 @@ def test_isotime_matches_datetime_formatting():
 
 def test_isotime_none():
     assert isotime(None) is None
+
+
+@pytest.mark.parametrize("ts", [-0.0004, -1.5, -86400.9999996, -1e-7])
+def test_isotime_before_the_epoch_matches_datetime(ts):
+    assert isotime(ts) == reference(ts)
