@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 
 from cost import confirm, drive, pin_all
-from server import BENCH, ROOT, Server, machine
+from server import ROOT, Server, machine, source_env
 from w1_submit import SERVER_CORE, pin, run_wrk
 
 
 def w1(source: Path, duration: int) -> float:
-    with Server(env=env_for(source)) as server:
+    with Server(env=source_env(source)) as server:
         try:
             pin(server.proc.pid, SERVER_CORE)
             return run_wrk(f"{server.url}/jobs", duration, 64)["rps"]
@@ -41,7 +41,7 @@ def w1(source: Path, duration: int) -> float:
 
 
 def w2(source: Path, jobs: int, deadline_s: float) -> float:
-    with Server(env=env_for(source)) as server:
+    with Server(env=source_env(source)) as server:
         try:
             pin_all(server.proc.pid, int(SERVER_CORE))
             time.sleep(1.0)
@@ -53,10 +53,6 @@ def w2(source: Path, jobs: int, deadline_s: float) -> float:
         finally:
             server.stop()
             shutil.rmtree(server.dir, ignore_errors=True)
-
-
-def env_for(source: Path) -> dict[str, str]:
-    return {"PYTHONPATH": os.pathsep.join([str(source.resolve()), str(BENCH)])}
 
 
 def main() -> None:

@@ -57,7 +57,7 @@ from collections import Counter
 from pathlib import Path
 
 import orjson
-from server import BENCH, Server, machine
+from server import BENCH, Server, machine, source_env, stop_process
 from w1_submit import free_port, summarise_profile, wait_port
 from w2_end_to_end import confirm_all, raw_submitter
 
@@ -162,6 +162,13 @@ def commits(server: Server) -> tuple[float, float]:
     return count, sum_
 
 
+def callgrind(folder: Path) -> list[str]:
+    """valgrind's callgrind, counting nothing until switched on (callgrind_control), a dump per thread in
+    ``folder``."""
+    return ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+            f"--callgrind-out-file={folder / 'callgrind.out'}"]
+
+
 def callgrind_totals(folder: Path) -> tuple[int, int]:
     """Instructions (Ir) of the main thread (the event loop: callgrind's thread 1) and of the others, from
     the dumps of the run (one file per thread)."""
@@ -181,9 +188,7 @@ def bare_instructions(submits: int, concurrency: int, deadline_s: float) -> floa
     """The bare app (bench/bare.py) under callgrind: instructions a submit, every thread."""
     folder = Path(tempfile.mkdtemp(prefix="asyncjobs-callgrind-"))
     port = free_port()
-    proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
-                             f"--callgrind-out-file={folder / 'callgrind.out'}", sys.executable,
-                             str(BENCH / "bare.py"), "--port", str(port)],
+    proc = subprocess.Popen([*callgrind(folder), sys.executable, str(BENCH / "bare.py"), "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port, proc, timeout=600)
@@ -200,8 +205,7 @@ def bare_instructions(submits: int, concurrency: int, deadline_s: float) -> floa
         asyncio.run(load())
         subprocess.run(["callgrind_control", "--instr=off", str(proc.pid)], check=True, capture_output=True)
     finally:
-        proc.terminate()
-        proc.wait(120)
+        stop_process(proc, timeout=120)
     main, rest = callgrind_totals(folder)
     shutil.rmtree(folder, ignore_errors=True)
     return (main + rest) / len(ids)
@@ -278,11 +282,9 @@ def main() -> None:
         pg = Cluster().__enter__()
         db = pg.create_database("cost")
     try:
-        env = {"PYTHONPATH": os.pathsep.join([str(args.source.resolve()), str(BENCH)])} if args.source else None
-        counted = Path(tempfile.mkdtemp(prefix="asyncjobs-callgrind-")) / "callgrind.out"
-        wrap = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
-                f"--callgrind-out-file={counted}"] \
-            if args.instructions else None
+        env = source_env(args.source) if args.source else None
+        counted = Path(tempfile.mkdtemp(prefix="asyncjobs-callgrind-"))
+        wrap = callgrind(counted) if args.instructions else None
         with Server(db=db, synchronous=args.synchronous, workers=args.workers, loop=args.loop, env=env,
                     wrap=wrap) as server:
             pin_all(server.proc.pid, SERVER_CORE)
@@ -326,10 +328,10 @@ def main() -> None:
             pg.__exit__(None, None, None)
     n = len(ids)
     if args.instructions:
-        main, rest = callgrind_totals(counted.parent)
+        main, rest = callgrind_totals(counted)
         print(f"instructions a job: {(main + rest) / n:,.0f}; event loop {main / n:,.0f}, other threads (the"
               f" writer) {rest / n:,.0f} ({n} jobs, under callgrind: the CPU figures below are valgrind's)")
-        shutil.rmtree(counted.parent, ignore_errors=True)
+        shutil.rmtree(counted, ignore_errors=True)
     cost = {k: (after.get(k, 0.0) - before.get(k, 0.0)) / n * 1e6 for k in after}
     print(f"store {args.store}: {n} jobs in {wall:.2f} s = {n / wall:,.0f} jobs/s; not succeeded: {failed}")
     n_commits = commits_after[0] - commits_before[0]

@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import os
 import re
 import shutil
 import statistics
@@ -69,7 +68,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from server import BENCH, ROOT, Server, machine, percentile
+from server import ROOT, Server, machine, percentile, serve_env, source_env
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 TOKENS = {name: f"bench-{name}-token-0123456789abcdef" for name in ("alice", "bob", "carol", "dave")}
@@ -203,10 +202,7 @@ async def fairness_run(server: Server, backlog: int, concurrency: int, pause_ms:
 
 def server_code(env: dict[str, str] | None = None) -> str:
     """Where the server's `asyncjobs` package is imported from, with the same PYTHONPATH as Server gives it."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("ASYNCJOBS_")}
-    full_env["PYTHONPATH"] = os.pathsep.join([str(BENCH), str(ROOT), full_env.get("PYTHONPATH", "")])
-    full_env.update(env or {})
-    out = subprocess.run([sys.executable, "-c", "import asyncjobs; print(asyncjobs.__file__)"], env=full_env,
+    out = subprocess.run([sys.executable, "-c", "import asyncjobs; print(asyncjobs.__file__)"], env=serve_env(env),
                          capture_output=True, text=True, cwd=tempfile.gettempdir(), check=True)
     return str(Path(out.stdout.strip()).parent.parent)
 
@@ -231,7 +227,7 @@ def fairness(args: argparse.Namespace) -> None:
         if args.fifo_commit:
             fifo_dir = export_commit(Path(args.repo), args.fifo_commit)
             src = fifo_dir / "src"
-            env = {"PYTHONPATH": os.pathsep.join([str(BENCH), str(src)])}
+            env = source_env(src)
             print(f"FIFO comparison: commit {args.fifo_commit}, server code from {server_code(env)}")
             versions += [(f"FIFO ({args.fifo_commit})", env)] * args.fifo_runs
         for i, (label, env) in enumerate(versions, 1):

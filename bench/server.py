@@ -24,6 +24,12 @@ def serve_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def source_env(checkout: Path) -> dict[str, str]:
+    """``Server``'s ``env`` for running the asyncjobs package of another checkout (an older commit's worktree
+    or export), with bench/ still on the path for bench_tasks."""
+    return {"PYTHONPATH": os.pathsep.join([str(checkout.resolve()), str(BENCH)])}
+
+
 class Server:
     def __init__(self, *, workers: int = 8, synchronous: str = "full", max_wait: int = 600, loop: str = "asyncio",
                  extra_config: str = "", db: Path | str | None = None, env: dict[str, str] | None = None,
