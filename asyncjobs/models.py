@@ -147,8 +147,8 @@ def _set_slots_directly(cls: type) -> None:
 
 _set_slots_directly(Job)
 
-_FIELDS = tuple(f.name for f in dataclasses.fields(Job))  # in the order of Job's __init__
-assert all(f.init for f in dataclasses.fields(Job)), "evolve builds a Job from every field, positionally"
+# In the order of Job's __init__, which takes every field (_set_slots_directly checks it): evolve relies on it.
+_FIELDS = tuple(f.name for f in dataclasses.fields(Job))
 _FIELD_INDEX = {name: i for i, name in enumerate(_FIELDS)}
 _field_values = operator.attrgetter(*_FIELDS)
 
