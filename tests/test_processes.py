@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 
 import aiohttp
 
@@ -29,13 +31,15 @@ async def test_processes_share_one_port_as_nodes_and_stop_together(server_factor
     children = _children(server.proc.pid)
     assert len(children) == 2
     nodes = set()
-    for _ in range(60):  # each new connection goes to one of them, as the kernel chooses
+    # Each new connection goes to one of them, as the kernel chooses; the parent says where the service
+    # listens once the first child accepts, so the second may still be starting: ask for up to 30 s.
+    deadline = time.monotonic() + 30
+    while len(nodes) < 2 and time.monotonic() < deadline:
         async with aiohttp.ClientSession() as http, http.get(f"{server.url}/healthz") as resp:
             body = await resp.json()
             assert resp.status == 200 and body["feed"] == "up"
             nodes.add(body["node"])
-        if len(nodes) == 2:
-            break
+        await asyncio.sleep(0.02)
     assert len(nodes) == 2, nodes
     async with aiohttp.ClientSession() as http:
         ids = []
