@@ -11,8 +11,15 @@ from typing import Any
 
 import asyncpg
 
-from asyncjobs.postgres import OWNERS_LAST_VT_SQL, PostgresStore
+from asyncjobs.models import Status, evolve
+from asyncjobs.postgres import OWNERS_LAST_VT_SQL, REPORTS_SQL, PostgresStore, mutable_values
 from tests.test_store import make_job
+
+
+def indexes_used(plan: dict[str, Any]) -> set[str]:
+    """The indexes the plan's scans read (EXPLAIN)."""
+    return ({plan["Index Name"]} if "Index Name" in plan else set()).union(
+        *(indexes_used(child) for child in plan.get("Plans", ())))
 
 
 def rows_read(plan: dict[str, Any], relation: str) -> float:
@@ -41,3 +48,35 @@ async def test_each_owners_last_vt_is_one_row_however_long_its_backlog(postgres_
         await db.close()
     assert rows_read(plan["Plan"], "jobs") <= 2, plan
 
+
+
+async def test_a_batch_of_outcomes_reads_its_jobs_by_id_not_the_running_jobs_index(postgres_url):
+    """The outcomes of a batch are one UPDATE over arrays. It must find its jobs by their ids: the running-jobs
+    index (jobs_lease) keeps an entry for every job that ran until the next vacuum, and with statistics
+    taken while few jobs ran, PostgreSQL would walk all of those entries for a batch of eight."""
+    store = PostgresStore(postgres_url)
+    await store.open()
+    db = await asyncpg.connect(postgres_url)
+    try:
+        await db.execute("ALTER TABLE jobs SET (autovacuum_enabled = false)")  # the dead entries stay
+        for _ in range(10):  # 2,000 jobs run and finish, in batches of 200 as a busy node's workers would
+            await asyncio.gather(*(store.insert(make_job()) for _ in range(200)))
+            running = await store.claim(now=200.0, limit=200, tasks={"echo": None}, node="n", lease_s=600.0)
+            await asyncio.gather(*(store.update(evolve(j, status=Status.SUCCEEDED, finished_at=201.0,
+                                                       version=j.version + 1), expected_version=j.version, fence="n")
+                                   for j in running))
+        await db.execute("ANALYZE jobs")
+        await asyncio.gather(*(store.insert(make_job()) for _ in range(8)))
+        running = await store.claim(now=200.0, limit=8, tasks={"echo": None}, node="n", lease_s=600.0)
+        assert len(running) == 8
+        done = [evolve(j, status=Status.SUCCEEDED, finished_at=201.0, version=j.version + 1) for j in running]
+        columns = [list(values) for values in zip(*(mutable_values(j) for j in done), strict=True)]
+        (plan,) = json.loads(await db.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {REPORTS_SQL}", *columns,
+                                               [j.id for j in running], [j.version for j in running], ["n"] * 8,
+                                               ["running"] * 8))
+        left = await db.fetchval("SELECT COUNT(*) FROM jobs WHERE status = 'running'")
+    finally:
+        await db.close()
+        await store.close()
+    assert left == 0  # the statement wrote all eight
+    assert "jobs_lease" not in indexes_used(plan["Plan"]), plan
