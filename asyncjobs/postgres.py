@@ -394,6 +394,13 @@ async def _write_reports(db: asyncpg.Connection, reports: list[_Report]) -> set[
     return {row[0] for row in rows}
 
 
+async def _keep_session(db: asyncpg.Connection) -> None:
+    """A pooled connection goes back as it is. asyncpg's default reset (advisory locks, cursors, LISTEN,
+    session settings: a round trip on every release, so on every batch and every read) has nothing to undo:
+    the store's transactions take only transaction-level locks and settings (SET LOCAL), and it listens on
+    a connection of its own. (An open transaction is still rolled back on release, by asyncpg.)"""
+
+
 class PostgresStore:
     """The shared store: one PostgreSQL database, reached through a pool of asyncpg connections."""
 
@@ -423,7 +430,7 @@ class PostgresStore:
         try:
             pool = await asyncpg.create_pool(
                 self.url, min_size=self.min_size, max_size=self.max_size, timeout=self.connect_timeout,
-                command_timeout=self.command_timeout, server_settings=self._settings())
+                command_timeout=self.command_timeout, server_settings=self._settings(), reset=_keep_session)
         except _DB_ERRORS as exc:
             raise StoreError(f"store.url: cannot connect to PostgreSQL: {exc}") from exc
         except ValueError as exc:  # a malformed URL

@@ -99,3 +99,20 @@ async def test_a_batch_of_outcomes_reads_its_jobs_by_id(postgres_url):
     (plan,) = [json.loads(n.split("plan:", 1)[1]) for n in notices if "UPDATE jobs SET" in n]
     assert "Seq Scan" not in node_types(plan["Plan"]), plan
     assert indexes_used(plan["Plan"]) == {"jobs_id_key"}, plan
+
+
+async def test_a_connection_goes_back_to_the_pool_without_a_round_trip(postgres_url):
+    """Nothing the store does on a pooled connection outlasts its transaction, so releasing one sends
+    nothing: asyncpg's default reset query would cost a round trip on every batch of writes and every read."""
+    store = PostgresStore(postgres_url, max_size=1)  # one connection: every statement below goes through it
+    await store.open()
+    sent: list[str] = []
+    try:
+        async with store._require_pool().acquire() as db:
+            db.add_query_logger(lambda query: sent.append(query.query))
+        await store.insert(make_job())
+        await store.ping()
+    finally:
+        await store.close()
+    assert any(q.startswith("INSERT INTO jobs") for q in sent), sent  # the logger sees the store's statements
+    assert not [q for q in sent if "RESET ALL" in q or "UNLISTEN" in q], sent
