@@ -208,9 +208,9 @@ OWNERS_LAST_VT_SQL = ("SELECT o.owner, (SELECT q.vt FROM jobs q WHERE q.owner = 
 # ("jobs.id = ANY(...)" repeats the join's condition for the index). The status a row must still have
 # ('running') comes from an array too: written as a constant, it lets the planner read the running-jobs
 # index (jobs_lease) instead, which keeps an entry for every job that ran until the next vacuum (4,046
-# entries walked for a batch of eight, late in a run). And it runs with sequential scans off (NO_SEQSCAN_SQL):
-# a plan made while the table was small (a prepared statement's generic plan, kept as the table grows)
-# reads the whole table for the batch's rows instead (2 ms a batch at 20,000 jobs kept, 15 late in a run).
+# entries walked for a batch of eight, late in a run). Sequential scans are off on the store's connections
+# (see PostgresStore._settings): a plan made while the table was small (a prepared statement's generic plan,
+# kept as the table grows) read the whole table for the batch's rows (2 ms a batch at 20,000 jobs kept).
 _MUTABLE_TYPES = {"status": "text", "started_at": "float8", "finished_at": "float8", "expires_at": "float8",
                   "run_at": "float8", "attempts": "int", "version": "int", "progress": "bytea", "result": "bytea",
                   "result_type": "text", "error": "bytea", "files": "bytea", "lease_owner": "text",
@@ -233,10 +233,9 @@ LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
 # table, before autovacuum analyzes it) PostgreSQL reads every queued job by run_at and sorts them, 6 ms a
 # claim with 3,000 queued against 0.1. And it starts the claimed jobs by their ids, never by reading the
 # table: with the statistics of a smaller table (a growing one between two analyzes) PostgreSQL reads every
-# row to find the eight, about 0.5 ms a claim with 3,000 jobs kept and more with each one. Sorting and
-# sequential scans are off for the claim's transaction only.
-NO_SEQSCAN_SQL = "SET LOCAL enable_seqscan = off"  # for the rest of the transaction (a batch of writes)
-CLAIM_PLAN_SQL = f"SET LOCAL enable_sort = off; {NO_SEQSCAN_SQL}"
+# row to find the eight, about 0.5 ms a claim with 3,000 jobs kept and more with each one. Sorting is off for
+# the claim's transaction only; sequential scans are off on every connection of the store (_settings).
+CLAIM_PLAN_SQL = "SET LOCAL enable_sort = off"
 CLAIM_SQL = (f"SELECT {_COLUMNS}, extract(epoch FROM clock_timestamp())::float8 FROM jobs"
              " WHERE status = 'queued' AND run_at <= $1 AND expires_at > $1"
              " AND task = ANY($2::text[]) ORDER BY priority DESC, vt, seq LIMIT $3 FOR UPDATE SKIP LOCKED")
@@ -387,7 +386,6 @@ async def _write_reports(db: asyncpg.Connection, reports: list[_Report]) -> set[
                 done.add(r.job.id)
         return done
     columns = [list(values) for values in zip(*(mutable_values(r.job) for r in reports), strict=True)]
-    await db.execute(NO_SEQSCAN_SQL)
     rows = await db.fetch(REPORTS_SQL, *columns, [r.job.id for r in reports],
                           [r.expected_version for r in reports], [r.fence for r in reports],
                           [Status.RUNNING.value] * len(reports))
@@ -449,8 +447,13 @@ class PostgresStore:
 
     def _settings(self, role: str = "asyncjobs") -> dict[str, str]:
         """Session settings of every connection: the node, named in the changes it announces (and in
-        ``pg_stat_activity``, with the connection's role)."""
-        return {"asyncjobs.node": self.node, "application_name": f"{role} {self.node}"[:63]}
+        ``pg_stat_activity``, with the connection's role); and no sequential scans. Every statement of the
+        store has an index to read (by id, or a partial index of the queued or running jobs), and the
+        planner would otherwise read the whole table where its statistics, or a prepared statement's
+        generic plan, date from when the table was small (START_SQL, REPORTS_SQL). Off, not forbidden:
+        a statement with no index to use still scans."""
+        return {"asyncjobs.node": self.node, "application_name": f"{role} {self.node}"[:63],
+                "enable_seqscan": "off"}
 
     async def _migrate(self, db: asyncpg.Connection) -> None:
         # Every node that starts takes this lock first: one migrates, the others then find it done.

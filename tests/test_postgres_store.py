@@ -63,7 +63,7 @@ async def test_a_batch_of_outcomes_reads_its_jobs_by_id(postgres_url):
     store's own statement runs with, written by auto_explain to this connection."""
     store = PostgresStore(postgres_url)
     await store.open()
-    db = await asyncpg.connect(postgres_url)
+    db = await asyncpg.connect(postgres_url, server_settings=store._settings())  # as the store's own
 
     async def outcomes(jobs: list[Job]) -> set[str]:
         reports = [_Report(evolve(j, status=Status.SUCCEEDED, finished_at=201.0, version=j.version + 1),
