@@ -233,14 +233,13 @@ LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
 # table, before autovacuum analyzes it) PostgreSQL reads every queued job by run_at and sorts them, 6 ms a
 # claim with 3,000 queued against 0.1. And it starts the claimed jobs by their ids, never by reading the
 # table: with the statistics of a smaller table (a growing one between two analyzes) PostgreSQL reads every
-# row to find the eight, about 0.5 ms a claim with 3,000 jobs kept and more with each one. Sorting is off for
-# the claim's transaction only; sequential scans are off on every connection of the store (_settings).
-CLAIM_PLAN_SQL = "SET LOCAL enable_sort = off"
+# row to find the eight, about 0.5 ms a claim with 3,000 jobs kept and more with each one. Sorting and
+# sequential scans are off on every connection of the store (_settings).
 CLAIM_SQL = (f"SELECT {_COLUMNS}, extract(epoch FROM clock_timestamp())::float8 FROM jobs"
              " WHERE status = 'queued' AND run_at <= $1 AND expires_at > $1"
              " AND task = ANY($2::text[]) ORDER BY priority DESC, vt, seq LIMIT $3 FOR UPDATE SKIP LOCKED")
 # One statement for a whole claim (one NOTIFY, one round trip): the started jobs as arrays, read by their ids
-# ("jobs.id = ANY($1)" repeats the join's condition for the index; see CLAIM_PLAN_SQL).
+# ("jobs.id = ANY($1)" repeats the join's condition for the index).
 START_SQL = ("UPDATE jobs SET status = 'running', started_at = u.started_at, attempts = u.attempts,"
              " version = u.version, error = NULL, lease_owner = $4, lease_until = $5, cancel_reason = NULL"
              " FROM unnest($1::text[], $2::float8[], $3::int[], $6::int[]) AS u(id, started_at, version, attempts)"
@@ -447,13 +446,14 @@ class PostgresStore:
 
     def _settings(self, role: str = "asyncjobs") -> dict[str, str]:
         """Session settings of every connection: the node, named in the changes it announces (and in
-        ``pg_stat_activity``, with the connection's role); and no sequential scans. Every statement of the
-        store has an index to read (by id, or a partial index of the queued or running jobs), and the
-        planner would otherwise read the whole table where its statistics, or a prepared statement's
-        generic plan, date from when the table was small (START_SQL, REPORTS_SQL). Off, not forbidden:
-        a statement with no index to use still scans."""
+        ``pg_stat_activity``, with the connection's role); and no sequential scans and no sorts. Every
+        statement of the store has an index to read (by id, or a partial index of the queued or running
+        jobs) and one in the order it asks for, and the planner would otherwise read the whole table, or
+        sort the whole queue, where its statistics, or a prepared statement's generic plan, date from when
+        the table was small (CLAIM_SQL, START_SQL, REPORTS_SQL). Off, not forbidden: a statement with no
+        index to use still scans or sorts. As session settings they cost no round trip per transaction."""
         return {"asyncjobs.node": self.node, "application_name": f"{role} {self.node}"[:63],
-                "enable_seqscan": "off"}
+                "enable_seqscan": "off", "enable_sort": "off"}
 
     async def _migrate(self, db: asyncpg.Connection) -> None:
         # Every node that starts takes this lock first: one migrates, the others then find it done.
@@ -702,7 +702,6 @@ class PostgresStore:
                 return []
             # Candidates beyond the limit only where a capped task may have to be passed over (each one read
             # is locked until the commit, so other nodes skip it meanwhile).
-            await db.execute(CLAIM_PLAN_SQL)
             rows = await db.fetch(CLAIM_SQL, now, runnable, limit * 4 if capped else limit)
             if not rows:
                 return []

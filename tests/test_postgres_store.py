@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from asyncjobs.models import Job, Status, evolve
-from asyncjobs.postgres import OWNERS_LAST_VT_SQL, PostgresStore, _Report, _write_reports
+from asyncjobs.postgres import CLAIM_SQL, OWNERS_LAST_VT_SQL, PostgresStore, _Report, _write_reports
 from tests.test_store import make_job
 
 
@@ -116,3 +116,22 @@ async def test_a_connection_goes_back_to_the_pool_without_a_round_trip(postgres_
         await store.close()
     assert any(q.startswith("INSERT INTO jobs") for q in sent), sent  # the logger sees the store's statements
     assert not [q for q in sent if "RESET ALL" in q or "UNLISTEN" in q], sent
+
+
+async def test_a_claim_reads_the_queue_in_its_fair_order_without_sorting_it(postgres_url):
+    """A claim takes the first few queued jobs in the fair order, read from the jobs_fair index. Without
+    statistics (a new table, before autovacuum analyzes it) PostgreSQL would read every queued job and sort
+    them, on every claim. The plan is made on a connection with the store's own settings."""
+    store = PostgresStore(postgres_url)
+    await store.open()
+    db = await asyncpg.connect(postgres_url, server_settings=store._settings())
+    try:
+        await db.execute("ALTER TABLE jobs SET (autovacuum_enabled = false)")  # no statistics
+        await asyncio.gather(*(store.insert(make_job(owner=f"o{i % 7}")) for i in range(3000)))
+        (plan,) = json.loads(await db.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {CLAIM_SQL}", 200.0, ["echo"], 8))
+    finally:
+        await db.close()
+        await store.close()
+    assert "Sort" not in node_types(plan["Plan"]), plan
+    assert indexes_used(plan["Plan"]) == {"jobs_fair"}, plan
+    assert rows_read(plan["Plan"], "jobs") <= 8, plan
