@@ -1,7 +1,7 @@
 """Per-job cost: CPU microseconds per `noop` job on the event loop, the store's writer, and the database.
 
     python bench/cost.py [--jobs 20000] [--store sqlite|postgres] [--floor] [--profile OUT] [--source CHECKOUT]
-    python bench/cost.py --instructions [--jobs 2000] [--source CHECKOUT]
+    python bench/cost.py --instructions [--jobs 2000] [--source CHECKOUT] [--keep FOLDER]
     python bench/cost.py --instructions --bare [--jobs 2000]
 
 One server with the defaults (SQLite, `synchronous = "full"`, 8 workers; or
@@ -262,6 +262,9 @@ def main() -> None:
                              " as many jobs to a commit as the server put in one")
     parser.add_argument("--instructions", action="store_true",
                         help="count instructions per job under callgrind (deterministic; slow: use --jobs 2000)")
+    parser.add_argument("--keep", type=Path,
+                        help="with --instructions: keep callgrind's dumps (one per thread) in this folder, for"
+                             " callgrind_annotate")
     parser.add_argument("--bare", action="store_true",
                         help="with --instructions: count the bare aiohttp app's instructions a submit instead")
     parser.add_argument("--deadline", type=float, default=300)
@@ -331,6 +334,8 @@ def main() -> None:
         main, rest = callgrind_totals(counted)
         print(f"instructions a job: {(main + rest) / n:,.0f}; event loop {main / n:,.0f}, other threads (the"
               f" writer) {rest / n:,.0f} ({n} jobs, under callgrind: the CPU figures below are valgrind's)")
+        if args.keep:
+            shutil.copytree(counted, args.keep, dirs_exist_ok=True)
         shutil.rmtree(counted, ignore_errors=True)
     cost = {k: (after.get(k, 0.0) - before.get(k, 0.0)) / n * 1e6 for k in after}
     print(f"store {args.store}: {n} jobs in {wall:.2f} s = {n / wall:,.0f} jobs/s; not succeeded: {failed}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
 import time
@@ -153,6 +154,12 @@ def write_output(ctx: Any, size: int, name: str = "report.txt", return_it: bool 
 async def big_blob(size: int) -> Blob:
     """A bytes result large enough to be stored as a file."""
     return Blob(b"b" * size, "application/x-test")
+
+
+@task()
+async def gc_settings() -> dict[str, Any]:
+    """The serving process's garbage collection settings (``asyncjobs serve`` tunes them)."""
+    return {"threshold": list(gc.get_threshold()), "frozen": gc.get_freeze_count()}
 
 
 @task()
