@@ -394,8 +394,9 @@ async def _write_reports(db: asyncpg.Connection, reports: list[_Report]) -> set[
 async def _keep_session(db: asyncpg.Connection) -> None:
     """A pooled connection goes back as it is. asyncpg's default reset (advisory locks, cursors, LISTEN,
     session settings: a round trip on every release, so on every batch and every read) has nothing to undo:
-    the store's transactions take only transaction-level locks and settings (SET LOCAL), and it listens on
-    a connection of its own. (An open transaction is still rolled back on release, by asyncpg.)"""
+    the store takes only transaction-level locks, sets its session settings once when it connects
+    (_settings), never later, and listens on a connection of its own. (An open transaction is still rolled
+    back on release, by asyncpg.)"""
 
 
 class PostgresStore:
