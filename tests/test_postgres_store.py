@@ -10,9 +10,11 @@ import json
 from typing import Any
 
 import asyncpg
+import pytest
 
+from asyncjobs import postgres
 from asyncjobs.models import Job, Status, evolve
-from asyncjobs.postgres import CLAIM_SQL, OWNERS_LAST_VT_SQL, PostgresStore, _Report, _write_reports
+from asyncjobs.postgres import OWNERS_LAST_VT_SQL, PostgresStore, _Report, _write_reports
 from tests.test_store import make_job
 
 
@@ -118,20 +120,52 @@ async def test_a_connection_goes_back_to_the_pool_without_a_round_trip(postgres_
     assert not [q for q in sent if "RESET ALL" in q or "UNLISTEN" in q], sent
 
 
-async def test_a_claim_reads_the_queue_in_its_fair_order_without_sorting_it(postgres_url):
-    """A claim takes the first few queued jobs in the fair order, read from the jobs_fair index. Without
-    statistics (a new table, before autovacuum analyzes it) PostgreSQL would read every queued job and sort
-    them, on every claim. The plan is made on a connection with the store's own settings."""
+@pytest.mark.parametrize("statement", ["CLAIM_SQL", "CLAIM_START_SQL"])
+async def test_a_claim_reads_the_queue_in_its_fair_order_without_sorting_it(postgres_url, statement):
+    """A claim takes the first few queued jobs in the fair order, read from the jobs_fair index (and, when it
+    starts them in the same statement, writes them by id). Without statistics (a new table, before
+    autovacuum analyzes it) PostgreSQL would read every queued job and sort them, on every claim. The plan
+    is made on a connection with the store's own settings."""
     store = PostgresStore(postgres_url)
     await store.open()
     db = await asyncpg.connect(postgres_url, server_settings=store._settings())
+    args: tuple[Any, ...] = (200.0, ["echo"], 8) + (("n", 60.0) if statement == "CLAIM_START_SQL" else ())
     try:
         await db.execute("ALTER TABLE jobs SET (autovacuum_enabled = false)")  # no statistics
         await asyncio.gather(*(store.insert(make_job(owner=f"o{i % 7}")) for i in range(3000)))
-        (plan,) = json.loads(await db.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {CLAIM_SQL}", 200.0, ["echo"], 8))
+        sql = getattr(postgres, statement)
+        (plan,) = json.loads(await db.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *args))
+        running = await db.fetchval("SELECT COUNT(*) FROM jobs WHERE status = 'running'")
     finally:
         await db.close()
         await store.close()
+    assert running == (8 if statement == "CLAIM_START_SQL" else 0)
     assert "Sort" not in node_types(plan["Plan"]), plan
-    assert indexes_used(plan["Plan"]) == {"jobs_fair"}, plan
-    assert rows_read(plan["Plan"], "jobs") <= 8, plan
+    assert "Seq Scan" not in node_types(plan["Plan"]), plan
+    assert "jobs_fair" in indexes_used(plan["Plan"]), plan
+    assert rows_read(plan["Plan"], "jobs") <= 2 * 8, plan
+
+
+async def test_a_claim_of_uncapped_tasks_is_one_statement_and_returns_what_it_wrote(postgres_url):
+    """Where no task is capped, a claim reads and starts its jobs in one statement (one round trip, not
+    two). The SQL starts them as models.start does: the jobs the claim returns are the stored rows."""
+    store = PostgresStore(postgres_url, max_size=1)  # one connection: every statement below goes through it
+    await store.open()
+    sent: list[str] = []
+    try:
+        await asyncio.gather(*(store.insert(make_job(priority=i % 3, attempts=i % 2)) for i in range(20)))
+        async with store._require_pool().acquire() as db:
+            db.add_query_logger(lambda query: sent.append(query.query))
+        claimed = await store.claim(now=200.0, limit=8, tasks={"echo": None, "noop": None}, node="n",
+                                    lease_s=60.0)
+        claim_sent = list(sent)
+        stored = {j.id: j for j in await store.jobs([j.id for j in claimed])}
+    finally:
+        await store.close()
+    assert [s.split()[0] for s in claim_sent] == ["BEGIN;", "WITH", "COMMIT;"], claim_sent
+    assert len(claimed) == 8
+    assert [(-j.priority, j.vt, j.seq) for j in claimed] == sorted((-j.priority, j.vt, j.seq) for j in claimed)
+    assert [j.priority for j in claimed] == [2] * 6 + [1] * 2  # the best first: all six of priority 2
+    for job in claimed:
+        assert job.status is Status.RUNNING and job.lease_owner == "n" and job.lease_until is not None
+        assert stored[job.id] == job, (stored[job.id], job)
