@@ -235,9 +235,9 @@ LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
 # table: with the statistics of a smaller table (a growing one between two analyzes) PostgreSQL reads every
 # row to find the eight, about 0.5 ms a claim with 3,000 jobs kept and more with each one. Sorting and
 # sequential scans are off on every connection of the store (_settings).
-CLAIM_SQL = (f"SELECT {_COLUMNS}, extract(epoch FROM clock_timestamp())::float8 FROM jobs"
-             " WHERE status = 'queued' AND run_at <= $1 AND expires_at > $1"
-             " AND task = ANY($2::text[]) ORDER BY priority DESC, vt, seq LIMIT $3 FOR UPDATE SKIP LOCKED")
+_CLAIMABLE = ("FROM jobs WHERE status = 'queued' AND run_at <= $1 AND expires_at > $1 AND task = ANY($2::text[])"
+              " ORDER BY priority DESC, vt, seq LIMIT $3 FOR UPDATE SKIP LOCKED")
+CLAIM_SQL = f"SELECT {_COLUMNS}, extract(epoch FROM clock_timestamp())::float8 {_CLAIMABLE}"
 # One statement for a whole claim (one NOTIFY, one round trip): the started jobs as arrays, read by their ids
 # ("jobs.id = ANY($1)" repeats the join's condition for the index).
 START_SQL = ("UPDATE jobs SET status = 'running', started_at = u.started_at, attempts = u.attempts,"
@@ -250,9 +250,7 @@ START_SQL = ("UPDATE jobs SET status = 'running', started_at = u.started_at, att
 # they were read (in no promised order: the caller puts them in the fair order), and the caller builds the
 # started jobs with models.start; test_postgres_store.py checks that the two agree, field by field.
 CLAIM_START_SQL = ("WITH clock AS (SELECT extract(epoch FROM clock_timestamp())::float8 AS db_now),"
-                   f" picked AS (SELECT {_COLUMNS}, clock.db_now FROM jobs, clock"
-                   " WHERE status = 'queued' AND run_at <= $1 AND expires_at > $1 AND task = ANY($2::text[])"
-                   " ORDER BY priority DESC, vt, seq LIMIT $3 FOR UPDATE OF jobs SKIP LOCKED),"
+                   f" picked AS (SELECT {_COLUMNS}, (SELECT db_now FROM clock) AS db_now {_CLAIMABLE}),"
                    " started AS (UPDATE jobs SET status = 'running', started_at = $1,"
                    " attempts = picked.attempts + 1, version = picked.version + 1, error = NULL,"
                    " lease_owner = $4, lease_until = picked.db_now + $5, cancel_reason = NULL"
@@ -715,24 +713,19 @@ class PostgresStore:
             runnable = [t for t in open_tasks if room[t] is None or (room[t] or 0) > 0]
             if not runnable:
                 return []
-            if not capped:  # every row read starts: read and start them in one statement
-                rows = await db.fetch(CLAIM_START_SQL, now, runnable, limit, node, lease_s)
-                if not rows:
-                    return []
-                picked = sorted((row_to_job(tuple(r)[:-1]) for r in rows), key=lambda j: (-j.priority, j.vt, j.seq))
-                started = rules.pick_claimable(picked, room, limit, now, node=node,
-                                               lease_until=None if lease_s is None else rows[0][-1] + lease_s)
-                assert len(started) == len(rows)
-                return started
-            # Candidates beyond the limit only where a capped task may have to be passed over (each one read
-            # is locked until the commit, so other nodes skip it meanwhile).
-            rows = await db.fetch(CLAIM_SQL, now, runnable, limit * 4)
+            if capped:
+                # Candidates beyond the limit, as a capped task may have to be passed over (each one read is
+                # locked until the commit, so other nodes skip it meanwhile); the chosen ones started below.
+                rows = await db.fetch(CLAIM_SQL, now, runnable, limit * 4)
+            else:  # every row read starts: read and started by one statement, which returns them unordered
+                rows = sorted(await db.fetch(CLAIM_START_SQL, now, runnable, limit, node, lease_s),
+                              key=lambda r: (-r["priority"], r["vt"], r["seq"]))  # _CLAIMABLE's order
             if not rows:
                 return []
             db_now = rows[0][-1]  # the database's clock, read with the rows
             claimed = rules.pick_claimable((row_to_job(tuple(r)[:-1]) for r in rows), room, limit, now, node=node,
                                            lease_until=None if lease_s is None else db_now + lease_s)
-            if claimed:
+            if claimed and capped:
                 await db.execute(START_SQL, [j.id for j in claimed], [j.started_at for j in claimed],
                                  [j.version for j in claimed], node, claimed[0].lease_until,
                                  [j.attempts for j in claimed])

@@ -56,7 +56,6 @@ async def test_each_owners_last_vt_is_one_row_however_long_its_backlog(postgres_
     assert rows_read(plan["Plan"], "jobs") <= 2, plan
 
 
-
 async def test_a_batch_of_outcomes_reads_its_jobs_by_id(postgres_url):
     """The outcomes of a batch are one UPDATE over arrays, and it must find its jobs by their ids. Two other
     plans read far more: the running-jobs index (jobs_lease), which keeps an entry for every job that ran
