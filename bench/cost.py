@@ -3,6 +3,7 @@
     python bench/cost.py [--jobs 20000] [--store sqlite|postgres] [--floor] [--profile OUT] [--source CHECKOUT]
     python bench/cost.py --instructions [--jobs 2000] [--source CHECKOUT] [--keep FOLDER]
     python bench/cost.py --instructions --bare [--jobs 2000]
+    python bench/cost.py [--instructions] --submits-only [--jobs 2000]
 
 One server with the defaults (SQLite, `synchronous = "full"`, 8 workers; or
 `--store postgres`: one node on a throwaway PostgreSQL cluster the script
@@ -41,6 +42,11 @@ percent, so a change of a few percent shows. It runs about 50 times slower:
 use a few thousand jobs (`--jobs 2000`). Needs Debian's `valgrind`. With
 `--bare`, the same count for the bare aiohttp app (bench/bare.py, the W1
 ceiling) under the same submits: what HTTP alone costs a request.
+
+With `--submits-only`, the jobs are submitted with a delay of an hour, so
+no worker runs one in the window (and there is no long poll): what a
+durable submit costs alone, the HTTP exchange, the submit handler and the
+writer's insert and commit; the jobs are left queued.
 """
 
 from __future__ import annotations
@@ -220,13 +226,16 @@ def pin_all(pid: int, core: int) -> None:
     subprocess.run(["taskset", "-a", "-p", "-c", str(core), str(pid)], check=True, capture_output=True)
 
 
-async def drive(server: Server, jobs: int, concurrency: int, deadline_s: float) -> tuple[list[str], float]:
+async def drive(server: Server, jobs: int, concurrency: int, deadline_s: float,
+                submits_only: bool = False) -> tuple[list[str], float]:
     ids: list[str] = []
-    body = orjson.dumps({"task": "noop", "params": {}})
+    body = orjson.dumps({"task": "noop", "params": {}, **({"delay": 3600} if submits_only else {})})
     counter = iter(range(jobs))
     t0 = time.perf_counter()
     await asyncio.wait_for(asyncio.gather(*(raw_submitter(server, body, counter, ids)
                                             for _ in range(concurrency))), deadline_s)
+    if submits_only:
+        return ids, time.perf_counter() - t0
     reader, writer = await asyncio.open_connection(server.host, server.port)
     writer.write(f"GET /jobs/{ids[-1]}?wait=60&redirect=false HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), deadline_s)
@@ -267,6 +276,8 @@ def main() -> None:
                              " callgrind_annotate")
     parser.add_argument("--bare", action="store_true",
                         help="with --instructions: count the bare aiohttp app's instructions a submit instead")
+    parser.add_argument("--submits-only", action="store_true",
+                        help="submit the jobs with an hour's delay, so none runs: what a durable submit costs alone")
     parser.add_argument("--deadline", type=float, default=300)
     args = parser.parse_args()
     os.sched_setaffinity(0, {LOAD_CORE})
@@ -310,7 +321,7 @@ def main() -> None:
             commits_before = commits(server)
             before = thread_cpu(server.proc.pid)
             db_before = processes_cpu(proc_tree(pg.pid)) if pg else 0.0
-            ids, wall = asyncio.run(drive(server, args.jobs, args.concurrency, args.deadline))
+            ids, wall = asyncio.run(drive(server, args.jobs, args.concurrency, args.deadline, args.submits_only))
             if args.instructions:
                 subprocess.run(["callgrind_control", "--instr=off", str(server.proc.pid)], check=True,
                                capture_output=True)
@@ -322,7 +333,7 @@ def main() -> None:
                 spy.wait(60)
                 summarise_profile(raw, args.profile, title=f"asyncjobs serve, {args.jobs} noop jobs ({args.store})")
                 shutil.copy(raw, args.profile.with_suffix(".raw"))
-            failed = asyncio.run(confirm(server, ids, args.deadline))
+            failed = 0 if args.submits_only else asyncio.run(confirm(server, ids, args.deadline))
             server.stop()
             server.proc.wait(120)
             shutil.rmtree(server.dir, ignore_errors=True)
@@ -338,7 +349,11 @@ def main() -> None:
             shutil.copytree(counted, args.keep, dirs_exist_ok=True)
         shutil.rmtree(counted, ignore_errors=True)
     cost = {k: (after.get(k, 0.0) - before.get(k, 0.0)) / n * 1e6 for k in after}
-    print(f"store {args.store}: {n} jobs in {wall:.2f} s = {n / wall:,.0f} jobs/s; not succeeded: {failed}")
+    if args.submits_only:
+        print(f"store {args.store}: {n} submits (of delayed jobs, none run) in {wall:.2f} s = {n / wall:,.0f}"
+              f" submits/s")
+    else:
+        print(f"store {args.store}: {n} jobs in {wall:.2f} s = {n / wall:,.0f} jobs/s; not succeeded: {failed}")
     n_commits = commits_after[0] - commits_before[0]
     n_writes = commits_after[1] - commits_before[1]
     if n_commits:
