@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import http.server
@@ -313,22 +314,36 @@ def test_a_wait_that_times_out_exits_4(server, api):
     api.cancel(job)
 
 
+@contextlib.contextmanager
+def ctrl_c_reaches_children() -> Iterator[None]:
+    """Children started within get SIGINT as from a terminal, even when this test run itself ignores it (a
+    run started in the background does): an ignored signal stays ignored across exec, a handled one does not."""
+    before = signal.getsignal(signal.SIGINT)
+    if before is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_ctrl_c_during_wait_leaves_the_job_running(server, api):
     """SIGINT during `wait` exits 130 with one line saying the job keeps running, and it does."""
     job = api.submit("block")
-    proc = subprocess.Popen([sys.executable, "-m", "asyncjobs", "wait", job.id, "--url", server.url],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
-    try:
-        ready, _, _ = select.select([proc.stderr], [], [], RUN_TIMEOUT_S)
-        assert ready, "wait printed nothing"
-        first = proc.stderr.readline().decode()
-        assert first.startswith(job.id), first  # a progress line: the wait is under way
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(RUN_TIMEOUT_S)
+    with ctrl_c_reaches_children():
+        proc = subprocess.Popen([sys.executable, "-m", "asyncjobs", "wait", job.id, "--url", server.url],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
+    with proc:  # its pipes closed, whatever happens
+        try:
+            ready, _, _ = select.select([proc.stderr], [], [], RUN_TIMEOUT_S)
+            assert ready, "wait printed nothing"
+            first = proc.stderr.readline().decode()
+            assert first.startswith(job.id), first  # a progress line: the wait is under way
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     assert proc.returncode == 130 and out == b""
     assert_one_line(err.decode(), "interrupted", job.id, "keeps running")
     assert api.get(job).status == "running"
