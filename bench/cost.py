@@ -63,7 +63,7 @@ from collections import Counter
 from pathlib import Path
 
 import orjson
-from server import BENCH, Server, machine, source_env, stop_process
+from server import BENCH, Server, machine, scrape, source_env, stop_process
 from w1_submit import free_port, summarise_profile, wait_port
 from w2_end_to_end import confirm_all, raw_submitter
 
@@ -156,16 +156,8 @@ def sqlite_floor(jobs: int, per_commit: int) -> float:
 
 def commits(server: Server) -> tuple[float, float]:
     """(commits, writes) so far, from /metrics."""
-    import urllib.request
-
-    text = urllib.request.urlopen(f"{server.url}/metrics", timeout=30).read().decode()
-    count = sum_ = 0.0
-    for line in text.splitlines():
-        if line.startswith("asyncjobs_store_commit_batch_size_count"):
-            count = float(line.split()[-1])
-        elif line.startswith("asyncjobs_store_commit_batch_size_sum"):
-            sum_ = float(line.split()[-1])
-    return count, sum_
+    count, writes = scrape(server, "asyncjobs_store_commit_batch_size_count", "asyncjobs_store_commit_batch_size_sum")
+    return count, writes
 
 
 def callgrind(folder: Path) -> list[str]:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -85,6 +86,18 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def scrape(server: Server, *samples: str) -> list[float]:
+    """The values of these samples (a metric's name with its labels, as /metrics writes them) now; 0.0 for
+    one not written."""
+    text = urllib.request.urlopen(f"{server.url}/metrics", timeout=30).read().decode()
+    values = dict.fromkeys(samples, 0.0)
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in values:
+            values[name] = float(value)
+    return list(values.values())
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:

@@ -24,13 +24,12 @@ import os
 import shutil
 import statistics
 import time
-import urllib.request
 from itertools import pairwise
 from pathlib import Path
 
 import aiohttp
 import orjson
-from server import Server, machine
+from server import Server, machine, scrape
 from w1_submit import LOAD_CORE, SERVER_CORE, pin
 from w2_end_to_end import confirm_all, raw_submitter
 
@@ -54,13 +53,7 @@ def server_cpu(pid: int) -> float:
 
 def metrics(server: Server) -> tuple[float, float]:
     """(jobs succeeded in the store, commits so far) from /metrics."""
-    text = urllib.request.urlopen(f"{server.url}/metrics", timeout=30).read().decode()
-    succeeded = commits = 0.0
-    for line in text.splitlines():
-        if line.startswith('asyncjobs_jobs{status="succeeded"}'):
-            succeeded = float(line.split()[-1])
-        elif line.startswith("asyncjobs_store_commit_batch_size_count"):
-            commits = float(line.split()[-1])
+    succeeded, commits = scrape(server, 'asyncjobs_jobs{status="succeeded"}', "asyncjobs_store_commit_batch_size_count")
     return succeeded, commits
 
 
