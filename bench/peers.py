@@ -19,7 +19,7 @@ W1 "durable submits": --jobs enqueues of a no-op task (no args) from --concurren
   to last reply) and per-enqueue latency p50/p99 (ms).
 W2 "end to end": the same producers while the consumer runs; the clock runs from the first enqueue
   until every job is confirmed done. The consumer is first proven up with one warm-up job.
-  huey consumer: `huey_consumer peer_tasks.huey -w 8 -k thread -n -q` (thread workers, no periodic
+  huey consumer: `huey_consumer peer_tasks.huey -w 8 -k thread -n -q` (8 thread workers, --huey-workers; no periodic
     tasks, WARNING-level logging; polling defaults: initial delay 0.1 s, backoff 1.15, max 10 s).
     Confirmation: `storage.result_store_size()` (count of rows in the kv result table; the no-op's
     None result is stored because store_none=True) polled every 20 ms until it reaches --jobs.
@@ -71,8 +71,12 @@ from arq.constants import default_queue_name, result_key_prefix
 
 BENCH = Path(__file__).resolve().parent
 SERVICE_CORE, LOAD_CORE = 0, 1
-HUEY_CONSUMER = [str(Path(sys.executable).parent / "huey_consumer"), "peer_tasks.huey", "-w", "8", "-k", "thread",
-                 "-n", "-q"]
+HUEY_WORKERS = 8
+
+
+def huey_consumer(workers: int = HUEY_WORKERS) -> list[str]:
+    return [str(Path(sys.executable).parent / "huey_consumer"), "peer_tasks.huey", "-w", str(workers), "-k", "thread",
+            "-n", "-q"]
 REDIS_MODES = {"arq": ["--appendonly", "yes", "--appendfsync", "always", "--save", ""],
                "arq-memory": ["--appendonly", "no", "--save", ""]}
 ARQ_MAX_JOBS = 8
@@ -209,7 +213,7 @@ def thread_producers(call: Callable[[], Any], jobs: int, concurrency: int,
     return start, end, lat
 
 
-def huey_run(jobs: int, concurrency: int, deadline: float) -> Result:
+def huey_run(jobs: int, concurrency: int, deadline: float, workers: int = HUEY_WORKERS) -> Result:
     # W1: no consumer.
     h = peer_tasks.make_huey(str(tempdir("peers-huey-w1-") / "huey.db"))
     start, end, lat = thread_producers(peer_tasks.register(h), jobs, concurrency, deadline)
@@ -223,7 +227,7 @@ def huey_run(jobs: int, concurrency: int, deadline: float) -> Result:
     h = peer_tasks.make_huey(str(d / "huey.db"))
     task = peer_tasks.register(h)
     log = d / "consumer.log"
-    consumer = spawn(HUEY_CONSUMER, log, {"PEERS_HUEY_DB": str(d / "huey.db"), "PYTHONPATH": str(BENCH)})
+    consumer = spawn(huey_consumer(workers), log, {"PEERS_HUEY_DB": str(d / "huey.db"), "PYTHONPATH": str(BENCH)})
     try:
         task().get(blocking=True, timeout=30)  # the consumer is up; get() pops the warm-up result
         start, _, _ = thread_producers(task, jobs, concurrency, deadline)
@@ -330,7 +334,8 @@ def header(args: argparse.Namespace) -> None:
     print(f"load: {args.jobs} jobs, {args.concurrency} producers, {args.runs} runs, deadline {args.deadline:.0f} s"
           f"/run; producers in this process on core {LOAD_CORE}, services/consumers on core {SERVICE_CORE}")
     print(f"huey: SqliteHuey(journal_mode='wal', fsync=True, store_none=True) -> journal_mode={journal}, "
-          f"synchronous={sync} (2 = FULL); W2 consumer: {' '.join(['huey_consumer', *HUEY_CONSUMER[1:]])}")
+          f"synchronous={sync} (2 = FULL); W2 consumer: "
+          f"{' '.join(['huey_consumer', *huey_consumer(args.huey_workers)[1:]])}")
     for name, mode in REDIS_MODES.items():
         server = PrivateRedis(mode)  # read the settings back from a live server
         server.close()
@@ -357,6 +362,7 @@ def main() -> None:
     p.add_argument("--systems", default="huey,arq,arq-memory")
     p.add_argument("--deadline", type=float, default=300.0, help="seconds per system per run")
     p.add_argument("--json", type=Path, help="write the medians here")
+    p.add_argument("--huey-workers", type=int, default=HUEY_WORKERS, help="huey_consumer -w (worker threads)")
     args = p.parse_args()
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if unknown := set(systems) - {"huey", *REDIS_MODES}:
@@ -372,7 +378,7 @@ def main() -> None:
             for system in systems:
                 deadline = time.monotonic() + args.deadline
                 try:
-                    r = huey_run(args.jobs, args.concurrency, deadline) if system == "huey" else \
+                    r = huey_run(args.jobs, args.concurrency, deadline, args.huey_workers) if system == "huey" else \
                         arq_run(system, args.jobs, args.concurrency, deadline)
                 except Exception as e:
                     print(f"  {system:<34} FAILED: {type(e).__name__}: {e}", flush=True)
