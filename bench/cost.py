@@ -157,7 +157,7 @@ def sqlite_floor(jobs: int, per_commit: int) -> float:
 def commits(server: Server) -> tuple[float, float]:
     """(commits, writes) so far, from /metrics."""
     count, writes = scrape(server, "asyncjobs_store_commit_batch_size_count", "asyncjobs_store_commit_batch_size_sum")
-    return count, writes
+    return count, writes  # the batch-size histogram: its count is the commits, its sum the writes
 
 
 def callgrind(folder: Path) -> list[str]:

@@ -72,15 +72,17 @@ from arq.constants import default_queue_name, result_key_prefix
 BENCH = Path(__file__).resolve().parent
 SERVICE_CORE, LOAD_CORE = 0, 1
 HUEY_WORKERS = 8
-
-
-def huey_consumer(workers: int = HUEY_WORKERS) -> list[str]:
-    return [str(Path(sys.executable).parent / "huey_consumer"), "peer_tasks.huey", "-w", str(workers), "-k", "thread",
-            "-n", "-q"]
 REDIS_MODES = {"arq": ["--appendonly", "yes", "--appendfsync", "always", "--save", ""],
                "arq-memory": ["--appendonly", "no", "--save", ""]}
 ARQ_MAX_JOBS = 8
 POLL_S = 0.02
+
+
+def huey_consumer(workers: int = HUEY_WORKERS) -> list[str]:
+    """huey's consumer command: ``workers`` thread workers, no periodic tasks, WARNING-level logging."""
+    return [str(Path(sys.executable).parent / "huey_consumer"), "peer_tasks.huey", "-w", str(workers), "-k", "thread",
+            "-n", "-q"]
+
 
 _procs: list[subprocess.Popen] = []
 _dirs: list[Path] = []
