@@ -69,6 +69,10 @@ class Rates(Protocol):
         """Refund a token that bought nothing (a replay, a reused job, a refused submit); the bucket after."""
         ...
 
+    async def peek(self, principal: str) -> BucketState:
+        """The bucket as it stands, nothing spent (for a submit refused before it came to the bucket)."""
+        ...
+
 
 # (principal, cost, rate, burst) -> tokens after and seconds to wait, applied atomically where it is kept
 SharedBucket = Callable[[str, float, float, int], Awaitable[tuple[float, float]]]
@@ -89,6 +93,10 @@ class SharedSubmitRates:
 
     async def give_back(self, principal: str) -> BucketState:
         tokens, _ = await self._bucket(principal, -1.0, self.rate, self.burst)
+        return state_of(tokens, rate=self.rate, burst=self.burst)
+
+    async def peek(self, principal: str) -> BucketState:
+        tokens, _ = await self._bucket(principal, 0.0, self.rate, self.burst)
         return state_of(tokens, rate=self.rate, burst=self.burst)
 
 
@@ -144,4 +152,7 @@ class SubmitRates:
 
     async def give_back(self, principal: str) -> BucketState:
         self.refund(principal)
+        return self.state(principal)
+
+    async def peek(self, principal: str) -> BucketState:
         return self.state(principal)

@@ -22,6 +22,7 @@ from .errors import (
     JobNotFound,
     KeyReused,
     QuotaExceeded,
+    RequestError,
     StateConflict,
     StoreError,
     Unavailable,
@@ -183,7 +184,7 @@ class JobQueue:
     async def submit(self, task_name: Any, params: Any, *, priority: int = 0, delay_s: float = 0.0,
                      owner: str = "", idempotency_key: str | None = None, request_hash: str | None = None,
                      callback_url: str | None = None, uploads: list[Upload] | None = None,
-                     fresh: bool = False) -> Inserted:
+                     fresh: bool = False, refuse_new: RequestError | None = None) -> Inserted:
         """Store a new job (committed before this returns), or find the one this submit repeats.
 
         A repeated ``idempotency_key`` with another ``request_hash`` is a 422; a unique task's live
@@ -191,7 +192,8 @@ class JobQueue:
         (finished, for the task's file params) are placed in the job's folder before the commit and
         removed again when no new job is stored. A task that is ``unique`` or has ``reuse`` answers an equal
         submit with the equal job ("reuse"), unless ``fresh`` (``Cache-Control: no-cache``); a submit with a
-        delay or a callback is never equal to another.
+        delay or a callback is never equal to another. With ``refuse_new`` (the caller's submit rate is spent),
+        only a replay or a reuse is answered: a submit that would store a new job raises it instead.
         """
         self.check_params(task_name, params)
         spec = self.registry.get(task_name)
@@ -200,6 +202,8 @@ class JobQueue:
             self.check_files(task_name, [u.param for u in uploads or ()])
         if not self.accepting:
             raise Unavailable("the server is shutting down", retry_after_s=5)
+        if refuse_new is not None and idempotency_key is None and (fresh or not (spec.unique or spec.reuse)):
+            raise refuse_new  # it could only make a new job: no need to ask the store
         now = self.clock()
         inputs = {u.param: u.stored.as_dict() for u in uploads or () if u.stored is not None}
         digests = {name: f["sha256"] for name, f in inputs.items()}
@@ -212,7 +216,7 @@ class JobQueue:
                 delay_s or callback_url) else None,
             files={"inputs": inputs, "result": None} if spec.files else None,
         )
-        admit = self.queued < self.max_queued  # a full queue still answers replays and unique twins
+        admit = self.queued < self.max_queued and refuse_new is None  # a replay or a twin is still answered
         self._count_queued(job.priority, +1)
         try:
             if uploads:
@@ -230,6 +234,8 @@ class JobQueue:
             if uploads:
                 await self.files.remove_job(job.id)
             if inserted.duplicate == "refused":
+                if refuse_new is not None:
+                    raise refuse_new
                 raise Unavailable(f"the queue holds its maximum of {self.max_queued} jobs",
                                          retry_after_s=5)
             if inserted.duplicate == "quota":

@@ -178,6 +178,58 @@ async def test_submit_rate_is_a_token_bucket_with_ratelimit_fields(make_client):
     assert (await client.post("/jobs", json={"task": "noop"})).status == 429
 
 
+async def test_an_empty_bucket_still_answers_a_replay_and_a_reuse_and_every_refusal_has_the_fields(make_client):
+    """A replay and a reused job take no quota, so an empty bucket does not refuse them; and while a rate is
+    set every submit answer carries the RateLimit fields, refusals too (a 400, a 415, the per-principal
+    quota's 429, the rate's own)."""
+    client, _ = await make_client(limits={"submit_rate": 0.1, "submit_burst": 3, "max_queued_per_principal": 2},
+                                  queue={"workers": 1}, **reusing(echo={"reuse": 60}))
+    echo = await client.post("/jobs", json={"task": "echo", "params": {"n": 1}})
+    assert echo.status == 202 and echo.headers["RateLimit"].startswith('"submit";r=2;')
+    await wait_status(client, (await echo.json())["id"], "succeeded")
+    keyed = {"Idempotency-Key": "k1"}
+    first = await client.post("/jobs", json={"task": "block", "params": {"seconds": 30}}, headers=keyed)
+    assert first.status == 202 and first.headers["RateLimit"].startswith('"submit";r=1;')
+    await eventually(lambda: jobs_of(client, status="running"), "the blocking job to run")
+    queued = await client.post("/jobs", json={"task": "block", "params": {"seconds": 30}})
+    assert queued.status == 202 and queued.headers["RateLimit"].startswith('"submit";r=0;')
+
+    replay = await client.post("/jobs", json={"task": "block", "params": {"seconds": 30}}, headers=keyed)
+    assert replay.status == 202, await replay.text()
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.headers["RateLimit"].startswith('"submit";r=0;')
+    reused = await client.post("/jobs", json={"task": "echo", "params": {"n": 1}}, allow_redirects=False)
+    assert reused.status == 303, await reused.text()
+    assert reused.headers["RateLimit"].startswith('"submit";r=0;')
+    over = await client.post("/jobs", json={"task": "echo", "params": {"n": 2}})
+    assert over.status == 429 and "per second" in (await over.json())["detail"]
+    assert over.headers["RateLimit-Policy"] == '"submit";q=3;w=30'
+
+    refusals = [
+        await client.post("/jobs", json={"task": "nope"}),
+        await client.post("/jobs", data=b"task=noop", headers={"Content-Type": "application/x-www-form-urlencoded"}),
+        await client.post("/jobs", json={"task": "echo", "params": {"n": 3}}, headers={"Idempotency-Key": "k2"}),
+    ]
+    assert [r.status for r in refusals] == [400, 415, 429]
+    for refusal in refusals:
+        assert refusal.content_type == "application/problem+json"
+        assert refusal.headers["RateLimit-Policy"] == '"submit";q=3;w=30'
+        assert refusal.headers["RateLimit"].startswith('"submit";r=0;t=')
+
+
+async def test_the_queued_quota_refusal_carries_the_rate_fields_and_gives_the_token_back(make_client):
+    """Over max_queued_per_principal with a rate set: the 429 says where the bucket stands, its token back."""
+    client, _ = await make_client(limits={"submit_rate": 0.1, "submit_burst": 5, "max_queued_per_principal": 1},
+                                  queue={"workers": 1})
+    await client.post("/jobs", json={"task": "block", "params": {"seconds": 30}})
+    await eventually(lambda: jobs_of(client, status="running"), "the first job to run")
+    assert (await client.post("/jobs", json={"task": "noop"})).headers["RateLimit"].startswith('"submit";r=3;')
+    over = await client.post("/jobs", json={"task": "noop"})
+    assert over.status == 429 and "queued jobs" in (await over.json())["detail"]
+    assert over.headers["RateLimit-Policy"] == '"submit";q=5;w=50'
+    assert over.headers["RateLimit"].startswith('"submit";r=3;')  # the token it took is back
+
+
 async def test_a_burst_from_one_principal_leaves_another_untouched(make_client):
     """Buckets are per principal: alice's exhausted bucket does not slow bob down."""
     client, _ = await make_client(auth={"tokens": TOKENS}, limits={"submit_rate": 1})

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from .. import callbacks, codec, protocol
-from ..errors import InvalidRequest, QuotaExceeded
+from ..errors import InvalidRequest, QuotaExceeded, RequestError
 from ..files import Upload
 from ..limits import BucketState, Rates
 from ..models import Job
@@ -40,6 +40,27 @@ async def _accepted(queue: JobQueue, job: Job, extra: dict[str, str] | None = No
 
 
 async def submit(request: web.Request) -> web.Response:
+    return await _with_rate_fields(request, _submit_request(request))
+
+
+async def _with_rate_fields(request: web.Request, answering: Awaitable[web.Response]) -> web.Response:
+    """While a submit rate is set, every submit answer carries the RateLimit fields: a refusal too, whatever
+    refused it (a 400, the per-principal quota, the rate itself)."""
+    try:
+        return await answering
+    except RequestError as exc:
+        rates = request.app[RATES_KEY]
+        if rates is None:
+            raise
+        raise WebProblem(exc, _rate_headers(await rates.peek(principal_of(request) or ""))) from exc
+
+
+def _rate_headers(bucket: BucketState) -> dict[str, str]:
+    return protocol.ratelimit_headers(burst=bucket.burst, window_s=bucket.window_s, left=bucket.left,
+                                      next_s=bucket.next_s)
+
+
+async def _submit_request(request: web.Request) -> web.Response:
     queue = request.app[QUEUE_KEY]
     if uploads.is_multipart(request):
         async with uploads.receiving() as received:
@@ -70,18 +91,19 @@ async def _submit(request: web.Request, queue: JobQueue, body: protocol.Submit,
         request_hash = codec.fingerprint([body.fingerprint(), digests]) if digests else body.fingerprint()
     owner = principal_of(request) or ""
     rates = request.app[RATES_KEY]
-    bucket = await _spend_token(rates, owner)
+    bucket, over_rate = await _take_token(rates, owner)
+    spent_from = rates if over_rate is None else None  # where a token was spent, to give back if it buys nothing
     try:
         inserted = await queue.submit(
             body.task, body.params, priority=body.priority, delay_s=body.delay_s, owner=owner,
             idempotency_key=key, request_hash=request_hash, callback_url=body.callback_url, uploads=files,
-            fresh=protocol.wants_fresh(request.headers.get("Cache-Control")))
+            fresh=protocol.wants_fresh(request.headers.get("Cache-Control")), refuse_new=over_rate)
     except BaseException:
-        if rates is not None:
-            await asyncio.shield(rates.give_back(owner))  # a refused submit spends no token
+        if spent_from is not None:
+            await asyncio.shield(spent_from.give_back(owner))  # a refused submit spends no token
         raise
-    if inserted.duplicate is not None and rates is not None:
-        bucket = await rates.give_back(owner)  # replays and reused jobs take no quota
+    if inserted.duplicate is not None and spent_from is not None:
+        bucket = await spent_from.give_back(owner)  # replays and reused jobs take no quota
     if inserted.duplicate == "reuse":
         response = await _answer_reuse(request, queue, inserted.job)
     else:
@@ -89,23 +111,20 @@ async def _submit(request: web.Request, queue: JobQueue, body: protocol.Submit,
     if inserted.duplicate == "idempotency":
         response.headers["Idempotent-Replayed"] = "true"
     if bucket is not None:
-        response.headers.update(protocol.ratelimit_headers(burst=bucket.burst, window_s=bucket.window_s,
-                                                           left=bucket.left, next_s=bucket.next_s))
+        response.headers.update(_rate_headers(bucket))
     return response
 
 
-async def _spend_token(rates: Rates | None, owner: str) -> BucketState | None:
-    """The caller's bucket after a token is spent; 429 with Retry-After and the RateLimit fields when it is
-    empty."""
+async def _take_token(rates: Rates | None, owner: str) -> tuple[BucketState | None, QuotaExceeded | None]:
+    """The caller's bucket after a token is spent; or, when it is empty, the bucket with nothing spent and the
+    429 to answer unless the submit turns out to be a replay or a reuse (they take no quota)."""
     if rates is None:
-        return None
+        return None, None
     wait_s, state = await rates.take_token(owner)
-    if wait_s:
-        raise WebProblem(QuotaExceeded(f"more than {rates.rate:g} submits per second (bursts of {rates.burst});"
-                                       " slow down", retry_after_s=protocol.rate_retry_after_s(wait_s)),
-                         protocol.ratelimit_headers(burst=state.burst, window_s=state.window_s, left=state.left,
-                                                    next_s=state.next_s))
-    return state
+    if not wait_s:
+        return state, None
+    return state, QuotaExceeded(f"more than {rates.rate:g} submits per second (bursts of {rates.burst}); slow down",
+                                retry_after_s=protocol.rate_retry_after_s(wait_s))
 
 
 async def _answer_reuse(request: web.Request, queue: JobQueue, job: Job) -> web.Response:
@@ -154,6 +173,9 @@ def task_route_handler(spec: TaskSpec) -> Callable[[web.Request], Awaitable[web.
     """
 
     async def handle(request: web.Request) -> web.Response:
+        return await _with_rate_fields(request, submit_to_task(request))
+
+    async def submit_to_task(request: web.Request) -> web.Response:
         queue = request.app[QUEUE_KEY]
         if uploads.is_multipart(request) or (spec.files and request.body_exists):
             async with uploads.receiving() as received:
