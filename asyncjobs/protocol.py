@@ -488,6 +488,15 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     return first, last
 
 
+_OTHER_UNIT = re.compile(r"\s*[!#$%&'*+.^_`|~0-9A-Za-z-]+\s*=")
+
+
+def ignores_range(header: str) -> bool:
+    """A well-formed Range of a unit other than ``bytes``: RFC 9110 (14.2) says to ignore it (the whole
+    file), not to refuse it."""
+    return _OTHER_UNIT.match(header) is not None and header.partition("=")[0].strip().lower() != "bytes"
+
+
 def _if_range_holds(if_range: str, etag: str, last_modified: str) -> bool:
     """An entity-tag must match strongly (a weak one never does); a date must equal Last-Modified."""
     value = if_range.strip()
@@ -507,8 +516,8 @@ def file_answer(*, sha256: str, size: int, name: str, content_type: str, stored_
         return FileAnswer(304, validators)
     headers = {**validators, "Content-Type": content_type, "Content-Disposition": content_disposition(name),
                "Repr-Digest": repr_digest(sha256), "X-Content-Type-Options": "nosniff"}
-    if range_header is None or method != "GET" or (if_range is not None
-                                                     and not _if_range_holds(if_range, etag, last_modified)):
+    if range_header is None or method != "GET" or ignores_range(range_header) or (
+            if_range is not None and not _if_range_holds(if_range, etag, last_modified)):
         return FileAnswer(200, headers, 0, size)
     span = parse_range(range_header, size)
     if span is None:

@@ -64,6 +64,9 @@ def test_file_answer_validators_and_ranges():
     assert answer(range_header="bytes=10-19", if_range="Fri, 02 Jan 1970 00:00:00 GMT").status == 200
     bad = answer(range_header="bytes=200-")
     assert bad.status == 416 and bad.headers["Content-Range"] == "bytes */100"
+    assert answer(range_header="bytes 10-19").status == 416  # malformed
+    other_unit = answer(range_header="items=0-1")  # a unit this server does not know: ignored (RFC 9110, 14.2)
+    assert (other_unit.status, other_unit.start, other_unit.length) == (200, 0, 100)
     assert answer(range_header="bytes=10-19", method="HEAD").status == 200
 
 
