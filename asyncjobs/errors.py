@@ -19,6 +19,7 @@ class RequestError(AsyncJobsError):
         *,
         errors: list[dict[str, str]] | None = None,
         job_status: str | None = None,
+        job_version: int | None = None,
         retry_after_s: int | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
@@ -26,6 +27,7 @@ class RequestError(AsyncJobsError):
         self.detail = detail
         self.errors = errors  # per field: [{"field", "message"}]
         self.job_status = job_status  # where the request was about a job that exists
+        self.job_version = job_version  # that job's version, for the answer's ETag
         self.retry_after_s = retry_after_s  # when trying again may succeed
         self.extra = extra or {}
 

@@ -89,7 +89,11 @@ def job_body(job: Job, *, eta: float | None = None, queue_position: int | None =
 
 def etag(job: Job) -> str:
     """Weak: ``eta`` and ``queue_position`` may move between versions."""
-    return f'W/"{job.version}"'
+    return version_etag(job.version)
+
+
+def version_etag(version: int) -> str:
+    return f'W/"{version}"'
 
 
 def etag_matches(if_none_match: str | None, current: str) -> bool:

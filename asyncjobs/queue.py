@@ -286,7 +286,7 @@ class JobQueue:
             raise JobNotFound(f"no job {job_id}")
         job = self._fresher(found.job)
         if is_expired(job, self.clock()):
-            raise JobGone(f"job {job_id} has expired", job_status=job.status.value)
+            raise JobGone(f"job {job_id} has expired", job_status=job.status.value, job_version=job.version)
         return job
 
     async def wait(self, job_id: str, *, timeout_s: float, until: Callable[[Job], bool],
@@ -308,7 +308,7 @@ class JobQueue:
                     break
                 job = newer
         if is_expired(job, self.clock()):
-            raise JobGone(f"job {job_id} has expired", job_status=job.status.value)
+            raise JobGone(f"job {job_id} has expired", job_status=job.status.value, job_version=job.version)
         return job
 
     @property
@@ -384,7 +384,8 @@ class JobQueue:
             if job.status is Status.CANCELED:
                 return job, True
             if job.terminal:
-                raise StateConflict(f"job {job_id} has already {job.status.value}", job_status=job.status.value)
+                raise StateConflict(f"job {job_id} has already {job.status.value}", job_status=job.status.value,
+                                    job_version=job.version)
             if job.status is Status.RUNNING:
                 return await self._stop_running(job, CancelReason.REQUEST, owner=owner)
             new = cancel(job, self.clock(), retention_s=self.retention_s)

@@ -166,7 +166,8 @@ async def test_cancel_is_idempotent(make_client):
 
 
 async def test_cancel_finished_job_is_409_with_job_status(client):
-    """Canceling a succeeded or failed job answers 409 problem details naming its status."""
+    """Canceling a succeeded or failed job answers 409 problem details naming its status, with the job's ETag
+    (every answer about a job carries one)."""
     ok = await submit(client, "noop")
     bad = await submit(client, "fail", {"message": "no"})
     await wait_status(client, ok["id"], "succeeded")
@@ -174,8 +175,11 @@ async def test_cancel_finished_job_is_409_with_job_status(client):
     for job, status in ((ok, "succeeded"), (bad, "failed")):
         async with client.post(f"/jobs/{job['id']}/cancel") as resp:
             problem = await assert_problem(resp, 409)
+            etag = resp.headers.get("ETag")
         assert problem["job_status"] == status
-        assert (await get_job(client, job["id"]))[1]["status"] == status  # and it stays so
+        now = (await get_job(client, job["id"]))[1]
+        assert now["status"] == status  # and it stays so
+        assert etag == f'W/"{now["version"]}"'
 
 
 async def test_cancel_unknown_job_is_404(client):

@@ -34,7 +34,7 @@ async def send_file_result(request: web.Request, queue: JobQueue, job: Job) -> w
     try:
         file = await asyncio.get_running_loop().run_in_executor(None, open, path, "rb")
     except FileNotFoundError:  # deleted or expired between the read of the job and now
-        raise JobGone(f"job {job.id} has expired", job_status=job.status.value) from None
+        raise JobGone(f"job {job.id} has expired", job_status=job.status.value, job_version=job.version) from None
     try:
         response = web.StreamResponse(status=answer.status, headers=answer.headers)
         response.content_length = answer.length

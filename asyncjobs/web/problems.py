@@ -5,7 +5,7 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any
 
-from .. import errors
+from .. import errors, protocol
 
 STATUS: dict[type[errors.RequestError], int] = {
     errors.InvalidRequest: 400,
@@ -57,6 +57,8 @@ def answer(error: errors.RequestError) -> tuple[dict[str, Any], dict[str, str]]:
         body["job_status"] = error.job_status
     body.update(error.extra)
     headers: dict[str, str] = {}
+    if error.job_version is not None:  # an answer about a job carries its ETag, a refusal too
+        headers["ETag"] = protocol.version_etag(error.job_version)
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(error.retry_after_s)
     if isinstance(error, errors.Unauthorized):
