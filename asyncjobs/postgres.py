@@ -167,6 +167,16 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX rate_buckets_full ON rate_buckets (full_at);
     """,
+    # Idempotency keys that were answered by an equal job (reuse) rather than stored on a new one.
+    """
+    CREATE TABLE idempotency_keys (
+        owner        TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        request_hash TEXT,
+        job_id       TEXT NOT NULL,
+        PRIMARY KEY (owner, key)
+    );
+    """,
 )
 CHANGES_CHANNEL = "asyncjobs_changes"  # "node|id:version:s,..." or "node|*" (see the migration)
 CANCELS_CHANNEL = "asyncjobs_cancels"  # "id|reason": stop this job if it runs here
@@ -290,6 +300,13 @@ BY_PRIORITY_SQL = "SELECT priority, COUNT(*) FROM jobs WHERE status = 'queued' G
 OWNER_QUEUED_SQL = "SELECT COUNT(*) FROM jobs WHERE owner = $1 AND status = 'queued'"
 MIN_VT_SQL = "SELECT MIN(vt) FROM jobs WHERE status = 'queued'"
 SAME_KEY_SQL = f"SELECT {_COLUMNS} FROM jobs WHERE owner = $1 AND idempotency_key = $2 AND expires_at > $3"
+# An Idempotency-Key first answered by an equal job: the hash it came with, and that job while it lives.
+KEY_REUSE_SQL = (f"SELECT k.request_hash, {', '.join(f'j.{c}' for c in COLUMN_NAMES)} FROM idempotency_keys k"
+                 " JOIN jobs j ON j.id = k.job_id WHERE k.owner = $1 AND k.key = $2 AND j.expires_at > $3")
+KEEP_KEY_SQL = ("INSERT INTO idempotency_keys (owner, key, request_hash, job_id) VALUES ($1, $2, $3, $4)"
+                " ON CONFLICT (owner, key) DO UPDATE SET request_hash = EXCLUDED.request_hash,"
+                " job_id = EXCLUDED.job_id")
+FORGET_KEYS_SQL = "DELETE FROM idempotency_keys k WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.id = k.job_id)"
 LIVE_TWIN_SQL = (f"SELECT {_COLUMNS} FROM jobs WHERE owner = $1 AND task = $2 AND unique_key = $3"
                  " AND status IN ('queued', 'running') AND expires_at > $4 ORDER BY seq DESC LIMIT 1")
 DONE_TWIN_SQL = (f"SELECT {_COLUMNS} FROM jobs WHERE owner = $1 AND task = $2 AND unique_key = $3"
@@ -630,16 +647,24 @@ class PostgresStore:
             if job.idempotency_key is not None:
                 row = await db.fetchrow(SAME_KEY_SQL, job.owner, job.idempotency_key, job.created_at)
                 if row is not None:
-                    return Inserted(row_to_job(row), rules.Dedupe.IDEMPOTENCY)
+                    same = row_to_job(row)
+                    return Inserted(same, rules.Dedupe.IDEMPOTENCY, key_hash=same.request_hash)
+                row = await db.fetchrow(KEY_REUSE_SQL, job.owner, job.idempotency_key, job.created_at)
+                if row is not None:
+                    return Inserted(row_to_job(tuple(row)[1:]), rules.Dedupe.KEY_REUSE, key_hash=row[0])
             equal = await self._equal_job(db, job, reuse_s) if check_equal else None
             owner_queued = await db.fetchval(OWNER_QUEUED_SQL, job.owner) \
                 if max_queued_for_owner and equal is None else None
             decided = rules.dedupe(same_key=None, equal=equal, admit=admit, owner_queued=owner_queued,
                                    max_queued_for_owner=max_queued_for_owner)
             if decided is not None:
+                if decided[0] is rules.Dedupe.REUSE and job.idempotency_key is not None and equal is not None:
+                    await db.execute(KEEP_KEY_SQL, job.owner, job.idempotency_key, job.request_hash, equal.id)
                 return Inserted(decided[1] or job, decided[0])
             if job.idempotency_key is not None:  # an expired job's key is free again
                 await db.execute("UPDATE jobs SET idempotency_key = NULL WHERE owner = $1 AND idempotency_key = $2",
+                                 job.owner, job.idempotency_key)
+                await db.execute("DELETE FROM idempotency_keys WHERE owner = $1 AND key = $2",
                                  job.owner, job.idempotency_key)
             seq, vt = await db.fetchrow(INSERT_SQL, *_insert_values(evolve(job, vt=vt_floor)))
             return Inserted(evolve(job, seq=seq, vt=vt))
@@ -781,6 +806,7 @@ class PostgresStore:
             await db.execute("DELETE FROM deliveries WHERE state != 'pending' AND next_at <= $1",
                              now - tombstone_retention_s)
             await db.execute("DELETE FROM sessions WHERE expires_at <= $1", now)
+            await db.execute(FORGET_KEYS_SQL)
             await db.execute("DELETE FROM rate_buckets WHERE full_at <= extract(epoch FROM clock_timestamp())")
             forgotten = _rowcount(await db.execute("DELETE FROM tombstones WHERE gone_until <= $1", now))
             return SweepResult(

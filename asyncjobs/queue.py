@@ -187,7 +187,8 @@ class JobQueue:
                      fresh: bool = False, refuse_new: RequestError | None = None) -> Inserted:
         """Store a new job (committed before this returns), or find the one this submit repeats.
 
-        A repeated ``idempotency_key`` with another ``request_hash`` is a 422; a unique task's live
+        A repeated ``idempotency_key`` with another ``request_hash`` is a 422 (a key first answered by an
+        equal job is remembered with that job, and replays as a reuse); a unique task's live
         job with equal params is returned as a duplicate for the caller to redirect to. ``uploads``
         (finished, for the task's file params) are placed in the job's folder before the commit and
         removed again when no new job is stored. A task that is ``unique`` or has ``reuse`` answers an equal
@@ -242,7 +243,7 @@ class JobQueue:
                 raise QuotaExceeded(
                     f"you have {self.max_queued_per_owner} queued jobs, the most one caller may have; wait for"
                     " one to start", retry_after_s=await self._owner_start_s(owner))
-            if inserted.duplicate == "idempotency" and inserted.job.request_hash != request_hash:
+            if inserted.duplicate in ("idempotency", "key-reuse") and inserted.key_hash != request_hash:
                 raise KeyReused(
                     "this Idempotency-Key was used before with a different request; use a new key")
             return inserted

@@ -19,6 +19,7 @@ class Dedupe(StrEnum):
 
     IDEMPOTENCY = "idempotency"  # the same Idempotency-Key: the earlier job answers (or 422)
     REUSE = "reuse"  # an equal job answers (303)
+    KEY_REUSE = "key-reuse"  # the Idempotency-Key was first answered by an equal job: it answers again (or 422)
     REFUSED = "refused"  # the queue holds its maximum (503)
     QUOTA = "quota"  # the owner's queued jobs are at their limit (429)
 

@@ -131,6 +131,16 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
     ALTER TABLE jobs ADD COLUMN lease_until REAL;
     """,
+    # Idempotency keys that were answered by an equal job (reuse) rather than stored on a new one.
+    """
+    CREATE TABLE idempotency_keys (
+        owner        TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        request_hash TEXT,
+        job_id       TEXT NOT NULL,
+        PRIMARY KEY (owner, key)
+    ) WITHOUT ROWID;
+    """,
 )
 
 # A job's row, in the same column order in every backend; ``row_to_job`` and ``mutable_values`` map it.
@@ -162,6 +172,11 @@ BY_PRIORITY_SQL = ("SELECT priority, COUNT(*) FROM jobs INDEXED BY jobs_fair WHE
 OWNER_LAST_VT_SQL = "SELECT MAX(vt) FROM jobs INDEXED BY jobs_owner_queued WHERE owner = ? AND status = 'queued'"
 OWNER_QUEUED_SQL = "SELECT COUNT(*) FROM jobs INDEXED BY jobs_owner_queued WHERE owner = ? AND status = 'queued'"
 MIN_VT_SQL = "SELECT MIN(vt) FROM jobs WHERE status = 'queued'"
+# An Idempotency-Key first answered by an equal job: the hash it came with, and that job while it lives.
+KEY_REUSE_SQL = (f"SELECT k.request_hash, {', '.join(f'j.{c}' for c in COLUMN_NAMES)} FROM idempotency_keys k"
+                 " JOIN jobs j ON j.id = k.job_id WHERE k.owner = ? AND k.key = ? AND j.expires_at > ?")
+KEEP_KEY_SQL = "INSERT OR REPLACE INTO idempotency_keys (owner, key, request_hash, job_id) VALUES (?, ?, ?, ?)"
+FORGET_KEYS_SQL = "DELETE FROM idempotency_keys WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.id = job_id)"
 LIVE_TWIN_SQL = (f"SELECT {_COLUMNS} FROM jobs WHERE owner = ? AND task = ? AND unique_key = ?"
                  " AND status IN ('queued', 'running') AND expires_at > ? ORDER BY seq DESC LIMIT 1")
 DONE_TWIN_SQL = (f"SELECT {_COLUMNS} FROM jobs INDEXED BY jobs_reuse WHERE owner = ? AND task = ?"
@@ -228,6 +243,7 @@ class Inserted:
 
     job: Job
     duplicate: rules.Dedupe | None = None  # None: a new job was stored
+    key_hash: str | None = None  # a replayed Idempotency-Key's request hash: what it was first sent with
 
 
 @dataclass(frozen=True)
@@ -488,6 +504,8 @@ class SQLiteStore:
                      vt_floor: int = 0, max_queued_for_owner: int = 0) -> Inserted:
         """Store a new job, unless an equal one answers it: the same idempotency key, or (for a job with a
         ``unique_key``, unless ``fresh``) the newest equal job that is live or succeeded within ``reuse_s``.
+        An idempotency key answered by an equal job is kept with that job (``idempotency_keys``), so its
+        replay finds it ("key-reuse", with the hash the key first came with).
 
         All in one transaction of the one writer, so racing equal submits make one job. Jobs past their
         ``expires_at`` are not matched. With ``admit`` False (the queue is full) nothing new is stored
@@ -503,17 +521,24 @@ class SQLiteStore:
                     (job.owner, job.idempotency_key, job.created_at))
                 row = cur.fetchone()
                 if row is not None:
-                    return Inserted(row_to_job(row), rules.Dedupe.IDEMPOTENCY)
+                    same = row_to_job(row)
+                    return Inserted(same, rules.Dedupe.IDEMPOTENCY, key_hash=same.request_hash)
+                row = db.execute(KEY_REUSE_SQL, (job.owner, job.idempotency_key, job.created_at)).fetchone()
+                if row is not None:
+                    return Inserted(row_to_job(row[1:]), rules.Dedupe.KEY_REUSE, key_hash=row[0])
             equal = _equal_job(db, job, reuse_s) if job.unique_key is not None and not fresh else None
             owner_queued = db.execute(OWNER_QUEUED_SQL, (job.owner,)).fetchone()[0] \
                 if max_queued_for_owner and equal is None else None
             decided = rules.dedupe(same_key=None, equal=equal, admit=admit, owner_queued=owner_queued,
                                    max_queued_for_owner=max_queued_for_owner)
             if decided is not None:
+                if decided[0] is rules.Dedupe.REUSE and job.idempotency_key is not None and equal is not None:
+                    db.execute(KEEP_KEY_SQL, (job.owner, job.idempotency_key, job.request_hash, equal.id))
                 return Inserted(decided[1] or job, decided[0])
             if job.idempotency_key is not None:  # an expired job's key is free again
                 db.execute("UPDATE jobs SET idempotency_key = NULL WHERE owner = ? AND idempotency_key = ?",
                            (job.owner, job.idempotency_key))
+                db.execute("DELETE FROM idempotency_keys WHERE owner = ? AND key = ?", (job.owner, job.idempotency_key))
             (last,) = db.execute(OWNER_LAST_VT_SQL, (job.owner,)).fetchone()
             vt = rules.virtual_start(owner_last=last, floor=vt_floor)
             cur = db.execute(
@@ -647,6 +672,7 @@ class SQLiteStore:
             db.execute("DELETE FROM deliveries WHERE state != 'pending' AND next_at <= ?",
                              (now - tombstone_retention_s,))
             db.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
+            db.execute(FORGET_KEYS_SQL)
             cur = db.execute("DELETE FROM tombstones WHERE gone_until <= ?", (now,))
             return SweepResult(
                 expired_queued=canceled,

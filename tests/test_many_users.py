@@ -60,6 +60,24 @@ async def test_an_equal_submit_reuses_a_recently_succeeded_job(make_client):
     assert len(await jobs_of(client)) == 2
 
 
+async def test_an_idempotency_key_answered_by_reuse_replays_and_refuses_another_body(make_client):
+    """A keyed submit answered by an equal job keeps its key: the same request again is that answer with
+    Idempotent-Replayed, the same key with another body is 422, and no job is made by either."""
+    client, _ = await make_client(**reusing(echo={"reuse": 60}))
+    first = await client.post("/jobs", json={"task": "echo", "params": {"n": 7}})
+    job = await wait_status(client, (await first.json())["id"], "succeeded")
+    keyed = {"Idempotency-Key": "k-77"}
+    for attempt in range(2):
+        again = await client.post("/jobs", json={"task": "echo", "params": {"n": 7}}, headers=keyed,
+                                  allow_redirects=False)
+        assert again.status == 303, await again.text()
+        assert again.headers["Location"] == f"/jobs/{job['id']}"
+        assert again.headers.get("Idempotent-Replayed") == ("true" if attempt else None)
+    other = await client.post("/jobs", json={"task": "echo", "params": {"n": 8}}, headers=keyed)
+    assert other.status == 422, await other.text()
+    assert len(await jobs_of(client)) == 1
+
+
 async def test_no_cache_forces_a_new_job_and_the_newest_equal_job_is_reused(make_client):
     """Cache-Control: no-cache makes a new job even with an equal one live; later equal submits get the newest."""
     client, _ = await make_client(**reusing(block={"reuse": 60}))

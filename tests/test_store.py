@@ -195,6 +195,25 @@ async def test_idempotency_key_returns_the_first_job(store):
     assert await store.count_queued() == 2
 
 
+async def test_a_key_answered_by_an_equal_job_is_kept_with_that_job(store):
+    """A keyed insert answered by reuse keeps its key with the equal job: a replay finds that job, with the
+    hash the key first came with (a different request gets it too, for the queue's 422); once the job is
+    gone the key is free for a new job."""
+    first = await store.insert(make_job(unique_key="u"))
+    keyed = await store.insert(make_job(unique_key="u", idempotency_key="k", request_hash="h1"))
+    assert keyed.duplicate == "reuse" and keyed.job.id == first.job.id
+    for unique_key, request_hash in (("u", "h1"), ("v", "h2"), (None, "h3")):
+        again = await store.insert(make_job(unique_key=unique_key, idempotency_key="k", request_hash=request_hash))
+        assert (again.duplicate, again.job.id, again.key_hash) == ("key-reuse", first.job.id, "h1")
+    bobs = await store.insert(make_job(unique_key="u", idempotency_key="k", owner="bob"))
+    assert bobs.duplicate is None  # keys and equality are per owner
+    assert await store.delete(first.job.id)
+    fresh = await store.insert(make_job(idempotency_key="k", request_hash="h4"))
+    assert fresh.duplicate is None
+    replay = await store.insert(make_job(idempotency_key="k", request_hash="h4"))
+    assert (replay.duplicate, replay.job.id, replay.key_hash) == ("idempotency", fresh.job.id, "h4")
+
+
 async def test_unique_key_matches_only_live_jobs(store):
     """A unique job repeats only while the earlier equal job is queued or running."""
     first = await store.insert(make_job(unique_key="u"))

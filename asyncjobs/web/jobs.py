@@ -104,11 +104,11 @@ async def _submit(request: web.Request, queue: JobQueue, body: protocol.Submit,
         raise
     if inserted.duplicate is not None and spent_from is not None:
         bucket = await spent_from.give_back(owner)  # replays and reused jobs take no quota
-    if inserted.duplicate == "reuse":
+    if inserted.duplicate in ("reuse", "key-reuse"):  # a key first answered by an equal job: that answer again
         response = await _answer_reuse(request, queue, inserted.job)
     else:
         response = await _answer_submit(request, queue, inserted.job, just_submitted=inserted.duplicate is None)
-    if inserted.duplicate == "idempotency":
+    if inserted.duplicate in ("idempotency", "key-reuse"):
         response.headers["Idempotent-Replayed"] = "true"
     if bucket is not None:
         response.headers.update(_rate_headers(bucket))
