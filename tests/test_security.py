@@ -137,9 +137,12 @@ async def test_every_endpoint_but_healthz_answers_401_without_a_valid_bearer_tok
     client, _ = await start()
     job = await submit_as(client, ALICE, "block", {"seconds": 30})
     await wait_as(client, ALICE, job["id"], "running")
+    presented = credentials in (BAD_CREDENTIALS["wrong token"], BAD_CREDENTIALS["token of a prefix"])
     for method, path, body in endpoints(job["id"]):
         resp = await client.request(method, path, json=body, headers=credentials)
         await assert_unauthorized(resp, f"{method} {path}")
+        # RFC 6750, 3.1: a token presented and refused is invalid_token; no error code when none came
+        assert ('error="invalid_token"' in resp.headers["WWW-Authenticate"]) == presented, resp.headers
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
         await client.ws_connect("/ws", headers=credentials)
     assert refused.value.status == 401

@@ -219,7 +219,7 @@ async def auth_middleware(request: web.Request, handler: Callable[[web.Request],
     if token is not None:
         principal = find_principal(tokens, token)
         if principal is None:
-            raise Unauthorized("the bearer token is not valid")
+            raise problems.WebProblem(Unauthorized("the bearer token is not valid"), problems.INVALID_TOKEN_CHALLENGE)
         request[PRINCIPAL_KEY] = principal
         return await handler(request)
     sessions = request.app.get(SESSIONS_KEY)
