@@ -643,6 +643,19 @@ async def test_post_task_route_submits_with_body_as_params(start):
     assert done["result"] == {"url": "https://example.com/a.png", "width": 64}
 
 
+async def test_a_task_on_a_get_route_submits_on_get_and_head_does_not(start):
+    """GET on a task's GET route submits (202); HEAD, which must be safe, answers 405 naming GET and makes no
+    job (a link checker's HEAD must not start work)."""
+    client, _ = await start(tasks={"modules": ["asyncjobs.builtin", "tests.get_route_tasks"]})
+    head = await client.head("/lookups/abc")
+    assert head.status == 405 and "GET" in head.headers["Allow"]
+    assert (await (await client.get("/jobs")).json())["jobs"] == []
+    resp = await client.get("/lookups/abc", allow_redirects=False)
+    assert resp.status == 202, await resp.text()
+    job = await wait_status(client, (await resp.json())["id"], "succeeded")
+    assert job["result"] == {"key": "abc"}
+
+
 async def test_delete_task_route_takes_params_from_path(start):
     """``DELETE /items/{item_id}`` with no body answers 202 and the handler gets ``item_id`` from the path."""
     client, _ = await start()

@@ -67,7 +67,7 @@ def make_web_app(queue: JobQueue, settings: WebSettings, *, rates: Rates | None 
             spec = limits[(method, path)]
             expect = make_expect_handler(functools.partial(_body_limit, spec=spec))
         app.router.add_route(method, path, handler, expect_handler=expect)
-        if method == "GET":
+        if method == "GET" and (method, path) not in limits:  # a task on GET submits: HEAD must stay safe (405)
             app.router.add_route("HEAD", path, handler, expect_handler=expect)
     ops.add_routes(app)
     pages.add_routes(app)
