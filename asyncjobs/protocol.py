@@ -10,7 +10,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from email.utils import formatdate
+from email.utils import formatdate, parsedate_to_datetime
 from enum import StrEnum
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -450,7 +450,7 @@ def ws_error(status: int, detail: str, **extra: Any) -> dict[str, Any]:
 class FileAnswer:
     """How to answer a request for a file result: the status, headers, and which bytes to send."""
 
-    status: int  # 200, 206, 304 or 416
+    status: int  # 200, 206, 304, 412 or 416
     headers: dict[str, str]
     start: int = 0
     length: int = 0
@@ -501,6 +501,21 @@ def ignores_range(header: str) -> bool:
     return _OTHER_UNIT.match(header) is not None and header.partition("=")[0].strip().lower() != "bytes"
 
 
+def _strong_match(if_match: str, etag: str) -> bool:
+    """``If-Match`` (RFC 9110, 13.1.1): ``*``, or a listed entity-tag strongly equal to ``etag``."""
+    return if_match.strip() == "*" or any(tag.strip() == etag for tag in if_match.split(","))
+
+
+def _http_date(value: str | None) -> float | None:
+    """An HTTP-date as a timestamp; None when absent or not a valid date (such a condition is ignored)."""
+    if not value:
+        return None
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
 def _if_range_holds(if_range: str, etag: str, last_modified: str) -> bool:
     """An entity-tag must match strongly (a weak one never does); a date must equal Last-Modified."""
     value = if_range.strip()
@@ -510,13 +525,26 @@ def _if_range_holds(if_range: str, etag: str, last_modified: str) -> bool:
 
 
 def file_answer(*, sha256: str, size: int, name: str, content_type: str, stored_at: float, method: str,
-                range_header: str | None, if_range: str | None, if_none_match: str | None) -> FileAnswer:
-    """The answer to GET or HEAD of a stored file result (RFC 9110 ranges and validators)."""
+                range_header: str | None, if_range: str | None, if_none_match: str | None,
+                if_match: str | None = None, if_unmodified_since: str | None = None,
+                if_modified_since: str | None = None) -> FileAnswer:
+    """The answer to GET or HEAD of a stored file result: RFC 9110 ranges, and its preconditions in their
+    order (13.2.2): If-Match, else If-Unmodified-Since (412); If-None-Match, else If-Modified-Since (304);
+    then If-Range."""
     etag = file_etag(sha256)
     last_modified = formatdate(stored_at, usegmt=True)
+    modified = math.floor(stored_at)  # Last-Modified's precision
     validators = {"ETag": etag, "Last-Modified": last_modified, "Cache-Control": "private",
                   "Accept-Ranges": "bytes"}
-    if if_none_match and etag_matches(if_none_match, etag):
+    if if_match is not None:
+        if not _strong_match(if_match, etag):
+            return FileAnswer(412, validators)
+    elif (unmodified_since := _http_date(if_unmodified_since)) is not None and modified > unmodified_since:
+        return FileAnswer(412, validators)
+    if if_none_match:
+        if etag_matches(if_none_match, etag):
+            return FileAnswer(304, validators)
+    elif (modified_since := _http_date(if_modified_since)) is not None and modified <= modified_since:
         return FileAnswer(304, validators)
     headers = {**validators, "Content-Type": content_type, "Content-Disposition": content_disposition(name),
                "Repr-Digest": repr_digest(sha256), "X-Content-Type-Options": "nosniff"}

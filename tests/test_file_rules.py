@@ -70,6 +70,34 @@ def test_file_answer_validators_and_ranges():
     assert answer(range_header="bytes=10-19", method="HEAD").status == 200
 
 
+def test_file_answer_preconditions_in_their_order():
+    """RFC 9110, 13.2.2: If-Match (strong, or *), else If-Unmodified-Since, fail with 412; If-None-Match, else
+    If-Modified-Since, answer 304; an invalid date is ignored."""
+    stored, at_stored = 1_000_000.5, "Mon, 12 Jan 1970 13:46:40 GMT"  # Last-Modified: the whole second
+    later, earlier = "Mon, 12 Jan 1970 13:46:41 GMT", "Mon, 12 Jan 1970 13:46:39 GMT"
+    assert answer(stored_at=stored).headers["Last-Modified"] == at_stored
+
+    def status(**headers):
+        return answer(stored_at=stored, **headers).status
+
+    assert status(if_match=f'"{SHA}"') == 200
+    assert status(if_match=f'"other", "{SHA}"') == 200
+    assert status(if_match="*") == 200
+    assert status(if_match='"other"') == 412
+    assert status(if_match=f'W/"{SHA}"') == 412  # a weak tag never matches strongly
+    assert status(if_unmodified_since=at_stored) == 200
+    assert status(if_unmodified_since=earlier) == 412
+    assert status(if_unmodified_since="not a date") == 200
+    assert status(if_match=f'"{SHA}"', if_unmodified_since=earlier) == 200  # If-Match decides alone
+    assert status(if_modified_since=at_stored) == 304
+    assert status(if_modified_since=later) == 304
+    assert status(if_modified_since=earlier) == 200
+    assert status(if_modified_since="yesterday") == 200
+    assert status(if_none_match='"other"', if_modified_since=later) == 200  # If-None-Match decides alone
+    assert status(if_match='"other"', if_none_match=f'"{SHA}"') == 412  # the 412 comes first
+    assert status(if_modified_since=later, range_header="bytes=0-9") == 304
+
+
 @pytest.mark.parametrize("given, expected", [
     ("clip.mp4", "clip.mp4"),
     ("../../etc/passwd", "passwd"),

@@ -234,6 +234,13 @@ async def test_file_result_is_downloaded_with_its_headers(make_client):
     assert head.status == 200 and head.headers["Content-Length"] == "5000" and await head.read() == b""
     resp = await client.get(f"/jobs/{job['id']}/result", headers={"If-None-Match": h["ETag"]})
     assert resp.status == 304
+    resp = await client.get(f"/jobs/{job['id']}/result", headers={"If-Modified-Since": h["Last-Modified"]})
+    assert resp.status == 304
+    resp = await client.get(f"/jobs/{job['id']}/result", headers={"If-Match": h["ETag"]})
+    assert resp.status == 200 and await resp.read() == b"r" * 5000
+    resp = await client.get(f"/jobs/{job['id']}/result", headers={"If-Match": '"other"'})
+    assert resp.status == 412 and resp.content_type == "application/problem+json"
+    assert resp.headers["ETag"] == h["ETag"]
 
 
 async def _bytes_job(client, size: int, seed: str = "s") -> tuple[dict, bytes]:

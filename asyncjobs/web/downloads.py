@@ -23,9 +23,16 @@ async def send_file_result(request: web.Request, queue: JobQueue, job: Job) -> w
         sha256=stored["sha256"], size=stored["size"], name=stored["name"], content_type=stored["content_type"],
         stored_at=job.finished_at or job.created_at, method=request.method,
         range_header=request.headers.get("Range"), if_range=request.headers.get("If-Range"),
-        if_none_match=request.headers.get("If-None-Match"))
+        if_none_match=request.headers.get("If-None-Match"), if_match=request.headers.get("If-Match"),
+        if_unmodified_since=request.headers.get("If-Unmodified-Since"),
+        if_modified_since=request.headers.get("If-Modified-Since"))
     if answer.status == 304:
         return web.Response(status=304, headers=answer.headers)
+    if answer.status == 412:
+        problem = problem_body(412, "the file does not meet the request's If-Match or If-Unmodified-Since"
+                                    f" (its ETag is {answer.headers['ETag']}, Last-Modified"
+                                    f" {answer.headers['Last-Modified']})")
+        return problem_response(problem, answer.headers)
     if answer.status == 416:
         problem = problem_body(416, f"the range {request.headers.get('Range')!r} cannot be served from a file of"
                                     f" {stored['size']} bytes; ask for one range within it")
