@@ -54,11 +54,15 @@ class StoredFile:
         return cls(data["name"], data["size"], data["content_type"], data["sha256"])
 
 
+# Bidirectional controls: not Cc, but they reorder what is shown ("\u202egnp.exe" reads as "exe.png").
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def sanitize_name(name: str | None) -> str:
-    """A client's file name for display: after the last ``/`` or ``\\``, no control characters,
-    at most 255 bytes of UTF-8, ``file`` when nothing is left."""
+    """A client's file name for display: after the last ``/`` or ``\\``, no control characters (the
+    bidirectional ones included), at most 255 bytes of UTF-8, ``file`` when nothing is left."""
     text = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
-    text = "".join(c for c in text if unicodedata.category(c) not in ("Cc", "Cs"))
+    text = "".join(c for c in text if unicodedata.category(c) not in ("Cc", "Cs") and c not in BIDI_CONTROLS)
     raw = text.encode("utf-8", "replace")[:MAX_NAME_BYTES]
     text = raw.decode("utf-8", "ignore").strip()
     return text or "file"

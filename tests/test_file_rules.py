@@ -103,6 +103,8 @@ def test_file_answer_preconditions_in_their_order():
     ("../../etc/passwd", "passwd"),
     ("C:\\Users\\me\\a.txt", "a.txt"),
     ("a\x00b\nc\td.txt", "abcd.txt"),
+    ("\u202egnp.exe", "gnp.exe"),  # a right-to-left override would show it as "exe.png"
+    ("a\u2066b\u200fc.txt", "abc.txt"),
     ("", "file"),
     (None, "file"),
     ("dir/", "file"),
