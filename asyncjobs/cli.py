@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import gc
 import logging
 import signal
@@ -79,6 +80,30 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 20  # above asyncio's read buffer (256 KiB)
+TRIM_THRESHOLD = 8 << 20
+
+
+def tune_malloc() -> bool:
+    """Keep the event loop's read buffers in the heap. asyncio reads a socket with ``recv(256 KiB)``, and
+    glibc serves an allocation that large with a fresh ``mmap``; the bytes object is then shrunk to what
+    arrived (``mremap``) and freed (``munmap``), so each read costs three system calls and a page fault, the
+    bigger part of a small request's kernel time. Raising glibc's mmap threshold above the buffer (and its
+    trim threshold, so that the freed buffer is not handed back at once) reuses heap memory instead. A
+    no-op away from glibc. The process's choice, like ``tune_gc``. True if it was applied."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
 async def serve(app: App, *, reuse_port: bool = False) -> None:
     """Run until SIGINT/SIGTERM, then drain: 503 for submits, running jobs get the grace period."""
     # Handlers are cancelled when their client goes away (a long poll frees its waiter at once);
@@ -91,6 +116,7 @@ async def serve(app: App, *, reuse_port: bool = False) -> None:
         await site.start()
         host, port = runner.addresses[0][:2]
         tune_gc()
+        tune_malloc()
         loop = asyncio.get_running_loop()
         log.info("asyncjobs listening on http://%s:%d (%s event loop)", host, port,
                  type(loop).__module__.partition(".")[0])
