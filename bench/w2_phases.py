@@ -13,6 +13,7 @@ and its commits a job. The setups run in turn within each run; the medians are p
 
 - defaults: what a new user gets (8 workers, `synchronous = "full"`).
 - normal: `synchronous = "normal"`: no fsync at a commit (not durable: for comparison only).
+- uvloop: `server.loop = "uvloop"` (what `auto` picks where the `speed` extra is installed).
 - workersN: N workers instead of 8.
 """
 
@@ -34,7 +35,7 @@ from w1_submit import LOAD_CORE, SERVER_CORE, pin
 from w2_end_to_end import confirm_all, raw_submitter
 
 TICK = os.sysconf("SC_CLK_TCK")
-SETUPS = {"defaults": {}, "normal": {"synchronous": "normal"}}
+SETUPS = {"defaults": {}, "normal": {"synchronous": "normal"}, "uvloop": {"loop": "uvloop"}}
 
 
 def setup_options(name: str) -> dict:
@@ -42,7 +43,7 @@ def setup_options(name: str) -> dict:
         return SETUPS[name]
     if name.startswith("workers") and name[7:].isdigit():
         return {"workers": int(name[7:])}
-    raise SystemExit(f"unknown setup {name!r}: defaults, normal or workersN")
+    raise SystemExit(f"unknown setup {name!r}: defaults, normal, uvloop or workersN")
 
 
 def server_cpu(pid: int) -> float:
