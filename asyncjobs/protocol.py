@@ -96,6 +96,11 @@ def version_etag(version: int) -> str:
     return f'W/"{version}"'
 
 
+def page_etag(job: Job) -> str:
+    """The HTML job page's: another representation of the job than the JSON one, so another tag."""
+    return f'W/"{job.version}-html"'
+
+
 def etag_matches(if_none_match: str | None, current: str) -> bool:
     """Weak comparison (RFC 9110 13.1.2) of an ``If-None-Match`` list against ``current``."""
     if not if_none_match:

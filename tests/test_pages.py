@@ -64,6 +64,7 @@ async def test_running_job_page_is_html_with_the_job(client):
     assert resp.headers["Cache-Control"] == "no-store"
     assert "Accept" in resp.headers["Vary"]
     assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
+    page_etag = resp.headers["ETag"]  # every response about a job has one; the page's is not the JSON's
     text = await resp.text()
     assert job["id"] in text and "sleep" in text
     assert 'id="cancel"' in text and "<progress" in text and 'aria-live="polite"' in text
@@ -71,6 +72,7 @@ async def test_running_job_page_is_html_with_the_job(client):
     resp = await client.get(f"/jobs/{job['id']}")
     assert resp.status == 200 and resp.content_type == "application/json"
     assert (await resp.json())["id"] == job["id"]
+    assert page_etag.startswith('W/"') and page_etag != resp.headers["ETag"]
     await client.post(f"/jobs/{job['id']}/cancel")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -138,6 +139,7 @@ async def open_events(client, job_id: str, headers: dict[str, str] | None = None
     resp = await client.get(f"/jobs/{job_id}/events", headers=headers or {})
     assert resp.status == 200, await resp.text()
     assert resp.content_type == "text/event-stream"
+    assert re.fullmatch(r'W/"\d+"', resp.headers["ETag"]), resp.headers  # every response about a job has one
     return resp, SSEReader(resp)
 
 

@@ -190,9 +190,9 @@ async def job_page(request: web.Request) -> web.StreamResponse:
     text = _render("job.html", request, id=job.id, task=job.task, status=job.status.value,
                    raw_job_json=_script_json({**body, "rerun": _rerun(request, job)}))
     # The embedded job carries one member the API's does not: "rerun", what "Run again" submits.
-    # Keep the protocol's status (200, or 202 while pending in "flow" style); not its ETag, which
-    # names the JSON representation, nor Retry-After/Location, which the page's script replaces.
-    return _page(text, status=answer.status)
+    # Keep the protocol's status (200, or 202 while pending in "flow" style); an ETag of the page's own
+    # (the JSON representation's names that one), not Retry-After/Location, which the page's script replaces.
+    return _page(text, status=answer.status, headers={"ETag": protocol.page_etag(job)})
 
 
 def _rerun(request: web.Request, job) -> dict[str, Any] | None:

@@ -40,8 +40,9 @@ async def events(request: web.Request) -> web.StreamResponse:
     last_seen = protocol.parse_last_event_id(request.headers.get("Last-Event-ID"))
     with queue.hub.subscribe([job_id_of(request)], conflate=True) as sub:
         job = await queue.find(job_id_of(request), owner=visible_owner(request))  # 404/410 before the stream
-        response = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        response = web.StreamResponse(headers={  # the ETag: the job as the stream starts (each event says its own)
+            "Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no",
+            "ETag": protocol.etag(job)})
         await response.prepare(request)
         waiters.event_streams += 1
         try:
