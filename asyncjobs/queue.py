@@ -203,8 +203,6 @@ class JobQueue:
             self.check_files(task_name, [u.param for u in uploads or ()])
         if not self.accepting:
             raise Unavailable("the server is shutting down", retry_after_s=5)
-        if refuse_new is not None and idempotency_key is None and (fresh or not (spec.unique or spec.reuse)):
-            raise refuse_new  # it could only make a new job: no need to ask the store
         now = self.clock()
         inputs = {u.param: u.stored.as_dict() for u in uploads or () if u.stored is not None}
         digests = {name: f["sha256"] for name, f in inputs.items()}
@@ -217,6 +215,8 @@ class JobQueue:
                 delay_s or callback_url) else None,
             files={"inputs": inputs, "result": None} if spec.files else None,
         )
+        if refuse_new is not None and job.idempotency_key is None and (job.unique_key is None or fresh):
+            raise refuse_new  # no key and no equal job to look for: it could only make a new job
         admit = self.queued < self.max_queued and refuse_new is None  # a replay or a twin is still answered
         self._count_queued(job.priority, +1)
         try:
