@@ -44,8 +44,9 @@ async def submit(request: web.Request) -> web.Response:
 
 
 async def _with_rate_fields(request: web.Request, answering: Awaitable[web.Response]) -> web.Response:
-    """While a submit rate is set, every submit answer carries the RateLimit fields: a refusal too, whatever
-    refused it (a 400, the per-principal quota, the rate itself)."""
+    """While a submit rate is set, every submit answer carries the RateLimit fields: a refusal too. ``_submit``
+    adds them to what the queue refuses (the bucket is in hand there); a refusal before the bucket was
+    reached (a 400, a 415) gets them from a look at it."""
     try:
         return await answering
     except RequestError as exc:
@@ -98,9 +99,11 @@ async def _submit(request: web.Request, queue: JobQueue, body: protocol.Submit,
             body.task, body.params, priority=body.priority, delay_s=body.delay_s, owner=owner,
             idempotency_key=key, request_hash=request_hash, callback_url=body.callback_url, uploads=files,
             fresh=protocol.wants_fresh(request.headers.get("Cache-Control")), refuse_new=over_rate)
-    except BaseException:
+    except BaseException as exc:
         if spent_from is not None:
-            await asyncio.shield(spent_from.give_back(owner))  # a refused submit spends no token
+            bucket = await asyncio.shield(spent_from.give_back(owner))  # a refused submit spends no token
+        if bucket is not None and isinstance(exc, RequestError):  # the bucket as known: no second look
+            raise WebProblem(exc, _rate_headers(bucket)) from exc
         raise
     if inserted.duplicate is not None and spent_from is not None:
         bucket = await spent_from.give_back(owner)  # replays and reused jobs take no quota
