@@ -145,3 +145,17 @@ def test_too_deep_counts_levels_not_brackets(text: str, deep: bool) -> None:
     raw = text.encode()
     assert protocol.too_deep(raw, codec.loads(raw)) is deep
     assert protocol.too_deep(raw, codec.loads(raw)) is (protocol.json_depth(codec.loads(raw)) > protocol.MAX_JSON_DEPTH)
+
+
+def test_a_refusal_about_a_job_carries_its_etag():
+    """Every response about a job carries ETag: a domain error that names the job's version (cancel's 409, a
+    410 whose record was still read) gets the same tag as the job's own answers; one that names none, none."""
+    from asyncjobs.errors import JobGone, StateConflict
+    from asyncjobs.web import problems
+
+    for error, status in ((StateConflict("already succeeded", job_status="succeeded", job_version=4), 409),
+                          (JobGone("expired", job_status="canceled", job_version=7), 410)):
+        body, headers = problems.answer(error)
+        assert body["status"] == status and body["job_status"] == error.job_status
+        assert headers["ETag"] == protocol.version_etag(error.job_version or 0) == f'W/"{error.job_version}"'
+    assert "ETag" not in problems.answer(JobGone("expired"))[1]
