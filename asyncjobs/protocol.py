@@ -10,6 +10,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from email.utils import formatdate, parsedate_to_datetime
 from enum import StrEnum
 from typing import Any
@@ -152,11 +153,12 @@ def monitor_answer(job: Job, *, eta: float | None, now: float, style: MonitorSty
     return Answer(200, headers)
 
 
-def result_answer(job: Job, *, eta: float | None, now: float) -> Answer:
-    """200 with the result; 404 while it does not exist yet; 409 when it never will."""
+def result_answer(job: Job, *, eta: float | None, now: float, if_none_match: str | None = None) -> Answer:
+    """200 with the result (304 when ``If-None-Match`` names its ETag: RFC 9110 13.1.2); 404 while it does
+    not exist yet; 409 when it never will. A file result has validators of its own (``file_answer``)."""
     headers = job_headers(job)
     if job.status is Status.SUCCEEDED:
-        return Answer(200, headers)
+        return Answer(304 if etag_matches(if_none_match, headers["ETag"]) else 200, headers)
     if job.status in (Status.QUEUED, Status.RUNNING):
         return Answer(404, {**headers, "Retry-After": str(retry_after_s(eta, now))})
     return Answer(409, headers)
@@ -354,11 +356,19 @@ def applied_wait(requested: float, max_wait_s: float) -> float:
     return min(requested, max_wait_s)
 
 
+def applied_seconds(applied: float) -> str:
+    """The wait as it was asked for (``wait=N``, clamped): whole seconds as RFC 7240's delta-seconds, a
+    fraction (which only a client that sent one gets) in plain decimals, never in exponent notation."""
+    if applied == int(applied):
+        return str(int(applied))
+    return f"{Decimal(repr(applied)):f}"
+
+
 def wait_headers(applied: float | None) -> dict[str, str]:
     """``Preference-Applied`` says how long the server actually waited (clamped); ``Vary`` always."""
     headers = {"Vary": "Prefer"}
     if applied is not None:
-        headers["Preference-Applied"] = f"wait={applied:g}"
+        headers["Preference-Applied"] = f"wait={applied_seconds(applied)}"
     return headers
 
 

@@ -241,6 +241,7 @@ async def test_file_result_is_downloaded_with_its_headers(make_client):
     resp = await client.get(f"/jobs/{job['id']}/result", headers={"If-Match": '"other"'})
     assert resp.status == 412 and resp.content_type == "application/problem+json"
     assert resp.headers["ETag"] == h["ETag"]
+    assert (await resp.json())["job_status"] == "succeeded"  # an answer about a job that exists
 
 
 async def _bytes_job(client, size: int, seed: str = "s") -> tuple[dict, bytes]:
@@ -269,6 +270,8 @@ async def test_ranges_are_byte_exact_and_bad_ones_are_416(make_client):
         assert resp.status == 416, header
         assert resp.headers["Content-Range"] == "bytes */10000"
         assert resp.content_type == "application/problem+json"
+        problem = await resp.json()
+        assert problem["title"] == "Range Not Satisfiable" and problem["job_status"] == "succeeded"  # RFC 9110
     for header in ("pages=1-2", "Items = 0-1"):
         resp = await client.get(url, headers={"Range": header})
         assert resp.status == 200, header

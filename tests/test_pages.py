@@ -83,6 +83,13 @@ async def test_succeeded_job_page_is_200_not_a_redirect(client):
     assert resp.status == 200 and resp.content_type == "text/html"
     text = await resp.text()
     assert f"/jobs/{job['id']}/result" in text and "hello" in text
+    # A browser that holds the page's ETag is told it has not changed; the JSON's tag does not match it.
+    page_etag = resp.headers["ETag"]
+    same = await client.get(f"/jobs/{job['id']}", headers={"Accept": BROWSER, "If-None-Match": page_etag})
+    assert same.status == 304 and same.headers["ETag"] == page_etag and await same.read() == b""
+    json_etag = (await client.get(f"/jobs/{job['id']}", allow_redirects=False)).headers["ETag"]
+    other = await client.get(f"/jobs/{job['id']}", headers={"Accept": BROWSER, "If-None-Match": json_etag})
+    assert other.status == 200 and other.content_type == "text/html"
     resp = await client.get(f"/jobs/{job['id']}", allow_redirects=False)
     assert resp.status == 303 and resp.headers["Location"] == f"/jobs/{job['id']}/result"
 

@@ -45,6 +45,21 @@ def test_result_answer(status, code):
     assert ("Retry-After" in answer.headers) == (code == 404)
 
 
+def test_a_succeeded_result_whose_etag_the_client_holds_is_304():
+    """RFC 9110 13.1.2: If-None-Match naming the result's ETag (or ``*``) answers 304; only a result has one."""
+    done = make_job(Status.SUCCEEDED)
+    for held in ('W/"3"', '"3"', '"9", W/"3"', "*"):
+        assert protocol.result_answer(done, eta=None, now=100.0, if_none_match=held).status == 304, held
+    assert protocol.result_answer(done, eta=None, now=100.0, if_none_match='W/"2"').status == 200
+    assert protocol.result_answer(make_job(Status.RUNNING), eta=None, now=100.0, if_none_match="*").status == 404
+
+
+def test_preference_applied_writes_the_wait_without_exponents():
+    """``wait=N`` as asked (clamped): whole seconds as an integer, a fraction in plain decimals."""
+    assert [protocol.wait_headers(s)["Preference-Applied"] for s in (20.0, 0.5, 1e-07, 1e-05, 0.0)] == [
+        "wait=20", "wait=0.5", "wait=0.0000001", "wait=0.00001", "wait=0"]
+
+
 def test_submit_answer_headers():
     """202 carries Location, Content-Location, Retry-After, ETag and no-store."""
     answer = protocol.submit_answer(make_job(Status.QUEUED), eta=None, now=0)

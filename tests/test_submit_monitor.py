@@ -582,6 +582,12 @@ async def test_result_of_succeeded_job_is_its_json(start):
     resp = await client.get(f"/jobs/{noop['id']}/result")
     assert resp.status == 200 and await resp.json() is None
 
+    # A client that holds the result's ETag is told it has not changed (RFC 9110 13.1.2).
+    resp = await client.get(f"/jobs/{job['id']}/result")
+    again = await client.get(f"/jobs/{job['id']}/result", headers={"If-None-Match": resp.headers["ETag"]})
+    assert again.status == 304 and await again.read() == b""
+    assert again.headers["ETag"] == resp.headers["ETag"] and again.headers["Cache-Control"] == "no-store"
+
 
 async def test_result_of_binary_job_is_bytes_with_its_content_type(start):
     """A handler returning bytes has them served as the result with its own content type."""

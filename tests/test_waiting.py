@@ -403,6 +403,9 @@ async def test_malformed_wait_query_is_a_400_problem(start, value):
     resp = await client.get(f"/jobs/{job['id']}", params={"wait": value})
     problem = await assert_problem(resp, 400)
     assert any(e["field"] == "wait" for e in problem.get("errors", [])), problem
+    assert problem["job_status"] in ("queued", "running", "succeeded") and "ETag" in resp.headers  # the job exists
+    resp = await client.get("/jobs/00000000000000000000000000000000", params={"wait": value})
+    assert "job_status" not in await assert_problem(resp, 400)  # no such job: the request is still malformed
 
 
 async def test_huge_wait_is_clamped_to_max_wait(start):

@@ -32,11 +32,11 @@ async def send_file_result(request: web.Request, queue: JobQueue, job: Job) -> w
         problem = problem_body(412, "the file does not meet the request's If-Match or If-Unmodified-Since"
                                     f" (its ETag is {answer.headers['ETag']}, Last-Modified"
                                     f" {answer.headers['Last-Modified']})")
-        return problem_response(problem, answer.headers)
+        return problem_response({**problem, "job_status": job.status.value}, answer.headers)
     if answer.status == 416:
         problem = problem_body(416, f"the range {request.headers.get('Range')!r} cannot be served from a file of"
                                     f" {stored['size']} bytes; ask for one range within it")
-        return problem_response(problem, answer.headers)
+        return problem_response({**problem, "job_status": job.status.value}, answer.headers)
     path = queue.files.result_path(job.id)
     try:
         file = await asyncio.get_running_loop().run_in_executor(None, open, path, "rb")

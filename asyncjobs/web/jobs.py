@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -11,7 +12,7 @@ from .. import callbacks, codec, protocol
 from ..errors import InvalidRequest, QuotaExceeded, RequestError
 from ..files import Upload
 from ..limits import BucketState, Rates
-from ..models import Job
+from ..models import Job, Status
 from ..queue import JobQueue
 from ..tasks import TaskSpec
 from . import downloads, pages, uploads
@@ -216,7 +217,13 @@ async def monitor(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS_KEY]
     job_id = job_id_of(request)
     if_none_match = request.headers.get("If-None-Match")
-    requested = protocol.requested_wait(request.query, request.headers.get("Prefer"))
+    try:
+        requested = protocol.requested_wait(request.query, request.headers.get("Prefer"))
+    except InvalidRequest as exc:  # still an answer about the job, when there is one: its status and ETag
+        with contextlib.suppress(RequestError):
+            found = await queue.find(job_id, owner=visible_owner(request))
+            exc.job_status, exc.job_version = found.status.value, found.version
+        raise
     applied = None if requested is None else protocol.applied_wait(requested, settings.max_wait_s)
     if applied:
         job = await _held(request, queue.wait(job_id, timeout_s=applied, owner=visible_owner(request),
@@ -237,9 +244,12 @@ async def result(request: web.Request) -> web.StreamResponse:
     queue = request.app[QUEUE_KEY]
     job = await queue.find(job_id_of(request), owner=visible_owner(request))
     view = await queue.view(job) if not job.terminal else None
-    answer = protocol.result_answer(job, eta=view.eta if view else None, now=queue.clock())
-    if answer.status == 200 and job.files is not None and job.files.get("result"):
-        return await downloads.send_file_result(request, queue, job)
+    if job.files is not None and job.files.get("result") and job.status is Status.SUCCEEDED:
+        return await downloads.send_file_result(request, queue, job)  # the file's own validators
+    answer = protocol.result_answer(job, eta=view.eta if view else None, now=queue.clock(),
+                                    if_none_match=request.headers.get("If-None-Match"))
+    if answer.status == 304:
+        return web.Response(status=304, headers=answer.headers)
     if answer.status == 200:
         response = web.Response(body=job.result or b"null", headers=answer.headers)
         response.content_type = job.result_type or "application/json"

@@ -183,6 +183,8 @@ async def job_page(request: web.Request) -> web.StreamResponse:
     except JobNotFound:
         return _message_page(request, 404, "No such job",
                              "There is no job with this id: it never existed, it was deleted, or it is not yours.")
+    if protocol.etag_matches(request.headers.get("If-None-Match"), protocol.page_etag(job)):
+        return web.Response(status=304, headers={**PAGE_HEADERS, "ETag": protocol.page_etag(job)})
     view = await queue.view(job)
     body = protocol.job_body(job, eta=view.eta, queue_position=view.queue_position)
     answer = protocol.monitor_answer(job, eta=view.eta, now=queue.clock(),

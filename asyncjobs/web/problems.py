@@ -22,7 +22,8 @@ STATUS: dict[type[errors.RequestError], int] = {
     errors.Unavailable: 503,
     errors.StorageFull: 507,
 }
-TITLES = {413: "Content Too Large", 422: "Unprocessable Content"}  # RFC 9110's names, newer than http's
+TITLES = {413: "Content Too Large", 416: "Range Not Satisfiable",  # RFC 9110's names, newer than http's
+          422: "Unprocessable Content"}
 BEARER_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="asyncjobs"'}
 # RFC 6750, 3.1: a token that was presented and is not valid is named as such (no error code when none was sent)
 INVALID_TOKEN_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="asyncjobs", error="invalid_token"'}
