@@ -106,13 +106,21 @@ async def test_two_apps_in_one_process_keep_their_own_metrics(make_client, tmp_p
     assert value(await scrape(second), "asyncjobs_jobs_submitted_total", task="noop") == 0
 
 
-async def test_openapi_describes_every_route_of_the_app(make_client):
-    """/openapi.json is OpenAPI 3.1 and names every (method, path) the app serves, task routes included."""
-    client, app = await make_client()
-    resp = await client.get("/openapi.json")
+@pytest.mark.parametrize("auth", [False, True])
+async def test_openapi_describes_every_route_of_the_app(make_client, auth):
+    """/openapi.json is OpenAPI 3.1 and names every (method, path) the app serves, task routes included, and
+    with auth on the sign-in routes; the job's owner and the admins' owner filter; protocol version 1.4."""
+    token = "a-token-for-the-openapi-test"
+    client, app = await make_client(**({"auth": {"tokens": {"alice": token}}} if auth else {}))
+    resp = await client.get("/openapi.json", headers={"Authorization": f"Bearer {token}"} if auth else {})
     assert resp.status == 200 and resp.content_type == "application/json"
     doc = await resp.json()
     assert doc["openapi"] == "3.1.0"
+    assert doc["info"]["description"].endswith("Protocol version 1.4.")
+    assert "owner" in doc["components"]["schemas"]["Job"]["properties"]
+    assert (("/login" in doc["paths"]) and ("/logout" in doc["paths"])) == auth
+    for path in ("/jobs/{job_id}", "/jobs/{job_id}/cancel"):  # a cookie request without the CSRF token
+        assert "403" in doc["paths"][path]["post" if path.endswith("cancel") else "delete"]["responses"]
     assert {"Job", "Problem"} <= set(doc["components"]["schemas"])
     served = set()
     for route in app.web.router.routes():
@@ -131,13 +139,16 @@ async def test_openapi_describes_every_route_of_the_app(make_client):
                 if (path, status) == ("/healthz", "503"):
                     # PROTOCOL 1.4: /healthz answers its own object, "status": "unavailable", with its 503.
                     assert answer["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Health"}
+                elif (method, path, status) == ("post", "/login", "401"):
+                    assert "text/html" in answer["content"]  # a wrong token gets the sign-in page again
                 elif status.startswith(("4", "5")):
                     assert "application/problem+json" in answer["content"], (method, path, status)
     submit_variants = doc["paths"]["/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
     assert {v["properties"]["task"]["const"] for v in submit_variants} == set(app.registry.names())
     monitor = doc["paths"]["/jobs/{job_id}"]["get"]
     assert {p["name"] for p in monitor["parameters"]} >= {"job_id", "wait", "redirect"}
-    assert {p["name"] for p in doc["paths"]["/jobs"]["get"]["parameters"]} == {"status", "task", "limit", "cursor"}
+    assert {p["name"] for p in doc["paths"]["/jobs"]["get"]["parameters"]} == {
+        "status", "task", "limit", "cursor", "owner"}
 
 
 def _config(access_log: str | None) -> str:

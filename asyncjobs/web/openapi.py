@@ -10,6 +10,7 @@ from ..models import Status
 from ..protocol import MAX_LIST_LIMIT
 from ..tasks import TaskSpec
 
+PROTOCOL_VERSION = "1.4"  # the version of PROTOCOL.md this service answers by
 JSON = "application/json"
 PROBLEM = "application/problem+json"
 MULTIPART = "multipart/form-data"
@@ -38,6 +39,8 @@ SCHEMAS: dict[str, Any] = {
             "run_at": {**_NULLABLE_TIME, "description": "When a queued job becomes due; null otherwise."},
             "attempts": {"type": "integer", "minimum": 0},
             "priority": {"type": "integer"},
+            "owner": {"type": ["string", "null"],
+                      "description": "With auth on: the principal that submitted the job; null with auth off."},
             "version": {"type": "integer", "minimum": 1, "description": "Grows by one at every change; the ETag."},
             "progress": {"type": ["object", "null"], "properties": {
                 "fraction": {"type": ["number", "null"]}, "message": {"type": ["string", "null"]}}},
@@ -153,6 +156,8 @@ _PARAMS: dict[str, dict[str, Any]] = {
               "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": 50}},
     "cursor": {"name": "cursor", "in": "query", "schema": {"type": "integer", "minimum": 1},
                "description": "From the `next` link of the previous page."},
+    "owner": {"name": "owner", "in": "query", "schema": {"type": "string"},
+              "description": "With auth on: an admin's filter by principal (for others, their own jobs or none)."},
 }
 
 _PROBLEM_TEXT = {
@@ -283,7 +288,7 @@ def _paths(specs: list[TaskSpec]) -> dict[str, Any]:
                      "parameters": _submit_headers(), "requestBody": _submit_body(specs),
                      "responses": _submit_answers()},
             "get": {"summary": "List jobs, newest first", "operationId": "list_jobs", "tags": ["jobs"],
-                    "parameters": [_PARAMS[p] for p in ("status", "task", "limit", "cursor")],
+                    "parameters": [_PARAMS[p] for p in ("status", "task", "limit", "cursor", "owner")],
                     "responses": {"200": {"description": "A page of jobs", "headers": {"Link": _HEADERS["Link"]},
                                           "content": {JSON: {"schema": _ref("JobList")}}},
                                   **_common_problems()}},
@@ -308,7 +313,7 @@ def _paths(specs: list[TaskSpec]) -> dict[str, Any]:
                        "responses": {"204": {"description": "Forgotten"},
                                      "202": _job("Still stopping after the cancel grace; forgotten once stopped",
                                                  "ETag"),
-                                     **_job_answers()}},
+                                     **_job_answers(403)}},
         },
         "/jobs/{job_id}/result": {
             "get": {"summary": "The result resource", "operationId": "result", "tags": ["jobs"],
@@ -332,7 +337,7 @@ def _paths(specs: list[TaskSpec]) -> dict[str, Any]:
                      "parameters": [job_id],
                      "responses": {"200": _job("Canceled (or already canceled)", "ETag"),
                                    "202": _job("Still stopping after the cancel grace", "ETag"),
-                                   **_job_answers(409),
+                                   **_job_answers(403, 409),
                                    "409": _problem(409, "Already succeeded or failed (with job_status)")}},
         },
         "/jobs/{job_id}/events": {
@@ -405,18 +410,54 @@ def _paths(specs: list[TaskSpec]) -> dict[str, Any]:
     return paths
 
 
-def build_document(specs: Iterable[TaskSpec], *, version: str) -> dict[str, Any]:
-    """The whole protocol as OpenAPI 3.1, with one submit variant (and route) per registered task."""
+_HTML = {"text/html": {"schema": {"type": "string"}}}
+_FORM = "application/x-www-form-urlencoded"
+SIGN_IN_PATHS: dict[str, Any] = {  # served with auth on (PROTOCOL.md, "Browser sign-in")
+    "/login": {
+        "get": {"summary": "The sign-in page: one field for a bearer token", "operationId": "login_page",
+                "tags": ["pages"], "security": [],
+                "parameters": [{"name": "next", "in": "query", "schema": {"type": "string"},
+                                "description": "A local path to go to once signed in"}],
+                "responses": {"200": {"description": "The page", "content": _HTML}, **_common_problems()}},
+        "post": {"summary": "Sign in: a valid token sets the session cookie", "operationId": "login",
+                 "tags": ["pages"], "security": [],
+                 "requestBody": {"required": True, "content": {_FORM: {"schema": {
+                     "type": "object", "required": ["token"],
+                     "properties": {"token": {"type": "string"}, "next": {"type": "string"}}}}}},
+                 "responses": {"303": {"description": "Signed in (Set-Cookie): to next if local, else to /",
+                                       "headers": {"Location": _HEADERS["Location"]}},
+                               **_common_problems(403, 415),
+                               "401": {"description": "A wrong token: the page again, and no session",
+                                       "content": _HTML}}},
+    },
+    "/logout": {
+        "post": {"summary": "Sign out: the session ends and its cookie is cleared (CSRF token required)",
+                 "operationId": "logout", "tags": ["pages"],
+                 "requestBody": {"required": False, "content": {_FORM: {"schema": {
+                     "type": "object", "properties": {"csrf_token": {"type": "string"}}}}}},
+                 "responses": {"303": {"description": "Signed out: to /login",
+                                       "headers": {"Location": _HEADERS["Location"]}},
+                               **_common_problems(403)}},
+    },
+}
+
+
+def build_document(specs: Iterable[TaskSpec], *, version: str, sign_in: bool = False) -> dict[str, Any]:
+    """The whole protocol as OpenAPI 3.1, with one submit variant (and route) per registered task, and with
+    ``sign_in`` (auth on) the browser sign-in routes."""
     specs = list(specs)
+    paths = _paths(specs)
+    if sign_in:
+        paths.update(SIGN_IN_PATHS)
     return {
         "openapi": "3.1.0",
         "info": {"title": "asyncjobs", "version": version,
                  "description": "Asynchronous request-reply over HTTP: submit, get 202 and a Location, then poll, "
-                                "long-poll, or be pushed the job. Protocol version 1."},
+                                f"long-poll, or be pushed the job. Protocol version {PROTOCOL_VERSION}."},
         "servers": [{"url": "/"}],
         "security": [{}, {"bearer": []}],
         "tags": [{"name": n} for n in ("jobs", "push", "tasks", "operations", "pages")],
-        "paths": _paths(specs),
+        "paths": paths,
         "components": {
             "schemas": SCHEMAS,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",

@@ -13,7 +13,7 @@ from aiohttp.abc import AbstractAccessLogger
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from .. import codec, protocol
-from .common import METRICS_KEY, QUEUE_KEY, WAITERS_KEY, expect_handler
+from .common import METRICS_KEY, QUEUE_KEY, SETTINGS_KEY, WAITERS_KEY, expect_handler
 from .openapi import build_document
 
 OPENAPI_KEY = web.AppKey("asyncjobs_openapi", bytes)
@@ -43,7 +43,8 @@ def _version() -> str:
 
 def add_routes(app: web.Application) -> None:
     """Add the operations routes to ``app`` (``/healthz`` and ``/tasks`` live with the REST handlers)."""
-    app[OPENAPI_KEY] = codec.dumps(build_document(app[QUEUE_KEY].registry, version=_version()))
+    app[OPENAPI_KEY] = codec.dumps(build_document(app[QUEUE_KEY].registry, version=_version(),
+                                                  sign_in=bool(app[SETTINGS_KEY].tokens)))
     for path, handler in (("/metrics", metrics), ("/openapi.json", openapi)):
         app.router.add_route("GET", path, handler, expect_handler=expect_handler)
         app.router.add_route("HEAD", path, handler, expect_handler=expect_handler)
