@@ -235,6 +235,50 @@ async def test_an_empty_bucket_still_answers_a_replay_and_a_reuse_and_every_refu
         assert refusal.headers["RateLimit"].startswith('"submit";r=0;t=')
 
 
+async def _raw_answer(client, head: bytes, body: bytes = b"") -> tuple[int, dict[str, str]]:
+    """Send a request as written (headers aiohttp's client would not send as given) and read its answer's head."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    try:
+        writer.write(head + body)
+        await writer.drain()
+        lines = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode("latin-1").split("\r\n")
+    finally:
+        writer.close()
+    fields = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), fields
+
+
+async def test_refusals_before_the_submit_handler_carry_the_rate_fields_too(make_client):
+    """'Every submit answer' carries the RateLimit fields: also a 413 from the Expect handler, a 417, aiohttp's
+    413 for a chunked body over the limit, and a 403 for a sign-in cookie without its CSRF token; on POST /jobs
+    and on a task's route alike. A caller with no valid credentials (401) has no bucket to show."""
+    from tests.test_signin import cookie, sign_in
+
+    client, _ = await make_client(auth={"tokens": TOKENS}, limits={"submit_rate": 0.1, "submit_burst": 4},
+                                  server={"max_body_bytes": 1000})
+    bearer = f"Authorization: Bearer {ALICE}\r\n".encode()
+    heads = {
+        "Expect: 100-continue, over the limit": b"Content-Length: 5000\r\nExpect: 100-continue\r\n",
+        "an expectation it cannot meet": b"Content-Length: 2\r\nExpect: bogus\r\n",
+        "a chunked body over the limit": b"Transfer-Encoding: chunked\r\n",
+    }
+    chunked = b"".join(b"400\r\n" + b" " * 1024 + b"\r\n" for _ in range(3)) + b"0\r\n\r\n"
+    for path in (b"/jobs", b"/thumbnails"):
+        for why, head in heads.items():
+            status, fields = await _raw_answer(
+                client, b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + bearer
+                + head + b"\r\n", chunked if b"chunked" in head else b"{}" if b"bogus" in head else b"")
+            assert status in (413, 417), (path, why, status)
+            assert fields.get("RateLimit-Policy") == '"submit";q=4;w=40', (path, why, fields)
+            assert fields.get("RateLimit", "").startswith('"submit";r=4;'), (path, why, fields)
+    value, _csrf = await sign_in(client, ALICE)
+    no_csrf = await client.post("/jobs", json={"task": "noop"}, headers=cookie(value))
+    assert no_csrf.status == 403
+    assert no_csrf.headers["RateLimit-Policy"] == '"submit";q=4;w=40' and "RateLimit" in no_csrf.headers
+    stranger = await client.post("/jobs", json={"task": "noop"}, headers=auth("not-a-token-of-anyone-here"))
+    assert stranger.status == 401 and "RateLimit" not in stranger.headers
+
+
 async def test_the_queued_quota_refusal_carries_the_rate_fields_and_gives_the_token_back(make_client):
     """Over max_queued_per_principal with a rate set: the 429 says where the bucket stands, its token back."""
     client, _ = await make_client(limits={"submit_rate": 0.1, "submit_burst": 5, "max_queued_per_principal": 1},

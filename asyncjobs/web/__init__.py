@@ -15,6 +15,7 @@ from .common import (
     QUEUE_KEY,
     RATES_KEY,
     SETTINGS_KEY,
+    SUBMIT_ROUTES_KEY,
     WAITERS_KEY,
     Waiters,
     WebSettings,
@@ -61,14 +62,20 @@ def make_web_app(queue: JobQueue, settings: WebSettings, *, rates: Rates | None 
     ]
     routes += [(*spec.route, jobs.task_route_handler(spec)) for spec in queue.registry if spec.route is not None]
     limits = {("POST", "/jobs"): None, **{spec.route: spec for spec in queue.registry if spec.route is not None}}
+    submitting = set()
     for method, path, handler in routes:
         expect = expect_handler
         if (method, path) in limits:  # routes that take bodies refuse one over their limit before it is sent
             spec = limits[(method, path)]
             expect = make_expect_handler(functools.partial(_body_limit, spec=spec))
-        app.router.add_route(method, path, handler, expect_handler=expect)
+        route = app.router.add_route(method, path, handler, expect_handler=expect)
+        if (method, path) in limits:
+            submitting.add(route)
         if method == "GET" and (method, path) not in limits:  # a task on GET submits: HEAD must stay safe (405)
             app.router.add_route("HEAD", path, handler, expect_handler=expect)
+    app[SUBMIT_ROUTES_KEY] = frozenset(submitting)
+    if rates is not None:
+        app.on_response_prepare.append(jobs.rate_fields_on_refusals)
     ops.add_routes(app)
     pages.add_routes(app)
     session.add_routes(app, settings)  # with auth on: /login, /logout and the session cookie

@@ -59,6 +59,8 @@ SETTINGS_KEY = web.AppKey("asyncjobs_settings", WebSettings)
 WAITERS_KEY = web.AppKey("asyncjobs_waiters", Waiters)
 METRICS_KEY = web.AppKey("asyncjobs_metrics", Metrics)
 RATES_KEY: web.AppKey[Rates | None] = web.AppKey("asyncjobs_rates")  # None: no submit rate limit
+# The routes that submit (POST /jobs and the task routes): every answer of theirs carries the rate's fields.
+SUBMIT_ROUTES_KEY: web.AppKey[frozenset[web.AbstractRoute]] = web.AppKey("asyncjobs_submit_routes")
 
 
 # -- responses -----------------------------------------------------------------
@@ -173,6 +175,9 @@ class BrowserSessions(Protocol):
     async def authenticate(self, request: web.Request) -> Session | None:
         """The request's valid session, or None; a 403 problem when a session's request fails the CSRF rules."""
 
+    async def resolve(self, request: web.Request) -> Session | None:
+        """The request's session if its cookie is valid, with no CSRF check."""
+
     def sign_in_redirect(self, request: web.Request) -> web.StreamResponse | None:
         """``303`` to the sign-in page for a browser asking for a page, else None."""
 
@@ -233,6 +238,21 @@ async def auth_middleware(request: web.Request, handler: Callable[[web.Request],
         return redirect
     raise problems.WebProblem(Unauthorized("a valid bearer token (or sign-in session) is required"),
                               {"Vary": "Accept"})  # browsers asking for a page are sent to sign in instead
+
+
+async def caller_of(request: web.Request) -> str | None:
+    """Who makes this request, even where it was refused before auth decided (an ``Expect`` answer, a
+    missing CSRF token): the principal, "" with auth off, None when no valid credentials came with it."""
+    principal = principal_of(request)
+    tokens = request.app[SETTINGS_KEY].tokens
+    if principal is not None or not tokens:
+        return principal or ""
+    token = presented_token(request)
+    if token is not None:
+        return find_principal(tokens, token)
+    sessions = request.app.get(SESSIONS_KEY)
+    session = None if sessions is None else await sessions.resolve(request)
+    return None if session is None else session.principal
 
 
 def session_of(request: web.Request) -> Session | None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from .. import callbacks, codec, protocol
-from ..errors import InvalidRequest, QuotaExceeded, RequestError
+from ..errors import InvalidRequest, QuotaExceeded, RequestError, StoreError
 from ..files import Upload
 from ..limits import BucketState, Rates
 from ..models import Job, Status
@@ -20,7 +21,9 @@ from .common import (
     QUEUE_KEY,
     RATES_KEY,
     SETTINGS_KEY,
+    SUBMIT_ROUTES_KEY,
     WAITERS_KEY,
+    caller_of,
     job_id_of,
     json_response,
     principal_of,
@@ -31,6 +34,8 @@ from .common import (
 )
 from .problems import WebProblem
 
+log = logging.getLogger("asyncjobs.web")
+
 
 async def _accepted(queue: JobQueue, job: Job, extra: dict[str, str] | None = None, *,
                     just_submitted: bool = False) -> web.Response:
@@ -40,21 +45,22 @@ async def _accepted(queue: JobQueue, job: Job, extra: dict[str, str] | None = No
                          status=answer.status, headers={**answer.headers, **(extra or {})})
 
 
-async def submit(request: web.Request) -> web.Response:
-    return await _with_rate_fields(request, _submit_request(request))
-
-
-async def _with_rate_fields(request: web.Request, answering: Awaitable[web.Response]) -> web.Response:
-    """While a submit rate is set, every submit answer carries the RateLimit fields: a refusal too. ``_submit``
-    adds them to what the queue refuses (the bucket is in hand there); a refusal before the bucket was
-    reached (a 400, a 415) gets them from a look at it."""
+async def rate_fields_on_refusals(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: while a submit rate is set, every submit answer carries the RateLimit fields,
+    a refusal too. ``_submit`` adds them where it holds the bucket; any other refusal of a submit route (a 400,
+    a 413 or 417 from the ``Expect`` handler, a 403 for a missing CSRF token, aiohttp's own 413) gets them
+    here, from a look at the caller's bucket. A caller without valid credentials (401) has no bucket."""
+    rates = request.app[RATES_KEY]
+    if rates is None or response.status < 400 or "RateLimit" in response.headers:  # (set only with a rate)
+        return
+    if request.match_info.route not in request.app[SUBMIT_ROUTES_KEY]:
+        return
     try:
-        return await answering
-    except RequestError as exc:
-        rates = request.app[RATES_KEY]
-        if rates is None:
-            raise
-        raise WebProblem(exc, _rate_headers(await rates.peek(principal_of(request) or ""))) from exc
+        caller = await caller_of(request)
+        if caller is not None:
+            response.headers.update(_rate_headers(await rates.peek(caller)))
+    except StoreError as exc:  # the refusal still goes out, without the fields
+        log.warning("cannot read the submit rate's bucket for a refusal: %s", exc)
 
 
 def _rate_headers(bucket: BucketState) -> dict[str, str]:
@@ -62,7 +68,7 @@ def _rate_headers(bucket: BucketState) -> dict[str, str]:
                                       next_s=bucket.next_s)
 
 
-async def _submit_request(request: web.Request) -> web.Response:
+async def submit(request: web.Request) -> web.Response:
     queue = request.app[QUEUE_KEY]
     if uploads.is_multipart(request):
         async with uploads.receiving() as received:
@@ -177,9 +183,6 @@ def task_route_handler(spec: TaskSpec) -> Callable[[web.Request], Awaitable[web.
     """
 
     async def handle(request: web.Request) -> web.Response:
-        return await _with_rate_fields(request, submit_to_task(request))
-
-    async def submit_to_task(request: web.Request) -> web.Response:
         queue = request.app[QUEUE_KEY]
         if uploads.is_multipart(request) or (spec.files and request.body_exists):
             async with uploads.receiving() as received:
