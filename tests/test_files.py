@@ -477,6 +477,29 @@ async def test_expect_100_continue_refuses_an_oversized_body_before_it_is_sent(m
         writer.close()
 
 
+@pytest.mark.parametrize("past", [100, 50_000, 100_000])
+async def test_a_multipart_file_gets_413_as_soon_as_it_crosses_the_limit(make_client, past):
+    """A client that sends a file part past files.max_upload_bytes and then stops (still to send the rest)
+    gets 413 at once, not 408 after the read timeout, whatever aiohttp still holds back to look for the
+    boundary; nothing is kept. A file of just the limit, sent whole, is still accepted."""
+    limit = 100_000
+    client, app = await make_client(files={"max_upload_bytes": limit, "read_timeout": 60})
+    head = (b'--B\r\nContent-Disposition: form-data; name="job"\r\n\r\n{"task": "digest"}\r\n'
+            b'--B\r\nContent-Disposition: form-data; name="file"; filename="f"\r\n\r\n')
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    try:
+        writer.write(b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\n"
+                     b"Content-Length: 10000000\r\n\r\n" + head + b"z" * (limit + past))
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 10)  # well within the read timeout of 60 s
+    finally:
+        writer.close()
+    assert line.startswith(b"HTTP/1.1 413"), line
+    await eventually(lambda: stored_files(app) == [], "the partial upload to be removed")
+    whole = await client.post("/jobs", data=form({"task": "digest"}, {"file": (b"z" * limit, "f")}))
+    assert whole.status == 202, await whole.text()
+
+
 async def test_client_file_names_are_sanitised_for_display(make_client):
     """Paths, control characters, NUL, overlong and non-UTF-8 names become a safe display name; never a path."""
     client, app = await make_client()

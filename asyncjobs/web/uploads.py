@@ -25,6 +25,11 @@ from ..tasks import FileParam, TaskSpec
 from .common import QUEUE_KEY, SETTINGS_KEY
 
 READ_BYTES = 256 * 1024  # one read from a part or a raw body
+# The job part and form fields are read in smaller pieces: aiohttp reads one piece past a part's end before it
+# hands the part out, and a piece as large as READ_BYTES would take in the next file's bytes that had already
+# arrived, then wait for more (a client that stopped there would get 408 instead of its 413).
+SMALL_READ_BYTES = 16 * 1024
+HELD_CHECK_S = 0.05  # while a file part's read waits, how often the bytes it holds back are counted
 MULTIPART_SLACK = 64 * 1024  # boundaries and part headers, beyond the parts' own limits
 T = TypeVar("T")
 
@@ -127,14 +132,74 @@ async def read_multipart(request: web.Request, received: Received, *, spec: Task
                              errors=[{"field": name, "message": "unexpected part"}])
         upload = _start_upload(request, file_param, _part_file_name(part.filename), part.headers.get("Content-Type"))
         received.uploads.append(upload)
-        while chunk := await _timed(part.read_chunk(READ_BYTES), settings.upload_read_timeout_s):
+        await _read_file(part, upload, settings.upload_read_timeout_s)
+
+
+async def _read_file(part: BodyPartReader, upload: Upload, timeout_s: float) -> None:
+    """A file part into its upload; 413 as soon as the file's bytes that arrived cross the limit.
+
+    aiohttp hands out a part's bytes one read behind (it holds the last read back until it knows the
+    boundary does not start in it), so a client that stops sending just past the limit would wait for
+    a chunk that never comes, and get 408. A watch counts the held bytes too while a read waits (every
+    ``HELD_CHECK_S``), and stops that read once they cross the limit: nothing is added to each read."""
+    reader = asyncio.current_task()
+    assert reader is not None
+    watch = _HeldWatch(part, upload, reader)
+    watching = asyncio.create_task(watch.run(), name="asyncjobs-upload-watch")
+    try:
+        while True:
+            watch.reading = True
+            try:
+                chunk = await _timed(part.read_chunk(READ_BYTES), timeout_s)
+            except asyncio.CancelledError:
+                if not watch.over:
+                    raise
+                reader.uncancel()  # the watch's own cancel: the answer is the 413
+                raise TooLarge(f"{upload.param}: the file is larger than the limit of"
+                               f" {upload.files.max_upload_bytes} bytes") from None
+            finally:
+                watch.reading = False
+            if not chunk:
+                break
             await upload.write(chunk)
         await upload.finish()
+    finally:
+        watching.cancel()
+
+
+class _HeldWatch:
+    """Stops a file part's read (only while it waits for bytes) once the part is over the limit."""
+
+    def __init__(self, part: BodyPartReader, upload: Upload, reader: asyncio.Task) -> None:
+        self.part, self.upload, self.reader = part, upload, reader
+        self.reading = False
+        self.over = False
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(HELD_CHECK_S)
+            if self.reading and self.upload.size + held_data(self.part) > self.upload.files.max_upload_bytes:
+                self.over = True
+                self.reader.cancel()
+                return
+
+
+def held_data(part: BodyPartReader) -> int:
+    """At least how many bytes of the part's data aiohttp holds back: its held read, up to where its
+    boundary starts (or, where none starts yet, all but what could be the boundary's beginning), less
+    the CRLF aiohttp adds in front of the first. 0 where aiohttp keeps it otherwise (another version)."""
+    held, boundary = getattr(part, "_prev_chunk", None), getattr(part, "_boundary", None)
+    if not isinstance(held, bytes) or not isinstance(boundary, bytes):
+        return 0
+    sub = b"\r\n" + boundary
+    at = held.find(sub)
+    data = at if at >= 0 else len(held) - len(sub) + 1
+    return max(0, data - 2)
 
 
 async def _read_small(part: BodyPartReader, name: str, budget: int, timeout_s: float) -> bytes:
     data = bytearray()
-    while chunk := await _timed(part.read_chunk(READ_BYTES), timeout_s):
+    while chunk := await _timed(part.read_chunk(SMALL_READ_BYTES), timeout_s):
         data += chunk
         if len(data) > budget:
             raise TooLarge(f"{name}: the submit body and form fields exceed the limit of"
