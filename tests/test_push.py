@@ -347,8 +347,13 @@ async def test_ws_subscribe_after_completion_delivers_final_state(start):
         assert await recv(ws) == {"type": "subscribed", "jobs": [job["id"]]}
         frame = await recv(ws, timeout_s=5)
         assert time.monotonic() - began < 1.0
+        # Every subscribe to it does, on the same socket too: a client that subscribes again gets no silence.
+        await ws.send_json({"op": "subscribe", "jobs": [job["id"]]})
+        assert await recv(ws) == {"type": "subscribed", "jobs": [job["id"]]}
+        again = await recv(ws, timeout_s=5)
     assert frame["type"] == "job" and frame["job"]["status"] == "succeeded"
     assert frame["job"]["result"] == {"k": "v"}
+    assert again == frame
 
 
 async def test_ws_unknown_ids_get_404_errors_and_known_ones_subscribe(start):

@@ -212,7 +212,8 @@ async def _subscribe(queue: JobQueue, sock: _Socket, command: protocol.WsCommand
     await sock.send({"type": "subscribed", "jobs": known})
     for error in errors:
         await sock.send(error)
-    for job in finished:
+    for job in finished:  # its final state at once, on every subscribe: sent before or not
+        sock.sent.pop(job.id, None)
         await sock.send_job(queue, job)
 
 
