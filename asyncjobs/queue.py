@@ -244,8 +244,9 @@ class JobQueue:
                     f"you have {self.max_queued_per_owner} queued jobs, the most one caller may have; wait for"
                     " one to start", retry_after_s=await self._owner_start_s(owner))
             if inserted.duplicate in ("idempotency", "key-reuse") and inserted.key_hash != request_hash:
-                raise KeyReused(
-                    "this Idempotency-Key was used before with a different request; use a new key")
+                raise KeyReused(  # about the job the key names: its status, and its version for the ETag
+                    "this Idempotency-Key was used before with a different request; use a new key",
+                    job_status=inserted.job.status.value, job_version=inserted.job.version)
             return inserted
         self.hub.publish(inserted.job)
         self._due_at(inserted.job.run_at)

@@ -197,6 +197,9 @@ async def test_same_key_with_another_body_is_422_and_stores_nothing(start):
         reply = await post(client, "/jobs", other, key="k-422")
         assert_problem(reply, 422)
         assert "Idempotent-Replayed" not in reply.headers
+        # About the job the key names (it exists): its status, and its ETag.
+        named = await get_job(client, first.body["id"])
+        assert reply.body["job_status"] == named.body["status"] and reply.headers["ETag"] == named.headers["ETag"]
     again = await post(client, "/jobs", body, key="k-422")
     assert again.status == 202 and again.body["id"] == first.body["id"]
     assert [j.id for j in await stored_jobs(app)] == [first.body["id"]]
