@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import dataclasses
 import logging
+import os
 import sqlite3
 import sys
 import time
@@ -23,6 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX
+    fcntl = None  # type: ignore[assignment]
 
 import aiosqlite
 
@@ -360,6 +366,7 @@ class SQLiteStore:
         self._writer_task: asyncio.Task | None = None
         self.commits = 0  # transactions committed, for tests and metrics
         self.on_commit: Callable[[float, int], None] | None = None  # told (seconds, writes) after each commit
+        self._lock_fd: int | None = None  # holds <path>.lock while open
 
     # -- lifecycle -------------------------------------------------------
     async def open(self) -> None:
@@ -370,6 +377,7 @@ class SQLiteStore:
                 parent = Path(self.path).resolve().parent
                 if not parent.is_dir():
                     raise StoreError(f"store.path {self.path}: folder {parent} does not exist")
+                self._hold_file()
             self._writer = await self._on_writer(self._connect_writer)
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
             await self._reader.execute("PRAGMA busy_timeout = 5000")
@@ -381,6 +389,26 @@ class SQLiteStore:
             await self._close_connections()
             raise
         self._writer_task = asyncio.create_task(self._write_loop(), name="asyncjobs-store-writer")
+
+    def _hold_file(self) -> None:
+        """Take the store for this process's life: an exclusive lock on ``<path>.lock``, which the kernel lets
+        go when the process ends however it ends. A second process on the same file would take the first's
+        running jobs for a crash's and fail them at its start: it stops with this error instead."""
+        if fcntl is None:  # pragma: no cover - not on POSIX
+            return
+        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StoreError(f"store.path {self.path}: another process has this store open (one process holds"
+                             " a SQLite store; for several, use PostgreSQL)") from None
+        self._lock_fd = fd
+
+    def _let_go_of_file(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the lock goes with the last descriptor
+            self._lock_fd = None
 
     async def _on_writer(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn`` on the writer's own thread (the only thread that touches the writer connection)."""
@@ -441,6 +469,7 @@ class SQLiteStore:
             with contextlib.suppress(Exception):
                 await self._on_writer(self._writer.close)
         self._reader = self._writer = None
+        self._let_go_of_file()  # last: the file is this process's until its connections are closed
 
     # -- the writer ------------------------------------------------------
     async def _write(self, op: WriteOp) -> Any:

@@ -376,6 +376,24 @@ def test_store_in_missing_folder_stops_the_start(tmp_path):
     assert not db.parent.exists()
 
 
+@pytest.mark.sqlite_only  # one process holds a SQLite store
+async def test_a_second_server_on_the_same_store_stops_and_leaves_the_first_ones_jobs_alone(server_factory, http,
+                                                                                             tmp_path):
+    """A second `serve` on a SQLite file another process holds stops at once with a clear message; it does
+    not take the first one's running job for a crash's (failed, "interrupted"), and the first goes on."""
+    db = tmp_path / "held.db"
+    first = server_factory(db=db)
+    running = (await submit(http, first, "sleep", {"seconds": 1.5, "steps": 3}))["id"]
+    await wait_job(http, first, running, "running")
+    config = tmp_path / "second.toml"
+    config.write_text(config_text())
+    done = run_serve(tmp_path, "--config", str(config), "--db", str(db))
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert "another process has this store open" in output and "Traceback" not in output, output
+    assert (await wait_job(http, first, running, {"succeeded", "failed"}))["status"] == "succeeded"
+
+
 # -- 3. crash safety -----------------------------------------------------------
 
 async def test_kill_9_loses_no_acknowledged_job(server_factory, http, tmp_path):
