@@ -190,6 +190,7 @@ async def test_same_key_with_another_body_is_422_and_stores_nothing(start):
     body = {"task": "block", "params": {"seconds": 30}}
     first = await post(client, "/jobs", body, key="k-422")
     assert first.status == 202
+    await wait_status(client, first.body["id"], "running")  # from here on the job stays as it is
     for other in ({"task": "block", "params": {"seconds": 31}},
                   {"task": "block", "params": {"seconds": 30}, "priority": 1},
                   {"task": "block", "params": {"seconds": 30}, "delay": 5},
