@@ -76,6 +76,11 @@ def _io_error(exc: OSError, what: str) -> Exception:
                               retry_after_s=5)
 
 
+def file_too_large(param: str, limit: int) -> TooLarge:
+    """The 413 of a file param over ``files.max_upload_bytes``, wherever that is found out."""
+    return TooLarge(f"{param}: the file is larger than the limit of {limit} bytes")
+
+
 class Upload:
     """One file arriving from a client: streamed into ``tmp/``, hashed and counted on the way."""
 
@@ -97,8 +102,7 @@ class Upload:
         """Take the next bytes; 413 past ``max_upload_bytes``, 507 past ``max_total_bytes``."""
         self.size += len(chunk)
         if self.size > self.files.max_upload_bytes:
-            raise TooLarge(f"{self.param}: the file is larger than the limit of"
-                                  f" {self.files.max_upload_bytes} bytes")
+            raise file_too_large(self.param, self.files.max_upload_bytes)
         self.files.reserve(self, len(chunk))
         self._chunks.append(chunk)
         self._buffered += len(chunk)

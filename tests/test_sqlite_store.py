@@ -58,6 +58,15 @@ async def test_reopen_keeps_jobs_and_refuses_newer_schema(tmp_path):
         db.execute("PRAGMA user_version = 99")
     with pytest.raises(StoreError, match="newer"):
         await SQLiteStore(path).open()
+    # A store that failed to open let go of the file: once the schema is right, this process opens it again.
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {len(store_module.MIGRATIONS)}")
+    store = SQLiteStore(path)
+    await store.open()
+    assert (await store.lookup(job.id)).job == job
+    with pytest.raises(StoreError, match="another process has this store open"):
+        await SQLiteStore(path).open()  # while it is open, nobody else may hold it
+    await store.close()
 
 
 async def test_unopenable_paths_give_clear_errors(tmp_path):

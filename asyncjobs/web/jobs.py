@@ -13,7 +13,7 @@ from .. import callbacks, codec, protocol
 from ..errors import InvalidRequest, QuotaExceeded, RequestError, StoreError
 from ..files import Upload
 from ..limits import BucketState, Rates
-from ..models import Job, Status
+from ..models import Job
 from ..queue import JobQueue
 from ..tasks import TaskSpec
 from . import downloads, pages, uploads
@@ -247,10 +247,10 @@ async def result(request: web.Request) -> web.StreamResponse:
     queue = request.app[QUEUE_KEY]
     job = await queue.find(job_id_of(request), owner=visible_owner(request))
     view = await queue.view(job) if not job.terminal else None
-    if job.files is not None and job.files.get("result") and job.status is Status.SUCCEEDED:
-        return await downloads.send_file_result(request, queue, job)  # the file's own validators
     answer = protocol.result_answer(job, eta=view.eta if view else None, now=queue.clock(),
                                     if_none_match=request.headers.get("If-None-Match"))
+    if answer.status in (200, 304) and job.files is not None and job.files.get("result"):
+        return await downloads.send_file_result(request, queue, job)  # a file has validators of its own
     if answer.status == 304:
         return web.Response(status=304, headers=answer.headers)
     if answer.status == 200:

@@ -183,8 +183,9 @@ async def job_page(request: web.Request) -> web.StreamResponse:
     except JobNotFound:
         return _message_page(request, 404, "No such job",
                              "There is no job with this id: it never existed, it was deleted, or it is not yours.")
-    if protocol.etag_matches(request.headers.get("If-None-Match"), protocol.page_etag(job)):
-        return web.Response(status=304, headers={**PAGE_HEADERS, "ETag": protocol.page_etag(job)})
+    etag = protocol.page_etag(job)
+    if protocol.etag_matches(request.headers.get("If-None-Match"), etag):
+        return web.Response(status=304, headers={**PAGE_HEADERS, "ETag": etag})
     view = await queue.view(job)
     body = protocol.job_body(job, eta=view.eta, queue_position=view.queue_position)
     answer = protocol.monitor_answer(job, eta=view.eta, now=queue.clock(),
@@ -194,7 +195,7 @@ async def job_page(request: web.Request) -> web.StreamResponse:
     # The embedded job carries one member the API's does not: "rerun", what "Run again" submits.
     # Keep the protocol's status (200, or 202 while pending in "flow" style); an ETag of the page's own
     # (the JSON representation's names that one), not Retry-After/Location, which the page's script replaces.
-    return _page(text, status=answer.status, headers={"ETag": protocol.page_etag(job)})
+    return _page(text, status=answer.status, headers={"ETag": etag})
 
 
 def _rerun(request: web.Request, job) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from .. import codec, protocol
 from ..errors import InvalidRequest, TooLarge, UnsupportedType, UploadStalled
-from ..files import Upload
+from ..files import Upload, file_too_large
 from ..tasks import FileParam, TaskSpec
 from .common import QUEUE_KEY, SETTINGS_KEY
 
@@ -155,8 +155,7 @@ async def _read_file(part: BodyPartReader, upload: Upload, timeout_s: float) -> 
                 if not watch.over:
                     raise
                 reader.uncancel()  # the watch's own cancel: the answer is the 413
-                raise TooLarge(f"{upload.param}: the file is larger than the limit of"
-                               f" {upload.files.max_upload_bytes} bytes") from None
+                raise file_too_large(upload.param, upload.files.max_upload_bytes) from None
             finally:
                 watch.reading = False
             if not chunk:
@@ -178,13 +177,13 @@ class _HeldWatch:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(HELD_CHECK_S)
-            if self.reading and self.upload.size + held_data(self.part) > self.upload.files.max_upload_bytes:
+            if self.reading and self.upload.size + _held_data(self.part) > self.upload.files.max_upload_bytes:
                 self.over = True
                 self.reader.cancel()
                 return
 
 
-def held_data(part: BodyPartReader) -> int:
+def _held_data(part: BodyPartReader) -> int:
     """At least how many bytes of the part's data aiohttp holds back: its held read, up to where its
     boundary starts (or, where none starts yet, all but what could be the boundary's beginning), less
     the CRLF aiohttp adds in front of the first. 0 where aiohttp keeps it otherwise (another version)."""
@@ -255,8 +254,7 @@ async def read_raw(request: web.Request, received: Received, spec: TaskSpec) -> 
         raise UnsupportedType(f"task {spec.name!r} takes {len(spec.files)} files: send multipart/form-data"
                                    if spec.files else f"task {spec.name!r} takes no file; send JSON")
     if request.content_length is not None and request.content_length > settings.max_upload_bytes:
-        raise TooLarge(f"{spec.files[0].name}: the file is larger than the limit of"
-                              f" {settings.max_upload_bytes} bytes")
+        raise file_too_large(spec.files[0].name, settings.max_upload_bytes)
     name = request.query.get("filename") or _disposition_name(request.headers.get("Content-Disposition"))
     upload = _start_upload(request, spec.files[0], name, request.headers.get("Content-Type"))
     received.uploads.append(upload)
