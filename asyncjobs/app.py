@@ -72,7 +72,9 @@ def open_store(config: Config, *, node: str = "") -> Store:
         except ImportError:
             raise ConfigError("store.url: PostgreSQL needs the asyncpg package: pip install 'asyncjobs[postgres]'"
                               ) from None
-        return PostgresStore(config.store.url, node=node)
+        # A node idle inside a transaction for a whole lease is as gone as one whose lease ended: the
+        # database ends its session, so its locks do not outlast its leases.
+        return PostgresStore(config.store.url, node=node, idle_in_transaction_s=config.cluster.lease)
     return SQLiteStore(config.store.path, synchronous=config.store.synchronous)
 
 

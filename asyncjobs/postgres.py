@@ -355,7 +355,7 @@ def _rowcount(status: str) -> int:
         return 0
 
 
-def _lock_key(kind: str, *parts: str) -> str:
+def lock_key(kind: str, *parts: str) -> str:
     """The text hashed into an advisory lock: the kind, then each part length-prefixed (so no two
     different tuples make the same text)."""
     return kind + "".join(f"|{len(p)}:{p}" for p in parts)
@@ -435,8 +435,13 @@ class PostgresStore:
 
     def __init__(self, url: str, *, node: str = "", min_size: int = 0, max_size: int = 10,
                  connect_timeout: float = 10.0, command_timeout: float | None = 60.0, writers: int = 4,
-                 max_batch: int = 256) -> None:
+                 max_batch: int = 256, idle_in_transaction_s: float | None = None) -> None:
         self.url = url
+        # A session idle inside a transaction this long is ended by the database (None: never): a node
+        # frozen mid-transaction (stopped, paused, cut off with its connection open) would otherwise hold
+        # that transaction's locks, a claim's lock of a capped task or the rows it wrote, until it woke,
+        # and every other node's claims and rescues would wait for it or pass its jobs over.
+        self.idle_in_transaction_s = idle_in_transaction_s
         self.node = node  # named in every change this store's connections announce (asyncjobs.node)
         # min_size 0: connections are made when needed and kept while used; with a floor, asyncpg would
         # log a traceback for every failed attempt to restore it while the database is away.
@@ -482,8 +487,11 @@ class PostgresStore:
         sort the whole queue, where its statistics, or a prepared statement's generic plan, date from when
         the table was small (CLAIM_SQL, START_SQL, REPORTS_SQL). Off, not forbidden: a statement with no
         index to use still scans or sorts. As session settings they cost no round trip per transaction."""
-        return {"asyncjobs.node": self.node, "application_name": f"{role} {self.node}"[:63],
-                "enable_seqscan": "off", "enable_sort": "off"}
+        settings = {"asyncjobs.node": self.node, "application_name": f"{role} {self.node}"[:63],
+                    "enable_seqscan": "off", "enable_sort": "off"}
+        if self.idle_in_transaction_s is not None:
+            settings["idle_in_transaction_session_timeout"] = str(max(1, round(self.idle_in_transaction_s * 1000)))
+        return settings
 
     async def _migrate(self, db: asyncpg.Connection) -> None:
         # Every node that starts takes this lock first: one migrates, the others then find it done.
@@ -637,13 +645,13 @@ class PostgresStore:
 
         async def op(db: asyncpg.Connection) -> Inserted:
             if job.idempotency_key is not None:
-                await db.execute(LOCK_SQL, _lock_key("idempotency", job.owner, job.idempotency_key))
+                await db.execute(LOCK_SQL, lock_key("idempotency", job.owner, job.idempotency_key))
             check_equal = job.unique_key is not None and not fresh
             if check_equal:
                 assert job.unique_key is not None
-                await db.execute(LOCK_SQL, _lock_key("unique", job.owner, job.task, job.unique_key))
+                await db.execute(LOCK_SQL, lock_key("unique", job.owner, job.task, job.unique_key))
             if max_queued_for_owner:
-                await db.execute(LOCK_SQL, _lock_key("owner", job.owner))
+                await db.execute(LOCK_SQL, lock_key("owner", job.owner))
             if job.idempotency_key is not None:
                 row = await db.fetchrow(SAME_KEY_SQL, job.owner, job.idempotency_key, job.created_at)
                 if row is not None:
@@ -732,7 +740,7 @@ class PostgresStore:
             room = dict(tasks)
             if capped:
                 for task in capped:  # in one order on every node: no deadlock
-                    await db.execute(LOCK_SQL, _lock_key("concurrency", task))
+                    await db.execute(LOCK_SQL, lock_key("concurrency", task))
                 running = dict(await db.fetch(RUNNING_BY_TASK_SQL, capped))
                 room.update({t: max(0, (tasks[t] or 0) - running.get(t, 0)) for t in capped})
             runnable = [t for t in open_tasks if room[t] is None or (room[t] or 0) > 0]

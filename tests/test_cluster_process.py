@@ -11,7 +11,11 @@ import time
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
+
+from asyncjobs.postgres import LOCK_SQL, lock_key
+from asyncjobs.tasks import TaskRegistry
 
 from tests.conftest import TEST_MODULES, config_text, eventually
 from tests.postgres_cluster import create_database, start_private_cluster
@@ -108,6 +112,58 @@ async def test_a_node_stopped_past_its_lease_loses_the_job_and_its_late_outcome_
                          "A to drop its late outcome", timeout_s=15)
         after = await job_state(http, a.url, job_id)
     assert after["result"] == {"pid": b.proc.pid, "attempt": 2} and after["version"] == done["version"]
+
+
+async def test_a_node_stopped_inside_a_transaction_holds_up_no_other_node(server_factory, tmp_path,
+                                                                         postgres_url):
+    """A node frozen (SIGSTOP) in the middle of a transaction keeps its locks while it is frozen: here a
+    claim holding the lock of a task with a concurrency cap, which every other node's claim then waits for.
+    The database ends a session that idles inside a transaction for as long as a lease, so the others go
+    on; the frozen node, thawed, finds its transaction gone and loses nothing."""
+    config = node_config(tmp_path)
+    a = server_factory("--db", postgres_url, config_text=config)
+    assert a.proc is not None
+    capped = sorted(spec.name for spec in TaskRegistry.from_modules(TEST_MODULES) if spec.concurrency is not None)
+    assert capped, "the test tasks need one with a concurrency cap"
+    holder = await asyncpg.connect(postgres_url)  # stands in the way of A's next claim
+    watcher = await asyncpg.connect(postgres_url)  # reads pg_stat_activity outside any transaction
+
+    async def a_session(state: str) -> bool:
+        return bool(await watcher.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name LIKE 'asyncjobs %' AND state = $1"
+            " AND ($1 <> 'active' OR wait_event = 'advisory')", state))
+
+    stopped = False
+    try:
+        async with aiohttp.ClientSession() as http:
+            held = holder.transaction()
+            await held.start()
+            for task in capped:
+                await holder.execute(LOCK_SQL, lock_key("concurrency", task))
+            async with http.post(f"{a.url}/jobs", json={"task": "noop"}) as resp:
+                assert resp.status == 202, await resp.text()
+                on_a = (await resp.json())["id"]
+            await eventually(lambda: a_session("active"), "A's claim to wait for the lock")
+            a.proc.send_signal(signal.SIGSTOP)
+            stopped = True
+            await held.commit()  # A's claim takes the lock now, and A cannot go on to its commit
+            await eventually(lambda: a_session("idle in transaction"), "A to hold the lock, frozen")
+            b = server_factory("--db", postgres_url, config_text=config)
+            async with http.post(f"{b.url}/jobs", json={"task": capped[0], "params": {"seconds": 0.1}}) as resp:
+                assert resp.status == 202, await resp.text()
+                on_b = (await resp.json())["id"]
+            done = (await until_terminal(http, b.url, [on_b], timeout_s=20))[on_b]
+            assert done["status"] == "succeeded", done
+            a.proc.send_signal(signal.SIGCONT)
+            stopped = False
+            assert (await until_terminal(http, a.url, [on_a], timeout_s=20))[on_a]["status"] == "succeeded"
+            assert "Traceback" not in a.log() and re.search(r"cannot claim jobs: store write failed", a.log())
+    finally:
+        if stopped:
+            a.proc.send_signal(signal.SIGCONT)
+        await holder.close()
+        await watcher.close()
 
 
 async def _running(http: aiohttp.ClientSession, url: str, job_id: str) -> bool:
