@@ -6,9 +6,7 @@ import base64
 import dataclasses
 import operator
 import os
-import time
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -63,19 +61,12 @@ ALLOWED_TRANSITIONS = frozenset(
 
 
 class JobIds:
-    """New job ids, URL-safe base64 (30 characters): the time in milliseconds (6 bytes, the first 8
-    characters), then 128 random bits from the OS's CSPRNG, read 4 KiB at a time (one system call per
-    256 ids instead of one per id). A forked child reads afresh.
-
-    The random bits make an id unguessable; the time in front gives the ids made together a common
-    prefix, so the store's index of ids takes a commit's new jobs into the same few pages instead of a
-    random page each (a 4 KiB page more to write to the log per job, and to the file again at the next
-    checkpoint, with random ids alone)."""
+    """New job ids: 128 random bits from the OS's CSPRNG, URL-safe (22 characters), read 4 KiB at
+    a time (one system call per 256 ids instead of one per id). A forked child reads afresh."""
 
     _SIZE = 4096
 
-    def __init__(self, clock: Callable[[], int] = time.time_ns) -> None:
-        self._clock = clock
+    def __init__(self) -> None:
         self._pool = b""
         self._at = self._SIZE
         me = weakref.ref(self)
@@ -86,8 +77,7 @@ class JobIds:
             self._pool, self._at = os.urandom(self._SIZE), 0
         chunk = self._pool[self._at:self._at + 16]
         self._at += 16
-        millis = (self._clock() // 1_000_000).to_bytes(6, "big")
-        return base64.urlsafe_b64encode(millis + chunk).rstrip(b"=").decode()
+        return base64.urlsafe_b64encode(chunk).rstrip(b"=").decode()
 
 
 def _drain(ids: JobIds | None) -> None:

@@ -1,16 +1,12 @@
 """The SQLite store beyond the contract: its file's settings, migrations, WAL, query plans, group commit."""
 
 import asyncio
-import base64
-import os
 import sqlite3
-import statistics
 
 import pytest
 
 from asyncjobs import store as store_module
 from asyncjobs.errors import StoreError
-from asyncjobs.models import JobIds
 from asyncjobs.store import MIGRATIONS, SQLiteStore
 from tests.test_store import make_job
 
@@ -129,41 +125,6 @@ async def test_wal_is_cut_back_after_a_long_read_let_it_grow(tmp_path):
     finally:
         reader.close()
         await store.close()
-
-
-async def test_a_commit_of_new_jobs_writes_few_pages_of_the_index_of_ids(tmp_path):
-    """Job ids begin with the time, so the new jobs of one commit go into the same few pages of the index
-    of ids: a commit of 64 writes half the pages to the WAL or fewer than the same commit of random ids,
-    which put each job in a page of its own (about 25 pages here against 60)."""
-
-    def random_id() -> str:
-        return base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
-
-    async def frames_a_commit(name: str, new_id) -> list[int]:
-        """WAL frames of each of five commits of 64 new jobs, on a table with a history of 6,400."""
-        store = SQLiteStore(tmp_path / f"{name}.db")
-        await store.open()
-        wal = tmp_path / f"{name}.db-wal"
-        checkpoints = sqlite3.connect(tmp_path / f"{name}.db")
-        frames = []
-        try:
-            for _ in range(100):
-                await asyncio.gather(*(store.insert(make_job(id=new_id())) for _ in range(64)))
-            for _ in range(5):
-                checkpoints.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                assert wal.stat().st_size == 0
-                before = store.commits
-                await asyncio.gather(*(store.insert(make_job(id=new_id())) for _ in range(64)))
-                assert store.commits == before + 1
-                frames.append((wal.stat().st_size - 32) // (24 + 4096))
-        finally:
-            checkpoints.close()
-            await store.close()
-        return frames
-
-    ordered = await frames_a_commit("ordered", JobIds())
-    scattered = await frames_a_commit("scattered", random_id)
-    assert 2 * statistics.median(ordered) < statistics.median(scattered), (ordered, scattered)
 
 
 def test_none_and_bytes_are_bound_as_they_are() -> None:
