@@ -396,7 +396,11 @@ class SQLiteStore:
         running jobs for a crash's and fail them at its start: it stops with this error instead."""
         if fcntl is None:  # pragma: no cover - not on POSIX
             return
-        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:  # a read-only folder, say: the store cannot be written there either
+            raise StoreError(f"store.path {self.path}: cannot open the SQLite store: {exc.strerror}"
+                             f" ({exc.filename})") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

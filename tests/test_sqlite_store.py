@@ -2,6 +2,7 @@
 
 import asyncio
 import sqlite3
+import subprocess
 
 import pytest
 
@@ -70,13 +71,21 @@ async def test_reopen_keeps_jobs_and_refuses_newer_schema(tmp_path):
 
 
 async def test_unopenable_paths_give_clear_errors(tmp_path):
-    """A missing folder or a file that is not SQLite is a StoreError naming the path."""
+    """A missing folder, a file that is not SQLite or a read-only folder is a StoreError naming the path."""
     with pytest.raises(StoreError, match="does not exist"):
         await SQLiteStore(tmp_path / "no" / "such" / "x.db").open()
     junk = tmp_path / "junk.db"
     junk.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match="junk.db"):
         await SQLiteStore(junk).open()
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(readonly)], check=True)
+    try:
+        with pytest.raises(StoreError, match="store.path .*readonly.*Read-only file system"):
+            await SQLiteStore(readonly / "x.db").open()
+    finally:
+        subprocess.run(["umount", "-l", str(readonly)], check=False)
 
 
 @pytest.mark.parametrize("name", ["CLAIM_SQL", "POSITION_SQL", "POSITIONS_SQL", "BY_PRIORITY_SQL", "NEXT_RUN_SQL",
