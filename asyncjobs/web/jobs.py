@@ -223,7 +223,7 @@ async def monitor(request: web.Request) -> web.StreamResponse:
     try:
         requested = protocol.requested_wait(request.query, request.headers.get("Prefer"))
     except InvalidRequest as exc:  # still an answer about the job, when there is one: its status and ETag
-        with contextlib.suppress(RequestError):
+        with contextlib.suppress(RequestError, StoreError):  # no job, or no store: the 400 all the same
             found = await queue.find(job_id, owner=visible_owner(request))
             exc.job_status, exc.job_version = found.status.value, found.version
         raise
