@@ -171,7 +171,9 @@ class App:
         from .postgres import PostgresStore
 
         assert isinstance(self.store, PostgresStore)
-        return ClusterFeed(self.store, self.hub, node=self.node, on_queued=lambda: self.queue.wakeup.set())
+        # A node whose listener is silent for a whole lease is as gone as one whose lease ended.
+        return ClusterFeed(self.store, self.hub, node=self.node, on_queued=lambda: self.queue.wakeup.set(),
+                           silent_s=self.config.cluster.lease)
 
     def _shared_rates(self) -> Rates | None:
         """With a submit rate on a store other processes share, the buckets live in the store, so the rate

@@ -11,6 +11,9 @@ heartbeat reads them from the row, should the notification be missed).
 Nothing here is trusted to be complete: the connection may drop, and a notification that did not fit
 says only "re-read". So the feed re-reads every watched job after it reconnects, and once a second
 whatever happens (the polling fallback, always on): a completion is late at worst, never missed.
+
+A listener that stops reading (its node frozen) would hold the database's queue of notifications until
+it filled; every node ends the listeners of others silent for a lease (``Listening.end_silent``).
 """
 
 from __future__ import annotations
@@ -36,13 +39,18 @@ class ClusterFeed:
     """The ``Feed`` of a ``PostgresStore`` shared by many nodes."""
 
     def __init__(self, store: PostgresStore, hub: Hub, *, node: str, on_queued: Callable[[], None],
-                 poll_s: float = 1.0, ping_s: float = 5.0, max_backoff_s: float = 5.0) -> None:
+                 poll_s: float = 1.0, ping_s: float = 5.0, max_backoff_s: float = 5.0,
+                 silent_s: float = 30.0) -> None:
         self.store = store
         self.hub = hub
         self.node = node
         self.on_queued = on_queued  # a job became due somewhere: this node's dispatcher looks
         self.poll_s = poll_s
-        self.ping_s = ping_s
+        self.ping_s = ping_s  # how long the connection has to answer (at the start, and a ping)
+        # Another node's listener that has not pinged for silent_s is ended (Listening.end_silent); this
+        # node pings three times in that time.
+        self.silent_s = silent_s
+        self.ping_every_s = min(ping_s, silent_s / 3)
         self.max_backoff_s = max_backoff_s
         self.up = False
         self.reconnects = 0  # times the listening connection was made again after a loss (for tests)
@@ -104,16 +112,25 @@ class ClusterFeed:
             log.warning("change feed: the listening connection is lost; reconnecting")
 
     async def _hold(self, listening: Listening, lost: asyncio.Event) -> None:
-        """Return when the connection is lost, or stops answering its periodic ping."""
+        """Return when the connection is lost, or stops answering its periodic ping. After each ping, end
+        the listeners of other nodes silent for ``silent_s``."""
         while not lost.is_set():
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.ping_s):
+                async with asyncio.timeout(self.ping_every_s):
                     await lost.wait()
             if not lost.is_set():
                 try:
                     await listening.ping(self.ping_s)
                 except StoreError:
                     return
+                try:
+                    ended = await listening.end_silent(self.node, self.silent_s)
+                except StoreError as exc:  # (a lost connection: the next ping says so)
+                    log.warning("change feed: %s", exc)
+                    continue
+                for name in ended:
+                    log.warning("change feed: ended the listening session %r, silent for %gs (its node is"
+                                " stopped or cut off); it listens again once back", name, self.silent_s)
 
     def _on_change(self, payload: str) -> None:
         node, _, body = payload.partition("|")

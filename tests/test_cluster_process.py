@@ -166,6 +166,60 @@ async def test_a_node_stopped_inside_a_transaction_holds_up_no_other_node(server
         await watcher.close()
 
 
+async def test_a_frozen_nodes_listener_is_ended_so_it_cannot_hold_the_notification_queue(server_factory, tmp_path,
+                                                                                        postgres_url):
+    """A node frozen (SIGSTOP) keeps its listening connection open and stops reading it: the database cannot
+    drop a notification from its queue until every listener has read it, so under load the queue would
+    fill and every node's writes fail. The other nodes end a listener silent for a whole lease, even one
+    blocked sending to its frozen node; a live node's listener stays; the frozen node, thawed, listens
+    again and goes on."""
+    config = node_config(tmp_path)
+    a = server_factory("--db", postgres_url, config_text=config)
+    b = server_factory("--db", postgres_url, config_text=config)
+    assert a.proc is not None
+    watcher = await asyncpg.connect(postgres_url)
+
+    async def listener(url: str) -> int | None:
+        async with http.get(f"{url}/healthz") as resp:
+            node = (await resp.json())["node"]
+        return await watcher.fetchval("SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                                      " AND application_name = left('asyncjobs-listen ' || $1::text, 63)", node)
+
+    stopped = False
+    try:
+        async with aiohttp.ClientSession() as http:
+            await eventually(lambda: listener(a.url), "A to listen")
+            a_pid, b_pid = await listener(a.url), await listener(b.url)
+            assert a_pid and b_pid
+            a.proc.send_signal(signal.SIGSTOP)
+            stopped = True
+            # More than the sockets hold: A's session blocks, sending to a node that does not read.
+            for _ in range(200):
+                await watcher.execute("SELECT pg_notify('asyncjobs_changes', $1)", "x" * 7000)
+
+            async def a_ended() -> bool:
+                return not await watcher.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", a_pid)
+
+            await eventually(a_ended, "A's silent listening session to be ended", timeout_s=20)
+            assert await listener(b.url) == b_pid, "B pinged all along: its listener stays"
+            await eventually(lambda: re.search(r"ended the listening session 'asyncjobs-listen ", b.log()),
+                             "B to say whose session it ended")
+            a.proc.send_signal(signal.SIGCONT)
+            stopped = False
+            await eventually(lambda: re.search(r"change feed: listening again", a.log()), "A to listen again")
+            assert await listener(a.url) not in (None, a_pid)
+            async with http.post(f"{a.url}/jobs", json={"task": "noop"}) as resp:
+                assert resp.status == 202, await resp.text()
+                job_id = (await resp.json())["id"]
+            assert (await until_terminal(http, b.url, [job_id], timeout_s=20))[job_id]["status"] == "succeeded"
+            assert await listener(b.url) == b_pid
+            assert "Traceback" not in a.log() + b.log()
+    finally:
+        if stopped:
+            a.proc.send_signal(signal.SIGCONT)
+        await watcher.close()
+
+
 async def _running(http: aiohttp.ClientSession, url: str, job_id: str) -> bool:
     return (await job_state(http, url, job_id))["status"] == "running"
 
