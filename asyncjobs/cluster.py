@@ -128,9 +128,10 @@ class ClusterFeed:
                 except StoreError as exc:  # (a lost connection: the next ping says so)
                     log.warning("change feed: %s", exc)
                     continue
-                for name in ended:
-                    log.warning("change feed: ended the listening session %r, silent for %gs (its node is"
-                                " stopped or cut off); it listens again once back", name, self.silent_s)
+                for name, blocked in ended:
+                    log.warning("change feed: ended the listening session %r, silent for %gs%s (its node is"
+                                " stopped or cut off); it listens again once back", name, self.silent_s,
+                                " and blocked sending to its node" if blocked else "")
 
     def _on_change(self, payload: str) -> None:
         node, _, body = payload.partition("|")

@@ -284,7 +284,8 @@ RUNNING_SQL = (f"SELECT {_COLUMNS}, cancel_reason, $3::bool AND {_OWNER_GONE} AS
 # The listening sessions of other nodes silent (no ping, see cluster.ClusterFeed) for $2 seconds, ended. A
 # live listener pings every few seconds, and its only statements are the ping and LISTEN, so its state
 # changes at every ping; one in ClientWrite is blocked on a node that stopped reading.
-END_SILENT_SQL = ("SELECT application_name, pg_terminate_backend(pid) AS ended FROM pg_stat_activity"
+END_SILENT_SQL = ("SELECT application_name, wait_event = 'ClientWrite' AS blocked, pg_terminate_backend(pid) AS ended"
+                  " FROM pg_stat_activity"
                   " WHERE datname = current_database() AND application_name LIKE 'asyncjobs-listen %'"
                   " AND application_name <> left('asyncjobs-listen ' || $1, 63) AND pid <> pg_backend_pid()"
                   " AND usename = current_user AND state_change < clock_timestamp() - make_interval(secs => $2)")
@@ -1045,17 +1046,19 @@ class Listening:
         except _DB_ERRORS as exc:
             raise StoreError(f"the listening connection is lost: {exc}") from exc
 
-    async def end_silent(self, node: str, silent_s: float) -> list[str]:
+    async def end_silent(self, node: str, silent_s: float) -> list[tuple[str, bool]]:
         """End the listening sessions of other nodes that have not pinged for ``silent_s`` (a node frozen or
-        cut off with its connection open), and name them. A listener that stops reading holds the database's
-        queue of notifications (8 GB) at its place: were it left for hours under load, every NOTIFY, and so
-        every write of every node, would fail once the queue is full. A node's own role may end its sessions;
-        a node connected as another role is skipped. The node, once back, listens again and re-reads."""
+        cut off with its connection open): each one's name, and whether it was blocked sending to its node.
+
+        A listener that stops reading holds the database's queue of notifications (8 GB) at its place: were
+        it left for hours under load, every NOTIFY, and so every write of every node, would fail once the
+        queue is full. A node's own role may end its sessions; a node connected as another role is skipped.
+        The node, once back, listens again and re-reads."""
         try:
             rows = await self._db.fetch(END_SILENT_SQL, node, silent_s)
         except _DB_ERRORS as exc:
             raise StoreError(f"cannot look for silent listeners: {exc}") from exc
-        return [r["application_name"] for r in rows if r["ended"]]
+        return [(r["application_name"], bool(r["blocked"])) for r in rows if r["ended"]]
 
     async def close(self) -> None:
         try:

@@ -193,17 +193,19 @@ async def test_a_frozen_nodes_listener_is_ended_so_it_cannot_hold_the_notificati
             assert a_pid and b_pid
             a.proc.send_signal(signal.SIGSTOP)
             stopped = True
-            # More than the sockets hold: A's session blocks, sending to a node that does not read.
-            for _ in range(200):
-                await watcher.execute("SELECT pg_notify('asyncjobs_changes', $1)", "x" * 7000)
+            # More than the sockets hold (7 MB, distinct: equal ones in a transaction are sent once): A's
+            # session blocks, sending to a node that does not read.
+            await watcher.execute("SELECT pg_notify('asyncjobs_changes', repeat('x', 7000) || g)"
+                                  " FROM generate_series(1, 1000) g")
 
             async def a_ended() -> bool:
                 return not await watcher.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", a_pid)
 
             await eventually(a_ended, "A's silent listening session to be ended", timeout_s=20)
             assert await listener(b.url) == b_pid, "B pinged all along: its listener stays"
-            await eventually(lambda: re.search(r"ended the listening session 'asyncjobs-listen ", b.log()),
-                             "B to say whose session it ended")
+            await eventually(lambda: re.search(r"ended the listening session 'asyncjobs-listen .*"
+                                               r" and blocked sending to its node", b.log()),
+                             "B to say whose session it ended, and that it was blocked")
             a.proc.send_signal(signal.SIGCONT)
             stopped = False
             await eventually(lambda: re.search(r"change feed: listening again", a.log()), "A to listen again")
