@@ -239,7 +239,7 @@ async def test_a_database_restart_mid_load_gives_503s_never_500s_and_loses_nothi
                                                                                     private_cluster):
     """Two nodes take submits while PostgreSQL is stopped and started again: every answer is 202 or 503 (with
     Retry-After), /healthz says unavailable meanwhile, the nodes reconnect on their own, and every job
-    acknowledged ends."""
+    acknowledged ends; meanwhile a malformed ?wait is still a 400, not a 503."""
     url = create_database(private_cluster.server)
     config = node_config(tmp_path)
     servers = [server_factory("--db", url, config_text=config) for _ in range(2)]
@@ -270,6 +270,12 @@ async def test_a_database_restart_mid_load_gives_503s_never_500s_and_loses_nothi
                     body = await resp.json()
                     assert resp.status == 503 and body["status"] == "unavailable" and body["store"] == "down"
                     assert "Retry-After" in resp.headers
+                # A client's mistake stays a 400 while the store is away: the job's status and ETag that
+                # a malformed ?wait's 400 carries are extras, and looking them up must not make it a 503.
+                async with http.get(f"{server.url}/jobs/{acked[0]}?wait=soon") as resp:
+                    problem = await resp.json()
+                    assert resp.status == 400, (resp.status, problem)
+                    assert problem["errors"] == [{"field": "wait", "message": "expected a non-negative number"}]
             await asyncio.sleep(1.0)
         finally:
             await asyncio.to_thread(private_cluster.start)
