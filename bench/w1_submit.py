@@ -140,6 +140,20 @@ def summarise_profile(raw: Path, out: Path, top: int = 40,
     lines += [f"{n / total:6.1%}  {f}" for f, n in self_t.most_common(top)]
     lines += ["", "## inclusive (top)"]
     lines += [f"{n / total:6.1%}  {f}" for f, n in incl.most_common(top)]
+    if len(threads) > 1:  # recorded with --threads: each thread apart, by function (lines merged), as shares
+        for thread, samples in threads.most_common():  # of the thread's own samples
+            own = [([re.sub(r":\d+\)$", ")", f) for f in stack.split(";")[1:]], int(count)) for stack, _, count in
+                   (line.rpartition(" ") for line in raw.read_text().splitlines()) if stack.split(";")[0] == thread]
+            t_self: Counter = Counter()
+            t_incl: Counter = Counter()
+            for frames, n in own:
+                t_self[frames[-1] if frames else "(no Python frame)"] += n
+                for frame in set(frames):
+                    t_incl[frame] += n
+            lines += ["", f"## {thread}: {samples} samples; self (top)"]
+            lines += [f"{n / samples:6.1%}  {f}" for f, n in t_self.most_common(top // 2)]
+            lines += ["", f"## {thread}: inclusive (top)"]
+            lines += [f"{n / samples:6.1%}  {f}" for f, n in t_incl.most_common(top)]
     out.write_text("\n".join(lines) + "\n")
     shutil.copy(raw, out.with_suffix(".collapsed"))
 

@@ -15,6 +15,11 @@ and its commits a job. The setups run in turn within each run; the medians are p
 - normal: `synchronous = "normal"`: no fsync at a commit (not durable: for comparison only).
 - uvloop: `server.loop = "uvloop"` (what `auto` picks where the `speed` extra is installed).
 - workersN: N workers instead of 8.
+
+With `--profile-drain OUT`, one more run of the first setup (not counted in the medians) is sampled by py-spy
+(`--threads --idle`, pinned to core 1) from the end of its submits until the last job has run: a flat
+profile of the drain, each thread apart, goes to OUT (idle time shows as `select` on the event loop and as
+the executor's wait on the writer thread).
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import argparse
 import asyncio
 import os
 import shutil
+import signal
 import statistics
+import subprocess
 import time
 from itertools import pairwise
 from pathlib import Path
@@ -31,7 +38,8 @@ from pathlib import Path
 import aiohttp
 import orjson
 from server import Server, machine, scrape
-from w1_submit import LOAD_CORE, SERVER_CORE, pin
+from cost import py_spy
+from w1_submit import LOAD_CORE, SERVER_CORE, pin, summarise_profile
 from w2_end_to_end import confirm_all, raw_submitter
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -58,9 +66,10 @@ def metrics(server: Server) -> tuple[float, float]:
     return succeeded, commits
 
 
-async def drive(server: Server, jobs: int, concurrency: int,
-                deadline_s: float) -> list[tuple[float, float, float, float]]:
-    """The W2 load; (wall clock, server CPU, jobs succeeded, commits) at its start and after each phase."""
+async def drive(server: Server, jobs: int, concurrency: int, deadline_s: float,
+                profile_raw: Path | None = None) -> list[tuple[float, float, float, float]]:
+    """The W2 load; (wall clock, server CPU, jobs succeeded, commits) at its start and after each phase.
+    With ``profile_raw``, py-spy samples the drain into it."""
     pid = server.proc.pid
     marks = []
 
@@ -76,26 +85,36 @@ async def drive(server: Server, jobs: int, concurrency: int,
     await asyncio.wait_for(asyncio.gather(*(raw_submitter(server, body, counter, ids)
                                             for _ in range(concurrency))), deadline_s)
     mark()
+    spy = None if profile_raw is None else subprocess.Popen(
+        ["taskset", "-c", LOAD_CORE, py_spy(), "record", "--format", "raw", "--threads", "--idle", "-r", "250",
+         "-o", str(profile_raw), "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     async with aiohttp.ClientSession(server.url) as session:
         async with session.get(f"/jobs/{ids[-1]}?wait=60&redirect=false") as r:
             if (await r.json(loads=orjson.loads))["status"] != "succeeded":
                 raise RuntimeError("the last job did not succeed")
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
         mark()
         await confirm_all(session, ids, started=started, deadline_s=deadline_s)
         mark()
     return marks
 
 
-def measure(name: str, jobs: int, deadline_s: float) -> dict:
+def measure(name: str, jobs: int, deadline_s: float, profile: Path | None = None) -> dict:
     server = Server(**setup_options(name))
     try:
         pin(server.proc.pid, SERVER_CORE)
         before = os.sched_getaffinity(0)
         os.sched_setaffinity(0, {int(LOAD_CORE)})
         try:
-            marks = asyncio.run(drive(server, jobs, 64, deadline_s))
+            raw = None if profile is None else server.dir / "drain.raw"
+            marks = asyncio.run(drive(server, jobs, 64, deadline_s, raw))
         finally:
             os.sched_setaffinity(0, before)
+        if profile is not None:
+            summarise_profile(server.dir / "drain.raw", profile,
+                              title=f"asyncjobs serve ({name}), the drain of W2 after {jobs} noop submits")
     finally:
         server.stop()
         shutil.rmtree(server.dir, ignore_errors=True)
@@ -116,6 +135,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--setups", default="defaults,normal,workers16,workers32")
     parser.add_argument("--deadline", type=float, default=300)
+    parser.add_argument("--profile-drain", type=Path, help="py-spy the drain of one more run into this file")
     args = parser.parse_args()
     names = args.setups.split(",")
     for name in names:
@@ -141,6 +161,10 @@ def main() -> None:
               f" {m['submit done']:,.0f} | {m['drain s']:.2f}, {m['drain cpu %']:.0f}%, {m['drain done']:,.0f},"
               f" {m['drain done'] / m['drain s']:,.0f}, {m['drain commits/job']:.3f} | {m['confirm s']:.2f},"
               f" {m['confirm cpu %']:.0f}% |")
+    if args.profile_drain:
+        r = measure(names[0], args.jobs, args.deadline, args.profile_drain)
+        print(f"\nprofiled run of {names[0]} (not in the medians): {r['jobs/s']:,.0f} jobs/s, drain {r['drain s']:.2f} s"
+              f" ({r['drain cpu %']:.0f}%), {r['drain done']:,.0f} jobs; the drain's profile in {args.profile_drain}")
 
 
 if __name__ == "__main__":
