@@ -37,8 +37,8 @@ from pathlib import Path
 
 import aiohttp
 import orjson
-from server import Server, machine, scrape
 from cost import py_spy
+from server import Server, machine, scrape
 from w1_submit import LOAD_CORE, SERVER_CORE, pin, summarise_profile
 from w2_end_to_end import confirm_all, raw_submitter
 
@@ -163,8 +163,9 @@ def main() -> None:
               f" {m['confirm cpu %']:.0f}% |")
     if args.profile_drain:
         r = measure(names[0], args.jobs, args.deadline, args.profile_drain)
-        print(f"\nprofiled run of {names[0]} (not in the medians): {r['jobs/s']:,.0f} jobs/s, drain {r['drain s']:.2f} s"
-              f" ({r['drain cpu %']:.0f}%), {r['drain done']:,.0f} jobs; the drain's profile in {args.profile_drain}")
+        print(f"\nprofiled run of {names[0]} (not in the medians): {r['jobs/s']:,.0f} jobs/s,"
+              f" drain {r['drain s']:.2f} s ({r['drain cpu %']:.0f}%), {r['drain done']:,.0f} jobs;"
+              f" the drain's profile in {args.profile_drain}")
 
 
 if __name__ == "__main__":
