@@ -112,27 +112,28 @@ def asyncjobs_run(synchronous: str, duration: int, connections: int, profile: Pa
             shutil.rmtree(server.dir, ignore_errors=True)
 
 
-def summarise_profile(raw: Path, out: Path, top: int = 40,
-                      title: str = "asyncjobs serve under W1 load (synchronous=full)") -> None:
-    """py-spy's raw format is collapsed stacks ("f1;f2;f3 count"): flat self and inclusive time."""
+def _flat(stacks: list[tuple[list[str], int]]) -> tuple[Counter, Counter]:
+    """Self and inclusive samples per frame of collapsed stacks."""
     self_t: Counter = Counter()
     incl: Counter = Counter()
-    total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
-        n = int(count)
-        total += n
-        frames = stack.split(";")
-        self_t[frames[-1]] += n
+    for frames, n in stacks:
+        self_t[frames[-1] if frames else "(no Python frame)"] += n
         for frame in set(frames):
             incl[frame] += n
+    return self_t, incl
+
+
+def summarise_profile(raw: Path, out: Path, top: int = 40,
+                      title: str = "asyncjobs serve under W1 load (synchronous=full)") -> None:
+    """py-spy's raw format is collapsed stacks ("f1;f2;f3 count"): flat self and inclusive time; recorded
+    with ``--threads`` (the first frame names the thread), each thread apart as well."""
+    stacks = [(stack.split(";"), int(count)) for stack, _, count in
+              (line.rpartition(" ") for line in raw.read_text().splitlines()) if stack]
+    total = sum(n for _, n in stacks)
+    self_t, incl = _flat(stacks)
     threads: Counter = Counter()
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if stack:
-            threads[stack.split(";")[0]] += int(count)
+    for frames, n in stacks:
+        threads[frames[0]] += n
     lines = [f"py-spy record --threads, {total} samples, {title}", "",
              "## samples per thread"]
     lines += [f"{n:6d}  {t}" for t, n in threads.most_common()]
@@ -140,16 +141,10 @@ def summarise_profile(raw: Path, out: Path, top: int = 40,
     lines += [f"{n / total:6.1%}  {f}" for f, n in self_t.most_common(top)]
     lines += ["", "## inclusive (top)"]
     lines += [f"{n / total:6.1%}  {f}" for f, n in incl.most_common(top)]
-    if len(threads) > 1:  # recorded with --threads: each thread apart, by function (lines merged), as shares
-        for thread, samples in threads.most_common():  # of the thread's own samples
-            own = [([re.sub(r":\d+\)$", ")", f) for f in stack.split(";")[1:]], int(count)) for stack, _, count in
-                   (line.rpartition(" ") for line in raw.read_text().splitlines()) if stack.split(";")[0] == thread]
-            t_self: Counter = Counter()
-            t_incl: Counter = Counter()
-            for frames, n in own:
-                t_self[frames[-1] if frames else "(no Python frame)"] += n
-                for frame in set(frames):
-                    t_incl[frame] += n
+    if len(threads) > 1:  # each thread apart, by function (line numbers merged), as shares of its own samples
+        for thread, samples in threads.most_common():
+            t_self, t_incl = _flat([([re.sub(r":\d+\)$", ")", f) for f in frames[1:]], n)
+                                    for frames, n in stacks if frames[0] == thread])
             lines += ["", f"## {thread}: {samples} samples; self (top)"]
             lines += [f"{n / samples:6.1%}  {f}" for f, n in t_self.most_common(top // 2)]
             lines += ["", f"## {thread}: inclusive (top)"]

@@ -89,12 +89,14 @@ async def drive(server: Server, jobs: int, concurrency: int, deadline_s: float,
         ["taskset", "-c", LOAD_CORE, py_spy(), "record", "--format", "raw", "--threads", "--idle", "-r", "250",
          "-o", str(profile_raw), "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     async with aiohttp.ClientSession(server.url) as session:
-        async with session.get(f"/jobs/{ids[-1]}?wait=60&redirect=false") as r:
-            if (await r.json(loads=orjson.loads))["status"] != "succeeded":
-                raise RuntimeError("the last job did not succeed")
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)
-            spy.wait(60)
+        try:
+            async with session.get(f"/jobs/{ids[-1]}?wait=60&redirect=false") as r:
+                if (await r.json(loads=orjson.loads))["status"] != "succeeded":
+                    raise RuntimeError("the last job did not succeed")
+        finally:  # the drain is over (or failed): py-spy writes its samples as it stops
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(60)
         mark()
         await confirm_all(session, ids, started=started, deadline_s=deadline_s)
         mark()
