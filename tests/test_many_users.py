@@ -91,6 +91,17 @@ async def test_no_cache_forces_a_new_job_and_the_newest_equal_job_is_reused(make
     assert again.status == 303 and again.headers["Location"] == f"/jobs/{newest['id']}"
 
 
+async def test_no_cache_on_a_second_cache_control_line_still_makes_a_new_job(make_client):
+    """Several `Cache-Control` field lines are one list (RFC 9110 5.3): `no-cache` on the second counts."""
+    client, _ = await make_client(**reusing(block={"reuse": 60}))
+    body = {"task": "block", "params": {"seconds": 30}}
+    first = await (await client.post("/jobs", json=body)).json()
+    fresh = await client.post("/jobs", json=body, headers=[("Cache-Control", "max-age=0"), ("Cache-Control", "no-cache")],
+                              allow_redirects=False)
+    assert fresh.status == 202
+    assert (await fresh.json())["id"] != first["id"]
+
+
 async def test_prefer_wait_applies_to_the_reused_job(make_client):
     """A reused job that ends within the wait answers 201 as a new one would; one still running, 303."""
     client, _ = await make_client(**reusing(echo={"reuse": 60}, block={"reuse": 60}))

@@ -383,6 +383,23 @@ async def test_submit_prefer_wait_among_other_preferences(start):
     assert body["result"] == {"a": 1}
 
 
+async def test_prefer_and_if_none_match_on_several_field_lines_count_as_one_list(start):
+    """RFC 9110 5.3: `Prefer: a` then `Prefer: wait=N` on a second line is `Prefer: a, wait=N`; so too for
+    `If-None-Match` (the current tag on the second line still matches)."""
+    client, _ = await start()
+    resp = await client.post("/jobs", json={"task": "echo", "params": {"a": 1}},
+                             headers=[("Prefer", "respond-async"), ("Prefer", "wait=20")], allow_redirects=False)
+    body = await resp.json()
+    assert resp.status == 201 and resp.headers["Preference-Applied"] == "wait=20", body
+    etag = f'W/"{body["version"]}"'
+    again = await client.get(f"/jobs/{body['id']}", headers=[("If-None-Match", 'W/"0"'), ("If-None-Match", etag)],
+                             allow_redirects=False)
+    assert again.status == 304
+    stale = await client.get(f"/jobs/{body['id']}", headers=[("If-None-Match", 'W/"0"'), ("If-None-Match", 'W/"1"')],
+                             allow_redirects=False)
+    assert stale.status == 303
+
+
 async def test_task_route_honours_prefer_wait(start):
     """A task mounted on its own route answers `Prefer: wait` like `POST /jobs`."""
     client, _ = await start()

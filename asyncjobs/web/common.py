@@ -150,6 +150,15 @@ def job_id_of(request: web.Request) -> str:
     return request.match_info["job_id"]
 
 
+def list_header(request: web.Request, name: str) -> str | None:
+    """A list-valued header (``Prefer``, ``If-None-Match``, ``Cache-Control``, ``Accept``) as one value: several
+    field lines of one name mean the same as their values joined by commas (RFC 9110, section 5.3)."""
+    values = request.headers.getall(name, ())
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else ", ".join(values)
+
+
 
 
 # -- auth ----------------------------------------------------------------------

@@ -11,7 +11,7 @@ from .. import protocol
 from ..errors import JobGone
 from ..models import Job
 from ..queue import JobQueue
-from .common import problem_body, problem_response
+from .common import list_header, problem_body, problem_response
 
 SEND_BYTES = 1 << 20  # a chunk when sendfile is not available
 
@@ -23,7 +23,7 @@ async def send_file_result(request: web.Request, queue: JobQueue, job: Job) -> w
         sha256=stored["sha256"], size=stored["size"], name=stored["name"], content_type=stored["content_type"],
         stored_at=job.finished_at or job.created_at, method=request.method,
         range_header=request.headers.get("Range"), if_range=request.headers.get("If-Range"),
-        if_none_match=request.headers.get("If-None-Match"), if_match=request.headers.get("If-Match"),
+        if_none_match=list_header(request, "If-None-Match"), if_match=list_header(request, "If-Match"),
         if_unmodified_since=request.headers.get("If-Unmodified-Since"),
         if_modified_since=request.headers.get("If-Modified-Since"))
     if answer.status == 304:

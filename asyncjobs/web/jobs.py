@@ -26,6 +26,7 @@ from .common import (
     caller_of,
     job_id_of,
     json_response,
+    list_header,
     principal_of,
     problem_body,
     problem_response,
@@ -105,7 +106,7 @@ async def _submit(request: web.Request, queue: JobQueue, body: protocol.Submit,
         inserted = await queue.submit(
             body.task, body.params, priority=body.priority, delay_s=body.delay_s, owner=owner,
             idempotency_key=key, request_hash=request_hash, callback_url=body.callback_url, uploads=files,
-            fresh=protocol.wants_fresh(request.headers.get("Cache-Control")), refuse_new=over_rate)
+            fresh=protocol.wants_fresh(list_header(request, "Cache-Control")), refuse_new=over_rate)
     except BaseException as exc:
         if spent_from is not None:
             bucket = await asyncio.shield(spent_from.give_back(owner))  # a refused submit spends no token
@@ -139,7 +140,7 @@ async def _take_token(rates: Rates | None, owner: str) -> tuple[BucketState | No
 
 async def _answer_reuse(request: web.Request, queue: JobQueue, job: Job) -> web.Response:
     """An equal job answers: 303 to it; with ``Prefer: wait=N``, 201/200 if it ends within N seconds."""
-    requested = protocol.requested_wait({}, request.headers.get("Prefer"))
+    requested = protocol.requested_wait({}, list_header(request, "Prefer"))
     applied = None if requested is None else protocol.applied_wait(requested, request.app[SETTINGS_KEY].max_wait_s)
     if applied:
         job = await _held(request, queue.wait(job.id, timeout_s=applied, until=lambda j: j.terminal,
@@ -153,7 +154,7 @@ async def _answer_reuse(request: web.Request, queue: JobQueue, job: Job) -> web.
 async def _answer_submit(request: web.Request, queue: JobQueue, job: Job, *,
                          just_submitted: bool = False) -> web.Response:
     """202 at once; with ``Prefer: wait=N``, hold up to N seconds for a terminal state (201 / 200)."""
-    requested = protocol.requested_wait({}, request.headers.get("Prefer"))
+    requested = protocol.requested_wait({}, list_header(request, "Prefer"))
     if requested is None:
         return await _accepted(queue, job, {"Vary": "Prefer"}, just_submitted=just_submitted)
     applied = protocol.applied_wait(requested, request.app[SETTINGS_KEY].max_wait_s)
@@ -219,9 +220,9 @@ async def monitor(request: web.Request) -> web.StreamResponse:
     queue = request.app[QUEUE_KEY]
     settings = request.app[SETTINGS_KEY]
     job_id = job_id_of(request)
-    if_none_match = request.headers.get("If-None-Match")
+    if_none_match = list_header(request, "If-None-Match")
     try:
-        requested = protocol.requested_wait(request.query, request.headers.get("Prefer"))
+        requested = protocol.requested_wait(request.query, list_header(request, "Prefer"))
     except InvalidRequest as exc:  # still an answer about the job, when there is one: its status and ETag
         with contextlib.suppress(RequestError, StoreError):  # no job, or no store: the 400 all the same
             found = await queue.find(job_id, owner=visible_owner(request))
@@ -248,7 +249,7 @@ async def result(request: web.Request) -> web.StreamResponse:
     job = await queue.find(job_id_of(request), owner=visible_owner(request))
     view = await queue.view(job) if not job.terminal else None
     answer = protocol.result_answer(job, eta=view.eta if view else None, now=queue.clock(),
-                                    if_none_match=request.headers.get("If-None-Match"))
+                                    if_none_match=list_header(request, "If-None-Match"))
     if answer.status in (200, 304) and job.files is not None and job.files.get("result"):
         return await downloads.send_file_result(request, queue, job)  # a file has validators of its own
     if answer.status == 304:

@@ -28,6 +28,7 @@ from .common import (
     SETTINGS_KEY,
     is_admin,
     json_response,
+    list_header,
     principal_of,
     session_of,
     visible_owner,
@@ -96,7 +97,7 @@ def wants_html(request: web.Request) -> bool:
     ``application/json``: a browser's ``text/html,…,*/*;q=0.8`` gets the page; ``*/*`` alone
     (curl, most HTTP libraries), no ``Accept`` at all, or anything naming JSON first gets JSON.
     """
-    header = request.headers.get("Accept")
+    header = list_header(request, "Accept")
     if not header:
         return False
     ranges = _accept_ranges(header)
@@ -184,7 +185,7 @@ async def job_page(request: web.Request) -> web.StreamResponse:
         return _message_page(request, 404, "No such job",
                              "There is no job with this id: it never existed, it was deleted, or it is not yours.")
     etag = protocol.page_etag(job)
-    if protocol.etag_matches(request.headers.get("If-None-Match"), etag):
+    if protocol.etag_matches(list_header(request, "If-None-Match"), etag):
         return web.Response(status=304, headers={**PAGE_HEADERS, "ETag": etag})
     view = await queue.view(job)
     body = protocol.job_body(job, eta=view.eta, queue_position=view.queue_position)
