@@ -286,6 +286,27 @@ async def test_sse_unknown_job_is_a_404_problem(start):
     assert resp.content_type == PROBLEM
 
 
+async def test_sse_head_answers_the_stream_headers_without_events(start):
+    """HEAD of a running job's events: the headers of the stream, no event after them, and the connection
+    serves the next request (RFC 9110 9.3.2: a HEAD answer has no content)."""
+    client, _ = await start()
+    job = await running_job(client, "block", {"seconds": 30})
+    host, port = client.server.host, client.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        request = f"HEAD /jobs/{job['id']}/events HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head, head
+        writer.write(f"GET /healthz HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        nxt = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert nxt.startswith(b"HTTP/1.1 200"), nxt  # not an event where the next status line should be
+    finally:
+        writer.close()
+    assert (await waiting(client))["event_streams"] == 0
+    await cancel(client, job["id"])
+
+
 async def test_sse_dropped_stream_frees_its_counter(start):
     """A client that closes an event stream is no longer counted as waiting, and its subscription goes."""
     client, app = await start()
@@ -315,6 +336,17 @@ async def test_ws_subscribe_pushes_status_changes_but_not_progress(start):
     assert [f["type"] for f in frames] == ["job", "job"]
     assert [f["job"]["status"] for f in frames] == ["running", "succeeded"]
     assert frames[-1]["job"]["result"] == {"slept": 0.6}
+
+
+async def test_ws_subscribe_to_a_running_job_pushes_no_progress_unless_asked(start):
+    """Subscribed while it runs: its progress is no status change, so the next frame is its terminal state."""
+    client, _ = await start()
+    job = await running_job(client, "sleep", {"seconds": 1, "steps": 10})
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_json({"op": "subscribe", "jobs": [job["id"]]})
+        assert await recv(ws) == {"type": "subscribed", "jobs": [job["id"]]}
+        frames = await recv_until(ws, is_final(job["id"]))
+    assert [(f["type"], f["job"]["status"]) for f in frames] == [("job", "succeeded")]
 
 
 async def test_ws_subscribe_with_progress_pushes_progress_too(start):

@@ -44,6 +44,8 @@ async def events(request: web.Request) -> web.StreamResponse:
             "Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no",
             "ETag": protocol.etag(job)})
         await response.prepare(request)
+        if request.method == "HEAD":  # the stream's headers only: a HEAD answer carries no content
+            return response
         waiters.event_streams += 1
         try:
             last_status: Status | None = None
@@ -207,6 +209,8 @@ async def _subscribe(queue: JobQueue, sock: _Socket, command: protocol.WsCommand
         known.append(job_id)
         if command.progress:
             sock.progress_ids.add(job_id)
+        if not job.terminal:  # the state it has now is no change: the next frame is its next status (or progress)
+            sock.sent.setdefault(job_id, (job.status, job.version))
         if job.terminal:
             finished.append(job)
     await sock.send({"type": "subscribed", "jobs": known})
