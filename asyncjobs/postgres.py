@@ -921,10 +921,11 @@ class PostgresStore:
                                  session_id, now)
         return (rows[0][0], rows[0][1]) if rows else None
 
-    async def next_queued(self, owner: str) -> Job | None:
-        """The queued job of ``owner`` that runs first."""
+    async def next_queued(self, owner: str, *, now: float) -> Job | None:
+        """The queued job of ``owner`` that runs first: of those due at ``now``, the first in dispatch order;
+        with none due, the one due soonest."""
         rows = await self._fetch(f"SELECT {_COLUMNS} FROM jobs WHERE owner = $1 AND status = 'queued'"
-                                 " ORDER BY vt, seq LIMIT 1", owner)
+                                 " ORDER BY GREATEST(run_at, $2), vt, seq LIMIT 1", owner, now)
         return row_to_job(rows[0]) if rows else None
 
     async def min_queued_vt(self) -> int:

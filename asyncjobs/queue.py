@@ -266,14 +266,17 @@ class JobQueue:
         return await self.store.counts()
 
     async def _owner_start_s(self, owner: str) -> int:
-        """Seconds until one of ``owner``'s queued jobs is likely to start: 1 to 60."""
-        job = await self.store.next_queued(owner)
+        """Seconds until one of ``owner``'s queued jobs is likely to start: 1 to 60. Not before it is due
+        (a delayed job), nor before the jobs ahead of it have run (from the mean run time, once known)."""
+        now = self.clock()
+        job = await self.store.next_queued(owner, now=now)
         if job is None:
             return 1
         view = await self.view(job)
-        mean = self.run_times.mean(job.task) or 0.0
-        start = None if view.eta is None else view.eta - mean
-        return protocol.retry_after_s(start, self.clock())
+        start = job.run_at
+        if view.eta is not None:
+            start = max(start, view.eta - (self.run_times.mean(job.task) or 0.0))
+        return protocol.retry_after_s(start, now)
 
     # -- read --------------------------------------------------------------
     async def find(self, job_id: str, *, owner: str | None = None) -> Job:

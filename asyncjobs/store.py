@@ -310,7 +310,7 @@ class Store(Protocol):
     async def session(self, session_id: str, *, now: float) -> tuple[str, str] | None: ...
     async def delete_session(self, session_id: str) -> None: ...
     async def min_queued_vt(self) -> int: ...
-    async def next_queued(self, owner: str) -> Job | None: ...
+    async def next_queued(self, owner: str, *, now: float) -> Job | None: ...
     async def update(self, job: Job, *, expected_version: int, deliver: Payload | None = None,
                      fence: str | None = None) -> bool: ...
     async def delete(self, job_id: str) -> bool: ...
@@ -734,10 +734,11 @@ class SQLiteStore:
                                     (session_id, now))
         return (rows[0][0], rows[0][1]) if rows else None
 
-    async def next_queued(self, owner: str) -> Job | None:
-        """The queued job of ``owner`` that runs first."""
+    async def next_queued(self, owner: str, *, now: float) -> Job | None:
+        """The queued job of ``owner`` that runs first: of those due at ``now``, the first in dispatch order;
+        with none due, the one due soonest."""
         rows = await self._fetchall(f"SELECT {_COLUMNS} FROM jobs INDEXED BY jobs_owner_queued WHERE owner = ?"
-                                    " AND status = 'queued' ORDER BY vt, seq LIMIT 1", (owner,))
+                                    " AND status = 'queued' ORDER BY MAX(run_at, ?), vt, seq LIMIT 1", (owner, now))
         return row_to_job(rows[0]) if rows else None
 
     async def min_queued_vt(self) -> int:

@@ -182,6 +182,20 @@ async def test_max_queued_per_principal_is_429_and_stores_nothing(make_client):
     assert (await client.post("/jobs", json={"task": "echo", "params": {"n": 3}}, headers=auth(BOB))).status == 202
 
 
+@pytest.mark.parametrize("delays, retry_after", [((30,), {29, 30}), ((3600,), {60}), ((3600, 0), {1})])
+async def test_quota_retry_after_waits_for_the_callers_delayed_job(make_client, delays, retry_after):
+    """A caller whose queued job is delayed is told to come back when it is due (at most 60 s), not at once;
+    with a due job of theirs as well, soon."""
+    client, _ = await make_client(limits={"max_queued_per_principal": len(delays)},
+                                  queue={"workers": 1, "shutdown_grace": 0.2})
+    blocker = await (await client.post("/jobs", json={"task": "block", "params": {"seconds": 30}})).json()
+    await wait_status(client, blocker["id"], "running")  # the one worker is busy: a due job stays queued
+    for delay in delays:
+        assert (await client.post("/jobs", json={"task": "noop", "delay": delay})).status == 202
+    refused = await client.post("/jobs", json={"task": "noop"})
+    assert refused.status == 429 and int(refused.headers["Retry-After"]) in retry_after
+
+
 async def _running(client, token: str) -> bool:
     return bool(await jobs_of(client, auth(token), status="running"))
 

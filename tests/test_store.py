@@ -284,10 +284,15 @@ async def test_principals_take_turns_within_a_priority(store):
 
 
 async def test_next_queued_of_an_owner(store):
+    """Of an owner's due jobs the first in dispatch order; with none due, the one due soonest."""
+    later = (await store.insert(make_job(owner="a", run_at=500.0))).job
+    soon = (await store.insert(make_job(owner="a", run_at=300.0))).job
+    assert (await store.next_queued("a", now=100.0)).id == soon.id
     first = (await store.insert(make_job(owner="a"))).job
     await store.insert(make_job(owner="a"))
-    assert (await store.next_queued("a")).id == first.id
-    assert await store.next_queued("nobody") is None
+    assert (await store.next_queued("a", now=100.0)).id == first.id  # due: ahead of the delayed ones
+    assert (await store.next_queued("a", now=600.0)).id == later.id  # all due: the dispatch order
+    assert await store.next_queued("nobody", now=100.0) is None
 
 
 async def test_sessions_live_until_they_expire_or_are_deleted(store):
