@@ -458,6 +458,21 @@ async def test_state_changing_cookie_requests_need_the_csrf_token(start):
     assert resp.status == 202 and (await resp.json())["owner"] == "bob"
 
 
+async def test_a_task_mounted_on_get_needs_the_csrf_token_with_the_cookie(app_factory, aiohttp_client):
+    """A GET task route submits a job: with the cookie it needs the CSRF token as a POST does (an image tag
+    on a sibling site cannot submit); the other GETs need none."""
+    app = app_factory(auth={"tokens": TOKENS}, queue={"shutdown_grace": 0.2},
+                      tasks={"modules": ["asyncjobs.builtin", "tests.get_route_tasks"]})
+    client = await aiohttp_client(app.web, cookie_jar=aiohttp.DummyCookieJar())
+    value, csrf = await sign_in(client, ALICE)
+    resp = await client.get("/lookups/k1", headers=cookie(value))
+    await assert_problem(resp, 403, "GET /lookups/k1 with the cookie and no CSRF token")
+    assert (await (await client.get("/jobs", headers=cookie(value))).json())["jobs"] == []
+    resp = await client.get("/lookups/k1", headers=with_csrf(value, csrf))
+    assert resp.status == 202 and (await resp.json())["owner"] == "alice"
+    assert (await client.get("/lookups/k2", headers=bearer(ALICE))).status == 202
+
+
 async def test_a_cookie_request_from_another_origin_is_refused(start):
     client, _ = await start()
     value, csrf = await sign_in(client, ALICE)

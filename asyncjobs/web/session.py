@@ -46,7 +46,16 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..errors import Forbidden, UnsupportedType
 from . import pages
-from .common import BEARER_CHALLENGE, QUEUE_KEY, SESSIONS_KEY, SETTINGS_KEY, Session, WebSettings, find_principal
+from .common import (
+    BEARER_CHALLENGE,
+    QUEUE_KEY,
+    SESSIONS_KEY,
+    SETTINGS_KEY,
+    SUBMIT_ROUTES_KEY,
+    Session,
+    WebSettings,
+    find_principal,
+)
 
 log = logging.getLogger("asyncjobs.web")
 
@@ -235,7 +244,8 @@ class Sessions:
         if session is None:
             return None
         check_origin(request)
-        if request.method not in SAFE_METHODS:
+        # A task mounted on GET still submits: it changes state as a POST does.
+        if request.method not in SAFE_METHODS or request.match_info.route in request.app[SUBMIT_ROUTES_KEY]:
             await check_csrf(request, session, form=_form_route(request))
         return session
 
