@@ -392,7 +392,11 @@ class JobQueue:
                 raise StateConflict(f"job {job_id} has already {job.status.value}", job_status=job.status.value,
                                     job_version=job.version)
             if job.status is Status.RUNNING:
-                return await self._stop_running(job, CancelReason.REQUEST, owner=owner)
+                job, stopped = await self._stop_running(job, CancelReason.REQUEST, owner=owner)
+                if job.status in (Status.SUCCEEDED, Status.FAILED):  # its outcome was stored before the cancel
+                    raise StateConflict(f"job {job_id} has already {job.status.value}", job_status=job.status.value,
+                                        job_version=job.version)
+                return job, stopped
             new = cancel(job, self.clock(), retention_s=self.retention_s)
             if await self.store.update(new, expected_version=job.version, deliver=self.callback_payload):
                 if new.callback_url is not None:
@@ -415,7 +419,10 @@ class JobQueue:
         """Forget the job (canceling it first); False while a running handler is still stopping."""
         job = await self.find(job_id, owner=owner)
         if not job.terminal:
-            job, stopped = await self.cancel(job_id, owner=owner)
+            try:
+                job, stopped = await self.cancel(job_id, owner=owner)
+            except StateConflict:  # it ended on its own meanwhile: forget it as it is
+                job, stopped = await self.find(job_id, owner=owner), True
             if not stopped:
                 self._delete_when_done.add(job_id)  # finish() forgets it once its handler has stopped
                 found = await self.store.lookup(job_id)

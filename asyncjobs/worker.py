@@ -137,6 +137,11 @@ class _Done:
 _DONE: Any = _Done()
 
 
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 def backoff_s(spec: TaskSpec, attempts: int) -> float:
     """Exponential backoff with jitter before attempt ``attempts + 1``."""
     base = spec.retry_delay * 2 ** max(0, attempts - 1)
@@ -152,7 +157,9 @@ class Workers:
         self.count = count
         self.sweep_interval_s = sweep_interval_s
         self.heartbeat_s = heartbeat_s  # between lease renewals, when leases end (queue.lease_s)
-        self._executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix="asyncjobs-handler")
+        # Twice the workers: a sync handler that ignores its timeout's cancel keeps its thread to the end, and up
+        # to ``count`` of those do not hold the next sync jobs back.
+        self._executor = ThreadPoolExecutor(max_workers=2 * count, thread_name_prefix="asyncjobs-handler")
         self._tasks: dict[str, asyncio.Task] = {}
         self.running: dict[str, Execution] = {}  # the jobs this process runs, by id
         self._pending_cancels: dict[str, CancelReason] = {}  # asked before the job was registered here
@@ -161,6 +168,7 @@ class Workers:
         self._loop_thread = 0  # the event loop's thread, known in start()
         self._report_lock = threading.Lock()
         self._dispatcher: asyncio.Task | None = None
+        self._stopping = False  # set by stop(): the dispatcher claims no more
         self._sweeper: asyncio.Task | None = None
         self._heart: asyncio.Task | None = None
 
@@ -173,6 +181,12 @@ class Workers:
 
     async def stop(self, grace_s: float) -> None:
         """Stop taking jobs; give running ones ``grace_s``; put the rest back in the queue."""
+        # The dispatcher is let finish, not cancelled: a claim in flight commits all the same, and its jobs,
+        # started in the store but never run, must be handed back.
+        self._stopping = True
+        self.queue.wakeup.set()
+        if self._dispatcher is not None:
+            await asyncio.wait({self._dispatcher}, timeout=max(1.0, grace_s))
         for task in (self._dispatcher, self._sweeper):
             if task is not None:
                 task.cancel()
@@ -194,7 +208,7 @@ class Workers:
     # -- dispatch --------------------------------------------------------
     async def _dispatch_loop(self) -> None:
         queue = self.queue
-        while True:
+        while not self._stopping:
             timeout = WAIT_CAP_S  # even with nothing due, look again: a wake-up may have been missed
             if queue.next_due is not None:
                 timeout = min(timeout, max(0.0, queue.next_due - queue.clock()))
@@ -203,10 +217,13 @@ class Workers:
                     await queue.wakeup.wait()
             queue.wakeup.clear()
             free = self.count - self._busy
-            if free <= 0:
+            if free <= 0 or self._stopping:
                 continue
             try:
                 jobs = await queue.claim(free)
+                if self._stopping:
+                    await self._hand_back(jobs)
+                    return
                 for job in jobs:
                     self._launch(job)
                 if queue.next_due is not None and queue.next_due <= queue.clock():
@@ -218,6 +235,16 @@ class Workers:
                 continue
             if len(jobs) == free:
                 queue.wakeup.set()  # there may be more
+
+    async def _hand_back(self, jobs: list[Job]) -> None:
+        """Jobs claimed as the server stops: queued again, their attempt refunded (no handler ran)."""
+        for job in jobs:
+            try:
+                await self.queue.finish(requeue(job, run_at=self.queue.clock(), refund_attempt=True),
+                                        expected_version=job.version)
+            except StoreError as exc:
+                log.error("job %s: claimed as the server stopped and not handed back (%s); it is recovered"
+                          " at the next start", job.id, exc)
 
     def _launch(self, job: Job) -> None:
         """Register a claimed job (before any await, so no cancel request misses it) and run it."""
@@ -333,8 +360,14 @@ class Workers:
                 if execution.cancel_reason is CancelReason.LEASE_LOST:
                     log.warning("job %s: its outcome is discarded (the lease ended)", job.id)
                     self.queue.hub.forget(job.id)
-                elif await self.queue.finish(new, expected_version=execution.stored_version):
-                    execution.stored_version = new.version
+                else:
+                    if new.status is not Status.CANCELED and self._cancel_wins(execution, None):
+                        # A cancel accepted while the outcome was made (its result file stored, say) stands.
+                        if new.files is not None and new.files.get("result"):
+                            await self.queue.files.remove_job(job.id)
+                        new = self._canceled(execution)
+                    if await self.queue.finish(new, expected_version=execution.stored_version):
+                        execution.stored_version = new.version
                 execution.job = new
             except StoreError as exc:
                 log.error("job %s: outcome not stored (%s); it is recovered at the next start, or"
@@ -358,7 +391,14 @@ class Workers:
             params["ctx"] = ctx
         if spec.is_async:
             return await self._outcome_async(spec, execution, ctx, params)
-        handler = loop.run_in_executor(self._executor, lambda: spec.fn(**params))
+        started = loop.create_future()
+
+        def call() -> Any:  # in a handler thread
+            loop.call_soon_threadsafe(_resolve, started)
+            ctx.check_canceled()  # stopped while it waited for a thread: it never starts
+            return spec.fn(**params)
+
+        handler = loop.run_in_executor(self._executor, call)
 
         def stop() -> None:
             ctx._canceled = True
@@ -366,19 +406,34 @@ class Workers:
         execution.stop = stop
         if execution.cancel_reason is not None:
             stop()
+        # The timeout runs from the handler's start: a thread still held by a timed-out handler that ignored
+        # its cancel is no time of this job's.
+        await asyncio.wait({started, handler}, return_when=asyncio.FIRST_COMPLETED)
         done, _ = await asyncio.wait({handler}, timeout=spec.timeout)
         if not done:
             stop()
             return self._timed_out(execution, spec)
-        if execution.cancel_reason is not None:
-            with contextlib.suppress(BaseException):
-                handler.result()  # consume it; a cancel requested wins over whatever the handler did
-            return self._canceled(execution)
+        value: Any = None
+        error: BaseException | None = None
         try:
             value = handler.result()
         except BaseException as exc:
-            return self._raised(execution, spec, exc)
+            error = exc
+        if self._cancel_wins(execution, error):
+            return self._canceled(execution)
+        if error is not None:
+            return self._raised(execution, spec, error)
         return await self._succeeded(execution, ctx, value)
+
+    @staticmethod
+    def _cancel_wins(execution: Execution, error: BaseException | None) -> bool:
+        """Whether a stop asked for decides the outcome over what the handler did. A cancel (by request, by
+        expiry, a lost lease) stands even if the handler then returned; a shutdown only stops a handler
+        that stopped: one that returned or failed on its own keeps that outcome, so it is not run again."""
+        reason = execution.cancel_reason
+        if reason is None:
+            return False
+        return reason is not CancelReason.SHUTDOWN or isinstance(error, (asyncio.CancelledError, Canceled))
 
     async def _outcome_async(self, spec: TaskSpec, execution: Execution, ctx: JobContext,
                              params: dict[str, Any]) -> Job:
@@ -389,11 +444,13 @@ class Workers:
         """
         task = asyncio.current_task()
         assert task is not None
-        in_handler = False
+        in_handler = cancelled = False
 
         def stop() -> None:
+            nonlocal cancelled
             ctx._canceled = True
             if in_handler:
+                cancelled = True
                 task.cancel()
 
         execution.stop = stop
@@ -411,9 +468,9 @@ class Workers:
             error = exc
         finally:
             in_handler = False
-        if execution.cancel_reason is not None:
-            if isinstance(error, asyncio.CancelledError):
-                task.uncancel()  # the cancel was ours and is handled here
+        if cancelled:
+            task.uncancel()  # the cancel was ours and is handled here (even if the handler swallowed it)
+        if self._cancel_wins(execution, error):
             return self._canceled(execution)
         if isinstance(error, asyncio.CancelledError) and task.cancelling():
             raise error  # cancelled from outside (the loop is closing): not the job's outcome
@@ -434,8 +491,10 @@ class Workers:
             return self._failed(execution, spec, "exception", exc.message, delay_s=exc.delay_s)
         if isinstance(exc, (asyncio.CancelledError, Canceled)):
             return self._canceled(execution)
+        if isinstance(exc, SystemExit):  # a wrapped program's sys.exit(): the job's failure, not the server's
+            return self._failed(execution, spec, "exception", f"SystemExit: {exc.code}")
         if not isinstance(exc, Exception):
-            raise exc  # KeyboardInterrupt, SystemExit: not a job's outcome
+            raise exc  # KeyboardInterrupt: not a job's outcome
         log.info("job %s: handler raised %s", execution.job.id, exc.__class__.__name__, exc_info=exc)
         return self._failed(execution, spec, "exception", f"{exc.__class__.__name__}: {exc}")
 

@@ -193,3 +193,33 @@ async def whoami(ctx: Any, seconds: float = 0.5, steps: int = 2) -> dict[str, in
         await asyncio.sleep(seconds / max(1, steps))
         await ctx.progress((step + 1) / max(1, steps), f"step {step + 1}")
     return {"pid": os.getpid(), "attempt": ctx.attempt}
+
+
+# Runs of ``nap`` and ``work`` in this process: (tag, monotonic start, monotonic end).
+runs: list[tuple[str, float, float]] = []
+
+
+def _record(tag: str, seconds: float) -> str:
+    began = time.monotonic()
+    time.sleep(seconds)
+    with _lock:
+        runs.append((tag, began, time.monotonic()))
+    return tag
+
+
+@task(timeout=0.5)
+def nap(tag: str, seconds: float) -> str:
+    """A sync handler with a 0.5 s timeout that never checks for cancellation; each run is recorded."""
+    return _record(tag, seconds)
+
+
+@task()
+def work(tag: str, seconds: float) -> str:
+    """A sync handler (no retries: it has side effects) that never checks for cancellation; runs recorded."""
+    return _record(tag, seconds)
+
+
+@task()
+def exits(code: int = 3) -> None:
+    """A sync handler that ends as a wrapped command-line program would: ``sys.exit``."""
+    raise SystemExit(code)
