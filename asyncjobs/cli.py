@@ -16,6 +16,7 @@ from aiohttp import web
 
 from . import config as config_module
 from .app import App, is_server_url
+from .config import url_host
 from .errors import ConfigError, StoreError
 from .web import ProblemRunner
 from .web.ops import access_log_options
@@ -24,9 +25,11 @@ log = logging.getLogger("asyncjobs")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asyncjobs", description="Asynchronous request-reply jobs over HTTP.")
+    parser = argparse.ArgumentParser(prog="asyncjobs", description="Asynchronous request-reply jobs over HTTP.",
+                                     allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the service")
+    # Only whole option names: --processes' children are started without it, so '--proc 2' must not mean it.
+    serve = commands.add_parser("serve", help="run the service", allow_abbrev=False)
     serve.add_argument("--config", help="config file (default: ./config.toml if it exists)")
     serve.add_argument("--host", help="address to listen on")
     serve.add_argument("--port", type=int, help="port to listen on (0: any free port)")
@@ -118,7 +121,7 @@ async def serve(app: App, *, reuse_port: bool = False) -> None:
         tune_gc()
         tune_malloc()
         loop = asyncio.get_running_loop()
-        log.info("asyncjobs listening on http://%s:%d (%s event loop)", host, port,
+        log.info("asyncjobs listening on http://%s:%d (%s event loop)", url_host(host), port,
                  type(loop).__module__.partition(".")[0])
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -142,6 +143,8 @@ _POSITIVE = {("server", "max_body_bytes"), ("server", "max_wait"), ("queue", "wo
              ("callbacks", "max_attempts"), ("callbacks", "timeout"), ("files", "max_upload_bytes"),
              ("files", "read_timeout"), ("auth", "session_ttl"), ("cluster", "lease"),
              ("cluster", "heartbeat")}
+_TASK_POSITIVE = {"timeout", "concurrency"}  # of a [tasks.NAME] table: 0 would fail, or never run, every job
+_AT_MOST = {("server", "port"): 65535}
 
 
 def _coerce(name: str, value: Any, kind: Any) -> Any:
@@ -173,10 +176,18 @@ def _build(cls: type, section: str, values: Mapping[str, Any]) -> Any:
         choices = _CHOICES.get((section, key))
         if choices and kwargs[key] not in choices:
             raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+        if isinstance(kwargs[key], float) and not math.isfinite(kwargs[key]):
+            raise ConfigError(f"{name}: must be a finite number, got {value!r}")
         if isinstance(kwargs[key], (int, float)) and kwargs[key] < 0:
             raise ConfigError(f"{name}: must not be negative, got {value!r}")
-        if (section, key) in _POSITIVE and kwargs[key] <= 0:
+        positive = (section, key) in _POSITIVE or (cls is TaskOverride and key in _TASK_POSITIVE)
+        if positive and kwargs[key] is not None and kwargs[key] <= 0:
             raise ConfigError(f"{name}: must be positive, got {value!r}")
+        most = _AT_MOST.get((section, key))
+        if most is not None and kwargs[key] > most:
+            raise ConfigError(f"{name}: must be at most {most}, got {value!r}")
+    if cls is StoreConfig and "path" in kwargs and not Path(kwargs["path"]).name:
+        raise ConfigError(f"{section}.path: must name a file, got {kwargs['path']!r}")
     return cls(**kwargs)
 
 
@@ -203,6 +214,14 @@ def _parse_env_value(raw: str) -> Any:
         return raw
 
 
+def url_host(host: str) -> str:
+    """A listening address as it stands in a URL: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+CLIENT_VARIABLES = frozenset({"ASYNCJOBS_URL", "ASYNCJOBS_TOKEN"})  # read by the client, not the server
+
+
 def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """``ASYNCJOBS_QUEUE_WORKERS=16`` -> ``{"queue": {"workers": 16}}``."""
     out: dict[str, dict[str, Any]] = {}
@@ -213,7 +232,11 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         rest = name[len("ASYNCJOBS_"):].lower()
         section = next((s for s in sections if rest.startswith(s + "_")), None)
         if section is None:
-            continue  # ASYNCJOBS_URL and the like belong to the client
+            if name in CLIENT_VARIABLES:
+                continue
+            raise ConfigError(f"{name}: names no section of the configuration (known: "
+                              f"{', '.join(s.upper() for s in sorted(sections))}; the client's: "
+                              f"{', '.join(sorted(CLIENT_VARIABLES))})")
         out.setdefault(section, {})[rest[len(section) + 1:]] = _parse_env_value(raw)
     return out
 
@@ -255,6 +278,8 @@ def load(
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
+        except OSError as exc:  # a folder, say, or a file this user may not read
+            raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     data = merge(data, env_overrides(os.environ if environ is None else environ))

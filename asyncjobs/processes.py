@@ -19,7 +19,7 @@ import sys
 import time
 from types import FrameType
 
-from .config import Config
+from .config import Config, url_host
 from .errors import ConfigError
 
 log = logging.getLogger("asyncjobs")
@@ -110,7 +110,7 @@ def supervise(argv: list[str], config: Config, count: int) -> int:
             time.sleep(0.05)
         else:
             if not stopping:
-                log.info("asyncjobs listening on http://%s:%d (%d processes)", host, port, count)
+                log.info("asyncjobs listening on http://%s:%d (%d processes)", url_host(host), port, count)
         worst = 0
         while True:
             for i, child in enumerate(children):
@@ -122,7 +122,8 @@ def supervise(argv: list[str], config: Config, count: int) -> int:
                     continue
                 log.error("process %d exited with %s; starting it again", child.pid, code)
                 time.sleep(RESTART_DELAY_S)
-                children[i] = _spawn(command)
+                if not stopping:  # a SIGTERM during the delay: the child it would start would never be told
+                    children[i] = _spawn(command)
             if stopping and all(c.poll() is not None for c in children):
                 return worst
             time.sleep(0.1)

@@ -357,7 +357,7 @@ class TaskRegistry:
         for module_name in modules:
             try:
                 module = importlib.import_module(module_name)
-            except ImportError as exc:
+            except (ImportError, ValueError, TypeError) as exc:  # ValueError, TypeError: not a module's name
                 raise ConfigError(f"tasks.modules: cannot import {module_name!r}: {exc}") from None
             for value in vars(module).values():
                 if callable(value) and hasattr(value, _ATTR):

@@ -2,7 +2,7 @@
 
 ``postgres_server`` (session scope) starts a cluster in a temp folder, on 127.0.0.1 and a free port, with
 its unix socket in that folder, tuned for speed (no fsync), and stops it at the end of the session. With
-ASYNCJOBS_TEST_POSTGRES_URL set (``postgresql://user@host:port/db``), that server is used instead.
+TEST_ASYNCJOBS_POSTGRES_URL set (``postgresql://user@host:port/db``), that server is used instead.
 ``postgres_url`` (function scope) creates a database ``test_<random>`` on it, yields its URL and drops it.
 
 The binaries are looked up on PATH, then in /usr/lib/postgresql/*/bin; if they are missing and this runs
@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-ENV_URL = "ASYNCJOBS_TEST_POSTGRES_URL"
+ENV_URL = "TEST_ASYNCJOBS_POSTGRES_URL"
 START_TIMEOUT = 60.0
 
 
@@ -71,7 +71,7 @@ def _bins() -> tuple[str, str]:
         if found:
             return found
     pytest.fail("the PostgreSQL tests need the PostgreSQL server binaries (initdb, pg_ctl): install them"
-                " (Debian/Ubuntu: apt-get install postgresql), or set ASYNCJOBS_TEST_POSTGRES_URL to a server"
+                " (Debian/Ubuntu: apt-get install postgresql), or set TEST_ASYNCJOBS_POSTGRES_URL to a server"
                 " where this user may create databases")
 
 
@@ -168,7 +168,7 @@ class PrivateCluster:
 
 
 def start_private_cluster() -> tuple[PrivateCluster, Any]:
-    """A cluster for one test (never the shared one, nor ASYNCJOBS_TEST_POSTGRES_URL's: it will be
+    """A cluster for one test (never the shared one, nor TEST_ASYNCJOBS_POSTGRES_URL's: it will be
     restarted); returns it and the function that removes it."""
     server, stop, pg_ctl, base = _start_cluster_parts()
     return PrivateCluster(server, pg_ctl, base), stop

@@ -47,6 +47,15 @@ def test_environment_overrides_the_file_and_flags_override_both(tmp_path):
     ("[tasks]\nmodules = 3\n", "tasks.modules"),
     ('[tasks.sleep]\ntimeuot = 3\n', "tasks.sleep.timeuot"),
     ("[server]\nport = true\n", "server.port"),
+    ("[server]\nport = 70000\n", "server.port: must be at most 65535"),
+    ("[jobs]\nmax_age = nan\n", "jobs.max_age: must be a finite number"),
+    ("[jobs]\nmax_age = inf\n", "jobs.max_age: must be a finite number"),
+    ("[jobs]\nretention = nan\n", "jobs.retention"),
+    ("[queue]\nshutdown_grace = nan\n", "queue.shutdown_grace"),
+    ("[tasks.sleep]\nconcurrency = 0\n", "tasks.sleep.concurrency: must be positive"),
+    ("[tasks.sleep]\ntimeout = 0\n", "tasks.sleep.timeout: must be positive"),
+    ('[store]\npath = ""\n', "store.path: must name a file"),
+    ('[store]\npath = "/"\n', "store.path: must name a file"),
     ("not toml at all [", "not valid TOML"),
 ])
 def test_errors_name_the_key(tmp_path, text, named):
@@ -61,6 +70,19 @@ def test_bad_environment_value_is_named(tmp_path):
     """An override from the environment is checked like the file."""
     with pytest.raises(ConfigError, match="queue.workers"):
         config.load(None, environ={"ASYNCJOBS_QUEUE_WORKERS": "abc"})
+
+
+def test_a_misspelt_section_in_the_environment_is_named_and_the_clients_variables_pass():
+    """ASYNCJOBS_SEVER_PORT is no override of anything: it stops the load rather than being ignored; the
+    client's ASYNCJOBS_URL and ASYNCJOBS_TOKEN are not the server's and pass."""
+    with pytest.raises(ConfigError, match="ASYNCJOBS_SEVER_PORT"):
+        config.load(None, environ={"ASYNCJOBS_SEVER_PORT": "9000"})
+    assert config.load(None, environ={"ASYNCJOBS_URL": "http://x", "ASYNCJOBS_TOKEN": "t"}) == config.Config()
+
+
+def test_a_config_path_that_is_a_folder_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        config.load(tmp_path, environ={})
 
 
 def test_missing_file_is_an_error(tmp_path):
@@ -124,3 +146,8 @@ def test_cluster_keys_are_accepted_and_processes_on_sqlite_are_refused(capsys, t
     assert "--processes" in capsys.readouterr().err
     assert cli.main(["serve", "--processes", "0", "--db", "postgresql://u@127.0.0.1:1/db"]) == 2
     assert "--processes" in capsys.readouterr().err
+
+
+def test_a_listening_address_in_a_url_has_ipv6_in_brackets():
+    """The "listening on" line is a URL a client can use: http://[::1]:8080, not http://::1:8080."""
+    assert config.url_host("::1") == "[::1]" and config.url_host("127.0.0.1") == "127.0.0.1"

@@ -335,6 +335,10 @@ BAD_CONFIGS = {
     "unknown task module": ('[tasks]\nmodules = ["asyncjobs.builtin", "no_such_tasks_module"]\n', {},
                             "no_such_tasks_module"),
     "bad env value": ('', {"ASYNCJOBS_QUEUE_WORKERS": "abc"}, "queue.workers"),
+    "env section misspelt": ('', {"ASYNCJOBS_SEVER_PORT": "9000"}, "ASYNCJOBS_SEVER_PORT"),
+    "a module name that is none": ('[tasks]\nmodules = [""]\n', {}, "tasks.modules"),
+    "a relative module name": ('[tasks]\nmodules = [".builtin"]\n', {}, "tasks.modules"),
+    "not a finite number": ('[jobs]\nmax_age = inf\n', {}, "jobs.max_age"),
 }
 
 
@@ -350,6 +354,27 @@ def test_config_error_stops_the_start(tmp_path, case):
     assert named in output, output
     assert "Traceback" not in output, output
     assert "listening on" not in output, output
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--port", "70000"], "server.port"),  # the default loop would have listened on 70000 - 65536
+    (["--db", "/"], "store.path"),
+    (["--config", "."], "cannot read the config file"),
+])
+def test_flags_out_of_range_stop_the_start(tmp_path, args, named):
+    done = run_serve(tmp_path, "--db", str(tmp_path / "jobs.db"), *args)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert named in output and "Traceback" not in output and "listening on" not in output, output
+
+
+def test_abbreviated_flags_are_refused_so_processes_children_serve():
+    """`--proc 2` was taken for `--processes 2`, which the children's command did not strip: each child
+    supervised children of its own. Only whole option names are options."""
+    from asyncjobs.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--proc", "2"])
 
 
 def test_missing_config_file_stops_the_start(tmp_path):

@@ -63,3 +63,18 @@ async def test_the_children_do_not_outlive_a_killed_parent(server_factory, postg
     server.kill()
     await eventually(lambda: not any(_alive(pid) for pid in children), "the orphaned children to stop",
                      timeout_s=30)
+
+
+async def test_a_sigterm_while_a_crashed_child_waits_to_restart_starts_no_new_child(server_factory, postgres_url):
+    """A child killed (-9) is started again after a second; a SIGTERM to the parent within that second stops
+    it at once, with no new child that nobody would tell to stop."""
+    server = server_factory("--db", postgres_url, "--processes", "2", "--workers", "1")
+    assert server.proc is not None
+    await eventually(lambda: "(2 processes)" in server.log(), "the parent to say where the service listens")
+    children = _children(server.proc.pid)
+    os.kill(children[0], 9)
+    await eventually(lambda: "starting it again" in server.log(), "the parent to see its child die")
+    began = time.monotonic()
+    server.terminate(timeout_s=10)  # before the fix: a new child, never told, kept the parent waiting
+    assert time.monotonic() - began < 10
+    assert server.log().count("listening on http") == 3  # two children and the parent: none started since
