@@ -41,13 +41,16 @@ from .store import (
     MUTABLE,
     Delivery,
     Inserted,
+    Kept,
     Lookup,
     Payload,
     SweepResult,
     encoded,
     file_owner,
     mutable_values,
+    outlast,
     row_to_job,
+    settle_write,
 )
 
 log = logging.getLogger("asyncjobs.postgres")
@@ -460,7 +463,8 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._writers = writers  # group-commit writer tasks (0: one transaction per write, as it comes)
         self.max_batch = max_batch
-        self._pending: asyncio.Queue[tuple[WriteOp | _Report | _Insert, asyncio.Future]] = asyncio.Queue()
+        self._pending: asyncio.Queue[tuple[WriteOp | _Report | _Insert, asyncio.Future, Kept | None]] = \
+            asyncio.Queue()
         self._writer_tasks: list[asyncio.Task] = []
         self.commits = 0  # transactions committed, for tests and metrics
         self.on_commit: Callable[[float, int], None] | None = None  # told (seconds, writes) after each commit
@@ -531,9 +535,8 @@ class PostgresStore:
                     await task
             self._writer_tasks = []
             while not self._pending.empty():
-                _, fut = self._pending.get_nowait()
-                if not fut.done():
-                    fut.set_exception(StoreError("the store is closed"))
+                _, fut, kept = self._pending.get_nowait()
+                settle_write(fut, kept, error=StoreError("the store is closed"))
             try:  # writes under way finish first (they are shielded), within a bound
                 await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
             except Exception:  # the database is gone, or a connection hangs
@@ -545,7 +548,7 @@ class PostgresStore:
         return self._pool
 
     # -- transactions ----------------------------------------------------
-    async def _write(self, op: WriteOp | _Report | _Insert) -> Any:
+    async def _write(self, op: WriteOp | _Report | _Insert, *, outlasting: bool = False) -> Any:
         """Run ``op`` in a transaction; it has committed when this returns.
 
         Group commit: ``writers`` writer tasks each take every write waiting (up to ``max_batch``) and run
@@ -553,14 +556,30 @@ class PostgresStore:
         claims, outcomes and heartbeats (a claim may start jobs inserted in its own batch: they are
         durable together). A batch that fails is run again one write at a time, so one bad write spoils
         only itself. As with SQLite, a write once queued commits even if the caller is cancelled and stops
-        waiting (only the answer is dropped).
+        waiting (only the answer is dropped; with ``outlasting`` the caller gets it all the same).
         """
         pool = self._require_pool()
         if not self._writers:
-            return await asyncio.shield(self._transaction(pool, [op]))
+            alone = asyncio.ensure_future(self._transaction(pool, [op]))
+            try:
+                return await asyncio.shield(alone)
+            except asyncio.CancelledError:
+                if not outlasting:
+                    raise
+                answer = await alone  # it commits (or fails) all the same: its answer, the cancel consumed
+                if (task := asyncio.current_task()) is not None:
+                    task.uncancel()
+                return answer
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._pending.put_nowait((op, fut))
-        return await fut
+        if not outlasting:
+            self._pending.put_nowait((op, fut, None))
+            return await fut
+        kept = Kept()
+        self._pending.put_nowait((op, fut, kept))
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            return await outlast(fut, kept)
 
     async def _writer(self, pool: asyncpg.Pool) -> None:
         while True:
@@ -570,27 +589,24 @@ class PostgresStore:
             try:
                 await self._run_batch(pool, batch)
             except asyncio.CancelledError:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(StoreError("the store is closed"))
+                for _, fut, kept in batch:
+                    settle_write(fut, kept, error=StoreError("the store is closed"))
                 raise
 
     async def _run_batch(self, pool: asyncpg.Pool,
-                         batch: list[tuple[WriteOp | _Report | _Insert, asyncio.Future]]) -> None:
+                         batch: list[tuple[WriteOp | _Report | _Insert, asyncio.Future, Kept | None]]) -> None:
         try:
-            results = await self._transaction(pool, [op for op, _ in batch])
+            results = await self._transaction(pool, [op for op, _, _ in batch])
         except Exception as exc:
             if len(batch) > 1 and not isinstance(exc, StoreError | OSError):  # one write spoiled the batch
                 for item in batch:
                     await self._run_batch(pool, [item])
                 return
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
+            for _, fut, kept in batch:
+                settle_write(fut, kept, error=exc)
             return
-        for (_, fut), result in zip(batch, results, strict=True):
-            if not fut.done():
-                fut.set_result(result)
+        for (_, fut, kept), result in zip(batch, results, strict=True):
+            settle_write(fut, kept, result=result)
 
     async def _transaction(self, pool: asyncpg.Pool, ops: list[WriteOp | _Report | _Insert]) -> list[Any]:
         started = time.perf_counter()
@@ -649,7 +665,8 @@ class PostgresStore:
                 raise InvalidRequest(f"{name} contains a NUL character, which cannot be stored",
                                      errors=[{"field": name, "message": "contains a NUL character"}])
         if admit and job.idempotency_key is None and (job.unique_key is None or fresh) and not max_queued_for_owner:
-            return await self._write(_Insert(job, vt_floor))  # joins the batch's one statement of inserts
+            # Joins the batch's one statement of inserts; a submit cancelled meanwhile still learns what it stored.
+            return await self._write(_Insert(job, vt_floor), outlasting=True)
 
         async def op(db: asyncpg.Connection) -> Inserted:
             if job.idempotency_key is not None:

@@ -362,7 +362,7 @@ class SQLiteStore:
         self._writer: sqlite3.Connection | None = None  # used only on _writer_thread
         self._writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncjobs-store-writer")
         self._reader: aiosqlite.Connection | None = None
-        self._pending: asyncio.Queue[tuple[WriteOp, asyncio.Future]] = asyncio.Queue()
+        self._pending: asyncio.Queue[tuple[WriteOp, asyncio.Future, Kept | None]] = asyncio.Queue()
         self._writer_task: asyncio.Task | None = None
         self.commits = 0  # transactions committed, for tests and metrics
         self.on_commit: Callable[[float, int], None] | None = None  # told (seconds, writes) after each commit
@@ -476,14 +476,22 @@ class SQLiteStore:
         self._let_go_of_file()  # last: the file is this process's until its connections are closed
 
     # -- the writer ------------------------------------------------------
-    async def _write(self, op: WriteOp) -> Any:
+    async def _write(self, op: WriteOp, *, outlasting: bool = False) -> Any:
+        """Run ``op`` in the next batch's transaction; it has committed when this returns. Once queued, the op
+        commits with its batch even if the caller is cancelled and stops waiting; with ``outlasting``, the
+        caller gets the answer all the same (``outlast``)."""
         if self._writer_task is None or self._writer_task.done():
             raise StoreError("the store is closed")
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._pending.put_nowait((op, fut))
-        # Once queued, the op commits with its batch even if the caller is cancelled and stops
-        # waiting (cancelling ``fut`` only drops the answer: ``_settle`` skips a done future).
-        return await fut
+        if not outlasting:
+            self._pending.put_nowait((op, fut, None))
+            return await fut
+        kept = Kept()
+        self._pending.put_nowait((op, fut, kept))
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            return await outlast(fut, kept)
 
     async def _write_loop(self) -> None:
         while True:
@@ -493,21 +501,20 @@ class SQLiteStore:
             try:
                 await self._run_batch(batch)
             except asyncio.CancelledError:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(StoreError("the store is closed"))
+                for _, fut, kept in batch:
+                    settle_write(fut, kept, error=StoreError("the store is closed"))
                 raise
 
-    async def _run_batch(self, batch: list[tuple[WriteOp, asyncio.Future]]) -> None:
+    async def _run_batch(self, batch: list[tuple[WriteOp, asyncio.Future, Kept | None]]) -> None:
         db = self._writer
         assert db is not None
         started = time.perf_counter()
         try:
             # One thread hop for the whole batch: BEGIN, every op, COMMIT.
-            results = await self._on_writer(self._transaction, db, [op for op, _ in batch])
+            results = await self._on_writer(self._transaction, db, [op for op, _, _ in batch])
         except sqlite3.Error as exc:
             if len(batch) == 1:
-                _settle(batch[0][1], error=StoreError(f"store write failed: {exc}"))
+                settle_write(batch[0][1], batch[0][2], error=StoreError(f"store write failed: {exc}"))
                 log.error("store write failed: %s", exc)
                 return
             # One op spoiled the batch: run each alone so the others still commit.
@@ -517,8 +524,8 @@ class SQLiteStore:
         self.commits += 1
         if self.on_commit is not None:
             self.on_commit(time.perf_counter() - started, len(batch))
-        for (_, fut), result in zip(batch, results):
-            _settle(fut, result=result)
+        for (_, fut, kept), result in zip(batch, results):
+            settle_write(fut, kept, result=result)
 
     @staticmethod
     def _transaction(db: sqlite3.Connection, ops: list[WriteOp]) -> list[Any]:
@@ -587,7 +594,7 @@ class SQLiteStore:
             )
             return Inserted(evolve(job, vt=vt, seq=cur.lastrowid or 0))
 
-        return await self._write(op)
+        return await self._write(op, outlasting=True)  # a submit cancelled meanwhile still learns what it stored
 
     async def update(self, job: Job, *, expected_version: int, deliver: Payload | None = None,
                      fence: str | None = None) -> bool:
@@ -874,11 +881,49 @@ class SQLiteStore:
         return {s.value: 0 for s in Status} | {status: n for status, n in rows}
 
 
-def _settle(fut: asyncio.Future, *, result: Any = None, error: BaseException | None = None) -> None:
+def settle_write(fut: asyncio.Future, kept: Kept | None = None, *, result: Any = None,
+            error: BaseException | None = None) -> None:
     if fut.done():
+        if kept is not None and fut.cancelled():  # its caller was cancelled while it waited: keep the answer
+            kept.settle(result, error)
         return
     if error is not None:
         fut.set_exception(error)
     else:
         fut.set_result(result)
+
+
+class Kept:
+    """A queued write's answer, kept for a caller cancelled while it waited (see ``outlast``). Made for every
+    such write and used for almost none, so it has no ``__init__`` to run: the defaults are the class's."""
+
+    result: Any = None
+    error: BaseException | None = None
+    done = False
+    waiter: asyncio.Future | None = None
+
+    def settle(self, result: Any, error: BaseException | None) -> None:
+        self.result, self.error, self.done = result, error, True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+async def outlast(fut: asyncio.Future, kept: Kept) -> Any:
+    """The answer of a queued write whose caller was cancelled while it waited for ``fut``.
+
+    Once queued, a write commits with its batch all the same; a caller that must act on what it did (a
+    submit: the queue's count, the job's files, its publish) gets the answer and goes on, the cancel
+    consumed. A second cancel while it waits gives up.
+    """
+    if not fut.cancelled():  # answered, but the caller was cancelled before it could take the answer
+        kept.settle(None if fut.exception() else fut.result(), fut.exception())
+    if not kept.done:
+        kept.waiter = asyncio.get_running_loop().create_future()
+        await kept.waiter
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    if kept.error is not None:
+        raise kept.error from None
+    return kept.result
 

@@ -5,12 +5,18 @@ call ``sys.exit``. Real servers, a real SQLite file (or PostgreSQL under --store
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import threading
 import time
 from typing import Any
 
+import aiohttp
+import asyncpg
+
 from tests import sample_tasks
-from tests.conftest import config_text, eventually, submit, wait_status
+from tests.conftest import config_text, eventually, postgres_row, submit, wait_status
+from tests.test_files import form
 
 MODULES = ["asyncjobs.builtin", "tests.sample_tasks"]
 TERMINAL = {"succeeded", "failed", "canceled"}
@@ -113,3 +119,56 @@ async def test_a_handler_that_calls_sys_exit_fails_its_job_and_the_server_goes_o
     assert done["status"] == "failed" and done["error"] == {"type": "exception", "message": "SystemExit: 3"}
     async with http.post(f"{server.url}/jobs", json={"task": "noop"}, headers={"Prefer": "wait=10"}) as resp:
         assert resp.status == 201
+
+
+def _queued_in_store(app) -> int:
+    if app.config.store.url:
+        return postgres_row(app.config.store.url, "SELECT COUNT(*) FROM jobs WHERE status = 'queued'")[0]
+    with contextlib.closing(sqlite3.connect(app.config.store.path)) as db:
+        return db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
+
+
+@contextlib.asynccontextmanager
+async def _writes_held(app):
+    """Another connection holds off the store's writes (SQLite's write lock; PostgreSQL's lock on jobs)."""
+    if app.config.store.url:
+        db = await asyncpg.connect(app.config.store.url)
+        try:
+            async with db.transaction():
+                await db.execute("LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE")
+                yield
+        finally:
+            await db.close()
+        return
+    other = sqlite3.connect(app.config.store.path, isolation_level=None, timeout=10)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        yield
+        other.execute("COMMIT")
+    finally:
+        other.close()
+
+
+async def test_a_submit_whose_client_leaves_during_the_commit_is_stored_whole(make_client):
+    """The client gives up while its job's insert waits for the store: the insert, already queued, commits,
+    and the submit still does its part. The queue's count of queued jobs stays right (the next submit past
+    ``max_queued`` is 503), and the job keeps its uploaded file and runs with it."""
+    client, app = await start(make_client, queue={"workers": 1, "max_queued": 1})
+    blocker = await submit(client, "block", {"seconds": 30})  # the one worker is busy: the submit stays queued
+    await wait_status(client, blocker["id"], "running")
+    data = b"kept" * 1000
+    async with _writes_held(app):
+        with contextlib.suppress(asyncio.TimeoutError):
+            await client.post("/jobs", data=form({"task": "digest"}, {"file": (data, "kept.bin")}),
+                              timeout=aiohttp.ClientTimeout(total=0.5))
+        await asyncio.sleep(0.2)
+    await eventually(lambda: _queued_in_store(app) == 1, "the abandoned submit to be committed")
+    assert app.queue.queued == 1
+    refused = await client.post("/jobs", json={"task": "noop"})
+    assert refused.status == 503, await refused.text()
+    listed = (await (await client.get("/jobs?task=digest")).json())["jobs"]
+    assert len(listed) == 1
+    assert app.files.input_path(listed[0]["id"], "file").read_bytes() == data
+    await client.post(f"/jobs/{blocker['id']}/cancel")
+    done = await wait_status(client, listed[0]["id"], TERMINAL)
+    assert done["status"] == "succeeded" and done["result"]["size"] == len(data), done["error"]
