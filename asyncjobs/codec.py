@@ -20,6 +20,18 @@ def dumps(obj: Any) -> bytes:
     return orjson.dumps(obj)
 
 
+def scrubbed(obj: Any) -> Any:
+    """``obj`` with every string made valid Unicode: a client's bytes that were not UTF-8 (kept by aiohttp as
+    lone surrogates, which no JSON encoder takes) become ``?``, so an answer that echoes them can be sent."""
+    if isinstance(obj, str):
+        return obj.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(obj, dict):
+        return {scrubbed(k): scrubbed(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [scrubbed(v) for v in obj]
+    return obj
+
+
 def dumps_pretty(obj: Any) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_INDENT_2)
 

@@ -248,13 +248,21 @@ class FileStore:
         return Upload(self, param=param, name=name, content_type=content_type)
 
     def reserve(self, upload: Upload, size: int) -> None:
-        if self.max_total_bytes and self.bytes + sum(self._reserved.values()) + size > self.max_total_bytes:
+        if not self._take_room(id(upload), size):
             raise StorageFull(f"{upload.param}: the files would exceed the store's limit of"
                                       f" {self.max_total_bytes} bytes; nothing was kept")
-        self._reserved[id(upload)] = self._reserved.get(id(upload), 0) + size
 
     def release(self, upload: Upload) -> None:
-        self._reserved.pop(id(upload), None)
+        self._release(id(upload))
+
+    def _take_room(self, key: int, size: int) -> bool:
+        """Reserve ``size`` more bytes under ``key`` if they fit ``max_total_bytes``: checked and taken at once,
+        so files stored together (results finish in threads side by side) cannot all pass one check."""
+        with self._lock:
+            if self.max_total_bytes and self.bytes + sum(self._reserved.values()) + size > self.max_total_bytes:
+                return False
+            self._reserved[key] = self._reserved.get(key, 0) + size
+            return True
 
     async def place(self, job_id: str, uploads: list[Upload]) -> None:
         """Rename finished uploads into the job's folder and fsync it: after this, a commit may name them."""
@@ -292,10 +300,10 @@ class FileStore:
         """Put a result in place (blocking: call it from a thread). ``owned``: ``source`` is the
         handler's work file and may be moved; otherwise it is copied. Raises 507 when it cannot fit."""
         size = len(source) if isinstance(source, bytes) else source.stat().st_size
-        if self.max_total_bytes and self.bytes + sum(self._reserved.values()) + size > self.max_total_bytes:
+        key = id(tmp := self.root / "tmp" / f"{secrets.token_hex(12)}.result")
+        if not self._take_room(key, size):
             raise StorageFull(f"the result ({size} bytes) would exceed the store's limit of"
                                       f" {self.max_total_bytes} bytes")
-        tmp = self.root / "tmp" / f"{secrets.token_hex(12)}.result"
         try:
             if owned and isinstance(source, Path):
                 digest = _hash_and_sync(source)
@@ -309,9 +317,20 @@ class FileStore:
             _fsync_dir(folder.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
+            self._release(key)
             raise _io_error(exc, "storing the result") from exc
-        self._count(size, 1)
+        except BaseException:
+            self._release(key)
+            raise
+        with self._lock:  # counted and unreserved at once
+            del self._reserved[key]
+            self.bytes += size
+            self.count += 1
         return StoredFile(sanitize_name(name), size, content_type, digest)
+
+    def _release(self, key: int) -> None:
+        with self._lock:
+            self._reserved.pop(key, None)
 
     # -- removal --------------------------------------------------------------------
     async def remove_inputs(self, job_id: str) -> None:

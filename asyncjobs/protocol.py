@@ -495,7 +495,7 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
         return None
     first_s, dash, last_s = spec.strip().partition("-")
     first_s, last_s = first_s.strip(), last_s.strip()
-    if not dash or not (first_s or last_s) or not all(p.isdigit() for p in (first_s, last_s) if p):
+    if not dash or not (first_s or last_s) or not all(p.isascii() and p.isdigit() for p in (first_s, last_s) if p):
         return None
     if not first_s:  # the last n bytes
         n = int(last_s)

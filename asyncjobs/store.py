@@ -512,10 +512,13 @@ class SQLiteStore:
         try:
             # One thread hop for the whole batch: BEGIN, every op, COMMIT.
             results = await self._on_writer(self._transaction, db, [op for op, _, _ in batch])
-        except sqlite3.Error as exc:
+        except Exception as exc:  # the writer goes on whatever one op raised
             if len(batch) == 1:
-                settle_write(batch[0][1], batch[0][2], error=StoreError(f"store write failed: {exc}"))
-                log.error("store write failed: %s", exc)
+                if isinstance(exc, sqlite3.Error):
+                    settle_write(batch[0][1], batch[0][2], error=StoreError(f"store write failed: {exc}"))
+                    log.error("store write failed: %s", exc)
+                else:  # a bug in an op (say, a value its row cannot hold): its caller's 500, not the writer's end
+                    settle_write(batch[0][1], batch[0][2], error=exc)
                 return
             # One op spoiled the batch: run each alone so the others still commit.
             for item in batch:

@@ -551,3 +551,92 @@ def test_only_a_multipart_form_is_read_as_files(content_type: str | None, multip
 
     headers = {} if content_type is None else {"Content-Type": content_type}
     assert uploads.is_multipart(make_mocked_request("POST", "/jobs", headers=headers)) is multipart
+
+
+# -- bytes that are not UTF-8 in part headers, digits that are not ASCII ---------------------------------
+
+async def _send_raw(port: int, request: bytes, timeout_s: float = 5.0) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(), timeout_s)
+    except TimeoutError:
+        return b"(no answer within %g s)" % timeout_s
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("where", ["multipart part", "raw body"])
+async def test_a_file_content_type_that_is_not_utf8_is_refused_and_the_store_goes_on(make_client, where):
+    """aiohttp keeps a header's bytes that are not UTF-8 as lone surrogates, which the job's row cannot hold:
+    such a file's Content-Type is a 415, and the store goes on taking submits."""
+    client, _ = await make_client()
+    if where == "multipart part":
+        body = (b'--b\r\nContent-Disposition: form-data; name="job"\r\n\r\n{"task": "digest"}\r\n'
+                b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n'
+                b'Content-Type: text/\xff\r\n\r\nAAAA\r\n--b--\r\n')
+        head = b"POST /jobs HTTP/1.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    else:
+        body = b"AAAA"
+        head = b"PUT /uploads/a HTTP/1.1\r\nContent-Type: text/\xff\r\n"
+    raw = await _send_raw(client.server.port, head + b"Host: x\r\nConnection: close\r\nContent-Length: "
+                          + str(len(body)).encode() + b"\r\n\r\n" + body)
+    assert raw.startswith(b"HTTP/1.1 415 "), raw[:300]
+    assert (await client.post("/jobs", json={"task": "noop"})).status == 202
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/jobs", b'--b\r\nContent-Disposition: form-data; name="job"\r\n\r\n{"task": "digest"}\r\n'
+              b'--b\r\nContent-Disposition: form-data; name="\xff"; filename="a"\r\n\r\nAAAA\r\n--b--\r\n'),
+    ("/jobs", b'--b\r\nContent-Disposition: form-data; name="\xff"\r\n\r\n{}\r\n--b--\r\n'),
+    ("/pairs", b'--b\r\nContent-Disposition: form-data; name="\xff"\r\n\r\nx\r\n'
+               b'--b\r\nContent-Disposition: form-data; name="left"; filename="l"\r\nContent-Type: text/plain\r\n\r\n'
+               b'L\r\n--b--\r\n'),
+])
+async def test_a_part_name_that_is_not_utf8_is_a_400_problem(make_client, path, body):
+    client, _ = await make_client()
+    raw = await _send_raw(client.server.port, b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                          b"Connection: close\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: "
+                          + str(len(body)).encode() + b"\r\n\r\n" + body)
+    head, _, answer = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"application/problem+json" in head, raw[:300]
+    assert json.loads(answer)["errors"][0]["message"] == "not UTF-8"
+
+
+@pytest.mark.parametrize("value", ["bytes=\u00b2-", "bytes=0-\u00b9", "bytes=-\u00b3", "bytes=\u0661-"])
+async def test_a_range_with_digits_that_are_not_ascii_is_416(make_client, value):
+    """'²'.isdigit() is True, but int('²') raises, and Arabic-Indic digits are no range of RFC 9110."""
+    client, _ = await make_client()
+    resp = await client.post("/jobs", json={"task": "bytes", "params": {"size": 100}})
+    job = await wait_status(client, (await resp.json())["id"], "succeeded")
+    raw = await _send_raw(client.server.port, f"GET /jobs/{job['id']}/result HTTP/1.1\r\nHost: x\r\n"
+                          f"Connection: close\r\nRange: {value}\r\n\r\n".encode())
+    assert raw.startswith(b"HTTP/1.1 416 "), raw[:300]
+
+
+async def test_a_file_sent_to_a_task_route_that_takes_no_files_is_400(make_client):
+    """A part with a file name is a file, not a form field: a task that takes none answers 400."""
+    client, _ = await make_client()
+    writer = aiohttp.MultipartWriter("form-data")
+    writer.append(b"http://example.com/a.png", {"Content-Type": "text/plain"}).set_content_disposition(
+        "form-data", name="url", filename="links.txt")
+    resp = await client.post("/thumbnails", data=writer)
+    problem = await resp.json(content_type=None)
+    assert resp.status == 400 and problem["errors"] == [{"field": "url", "message": "unexpected part"}], problem
+
+
+async def test_file_results_stored_together_stay_within_max_total_bytes(make_client):
+    """Results that finish side by side each take their room before they are copied: past the limit they fail
+    as storage errors, and the files on disk never exceed it."""
+    size, limit, jobs = 4 << 20, 10 << 20, 6  # room for two results of 4 MiB, not three
+    client, app = await make_client(files={"max_total_bytes": limit}, queue={"workers": jobs})
+    ids = []
+    for _ in range(jobs):
+        resp = await client.post("/jobs", json={"task": "fill", "params": {"size": size}})
+        ids.append((await resp.json())["id"])
+    done = [await wait_status(client, i, {"succeeded", "failed"}, timeout_s=60) for i in ids]
+    assert sum(p.stat().st_size for p in stored_files(app)) <= limit
+    assert len([j for j in done if j["status"] == "succeeded"]) == 2
+    assert {j["error"]["type"] for j in done if j["status"] == "failed"} == {"storage"}
+    assert app.files.bytes == 2 * size

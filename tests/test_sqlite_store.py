@@ -28,6 +28,18 @@ async def test_concurrent_writes_share_commits(store):
     assert await store.count_queued() == 100
 
 
+async def test_a_write_that_raises_fails_alone_and_the_writer_goes_on(store):
+    """A value its row cannot hold (a string with a lone surrogate, which is no UTF-8) raises in the writer
+    thread: that write fails, the others of its batch commit, and later writes go on."""
+    bad = make_job(files={"inputs": {"f": {"name": "x", "content_type": "text/\udcff"}}, "result": None})
+    async with asyncio.timeout(10):  # a writer that died would leave these waiting for ever
+        results = await asyncio.gather(store.insert(make_job()), store.insert(bad), store.insert(make_job()),
+                                       return_exceptions=True)
+        assert isinstance(results[1], TypeError) and not isinstance(results[0], Exception), results
+        assert (await store.insert(make_job())).duplicate is None
+    assert await store.count_queued() == 3
+
+
 async def test_sqlite_file_settings(tmp_path):
     """WAL mode, the schema version, and store.synchronous are applied to the file."""
     for mode, expected in (("full", 2), ("normal", 1)):

@@ -71,7 +71,11 @@ def json_response(body: Any, *, status: int = 200, headers: dict[str, str] | Non
 
 
 def problem_response(problem: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
-    response = web.Response(body=codec.dumps(problem), status=problem["status"],
+    try:
+        body = codec.dumps(problem)
+    except TypeError:  # it echoes a client's bytes that were not UTF-8
+        body = codec.dumps(codec.scrubbed(problem))
+    response = web.Response(body=body, status=problem["status"],
                             headers={**protocol.NO_STORE, **(headers or {})})
     response.content_type = PROBLEM_TYPE
     return response

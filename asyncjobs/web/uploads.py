@@ -105,6 +105,9 @@ async def read_multipart(request: web.Request, received: Received, *, spec: Task
         if not name:
             raise InvalidRequest("a multipart part has no name",
                                  errors=[{"field": "", "message": "part without a name"}])
+        if not _is_text(name):
+            raise InvalidRequest("a multipart part's name is not UTF-8",
+                                 errors=[{"field": codec.scrubbed(name), "message": "not UTF-8"}])
         if name in seen:
             raise InvalidRequest(f"the part {name!r} is sent more than once",
                              errors=[{"field": name, "message": "is sent more than once"}])
@@ -121,7 +124,7 @@ async def read_multipart(request: web.Request, received: Received, *, spec: Task
             continue
         assert spec is not None
         file_param = spec.file_param(name)
-        if file_param is None and received.submit is None:  # a task route's form field
+        if file_param is None and received.submit is None and part.filename is None:  # a task route's form field
             data = await _read_small(part, name, budget, settings.upload_read_timeout_s)
             budget -= len(data)
             received.fields[name] = _text(data, name)
@@ -237,9 +240,20 @@ def _text(data: bytes, name: str) -> str:
                          errors=[{"field": name, "message": "not UTF-8"}]) from None
 
 
+def _is_text(text: str) -> bool:
+    """Whether a header's text is valid Unicode (aiohttp keeps bytes that are not UTF-8 as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _start_upload(request: web.Request, param: FileParam, name: str | None, content_type: str | None) -> Upload:
     kind = (content_type or "application/octet-stream").split(";", 1)[0].strip().lower() or \
         "application/octet-stream"
+    if not kind.isascii():  # a media type is ASCII (RFC 9110 8.3.1); these bytes could not even be stored
+        raise UnsupportedType(f"{param.name}: the Content-Type is not a media type (it has bytes outside ASCII)")
     if not param.accepts(kind):
         raise UnsupportedType(f"{param.name}: {kind} is not accepted (accepted: {', '.join(param.accept)})")
     return request.app[QUEUE_KEY].files.upload(param=param.name, name=name, content_type=kind)
