@@ -145,7 +145,7 @@ class App:
         self.deliverer = None if callback_key is None else callbacks.Deliverer(
             store=self.store, wakeup=self.queue.deliveries, key=callback_key,
             max_attempts=config.callbacks.max_attempts, retry_delay_s=config.callbacks.retry_delay,
-            timeout_s=config.callbacks.timeout)
+            timeout_s=config.callbacks.timeout, allow_hosts=[h.lower() for h in config.callbacks.allow_hosts])
         self.web = make_web_app(self.queue, WebSettings(
             monitor_style=protocol.MonitorStyle(config.protocol.monitor),
             max_body_bytes=config.server.max_body_bytes,

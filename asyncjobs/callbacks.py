@@ -67,8 +67,9 @@ class Deliverer:
 
     def __init__(self, *, store: Store, wakeup: asyncio.Event, key: bytes, max_attempts: int,
                  retry_delay_s: float = 1.0, timeout_s: float = 10.0, concurrency: int = 4,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, allow_hosts: list[str] | None = None) -> None:
         self.store = store
+        self.allow_hosts = allow_hosts  # checked again at each attempt (None: not checked here)
         self.wakeup = wakeup
         self.key = key
         self.max_attempts = max_attempts
@@ -137,6 +138,14 @@ class Deliverer:
         return min(3600.0, self.retry_delay_s * 2 ** (attempts - 1) * random.uniform(0.75, 1.25))
 
     async def _deliver(self, delivery: Delivery) -> None:
+        if self.allow_hosts is not None and not host_allowed(delivery.url, self.allow_hosts):
+            # Allowed at its submit, but the allow-list in force now no longer names the host: given up.
+            log.warning("callback for job %s given up: its host is no longer in callbacks.allow_hosts",
+                        delivery.job_id)
+            with contextlib.suppress(Exception):
+                await self.store.delivery_attempted(delivery.job_id, ok=False, next_at=None,
+                                                    error="the host is no longer in callbacks.allow_hosts")
+            return
         timestamp = int(self.clock())
         headers = {
             "Content-Type": "application/json",

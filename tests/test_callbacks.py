@@ -200,6 +200,21 @@ async def test_allow_list_entry_with_a_port_matches_only_that_port(start, receiv
 
 # -- 2. terminal jobs are POSTed, signed --------------------------------------------------
 
+async def test_a_host_taken_off_the_allow_list_gets_no_more_callbacks(start, receiver):
+    """A callback accepted while its host was allowed is not sent once a restart's allow-list no longer names
+    the host: the delivery is given up (the list is checked at each attempt, not only at the submit)."""
+    client, _ = await start()
+    resp = await client.post("/jobs", json={"task": "echo", "params": {"n": 1}, "delay": 1.5,
+                                            "callback_url": receiver.url("removed")})
+    assert resp.status == 202, await resp.text()
+    job_id = (await resp.json())["id"]
+    await client.close()  # the operator takes 127.0.0.1 off the list and restarts
+    client, app = await start(callbacks={"allow_hosts": ["hooks.example"]})
+    await wait_status(client, job_id, "succeeded")
+    await settled(app)
+    assert not receiver.received["removed"], "POSTed to a host that is not in the allow-list any more"
+
+
 async def test_succeeded_job_is_posted_once_signed_per_standard_webhooks(start, receiver):
     """The succeeded job is POSTed once, with its result, a fresh timestamp and a valid v1 signature."""
     client, app = await start()

@@ -402,6 +402,9 @@ async def test_access_token_query_is_refused_on_other_endpoints(start):
         sep = "&" if "?" in path else "?"
         resp = await client.request(method, f"{path}{sep}access_token={ALICE}", json=body)
         await assert_unauthorized(resp, f"{method} {path} with ?access_token=")
+    # Nor on a route whose path merely ends as theirs do: a task route's DELETE /items/ws submits a job.
+    for path in ("/items/ws", "/items/events"):
+        await assert_unauthorized(await client.delete(f"{path}?access_token={ALICE}"), f"DELETE {path}")
     assert (await list_ids(client, ALICE))[0] == [job["id"]]  # the refused POSTs stored nothing
 
 

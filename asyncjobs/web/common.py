@@ -169,7 +169,8 @@ def list_header(request: web.Request, name: str) -> str | None:
 
 OPEN_PATHS = frozenset({"/healthz", "/login", "/logout"})  # /login and /logout check what they need themselves
 OPEN_PREFIXES = ("/static/",)  # the package's stylesheet, script and icon: the sign-in page needs them
-QUERY_TOKEN_SUFFIXES = ("/events", "/ws")  # browsers cannot set headers on EventSource and WebSocket
+# Browsers cannot set headers on EventSource and WebSocket: these two routes take ?access_token= (no other).
+QUERY_TOKEN_ROUTES = frozenset({"/jobs/{job_id}/events", "/ws"})
 BEARER_CHALLENGE = problems.BEARER_CHALLENGE
 
 
@@ -217,7 +218,8 @@ def presented_token(request: web.Request) -> str | None:
     scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
-    if request.path.endswith(QUERY_TOKEN_SUFFIXES):
+    resource = getattr(request.match_info.route, "resource", None)
+    if resource is not None and resource.canonical in QUERY_TOKEN_ROUTES:
         return request.query.get("access_token")
     return None
 
