@@ -278,11 +278,16 @@ RUNNING_BY_TASK_SQL = ("SELECT task, COUNT(*) FROM jobs WHERE status = 'running'
 _OWNER_GONE = ("(lease_owner IS DISTINCT FROM $2 AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a"
                " WHERE a.datname = current_database() AND a.application_name IN"
                " (left('asyncjobs ' || jobs.lease_owner, 63), left('asyncjobs-listen ' || jobs.lease_owner, 63))))")
-# Running jobs whose lease is lost: held by a node that is gone (no end, not us; or, with $3, no session
+# At a node's start ($3), a holder without a session is gone only if the database has been up for longer
+# than a lease ($4 seconds): right after the database restarted, live nodes have not reconnected yet, and
+# their jobs are theirs until their leases end.
+_GONE_AT_START = (f"($3::bool AND pg_postmaster_start_time() < clock_timestamp() - make_interval(secs => $4)"
+                  f" AND {_OWNER_GONE})")
+# Running jobs whose lease is lost: held by a node that is gone (no end, not us; or at a start, no session
 # left) or past its end (anyone's).
-RUNNING_SQL = (f"SELECT {_COLUMNS}, cancel_reason, $3::bool AND {_OWNER_GONE} AS gone FROM jobs"
+RUNNING_SQL = (f"SELECT {_COLUMNS}, cancel_reason, {_GONE_AT_START} AS gone FROM jobs"
                " WHERE status = 'running' AND ((lease_until IS NULL AND lease_owner IS DISTINCT FROM $2)"
-               f" OR lease_until <= $1 OR ($3::bool AND {_OWNER_GONE}))"
+               f" OR lease_until <= $1 OR {_GONE_AT_START})"
                " ORDER BY seq LIMIT 1000 FOR UPDATE SKIP LOCKED")
 # The listening sessions of other nodes silent (no ping, see cluster.ClusterFeed) for $2 seconds, ended. A
 # live listener pings every few seconds, and its only statements are the ping and LISTEN, so its state
@@ -792,17 +797,17 @@ class PostgresStore:
         return await self._write(op)
 
     async def recover(self, *, now: float, retention_s: float, payload: Payload, node: str = "",
-                      at_start: bool = False) -> tuple[int, int]:
+                      at_start: bool = False, lease_s: float = 30.0) -> tuple[int, int]:
         """Running jobs whose lease is lost (``rules.lease_lost``, by the database's clock) go back to the
         queue, or fail as interrupted past their attempts: any node rescues any node's jobs, at its start
         and then periodically. ``at_start``: also the jobs of nodes that have no session on the database
-        any more (killed: a restart finds their jobs at once, as with SQLite). Rows another node is
-        recovering are skipped."""
+        any more (killed: a restart finds their jobs at once, as with SQLite), once the database has been
+        up for longer than ``lease_s``. Rows another node is recovering are skipped."""
 
         async def op(db: asyncpg.Connection) -> tuple[int, int]:
             db_now = await db.fetchval(DB_NOW_SQL)  # leases end by the database's clock, never a node's
             rows = [(row_to_job(tuple(r)[:-2]), r["cancel_reason"], r["gone"])
-                    for r in await db.fetch(RUNNING_SQL, db_now, node, at_start)]
+                    for r in await db.fetch(RUNNING_SQL, db_now, node, at_start, float(lease_s))]
             lost = [(j, reason) for j, reason, gone in rows
                     if rules.lease_lost(j, db_now, node=node, owner_gone=gone)]
             requeued = failed = 0

@@ -126,7 +126,8 @@ class JobQueue:
 
     async def start(self) -> None:
         requeued, failed = await self.store.recover(now=self.clock(), retention_s=self.retention_s, node=self.node,
-                                                    payload=self.callback_payload, at_start=True)
+                                                    payload=self.callback_payload, at_start=True,
+                                                    lease_s=self.lease_s or 0.0)
         if requeued or failed:
             log.warning("recovered %d interrupted jobs: %d queued again, %d failed", requeued + failed,
                         requeued, failed)

@@ -320,7 +320,7 @@ class Store(Protocol):
     async def claim(self, *, now: float, limit: int, tasks: dict[str, int | None], node: str = "",
                     lease_s: float | None = None) -> list[Job]: ...
     async def recover(self, *, now: float, retention_s: float, payload: Payload, node: str = "",
-                      at_start: bool = False) -> tuple[int, int]: ...
+                      at_start: bool = False, lease_s: float = 30.0) -> tuple[int, int]: ...
     async def sweep(self, *, now: float, retention_s: float, tombstone_retention_s: float,
                     payload: Payload) -> SweepResult: ...
     async def queue_position(self, job: Job) -> int: ...
@@ -666,7 +666,7 @@ class SQLiteStore:
         return await self._write(op)
 
     async def recover(self, *, now: float, retention_s: float, payload: Payload, node: str = "",
-                      at_start: bool = False) -> tuple[int, int]:
+                      at_start: bool = False, lease_s: float = 30.0) -> tuple[int, int]:
         """Running jobs whose lease is lost (``rules.lease_lost``: at a SQLite store's start, every one
         another process held) go back to the queue, or fail as interrupted past their attempts."""
 

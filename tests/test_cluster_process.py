@@ -297,3 +297,25 @@ async def test_a_database_restart_mid_load_gives_503s_never_500s_and_loses_nothi
     assert sum(s["status"] == "succeeded" for s in states.values()) >= len(acked) - 5
     for server in servers:
         assert " 500 " not in server.log() and "Traceback" not in server.log()
+
+
+async def test_a_node_starting_just_after_a_database_restart_leaves_live_leases_alone(server_factory, tmp_path,
+                                                                                   private_cluster):
+    """At its start a node takes at once the jobs of nodes with no session on the database (killed ones). Just
+    after a database restart no node has one yet: a node starting then leaves a live node's job alone until
+    its lease ends, rather than failing it (no retries) while that node still runs it."""
+    url = create_database(private_cluster.server)
+    config = config_text(cluster={"lease": 30, "heartbeat": 10}, files={"dir": str(tmp_path / "files")},
+                         queue={"shutdown_grace": 1}, tasks={"modules": TEST_MODULES})
+    a = server_factory("--db", url, config_text=config)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{a.url}/jobs", json={"task": "block", "params": {"seconds": 120}}) as resp:
+            job_id = (await resp.json())["id"]
+        await eventually(lambda: _running(http, a.url, job_id), "the job to run on the first node")
+        await asyncio.to_thread(private_cluster.stop)
+        await asyncio.sleep(2)
+        await asyncio.to_thread(private_cluster.start)
+        b = server_factory("--db", url, config_text=config)  # as soon as the database is back
+        await asyncio.sleep(1.5)
+        assert (await job_state(http, b.url, job_id))["status"] == "running"
+        assert "recovered" not in b.log(), b.log()
