@@ -43,6 +43,8 @@ class Execution:
     last_persist: float = 0.0
     leased_at: float = field(default_factory=time.monotonic)  # when its lease was last taken or renewed
     pending_write: asyncio.Task | None = None
+    trailing: asyncio.TimerHandle | None = None  # the store write planned for a report inside the half second
+    finishing: bool = False  # its outcome is being stored: no more progress writes
     has_work_dir: bool = False  # the handler asked for an output path: its folder goes after the attempt
 
     def request_cancel(self, reason: CancelReason) -> None:
@@ -275,10 +277,26 @@ class Workers:
             return
         execution.job = with_progress(execution.job, report)
         self.queue.publish(execution.job)
-        now = time.monotonic()
-        if now - execution.last_persist >= PROGRESS_PERSIST_INTERVAL_S and execution.pending_write is None:
-            execution.last_persist = now
-            execution.pending_write = asyncio.create_task(self._persist_progress(execution))
+        self._persist_soon(execution)
+
+    def _persist_soon(self, execution: Execution) -> None:
+        """Store the latest report now if none was stored in the last half second, else once it is over: the
+        last report of a burst is stored too (other nodes, and a restart, read progress from the store)."""
+        if execution.finishing or execution.pending_write is not None or execution.trailing is not None:
+            return  # the write under way looks again when it is done; the one planned takes the latest
+        wait = execution.last_persist + PROGRESS_PERSIST_INTERVAL_S - time.monotonic()
+        if wait > 0:
+            execution.trailing = asyncio.get_running_loop().call_later(wait, self._persist_now, execution)
+        else:
+            self._persist_now(execution)
+
+    def _persist_now(self, execution: Execution) -> None:
+        execution.trailing = None
+        if execution.finishing or execution.pending_write is not None \
+                or execution.job.version == execution.stored_version:
+            return
+        execution.last_persist = time.monotonic()
+        execution.pending_write = asyncio.create_task(self._persist_progress(execution))
 
     async def _persist_progress(self, execution: Execution) -> None:
         job = execution.job
@@ -287,6 +305,8 @@ class Workers:
                 execution.stored_version = job.version
         finally:
             execution.pending_write = None
+        if execution.job.version != job.version:  # reported while this one was being stored
+            self._persist_soon(execution)
 
     async def _sweep_loop(self) -> None:
         shared = self.queue.store.shared
@@ -355,6 +375,10 @@ class Workers:
                 self._busy -= 1
                 self.queue.wakeup.set()
             try:
+                execution.finishing = True  # the outcome carries the last report; no progress write may race it
+                if execution.trailing is not None:
+                    execution.trailing.cancel()
+                    execution.trailing = None
                 if execution.pending_write is not None:
                     await execution.pending_write
                 if execution.cancel_reason is CancelReason.LEASE_LOST:

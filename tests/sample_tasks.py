@@ -223,3 +223,13 @@ def work(tag: str, seconds: float) -> str:
 def exits(code: int = 3) -> None:
     """A sync handler that ends as a wrapped command-line program would: ``sys.exit``."""
     raise SystemExit(code)
+
+
+@task()
+async def two_reports(ctx: Any, hold: float = 5.0) -> str:
+    """Two progress reports 0.1 s apart, then quiet work: the second falls inside the store's half second."""
+    await ctx.progress(0.1, "first")
+    await asyncio.sleep(0.1)
+    await ctx.progress(0.2, "second")
+    await asyncio.sleep(hold)
+    return "done"

@@ -509,6 +509,24 @@ async def test_progress_reaches_waiters_at_once_and_the_store_throttled(start):
     assert writes <= 12, f"{writes} store commits for 30 progress reports in 1.5 s"
 
 
+async def test_the_last_report_of_a_burst_reaches_the_store(start):
+    """A report inside the store's half second is stored once it is over, not dropped: other nodes and a
+    restart read progress from the store."""
+    client, app = await start(tasks={"modules": ["asyncjobs.builtin", "tests.sample_tasks"]})
+    job = await submit(client, "two_reports", {"hold": 5})
+
+    async def stored_message() -> str | None:
+        found = await app.store.lookup(job["id"])
+        return ((found.job.progress if found.job else None) or {}).get("message")
+
+    await eventually(lambda: _is(stored_message(), "second"), "the second report in the store", timeout_s=3)
+    await client.post(f"/jobs/{job['id']}/cancel")
+
+
+async def _is(value, expected) -> bool:
+    return await value == expected
+
+
 @pytest.mark.parametrize(("task", "params", "last"), [
     ("sleep", {"seconds": 0.3, "steps": 3}, {"fraction": 1.0, "message": "step 3 of 3"}),
     ("hash", {"data": "x", "rounds": 40000}, {"fraction": 1.0, "message": "40000 of 40000 rounds"}),
