@@ -46,9 +46,9 @@ from .store import (
     Payload,
     SweepResult,
     encoded,
+    enqueue_write,
     file_owner,
     mutable_values,
-    outlast,
     row_to_job,
     settle_write,
 )
@@ -575,16 +575,7 @@ class PostgresStore:
                 if (task := asyncio.current_task()) is not None:
                     task.uncancel()
                 return answer
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        if not outlasting:
-            self._pending.put_nowait((op, fut, None))
-            return await fut
-        kept = Kept()
-        self._pending.put_nowait((op, fut, kept))
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            return await outlast(fut, kept)
+        return await enqueue_write(self._pending, op, outlasting=outlasting)
 
     async def _writer(self, pool: asyncpg.Pool) -> None:
         while True:

@@ -19,7 +19,7 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -482,16 +482,7 @@ class SQLiteStore:
         caller gets the answer all the same (``outlast``)."""
         if self._writer_task is None or self._writer_task.done():
             raise StoreError("the store is closed")
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        if not outlasting:
-            self._pending.put_nowait((op, fut, None))
-            return await fut
-        kept = Kept()
-        self._pending.put_nowait((op, fut, kept))
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            return await outlast(fut, kept)
+        return await enqueue_write(self._pending, op, outlasting=outlasting)
 
     async def _write_loop(self) -> None:
         while True:
@@ -909,6 +900,25 @@ class Kept:
         self.result, self.error, self.done = result, error, True
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
+
+
+def enqueue_write(pending: asyncio.Queue, op: Any, *, outlasting: bool) -> Awaitable[Any]:
+    """Put ``op`` on a writer's queue; await what this returns for its answer. With ``outlasting``, a caller
+    cancelled while it waits still gets the answer (``outlast``)."""
+    fut: asyncio.Future = asyncio.get_running_loop().create_future()
+    if not outlasting:
+        pending.put_nowait((op, fut, None))
+        return fut
+    kept = Kept()
+    pending.put_nowait((op, fut, kept))
+    return _answer(fut, kept)
+
+
+async def _answer(fut: asyncio.Future, kept: Kept) -> Any:
+    try:
+        return await fut
+    except asyncio.CancelledError:
+        return await outlast(fut, kept)
 
 
 async def outlast(fut: asyncio.Future, kept: Kept) -> Any:
