@@ -278,10 +278,10 @@ RUNNING_BY_TASK_SQL = ("SELECT task, COUNT(*) FROM jobs WHERE status = 'running'
 _OWNER_GONE = ("(lease_owner IS DISTINCT FROM $2 AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a"
                " WHERE a.datname = current_database() AND a.application_name IN"
                " (left('asyncjobs ' || jobs.lease_owner, 63), left('asyncjobs-listen ' || jobs.lease_owner, 63))))")
-# At a node's start ($3), a holder without a session is gone only if the database has been up for longer
-# than a lease ($4 seconds): right after the database restarted, live nodes have not reconnected yet, and
-# their jobs are theirs until their leases end.
-_GONE_AT_START = (f"($3::bool AND pg_postmaster_start_time() < clock_timestamp() - make_interval(secs => $4)"
+# At a node's start ($3), a holder without a session is gone only if it took or renewed the lease (its end
+# less $4, the lease's seconds) since the database started: it had a session then, and has lost it. Right
+# after a database restart, a live node that has not reconnected yet keeps its jobs until their leases end.
+_GONE_AT_START = (f"($3::bool AND to_timestamp(lease_until - $4) > pg_postmaster_start_time()"
                   f" AND {_OWNER_GONE})")
 # Running jobs whose lease is lost: held by a node that is gone (no end, not us; or at a start, no session
 # left) or past its end (anyone's).
@@ -792,8 +792,8 @@ class PostgresStore:
         """Running jobs whose lease is lost (``rules.lease_lost``, by the database's clock) go back to the
         queue, or fail as interrupted past their attempts: any node rescues any node's jobs, at its start
         and then periodically. ``at_start``: also the jobs of nodes that have no session on the database
-        any more (killed: a restart finds their jobs at once, as with SQLite), once the database has been
-        up for longer than ``lease_s``. Rows another node is recovering are skipped."""
+        any more (killed: a restart finds their jobs at once, as with SQLite), if they held the lease since
+        the database started (``lease_s``: its length). Rows another node is recovering are skipped."""
 
         async def op(db: asyncpg.Connection) -> tuple[int, int]:
             db_now = await db.fetchval(DB_NOW_SQL)  # leases end by the database's clock, never a node's
