@@ -142,10 +142,11 @@ class App:
         )
         self.workers = Workers(self.queue, count=config.queue.workers, heartbeat_s=heartbeat_s(config),
                                sweep_interval_s=sweep_interval_s(config, shared=self.store.shared))
+        callback_hosts = tuple(h.lower() for h in config.callbacks.allow_hosts)
         self.deliverer = None if callback_key is None else callbacks.Deliverer(
             store=self.store, wakeup=self.queue.deliveries, key=callback_key,
             max_attempts=config.callbacks.max_attempts, retry_delay_s=config.callbacks.retry_delay,
-            timeout_s=config.callbacks.timeout, allow_hosts=[h.lower() for h in config.callbacks.allow_hosts])
+            timeout_s=config.callbacks.timeout, allow_hosts=callback_hosts)
         self.web = make_web_app(self.queue, WebSettings(
             monitor_style=protocol.MonitorStyle(config.protocol.monitor),
             max_body_bytes=config.server.max_body_bytes,
@@ -155,7 +156,7 @@ class App:
             tokens=_tokens(config),
             admins=_admins(config),
             session_ttl_s=config.auth.session_ttl,
-            callback_hosts=tuple(h.lower() for h in config.callbacks.allow_hosts),
+            callback_hosts=callback_hosts,
             submit_rate=config.limits.submit_rate,
             submit_burst=config.limits.submit_burst,
         ), rates=self._shared_rates())

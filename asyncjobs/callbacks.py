@@ -17,7 +17,7 @@ import hmac
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -49,7 +49,7 @@ def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(mac).decode()
 
 
-def host_allowed(url: str, allow_hosts: list[str]) -> bool:
+def host_allowed(url: str, allow_hosts: Collection[str]) -> bool:
     """Only http(s) URLs whose "host" or "host:port" is in the allow-list."""
     try:
         parts = urlsplit(url)
@@ -67,9 +67,9 @@ class Deliverer:
 
     def __init__(self, *, store: Store, wakeup: asyncio.Event, key: bytes, max_attempts: int,
                  retry_delay_s: float = 1.0, timeout_s: float = 10.0, concurrency: int = 4,
-                 clock: Callable[[], float] = time.time, allow_hosts: list[str] | None = None) -> None:
+                 allow_hosts: Collection[str], clock: Callable[[], float] = time.time) -> None:
         self.store = store
-        self.allow_hosts = allow_hosts  # checked again at each attempt (None: not checked here)
+        self.allow_hosts = allow_hosts  # checked at the submit, and again at each attempt
         self.wakeup = wakeup
         self.key = key
         self.max_attempts = max_attempts
@@ -138,7 +138,7 @@ class Deliverer:
         return min(3600.0, self.retry_delay_s * 2 ** (attempts - 1) * random.uniform(0.75, 1.25))
 
     async def _deliver(self, delivery: Delivery) -> None:
-        if self.allow_hosts is not None and not host_allowed(delivery.url, self.allow_hosts):
+        if not host_allowed(delivery.url, self.allow_hosts):
             # Allowed at its submit, but the allow-list in force now no longer names the host: given up.
             log.warning("callback for job %s given up: its host is no longer in callbacks.allow_hosts",
                         delivery.job_id)

@@ -300,7 +300,8 @@ class FileStore:
         """Put a result in place (blocking: call it from a thread). ``owned``: ``source`` is the
         handler's work file and may be moved; otherwise it is copied. Raises 507 when it cannot fit."""
         size = len(source) if isinstance(source, bytes) else source.stat().st_size
-        key = id(tmp := self.root / "tmp" / f"{secrets.token_hex(12)}.result")
+        tmp = self.root / "tmp" / f"{secrets.token_hex(12)}.result"
+        key = id(tmp)  # its room is reserved under this key until the file is counted
         if not self._take_room(key, size):
             raise StorageFull(f"the result ({size} bytes) would exceed the store's limit of"
                                       f" {self.max_total_bytes} bytes")
@@ -315,12 +316,11 @@ class FileStore:
             os.replace(tmp, folder / RESULT)
             _fsync_dir(folder)
             _fsync_dir(folder.parent)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
+        except BaseException as exc:
             self._release(key)
-            raise _io_error(exc, "storing the result") from exc
-        except BaseException:
-            self._release(key)
+            if isinstance(exc, OSError):
+                tmp.unlink(missing_ok=True)
+                raise _io_error(exc, "storing the result") from exc
             raise
         with self._lock:  # counted and unreserved at once
             del self._reserved[key]

@@ -479,7 +479,7 @@ class SQLiteStore:
     async def _write(self, op: WriteOp, *, outlasting: bool = False) -> Any:
         """Run ``op`` in the next batch's transaction; it has committed when this returns. Once queued, the op
         commits with its batch even if the caller is cancelled and stops waiting; with ``outlasting``, the
-        caller gets the answer all the same (``outlast``)."""
+        caller gets the answer all the same (``enqueue_write``)."""
         if self._writer_task is None or self._writer_task.done():
             raise StoreError("the store is closed")
         return await enqueue_write(self._pending, op, outlasting=outlasting)
@@ -876,7 +876,8 @@ class SQLiteStore:
 
 
 def settle_write(fut: asyncio.Future, kept: Kept | None = None, *, result: Any = None,
-            error: BaseException | None = None) -> None:
+                 error: BaseException | None = None) -> None:
+    """Answer a queued write: its future, or (its caller cancelled while it waited) its ``kept``."""
     if fut.done():
         if kept is not None and fut.cancelled():  # its caller was cancelled while it waited: keep the answer
             kept.settle(result, error)
@@ -888,7 +889,7 @@ def settle_write(fut: asyncio.Future, kept: Kept | None = None, *, result: Any =
 
 
 class Kept:
-    """A queued write's answer, kept for a caller cancelled while it waited (see ``outlast``). Made for every
+    """A queued write's answer, kept for a caller cancelled while it waited (see ``_outlast``). Made for every
     such write and used for almost none, so it has no ``__init__`` to run: the defaults are the class's."""
 
     result: Any = None
@@ -904,35 +905,31 @@ class Kept:
 
 def enqueue_write(pending: asyncio.Queue, op: Any, *, outlasting: bool) -> Awaitable[Any]:
     """Put ``op`` on a writer's queue; await what this returns for its answer. With ``outlasting``, a caller
-    cancelled while it waits still gets the answer (``outlast``)."""
+    cancelled while it waits still gets the answer (``_outlast``)."""
     fut: asyncio.Future = asyncio.get_running_loop().create_future()
     if not outlasting:
         pending.put_nowait((op, fut, None))
         return fut
     kept = Kept()
     pending.put_nowait((op, fut, kept))
-    return _answer(fut, kept)
+    return _outlast(fut, kept)
 
 
-async def _answer(fut: asyncio.Future, kept: Kept) -> Any:
-    try:
-        return await fut
-    except asyncio.CancelledError:
-        return await outlast(fut, kept)
-
-
-async def outlast(fut: asyncio.Future, kept: Kept) -> Any:
-    """The answer of a queued write whose caller was cancelled while it waited for ``fut``.
+async def _outlast(fut: asyncio.Future, kept: Kept) -> Any:
+    """The answer of a queued write, even if the caller is cancelled while it waits for ``fut``.
 
     Once queued, a write commits with its batch all the same; a caller that must act on what it did (a
     submit: the queue's count, the job's files, its publish) gets the answer and goes on, the cancel
     consumed. A second cancel while it waits gives up.
     """
-    if not fut.cancelled():  # answered, but the caller was cancelled before it could take the answer
-        kept.settle(None if fut.exception() else fut.result(), fut.exception())
-    if not kept.done:
-        kept.waiter = asyncio.get_running_loop().create_future()
-        await kept.waiter
+    try:
+        return await fut
+    except asyncio.CancelledError:
+        if not fut.cancelled():  # answered, but the caller was cancelled before it could take the answer
+            kept.settle(None if fut.exception() else fut.result(), fut.exception())
+        if not kept.done:
+            kept.waiter = asyncio.get_running_loop().create_future()
+            await kept.waiter
     task = asyncio.current_task()
     if task is not None:
         task.uncancel()

@@ -76,6 +76,14 @@ async def test_running_job_page_is_html_with_the_job(client):
     await client.post(f"/jobs/{job['id']}/cancel")
 
 
+async def test_an_accept_on_two_field_lines_is_one_list(client):
+    """RFC 9110 5.3: `Accept: image/webp` then `Accept: text/html` asks for the page as one line would."""
+    job = await submit(client, "echo", {"word": "hello"})
+    resp = await client.get(f"/jobs/{job['id']}", headers=[("Accept", "image/webp"), ("Accept", "text/html")],
+                            allow_redirects=False)
+    assert resp.status == 200 and resp.content_type == "text/html"
+
+
 async def test_succeeded_job_page_is_200_not_a_redirect(client):
     job = await submit(client, "echo", {"word": "hello"})
     await wait_status(client, job["id"], "succeeded")

@@ -163,8 +163,6 @@ def list_header(request: web.Request, name: str) -> str | None:
     return values[0] if len(values) == 1 else ", ".join(values)
 
 
-
-
 # -- auth ----------------------------------------------------------------------
 
 OPEN_PATHS = frozenset({"/healthz", "/login", "/logout"})  # /login and /logout check what they need themselves

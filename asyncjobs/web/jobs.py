@@ -89,7 +89,7 @@ async def _submit(request: web.Request, queue: JobQueue, body: protocol.Submit,
     With ``files``, the request's identity for an ``Idempotency-Key`` includes their digests.
     """
     settings = request.app[SETTINGS_KEY]
-    if body.callback_url is not None and not callbacks.host_allowed(body.callback_url, list(settings.callback_hosts)):
+    if body.callback_url is not None and not callbacks.host_allowed(body.callback_url, settings.callback_hosts):
         raise InvalidRequest("callback_url must be an http(s) URL on a host this server allows callbacks to"
                          if settings.callback_hosts else "callbacks are not enabled on this server",
                          errors=[{"field": "callback_url", "message": "host not allowed"}])

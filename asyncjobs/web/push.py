@@ -209,10 +209,10 @@ async def _subscribe(queue: JobQueue, sock: _Socket, command: protocol.WsCommand
         known.append(job_id)
         if command.progress:
             sock.progress_ids.add(job_id)
-        if not job.terminal:  # the state it has now is no change: the next frame is its next status (or progress)
-            sock.sent.setdefault(job_id, (job.status, job.version))
         if job.terminal:
             finished.append(job)
+        else:  # the state it has now is no change: the next frame is its next status (or progress)
+            sock.sent.setdefault(job_id, (job.status, job.version))
     await sock.send({"type": "subscribed", "jobs": known})
     for error in errors:
         await sock.send(error)
