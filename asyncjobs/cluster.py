@@ -136,7 +136,7 @@ class ClusterFeed:
     def _on_change(self, payload: str) -> None:
         node, _, body = payload.partition("|")
         if node == self.node:
-            return  # published here already (what it changed unpublished, a rescue, asks for a resync)
+            return  # published here already
         if body == "*":
             self.resync()
             self.on_queued()
@@ -165,7 +165,7 @@ class ClusterFeed:
             log.warning("change feed: a cancel with an unknown reason %r", reason)
 
     def resync(self) -> None:
-        """Re-read every job a client here waits on (see ``hub.Feed.resync``)."""
+        """Re-read every job a client here waits on by id (after notifications may have been missed)."""
         self._pending.update(self.hub.watched_ids())
         self._wake.set()
 

@@ -181,11 +181,6 @@ class Feed(Protocol):
     async def stop(self) -> None: ...
     async def request_cancel(self, job_id: str, reason: CancelReason) -> None: ...
 
-    def resync(self) -> None:
-        """Re-read every job this node's clients wait on: this node changed jobs without publishing them
-        (a rescue of expired leases), and other processes are not told of their own changes."""
-        ...
-
 
 class LocalFeed:
     """The feed of a store that one process holds (SQLite): every change is made here, so the hub is all."""
@@ -203,6 +198,3 @@ class LocalFeed:
 
     async def request_cancel(self, job_id: str, reason: CancelReason) -> None:
         self.hub.request_cancel(job_id, reason)
-
-    def resync(self) -> None:
-        pass  # a store one process holds is rescued only at its start, before anyone waits

@@ -788,30 +788,29 @@ class PostgresStore:
         return await self._write(op)
 
     async def recover(self, *, now: float, retention_s: float, payload: Payload, node: str = "",
-                      at_start: bool = False, lease_s: float = 30.0) -> tuple[int, int]:
+                      at_start: bool = False, lease_s: float = 30.0) -> list[Job]:
         """Running jobs whose lease is lost (``rules.lease_lost``, by the database's clock) go back to the
         queue, or fail as interrupted past their attempts: any node rescues any node's jobs, at its start
         and then periodically. ``at_start``: also the jobs of nodes that have no session on the database
         any more (killed: a restart finds their jobs at once, as with SQLite), if they held the lease since
-        the database started (``lease_s``: its length). Rows another node is recovering are skipped."""
+        the database started (``lease_s``: its length). Rows another node is recovering are skipped.
+        Returns their new states."""
 
-        async def op(db: asyncpg.Connection) -> tuple[int, int]:
+        async def op(db: asyncpg.Connection) -> list[Job]:
             db_now = await db.fetchval(DB_NOW_SQL)  # leases end by the database's clock, never a node's
             rows = [(row_to_job(tuple(r)[:-2]), r["cancel_reason"], r["gone"])
                     for r in await db.fetch(RUNNING_SQL, db_now, node, at_start, float(lease_s))]
             lost = [(j, reason) for j, reason, gone in rows
                     if rules.lease_lost(j, db_now, node=node, owner_gone=gone)]
-            requeued = failed = 0
+            recovered = []
             for job, reason in lost:
                 new = rules.recover_one(job, now, retention_s=retention_s,
                                         canceled=None if reason is None else CancelReason(reason))
-                if new.status is Status.QUEUED:
-                    requeued += 1
-                else:
-                    failed += 1
+                if new.status is not Status.QUEUED:
                     await _schedule_delivery(db, new, payload)
                 await db.execute(UPDATE_ANY_SQL, *mutable_values(new), new.id)
-            return requeued, failed
+                recovered.append(new)
+            return recovered
 
         return await self._write(op)
 
@@ -819,19 +818,25 @@ class PostgresStore:
                     payload: Payload) -> SweepResult:
         """Expire what is past ``expires_at`` into tombstones, and forget old tombstones, deliveries and
         sessions. The expired rows are locked ``FOR UPDATE SKIP LOCKED``: two nodes never sweep the same rows.
+
+        A queued job past its time is canceled in place, and tombstoned by the next sweep: the update tells
+        the waiters of other nodes (the change feed announces updates, and they read the canceled row),
+        where a deletion would leave them waiting. Meanwhile it answers 410 like a tombstone (``is_expired``).
         """
 
         async def op(db: asyncpg.Connection) -> SweepResult:
             expired = [row_to_job(r) for r in await db.fetch(EXPIRED_SQL, now)]
             running = [j.id for j in expired if j.status is Status.RUNNING]
             outcomes = [(j, rules.expired_outcome(j, now)) for j in expired]
-            gone = [(j, new) for j, new in outcomes if new is not None]
-            if gone:
-                await db.executemany(TOMBSTONE_SQL, [(j.id, j.owner, now + tombstone_retention_s) for j, _ in gone])
-                await db.execute("DELETE FROM jobs WHERE id = ANY($1::text[])", [j.id for j, _ in gone])
-            canceled = [new for j, new in gone if j.status is Status.QUEUED]
+            canceled = [new for j, new in outcomes if new is not None and j.status is Status.QUEUED]
+            gone = [j for j, new in outcomes if new is not None and j.status is not Status.QUEUED]
+            if canceled:
+                await db.executemany(UPDATE_ANY_SQL, [(*mutable_values(new), new.id) for new in canceled])
             for new in canceled:
                 await _schedule_delivery(db, new, payload)
+            if gone:
+                await db.executemany(TOMBSTONE_SQL, [(j.id, j.owner, now + tombstone_retention_s) for j in gone])
+                await db.execute("DELETE FROM jobs WHERE id = ANY($1::text[])", [j.id for j in gone])
             await db.execute("DELETE FROM deliveries WHERE state != 'pending' AND next_at <= $1",
                              now - tombstone_retention_s)
             await db.execute("DELETE FROM sessions WHERE expires_at <= $1", now)
@@ -843,7 +848,7 @@ class PostgresStore:
                 expired_running=running,
                 tombstoned=len(gone),
                 forgotten=forgotten,
-                with_files=[j.id for j, _ in gone if j.files is not None],
+                with_files=[j.id for j in gone if j.files is not None],
             )
 
         return await self._write(op)

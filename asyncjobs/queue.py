@@ -125,12 +125,13 @@ class JobQueue:
         self.deliveries = asyncio.Event()  # set when a callback delivery was scheduled
 
     async def start(self) -> None:
-        requeued, failed = await self.store.recover(now=self.clock(), retention_s=self.retention_s, node=self.node,
-                                                    payload=self.callback_payload, at_start=True,
-                                                    lease_s=self.lease_s or 0.0)
-        if requeued or failed:
-            log.warning("recovered %d interrupted jobs: %d queued again, %d failed", requeued + failed,
-                        requeued, failed)
+        recovered = await self.store.recover(now=self.clock(), retention_s=self.retention_s, node=self.node,
+                                             payload=self.callback_payload, at_start=True,
+                                             lease_s=self.lease_s or 0.0)
+        if recovered:
+            requeued = self._published_recovered(recovered)
+            log.warning("recovered %d interrupted jobs: %d queued again, %d failed", len(recovered),
+                        requeued, len(recovered) - requeued)
         await self.files.open(alone=not await self.store.others_alive(self.node))
         await self.files.sweep_orphans(self.store.file_owners)
         await self.refresh_counts()
@@ -527,14 +528,21 @@ class JobQueue:
     async def rescue(self) -> None:
         """Take over running jobs whose lease ended (their node died or was cut off): queued again while
         attempts remain, else failed as interrupted. Any node does it, periodically, for every node."""
-        requeued, failed = await self.store.recover(now=self.clock(), retention_s=self.retention_s, node=self.node,
-                                                    payload=self.callback_payload)
-        if requeued or failed:
-            log.warning("rescued %d jobs whose lease ended: %d queued again, %d failed", requeued + failed,
-                        requeued, failed)
-            self.feed.resync()  # the rescued jobs changed here without a publish: waiters read them again
+        recovered = await self.store.recover(now=self.clock(), retention_s=self.retention_s, node=self.node,
+                                             payload=self.callback_payload)
+        if recovered:
+            requeued = self._published_recovered(recovered)
+            log.warning("rescued %d jobs whose lease ended: %d queued again, %d failed", len(recovered),
+                        requeued, len(recovered) - requeued)
             self.wakeup.set()
             self.deliveries.set()
+
+    def _published_recovered(self, recovered: list[Job]) -> int:
+        """Tell this node's waiters of jobs taken over from a lost runner (other nodes learn of them from the
+        store's change feed, which does not tell a node of its own changes); how many were queued again."""
+        for job in recovered:
+            self.hub.publish(job)
+        return sum(job.status is Status.QUEUED for job in recovered)
 
     async def renew(self, job_ids: list[str]) -> dict[str, str | None]:
         """Extend this node's leases of ``job_ids``: the ones still held, each with any cancel asked of it."""

@@ -285,7 +285,7 @@ def _schedule_delivery(db: sqlite3.Connection, job: Job, payload: Payload) -> No
 
 @dataclass(frozen=True)
 class SweepResult:
-    expired_queued: list[Job]  # their canceled state (already tombstoned; its callback scheduled)
+    expired_queued: list[Job]  # their canceled state (tombstoned now or by the next sweep; callback scheduled)
     expired_running: list[str]  # ids whose handler must be stopped
     tombstoned: int
     forgotten: int
@@ -320,7 +320,7 @@ class Store(Protocol):
     async def claim(self, *, now: float, limit: int, tasks: dict[str, int | None], node: str = "",
                     lease_s: float | None = None) -> list[Job]: ...
     async def recover(self, *, now: float, retention_s: float, payload: Payload, node: str = "",
-                      at_start: bool = False, lease_s: float = 30.0) -> tuple[int, int]: ...
+                      at_start: bool = False, lease_s: float = 30.0) -> list[Job]: ...
     async def sweep(self, *, now: float, retention_s: float, tombstone_retention_s: float,
                     payload: Payload) -> SweepResult: ...
     async def queue_position(self, job: Job) -> int: ...
@@ -657,26 +657,25 @@ class SQLiteStore:
         return await self._write(op)
 
     async def recover(self, *, now: float, retention_s: float, payload: Payload, node: str = "",
-                      at_start: bool = False, lease_s: float = 30.0) -> tuple[int, int]:
+                      at_start: bool = False, lease_s: float = 30.0) -> list[Job]:
         """Running jobs whose lease is lost (``rules.lease_lost``: at a SQLite store's start, every one
-        another process held) go back to the queue, or fail as interrupted past their attempts."""
+        another process held) go back to the queue, or fail as interrupted past their attempts. Returns
+        their new states."""
 
-        def op(db: sqlite3.Connection) -> tuple[int, int]:
+        def op(db: sqlite3.Connection) -> list[Job]:
             cur = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE status = 'running'")
             rows = [j for j in map(row_to_job, cur.fetchall()) if rules.lease_lost(j, now, node=node)]
-            requeued = failed = 0
+            recovered = []
             for job in rows:
                 new = rules.recover_one(job, now, retention_s=retention_s)
-                if new.status is Status.QUEUED:
-                    requeued += 1
-                else:
-                    failed += 1
+                if new.status is not Status.QUEUED:
                     _schedule_delivery(db, new, payload)
                 db.execute(
                     f"UPDATE jobs SET {_ASSIGN} WHERE id = ?",
                     (*mutable_values(new), new.id),
                 )
-            return requeued, failed
+                recovered.append(new)
+            return recovered
 
         return await self._write(op)
 

@@ -243,3 +243,57 @@ async def _admin_connection(app: App) -> Any:
     import asyncpg
 
     return await asyncpg.connect(app.config.store.url)
+
+
+async def test_a_job_rescued_by_a_node_reaches_that_nodes_subscribers_to_every_job(nodes):
+    """A is cut off while it runs a job; B (which cannot run it) rescues it once the lease ends. B's
+    WebSocket subscribed to every job, and its long poll of the job, learn that it is queued again."""
+    cluster = {"lease": 1, "heartbeat": 0.2}
+    (a, app_a), (b, app_b) = await nodes(2, modules=[TEST_MODULES, BUILTIN_ONLY], cluster=cluster)
+    job = await (await a.post("/jobs", json={"task": "whoami", "params": {"seconds": 30, "steps": 1}})).json()
+    await wait_status(b, job["id"], "running")
+    ws = await b.ws_connect("/ws")
+    await ws.send_json({"op": "subscribe", "jobs": "*"})
+    await recv_until(ws, lambda f: f.get("type") == "subscribed")
+    for loop in (app_a.workers._heart, app_a.workers._dispatcher, app_a.workers._sweeper):
+        assert loop is not None
+        loop.cancel()  # A stops renewing its lease, taking jobs and rescuing: only B rescues
+    frames = await recv_until(ws, lambda f: f.get("job", {}).get("id") == job["id"], 15)
+    assert frames[-1]["job"]["status"] == "queued" and frames[-1]["job"]["attempts"] == 1, frames
+    await ws.close()
+
+
+async def test_a_queued_job_expired_by_another_nodes_sweep_ends_the_waits_on_this_one(nodes):
+    """A delayed job's expires_at passes before it is due; A's sweep expires it. On B (which does not sweep,
+    and does not poll), a long poll answers 410 and an event stream and a WebSocket end with the job canceled,
+    soon after: not at the end of the long poll's wait."""
+    (a, _), (b, app_b) = await nodes(2, jobs={"max_age": 2})
+    app_b.queue.feed.poll_s = 3600  # the notifications alone must do it
+    sweeper = app_b.workers._sweeper
+    assert sweeper is not None
+    sweeper.cancel()  # only A expires jobs
+    job = await (await a.post("/jobs", json={"task": "echo", "params": {}, "delay": 60})).json()
+    ws = await b.ws_connect("/ws")
+    await ws.send_json({"op": "subscribe", "jobs": [job["id"]]})
+
+    async def long_poll() -> tuple[int, float]:
+        resp = await b.get(f"/jobs/{job['id']}?wait=25", allow_redirects=False)
+        return resp.status, time.monotonic()
+
+    async def sse() -> list[dict]:
+        events = []
+        async with b.get(f"/jobs/{job['id']}/events") as resp:
+            assert resp.status == 200
+            async for line in resp.content:
+                if line.startswith(b"data:"):
+                    events.append(json.loads(line[5:]))
+                    if events[-1]["status"] == "canceled":
+                        break
+        return events
+
+    started = time.monotonic()
+    ended = recv_until(ws, lambda f: f.get("job", {}).get("status") == "canceled", 15)
+    (status, answered), events, frames = await asyncio.wait_for(asyncio.gather(long_poll(), sse(), ended), 20)
+    await ws.close()
+    assert status == 410 and answered - started < 12
+    assert events[-1]["status"] == "canceled" and frames[-1]["job"]["status"] == "canceled"

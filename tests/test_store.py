@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from asyncjobs.errors import StoreError
-from asyncjobs.models import Job, JobIds, Status, start, succeed
+from asyncjobs.models import Job, JobIds, Status, is_expired, start, succeed
 from asyncjobs.rules import Dedupe
 from asyncjobs.store import SQLiteStore
 
@@ -110,7 +110,8 @@ async def test_recover_requeues_or_interrupts(store):
     retryable = (await store.insert(make_job(max_attempts=2))).job
     final = (await store.insert(make_job(max_attempts=1))).job
     await store.claim(now=200.0, limit=10, tasks={"echo": None}, node="crashed")
-    assert await store.recover(now=300.0, retention_s=60, payload=lambda j: b"{}", node="restarted") == (1, 1)
+    recovered = await store.recover(now=300.0, retention_s=60, payload=lambda j: b"{}", node="restarted")
+    assert {(j.id, j.status) for j in recovered} == {(retryable.id, Status.QUEUED), (final.id, Status.FAILED)}
     assert (await store.lookup(retryable.id)).job.status is Status.QUEUED
     failed = (await store.lookup(final.id)).job
     assert failed.status is Status.FAILED and failed.error["type"] == "interrupted"
@@ -139,6 +140,11 @@ async def test_sweep_reports_expired_queued_and_running(store):
     result = await store.sweep(now=151.0, retention_s=10, tombstone_retention_s=100, payload=lambda j: b"{}")
     assert [j.id for j in result.expired_queued] == [queued.id]
     assert result.expired_running == [running.id]
+    found = await store.lookup(queued.id)  # gone, or (shared, for other nodes to read) canceled and expired
+    assert found.gone or (found.job is not None and found.job.status is Status.CANCELED
+                          and is_expired(found.job, 151.0)), found
+    await store.sweep(now=152.0, retention_s=10, tombstone_retention_s=100, payload=lambda j: b"{}")
+    assert (await store.lookup(queued.id)).gone
 
 
 async def test_list_is_newest_first_with_a_stable_cursor(store):
@@ -315,9 +321,10 @@ async def test_a_claim_leases_its_jobs_and_recovery_takes_only_lost_leases(store
     [job] = await store.claim(now=100.0, limit=1, tasks={"echo": None}, node="me")
     assert (job.lease_owner, job.lease_until) == ("me", None)
     assert (await store.lookup(job.id)).job.lease_owner == "me"
-    assert await store.recover(now=101.0, retention_s=10, payload=lambda j: b"", node="me") == (0, 0)
-    assert await store.recover(now=101.0, retention_s=10, payload=lambda j: b"", node="next") == (0, 1)
+    assert await store.recover(now=101.0, retention_s=10, payload=lambda j: b"", node="me") == []
+    [recovered] = await store.recover(now=101.0, retention_s=10, payload=lambda j: b"", node="next")
     after = (await store.lookup(job.id)).job
+    assert recovered == after
     assert after.status is Status.FAILED and after.lease_owner is None
 
 
