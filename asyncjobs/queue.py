@@ -297,8 +297,10 @@ class JobQueue:
         return job
 
     async def wait(self, job_id: str, *, timeout_s: float, until: Callable[[Job], bool],
-                   owner: str | None = None) -> Job:
+                   owner: str | None = None, expired_is_gone: bool = True) -> Job:
         """The first state of the job for which ``until`` holds, or its state when ``timeout_s`` runs out.
+        A job that expired meanwhile raises ``JobGone``, unless not ``expired_is_gone`` (a submit's wait
+        answers with the job it has just made, whatever became of it).
 
         Subscribes before reading, so a change between the read and the wait is not missed.
         """
@@ -314,7 +316,7 @@ class JobQueue:
                 if newer is None:
                     break
                 job = newer
-        if is_expired(job, self.clock()):
+        if expired_is_gone and is_expired(job, self.clock()):
             raise JobGone(f"job {job_id} has expired", job_status=job.status.value, job_version=job.version)
         return job
 

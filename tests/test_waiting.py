@@ -344,6 +344,22 @@ async def test_submit_prefer_wait_canceled_answers_200(start):
     assert resp.headers.get("Preference-Applied") == "wait=20"
 
 
+async def test_submit_prefer_wait_on_a_job_that_expires_meanwhile_answers_200_canceled(start):
+    """`Prefer: wait=N` longer than `max_age`, on a job not due before it: the job is canceled when its
+    `expires_at` passes, and the submit answers that (200, the canceled job, whose id the client learns),
+    not a 410 for the job it has just created."""
+    client, _ = await start(jobs={"max_age": 1})
+    began = time.monotonic()
+    resp = await client.post("/jobs", json={"task": "echo", "params": {}, "delay": 60}, headers={"Prefer": "wait=10"})
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert body["status"] == "canceled" and body["error"]["type"] == "canceled", body
+    assert time.monotonic() - began < 8
+    assert path_of(resp.headers.get("Content-Location")) == f"/jobs/{body['id']}"
+    assert resp.headers.get("Preference-Applied") == "wait=10"
+    assert (await client.get(f"/jobs/{body['id']}")).status == 410
+
+
 async def test_submit_prefer_wait_not_done_in_time_answers_202(start):
     """`Prefer: wait=N` on a job still running after N seconds answers the normal 202, held about N seconds."""
     client, _ = await start()

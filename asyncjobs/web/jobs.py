@@ -144,7 +144,7 @@ async def _answer_reuse(request: web.Request, queue: JobQueue, job: Job) -> web.
     applied = None if requested is None else protocol.applied_wait(requested, request.app[SETTINGS_KEY].max_wait_s)
     if applied:
         job = await _held(request, queue.wait(job.id, timeout_s=applied, until=lambda j: j.terminal,
-                                              owner=visible_owner(request)))
+                                              owner=visible_owner(request), expired_is_gone=False))
     view = await queue.view(job)
     answer = protocol.reuse_answer(job, eta=view.eta, now=queue.clock(), waited=applied is not None)
     return json_response(protocol.job_body(job, eta=view.eta, queue_position=view.queue_position),
@@ -159,7 +159,7 @@ async def _answer_submit(request: web.Request, queue: JobQueue, job: Job, *,
         return await _accepted(queue, job, {"Vary": "Prefer"}, just_submitted=just_submitted)
     applied = protocol.applied_wait(requested, request.app[SETTINGS_KEY].max_wait_s)
     job = await _held(request, queue.wait(job.id, timeout_s=applied, until=lambda j: j.terminal,
-                                          owner=visible_owner(request)))
+                                          owner=visible_owner(request), expired_is_gone=False))
     view = await queue.view(job)
     answer = protocol.submit_wait_answer(job, eta=view.eta, now=queue.clock())
     return json_response(protocol.job_body(job, eta=view.eta, queue_position=view.queue_position),
