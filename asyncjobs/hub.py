@@ -28,10 +28,11 @@ class Subscription:
         self._conflate = conflate
         self._ready = asyncio.Event()
         self.overflowed = False
+        self.ended = False  # set by end(): its owner stops waiting (the stream's session ended)
         self.on_overflow: Callable[[], None] | None = None  # told once, when the buffer overflows
 
     def _push(self, job: Job) -> None:
-        if self.overflowed:
+        if self.overflowed or self.ended:
             return
         if self._conflate:
             # Only the latest state matters to this subscriber: keep one job per id.
@@ -48,9 +49,14 @@ class Subscription:
             self._buffer.append(job)
         self._ready.set()
 
+    def end(self) -> None:
+        """Wake a waiting ``get`` with None, now and from now on (see ``ended``)."""
+        self.ended = True
+        self._ready.set()
+
     async def get(self, timeout_s: float | None = None) -> Job | None:
-        """The next job published, or None after ``timeout_s`` or on overflow."""
-        if not self._buffer and not self.overflowed:
+        """The next job published, or None after ``timeout_s``, on overflow, or once ended."""
+        if not self._buffer and not self.overflowed and not self.ended:
             self._ready.clear()
             try:
                 async with asyncio.timeout(timeout_s):

@@ -8,13 +8,17 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import time
 from datetime import datetime
 from typing import Any
 
+import aiohttp
 import pytest
 
 from asyncjobs import App
+from asyncjobs.web.common import SESSIONS_KEY
+from asyncjobs.web.session import COOKIE_NAME
 from tests.conftest import TEST_MODULES, eventually, make_config, recv_until, wait_status
 
 BUILTIN_ONLY = ["asyncjobs.builtin"]  # a node with these cannot run the test tasks: it only answers
@@ -297,3 +301,23 @@ async def test_a_queued_job_expired_by_another_nodes_sweep_ends_the_waits_on_thi
     await ws.close()
     assert status == 410 and answered - started < 12
     assert events[-1]["status"] == "canceled" and frames[-1]["job"]["status"] == "canceled"
+
+
+async def test_a_logout_on_one_node_closes_the_sessions_socket_on_another(nodes):
+    """Signed in on A, a browser's WebSocket on B; signing out on A closes it (1008) soon after."""
+    token = "alice-token-0123456789"
+    (a, _), (b, app_b) = await nodes(2, auth={"tokens": {"alice": token}})
+    app_b.web[SESSIONS_KEY].recheck_s = 0.2
+    resp = await a.post("/login", data={"token": token, "next": "/"}, allow_redirects=False)
+    assert resp.status == 303
+    value = resp.cookies[COOKIE_NAME].value
+    page = await a.get("/", headers={"Cookie": f"{COOKIE_NAME}={value}", "Accept": "text/html"})
+    csrf = re.search(r'<meta name="csrf-token" content="([^"]*)">', await page.text()).group(1)
+    ws = await b.ws_connect("/ws", headers={"Cookie": f"{COOKIE_NAME}={value}"})
+    await ws.send_json({"op": "subscribe", "jobs": "*"})
+    assert (await ws.receive_json(timeout=5))["type"] == "subscribed"
+    resp = await a.post("/logout", headers={"Cookie": f"{COOKIE_NAME}={value}", "X-CSRF-Token": csrf},
+                        allow_redirects=False)
+    assert resp.status == 303
+    closed = await ws.receive(timeout=10)
+    assert closed.type is aiohttp.WSMsgType.CLOSE and closed.data == 1008, closed

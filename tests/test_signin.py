@@ -19,6 +19,7 @@ from itsdangerous import TimestampSigner
 from multidict import CIMultiDict
 
 from asyncjobs.web import session as session_module
+from asyncjobs.web.common import SESSIONS_KEY
 from asyncjobs.web.session import COOKIE_NAME, cookie_attributes, cookie_key, is_https, safe_next, same_origin
 
 from .conftest import recv, recv_until, wait_status
@@ -579,6 +580,57 @@ async def test_the_event_stream_and_the_socket_work_with_the_cookie(start):
     assert resp.status == 200 and resp.content_type == "text/event-stream"
     text = (await asyncio.wait_for(resp.text(), 10))
     assert '"status":"succeeded"' in text.replace(" ", "")
+
+
+async def _sse_open(client, headers: dict[str, str], job_id: str) -> aiohttp.ClientResponse:
+    resp = await client.get(f"/jobs/{job_id}/events", headers=headers)
+    assert resp.status == 200
+    assert b"event: status" in await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)
+    return resp
+
+
+async def _still_open(ws) -> None:
+    await ws.send_json({"op": "subscribe", "jobs": []})
+    assert (await ws.receive_json(timeout=5))["type"] == "subscribed"
+
+
+async def test_logout_ends_the_event_streams_and_sockets_its_session_opened(start):
+    """Signed out, a session's open event stream ends and its WebSocket is closed (1008) at once; another
+    session's socket, and one opened with the bearer token, stay open."""
+    client, _ = await start()
+    value, csrf = await sign_in(client, ALICE)
+    other, _ = await sign_in(client, ALICE)
+    job = await submit_as(client, bearer(ALICE), "block", {"seconds": 60})
+    stream = await _sse_open(client, cookie(value), job["id"])
+    ws, ws_other, ws_token = [await client.ws_connect("/ws", headers=h)
+                              for h in (cookie(value), cookie(other), bearer(ALICE))]
+    for socket in (ws, ws_other, ws_token):
+        await _still_open(socket)
+    resp = await client.post("/logout", headers=with_csrf(value, csrf), allow_redirects=False)
+    assert resp.status == 303
+    assert await asyncio.wait_for(stream.content.read(), 5) == b""  # the stream ended
+    closed = await ws.receive(timeout=5)
+    assert closed.type is aiohttp.WSMsgType.CLOSE and closed.data == 1008, closed
+    for socket in (ws_other, ws_token):
+        await _still_open(socket)
+        await socket.close()
+
+
+async def test_a_session_that_runs_out_ends_its_event_streams_and_sockets(start):
+    """A session past ``session_ttl`` (or ended on another node: the store says so) ends what it opened
+    within the session re-check, while a token's socket stays open."""
+    client, app = await start(session_ttl=2)
+    app.web[SESSIONS_KEY].recheck_s = 0.2
+    value, _ = await sign_in(client, ALICE)
+    job = await submit_as(client, bearer(ALICE), "block", {"seconds": 60})
+    stream = await _sse_open(client, cookie(value), job["id"])
+    ws, ws_token = [await client.ws_connect("/ws", headers=h) for h in (cookie(value), bearer(ALICE))]
+    await _still_open(ws)
+    assert await asyncio.wait_for(stream.content.read(), 10) == b""
+    closed = await ws.receive(timeout=10)
+    assert closed.type is aiohttp.WSMsgType.CLOSE and closed.data == 1008, closed
+    await _still_open(ws_token)
+    await ws_token.close()
 
 
 # -- what the pages get -----------------------------------------------------------------------

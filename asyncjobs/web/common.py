@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -192,6 +193,10 @@ class BrowserSessions(Protocol):
 
     def sign_in_redirect(self, request: web.Request) -> web.StreamResponse | None:
         """``303`` to the sign-in page for a browser asking for a page, else None."""
+
+    def hold(self, session: Session, end: Callable[[], None]) -> contextlib.AbstractContextManager[None]:
+        """While inside, ``end()`` is called once if ``session`` ends (``/logout`` here or on any node, or its
+        time runs out): an event stream or socket it opened must not outlive it."""
 
 
 SESSION_KEY = web.RequestKey("asyncjobs_session", Session)  # set when the cookie, not a token, authenticated

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -16,7 +17,16 @@ from ..hub import Subscription
 from ..models import Job, Status
 from ..queue import JobQueue
 from . import problems
-from .common import QUEUE_KEY, SETTINGS_KEY, WAITERS_KEY, job_id_of, visible_owner
+from .common import (
+    QUEUE_KEY,
+    SESSIONS_KEY,
+    SETTINGS_KEY,
+    WAITERS_KEY,
+    WebSettings,
+    job_id_of,
+    session_of,
+    visible_owner,
+)
 
 log = logging.getLogger("asyncjobs.web")
 
@@ -48,26 +58,44 @@ async def events(request: web.Request) -> web.StreamResponse:
             return response
         waiters.event_streams += 1
         try:
-            last_status: Status | None = None
-            if last_seen is None or job.version > last_seen:
-                await response.write(protocol.sse_event(job, "status", await _body(queue, job)))
-            last_status = job.status
-            while not job.terminal:
-                newer = await sub.get(settings.sse_keepalive_s)
-                if newer is None:
-                    await response.write(protocol.SSE_KEEPALIVE)
-                    continue
-                if newer.version <= job.version:
-                    continue
-                job = newer
-                name = protocol.sse_event_name(job, last_status)
-                await response.write(protocol.sse_event(job, name, await _body(queue, job)))
-                last_status = job.status
+            with _held_by_session(request, sub.end):  # a stream opened on a sign-in session ends with it
+                await _stream(queue, settings, sub, response, job, last_seen)
         except (ConnectionResetError, ConnectionError):
             pass  # the client went away
         finally:
             waiters.event_streams -= 1
         return response
+
+
+async def _stream(queue: JobQueue, settings: WebSettings, sub: Subscription, response: web.StreamResponse, job: Job,
+                  last_seen: int | None) -> None:
+    """The events of an SSE stream: the job now unless ``last_seen`` is its version, then each change, until
+    the terminal one (or the subscription ends)."""
+    if last_seen is None or job.version > last_seen:
+        await response.write(protocol.sse_event(job, "status", await _body(queue, job)))
+    last_status = job.status
+    while not job.terminal:
+        newer = await sub.get(settings.sse_keepalive_s)
+        if newer is None:
+            if sub.ended:
+                return
+            await response.write(protocol.SSE_KEEPALIVE)
+            continue
+        if newer.version <= job.version:
+            continue
+        job = newer
+        name = protocol.sse_event_name(job, last_status)
+        await response.write(protocol.sse_event(job, name, await _body(queue, job)))
+        last_status = job.status
+
+
+def _held_by_session(request: web.Request, end: Callable[[], None]) -> contextlib.AbstractContextManager[None]:
+    """Call ``end`` if the sign-in session that opened this stream or socket ends (nothing for a token)."""
+    session = session_of(request)
+    sessions = request.app.get(SESSIONS_KEY)
+    if session is None or sessions is None:
+        return contextlib.nullcontext()
+    return sessions.hold(session, end)
 
 
 # -- WebSocket ----------------------------------------------------------------------
@@ -129,13 +157,20 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         request.app[CLOSING_KEY].add(closing)
         closing.add_done_callback(request.app[CLOSING_KEY].discard)
 
+    def signed_out() -> None:
+        sock.sub.end()  # the sender stops
+        closing = asyncio.create_task(ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"the sign-in session ended"))
+        request.app[CLOSING_KEY].add(closing)
+        closing.add_done_callback(request.app[CLOSING_KEY].discard)
+
     sock.sub.on_overflow = too_slow
     try:
-        async for msg in ws:
-            if msg.type is WSMsgType.TEXT:
-                await _handle_frame(queue, sock, msg.data)
-            elif msg.type is WSMsgType.BINARY:
-                await sock.send(protocol.ws_error(400, "binary frames are not understood; send JSON text frames"))
+        with _held_by_session(request, signed_out):  # a socket opened on a sign-in session ends with it
+            async for msg in ws:
+                if msg.type is WSMsgType.TEXT:
+                    await _handle_frame(queue, sock, msg.data)
+                elif msg.type is WSMsgType.BINARY:
+                    await sock.send(protocol.ws_error(400, "binary frames are not understood; send JSON text frames"))
     finally:
         sender.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -148,7 +183,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 async def _send_changes(queue: JobQueue, sock: _Socket) -> None:
     """Forward published changes (an overflow of the buffer is handled by ``too_slow``)."""
     try:
-        while not sock.ws.closed and not sock.sub.overflowed:
+        while not sock.ws.closed and not sock.sub.overflowed and not sock.sub.ended:
             job = await sock.sub.get()
             if job is not None:
                 async with sock.lock:

@@ -12,7 +12,9 @@
   before the store is asked.
 - **A cookie is honoured** while its signature is valid and not older than the TTL (give or take a minute
   of clock skew between nodes), its session is in the store and unexpired (the exact bound), the
-  session's principal is the cookie's, and that principal still has a token.
+  session's principal is the cookie's, and that principal still has a token. An event stream or
+  WebSocket opened with the cookie ends with its session: at once on a ``/logout`` on the same node,
+  else within ``RECHECK_S`` (the store is asked while any are open).
 - **CSRF.** A request authenticated by the cookie that may change state (any method but GET, HEAD,
   OPTIONS, TRACE) must carry the session's CSRF token in ``X-CSRF-Token``, compared in constant time;
   the ``csrf_token`` form field is accepted instead only on the routes a plain HTML form posts to
@@ -29,14 +31,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import logging
 import secrets
 import string
 import time
+from collections.abc import Callable, Iterator
 from typing import TypedDict
 from urllib.parse import urlencode, urlsplit
 
@@ -44,7 +49,7 @@ from aiohttp import web
 from itsdangerous import BadSignature, TimestampSigner
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..errors import Forbidden, UnsupportedType
+from ..errors import Forbidden, StoreError, UnsupportedType
 from . import pages
 from .common import (
     BEARER_CHALLENGE,
@@ -68,6 +73,7 @@ KEY_LABEL = b"asyncjobs session cookie v1\x00"
 SIGNER_SALT = "asyncjobs.session"
 MAX_COOKIE_CHARS = 1024
 CLOCK_SKEW_S = 60.0  # nodes' clocks may differ this much; the store's expiry is the exact bound
+RECHECK_S = 5.0  # an event stream or socket outlives its session (ended elsewhere, or expired) at most this long
 MAX_NEXT_CHARS = 2048
 URL_CHARS = frozenset(string.ascii_letters + string.digits + "-._~:/?#[]@!$&'()*+,;=%")  # RFC 3986, unencoded
 FORM_TYPE = "application/x-www-form-urlencoded"
@@ -179,6 +185,11 @@ class Sessions:
         self._signers = {principal: TimestampSigner(cookie_key(principal, token), salt=SIGNER_SALT,
                                                     key_derivation="hmac", digest_method=hashlib.sha256)
                          for principal, token in settings.tokens}
+        # The event streams and sockets open on a session (its id: how to end each), and how often the store
+        # is asked whether those sessions still stand (a /logout on another node, or their time ran out).
+        self._held: dict[str, set[Callable[[], None]]] = {}
+        self.recheck_s = RECHECK_S
+        self._rechecking: asyncio.Task | None = None
 
     @property
     def _queue(self):
@@ -219,7 +230,47 @@ class Sessions:
         return session, self.sign(principal, session.id)
 
     async def end(self, session: Session) -> None:
+        """End ``session``, and with it the streams and sockets it opened on this node (the others' end
+        within ``recheck_s``)."""
         await self._queue.store.delete_session(_digest(session.id))
+        self._end_streams(session.id)
+
+    @contextlib.contextmanager
+    def hold(self, session: Session, end: Callable[[], None]) -> Iterator[None]:
+        enders = self._held.setdefault(session.id, set())
+        enders.add(end)
+        if self._rechecking is None or self._rechecking.done():
+            self._rechecking = asyncio.create_task(self._recheck_loop(), name="asyncjobs-session-recheck")
+        try:
+            yield
+        finally:
+            enders.discard(end)
+            if not enders and self._held.get(session.id) is enders:
+                del self._held[session.id]
+
+    def _end_streams(self, session_id: str) -> None:
+        for end in self._held.pop(session_id, set()):
+            end()
+
+    async def _recheck_loop(self) -> None:
+        """While streams are open on sessions: ask the store every ``recheck_s`` which of them still stand."""
+        while self._held:
+            await asyncio.sleep(self.recheck_s)
+            queue = self._queue
+            for session_id in list(self._held):
+                try:
+                    stored = await queue.store.session(_digest(session_id), now=queue.clock())
+                except StoreError:
+                    break  # the store is away: ask again next time
+                if stored is None:
+                    log.info("ending the event streams and sockets of a session that ended")
+                    self._end_streams(session_id)
+
+    async def close(self, _app: web.Application) -> None:
+        if self._rechecking is not None:
+            self._rechecking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rechecking
 
     async def resolve(self, request: web.Request) -> Session | None:
         """The request's session, if its cookie is valid in every way (see the module doc); no CSRF check."""
@@ -342,7 +393,8 @@ def add_routes(app: web.Application, settings: WebSettings) -> None:
     """With auth on: the sign-in routes, and the cookie side of the auth middleware."""
     if not settings.tokens:
         return
-    app[SESSIONS_KEY] = Sessions(app, settings)
+    sessions = app[SESSIONS_KEY] = Sessions(app, settings)
+    app.on_cleanup.append(sessions.close)
     app.router.add_get("/login", login_page)
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)
