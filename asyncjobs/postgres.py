@@ -466,7 +466,9 @@ class PostgresStore:
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self._pool: asyncpg.Pool | None = None
-        self._writers = writers  # group-commit writer tasks (0: one transaction per write, as it comes)
+        if writers < 1:
+            raise ValueError("a PostgreSQL store needs at least one writer task")
+        self._writers = writers  # group-commit writer tasks
         self.max_batch = max_batch
         self._pending: asyncio.Queue[tuple[WriteOp | _Report | _Insert, asyncio.Future, Kept | None]] = \
             asyncio.Queue()
@@ -563,18 +565,7 @@ class PostgresStore:
         only itself. As with SQLite, a write once queued commits even if the caller is cancelled and stops
         waiting (only the answer is dropped; with ``outlasting`` the caller gets it all the same).
         """
-        pool = self._require_pool()
-        if not self._writers:
-            alone = asyncio.ensure_future(self._transaction(pool, [op]))
-            try:
-                return await asyncio.shield(alone)
-            except asyncio.CancelledError:
-                if not outlasting:
-                    raise
-                answer = await alone  # it commits (or fails) all the same: its answer, the cancel consumed
-                if (task := asyncio.current_task()) is not None:
-                    task.uncancel()
-                return answer
+        self._require_pool()
         return await enqueue_write(self._pending, op, outlasting=outlasting)
 
     async def _writer(self, pool: asyncpg.Pool) -> None:
