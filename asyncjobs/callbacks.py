@@ -82,6 +82,11 @@ class Deliverer:
         self._in_flight: dict[str, asyncio.Task] = {}
         self._finished: set[str] = set()  # attempts that ended since the last read of due deliveries
 
+    @property
+    def in_flight(self) -> frozenset[str]:
+        """The jobs whose callback is being delivered now."""
+        return frozenset(self._in_flight)
+
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
         self._task = asyncio.create_task(self._loop(), name="asyncjobs-callbacks")
@@ -108,12 +113,12 @@ class Deliverer:
                     self._finished.clear()
                     # Taken (held from other nodes) only as many as can start now.
                     due = await self.store.due_deliveries(now=self.clock(), limit=room,
-                                                          hold_s=self.timeout_s + 30.0)
+                                                          hold_s=self.timeout_s + 30.0, busy=self.in_flight)
                     # An attempt that ended during the read may be listed as it was before: skip it.
                     busy = self._in_flight.keys() | self._finished
                     for delivery in [d for d in due if d.job_id not in busy][:room]:
                         self._start(delivery)
-                    next_at = await self.store.next_delivery_at()
+                    next_at = await self.store.next_delivery_at(busy=self.in_flight)
             except Exception as exc:  # the store may be briefly unavailable; try again soon
                 log.error("callback deliveries: %s", exc)
                 next_at = self.clock() + 1.0

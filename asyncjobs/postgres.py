@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -987,10 +987,11 @@ class PostgresStore:
         """The earliest run_at after ``after`` among queued jobs (delayed or backed off)."""
         return await self._fetchval(NEXT_RUN_SQL, after)
 
-    async def due_deliveries(self, *, now: float, limit: int, hold_s: float = 60.0) -> list[Delivery]:
+    async def due_deliveries(self, *, now: float, limit: int, hold_s: float = 60.0,
+                             busy: Collection[str] = ()) -> list[Delivery]:
         """Claim up to ``limit`` due callback deliveries for ``hold_s`` seconds: no other node takes them
         meanwhile (``delivery_attempted`` then records the outcome); if this node dies, they are due again
-        after the hold."""
+        after the hold. (The ``busy`` ones, in flight here, are held: never due.)"""
 
         async def op(db: asyncpg.Connection) -> list:
             return list(await db.fetch(CLAIM_DELIVERIES_SQL, now, limit, now + hold_s))
@@ -999,7 +1000,8 @@ class PostgresStore:
         return [Delivery(job_id, message_id, url, bytes(payload), attempts)
                 for job_id, message_id, url, payload, attempts in rows]
 
-    async def next_delivery_at(self) -> float | None:
+    async def next_delivery_at(self, *, busy: Collection[str] = ()) -> float | None:
+        """When the next pending delivery is due (those in flight, ``busy``, are held until after it)."""
         return await self._fetchval("SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'")
 
     async def file_owners(self, ids: list[str]) -> dict[str, tuple[bool, bool]]:

@@ -19,7 +19,7 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,8 +335,9 @@ class Store(Protocol):
     async def request_cancel(self, job_id: str, reason: str) -> bool: ...
     async def others_alive(self, node: str) -> bool: ...
     async def file_owners(self, ids: list[str]) -> dict[str, tuple[bool, bool]]: ...
-    async def due_deliveries(self, *, now: float, limit: int, hold_s: float = 60.0) -> list[Delivery]: ...
-    async def next_delivery_at(self) -> float | None: ...
+    async def due_deliveries(self, *, now: float, limit: int, hold_s: float = 60.0,
+                             busy: Collection[str] = ()) -> list[Delivery]: ...
+    async def next_delivery_at(self, *, busy: Collection[str] = ()) -> float | None: ...
     async def delivery_attempted(self, job_id: str, *, ok: bool, next_at: float | None, error: str | None) -> None: ...
 
 
@@ -819,15 +820,20 @@ class SQLiteStore:
         rows = await self._fetchall(NEXT_RUN_SQL, (after,))
         return rows[0][0]
 
-    async def due_deliveries(self, *, now: float, limit: int, hold_s: float = 60.0) -> list[Delivery]:
-        """Due callback deliveries (one process delivers them all: no hold needed)."""
+    async def due_deliveries(self, *, now: float, limit: int, hold_s: float = 60.0,
+                             busy: Collection[str] = ()) -> list[Delivery]:
+        """Due callback deliveries but those of the ``busy`` jobs, in flight now (one process delivers them
+        all: the rows are not held, so the ones in flight are still pending and due)."""
         rows = await self._fetchall(
             "SELECT job_id, message_id, url, payload, attempts FROM deliveries WHERE state = 'pending'"
-            " AND next_at <= ? ORDER BY next_at LIMIT ?", (now, limit))
+            f" AND next_at <= ? AND job_id NOT IN ({', '.join('?' for _ in busy)}) ORDER BY next_at LIMIT ?",
+            (now, *busy, limit))
         return [Delivery(*row) for row in rows]
 
-    async def next_delivery_at(self) -> float | None:
-        rows = await self._fetchall("SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'")
+    async def next_delivery_at(self, *, busy: Collection[str] = ()) -> float | None:
+        """When the next pending delivery is due, but those of the ``busy`` jobs (None: none is pending)."""
+        rows = await self._fetchall("SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'"
+                                    f" AND job_id NOT IN ({', '.join('?' for _ in busy)})", tuple(busy))
         return rows[0][0]
 
     async def file_owners(self, ids: list[str]) -> dict[str, tuple[bool, bool]]:

@@ -332,6 +332,25 @@ async def test_slow_receiver_does_not_hold_up_workers(start, receiver):
     assert sorted(r.job["id"] for r in receiver.received["fast"]) == sorted(j["id"] for j in others)
 
 
+async def test_receivers_slow_to_answer_hold_only_their_own_delivery_slots(start, receiver):
+    """Two deliveries in flight to a slow receiver (two of the four slots): a third job's callback to another
+    receiver still goes out at once, not after the slow ones."""
+    client, app = await start({"timeout": 10})
+    receiver.delays_s["slow"] = 6.0
+    for n in range(2):
+        await submit(client, "echo", {"n": n}, callback_url=receiver.url("slow"))
+    await receiver.count_reaches("slow", 2)
+    fast = await submit(client, "echo", {"n": 9}, callback_url=receiver.url("fast"))
+    await wait_status(client, fast["id"], "succeeded")
+    done_at = time.monotonic()
+    [received] = await receiver.count_reaches("fast", 1, timeout_s=10)
+    assert received.at - done_at < 2.0, f"the callback waited {received.at - done_at:.1f}s behind the slow ones"
+    assert receiver.answered["slow"] == 0
+    # Meanwhile the deliverer waits for something due, not a busy loop: the store says what is due next.
+    assert app.deliverer is not None and len(app.deliverer.in_flight) == 2
+    assert await app.store.next_delivery_at(busy=app.deliverer.in_flight) is None
+
+
 # -- 5. deliveries survive a restart ------------------------------------------------------
 
 def _served_config() -> str:
