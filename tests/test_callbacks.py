@@ -346,9 +346,10 @@ async def test_receivers_slow_to_answer_hold_only_their_own_delivery_slots(start
     [received] = await receiver.count_reaches("fast", 1, timeout_s=10)
     assert received.at - done_at < 2.0, f"the callback waited {received.at - done_at:.1f}s behind the slow ones"
     assert receiver.answered["slow"] == 0
-    # Meanwhile the deliverer waits for something due, not a busy loop: the store says what is due next.
+    # Meanwhile the deliverer waits for something due, not in a busy loop: nothing else is due before long.
     assert app.deliverer is not None and len(app.deliverer.in_flight) == 2
-    assert await app.store.next_delivery_at(busy=app.deliverer.in_flight) is None
+    next_at = await app.store.next_delivery_at(busy=app.deliverer.in_flight)
+    assert next_at is None or next_at > time.time() + 5
 
 
 # -- 5. deliveries survive a restart ------------------------------------------------------
