@@ -188,13 +188,21 @@ class Feed(Protocol):
     async def request_cancel(self, job_id: str, reason: CancelReason) -> None: ...
 
 
+class CancelRecords(Protocol):
+    """Where a cancel asked of a running job is recorded, to stand after a crash (the store)."""
+
+    async def request_cancel(self, job_id: str, reason: str) -> bool: ...
+
+
 class LocalFeed:
-    """The feed of a store that one process holds (SQLite): every change is made here, so the hub is all."""
+    """The feed of a store that one process holds (SQLite): every change is made here, so the hub is all;
+    a cancel is also recorded in the store, so that one accepted and not yet applied stands after a crash."""
 
     up = True
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, records: CancelRecords) -> None:
         self.hub = hub
+        self.records = records
 
     async def start(self) -> None:
         pass
@@ -204,3 +212,4 @@ class LocalFeed:
 
     async def request_cancel(self, job_id: str, reason: CancelReason) -> None:
         self.hub.request_cancel(job_id, reason)
+        await self.records.request_cancel(job_id, reason.value)

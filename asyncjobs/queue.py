@@ -110,7 +110,7 @@ class JobQueue:
         self.max_queued_per_owner = max_queued_per_owner  # 0: no limit
         self.callback_payload = callback_payload  # what a callback POSTs (the App gives the wire form)
         self.node = node or new_node_id()  # this process, as the holder of its running jobs' leases
-        self.feed: Feed = feed or LocalFeed(hub)  # changes and cancels from and to other processes
+        self.feed: Feed = feed or LocalFeed(hub, store)  # changes and cancels from and to other processes
         self.lease_s = lease_s  # how long a claim holds a job without renewal (None: while this process lives)
         self.clock = clock
         self.virtual_time = 0  # the vt of the latest job claimed: a new principal's first job starts here

@@ -34,7 +34,7 @@ import aiosqlite
 
 from . import codec, rules
 from .errors import StoreError
-from .models import TERMINAL_STATUSES, Job, Status, evolve
+from .models import TERMINAL_STATUSES, CancelReason, Job, Status, evolve
 
 log = logging.getLogger("asyncjobs.store")
 
@@ -146,6 +146,10 @@ MIGRATIONS: tuple[str, ...] = (
         job_id       TEXT NOT NULL,
         PRIMARY KEY (owner, key)
     ) WITHOUT ROWID;
+    """,
+    # A cancel asked of a running job, kept until its handler stops (a crash before then: canceled at restart).
+    """
+    ALTER TABLE jobs ADD COLUMN cancel_reason TEXT;
     """,
 )
 
@@ -650,7 +654,7 @@ class SQLiteStore:
                                            lease_until=None if lease_s is None else now + lease_s)
             db.executemany(
                 "UPDATE jobs SET status = 'running', started_at = ?, attempts = ?, version = ?, error = NULL,"
-                " lease_owner = ?, lease_until = ? WHERE id = ?",
+                " lease_owner = ?, lease_until = ?, cancel_reason = NULL WHERE id = ?",
                 [(j.started_at, j.attempts, j.version, j.lease_owner, j.lease_until, j.id) for j in claimed],
             )
             return claimed
@@ -664,11 +668,13 @@ class SQLiteStore:
         their new states."""
 
         def op(db: sqlite3.Connection) -> list[Job]:
-            cur = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE status = 'running'")
-            rows = [j for j in map(row_to_job, cur.fetchall()) if rules.lease_lost(j, now, node=node)]
+            cur = db.execute(f"SELECT {_COLUMNS}, cancel_reason FROM jobs WHERE status = 'running'")
+            rows = [(job, reason) for job, reason in ((row_to_job(r[:-1]), r[-1]) for r in cur.fetchall())
+                    if rules.lease_lost(job, now, node=node)]
             recovered = []
-            for job in rows:
-                new = rules.recover_one(job, now, retention_s=retention_s)
+            for job, reason in rows:
+                new = rules.recover_one(job, now, retention_s=retention_s,
+                                        canceled=None if reason is None else CancelReason(reason))
                 if new.status is not Status.QUEUED:
                     _schedule_delivery(db, new, payload)
                 db.execute(
@@ -871,9 +877,15 @@ class SQLiteStore:
         return False
 
     async def request_cancel(self, job_id: str, reason: str) -> bool:
-        """Whether ``job_id`` runs (its process, the only one, is told through its own feed)."""
-        found = await self.jobs([job_id])
-        return bool(found) and found[0].status is Status.RUNNING
+        """Record a cancel asked of ``job_id`` while it runs (its process, the only one, is told through its
+        own feed), so that it stands if the process dies before the handler stops. False when the job is
+        not running, or a cancel is recorded already."""
+
+        def op(db: sqlite3.Connection) -> bool:
+            return db.execute("UPDATE jobs SET cancel_reason = ? WHERE id = ? AND status = 'running'"
+                              " AND cancel_reason IS NULL", (reason, job_id)).rowcount == 1
+
+        return await self._write(op)
 
     async def counts(self) -> dict[str, int]:
         rows = await self._fetchall("SELECT status, COUNT(*) FROM jobs GROUP BY status")

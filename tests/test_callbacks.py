@@ -418,6 +418,32 @@ async def test_job_interrupted_by_a_kill_is_delivered_after_restart(server_facto
     assert body["error"]["type"] == "interrupted", body
 
 
+async def test_a_cancel_accepted_before_a_kill_stands_after_the_restart(server_factory, receiver, http):
+    """A cancel answered 202 (the sync handler, which ignores it, still runs) and then a kill -9: the next
+    process does not run the job again (it has retries left), it ends canceled, and that is called back."""
+    config = _served_config() + "\n[tasks.stubborn]\nretries = 2\n\n[jobs]\ncancel_grace = 0.3\n"
+    first = await asyncio.to_thread(server_factory, config_text=config)
+    async with http.post(f"{first.url}/jobs", json={"task": "stubborn", "params": {"seconds": 30},
+                                                    "callback_url": receiver.url("stands")}) as resp:
+        assert resp.status == 202, await resp.text()
+        job = await resp.json()
+
+    async def running() -> bool:
+        async with http.get(f"{first.url}/jobs/{job['id']}") as resp:
+            return (await resp.json())["status"] == "running"
+
+    await eventually(running, "the job to run", 10)
+    async with http.post(f"{first.url}/jobs/{job['id']}/cancel") as resp:
+        assert resp.status == 202, await resp.text()  # accepted; the handler is still running
+    first.kill()
+    second = await asyncio.to_thread(server_factory, config_text=config, db=first.db)
+    [received] = await receiver.count_reaches("stands", 1, timeout_s=10)
+    body = check_delivery(received, job["id"], "canceled")
+    assert body["attempts"] == 1, body
+    async with http.get(f"{second.url}/jobs/{job['id']}?redirect=false") as resp:
+        assert (await resp.json())["status"] == "canceled"
+
+
 @pytest.mark.parametrize("task, params, delay", [("echo", {"n": 1}, 30), ("block", {"seconds": 30}, 0)],
                          ids=["queued", "running"])
 async def test_job_that_expires_unfinished_is_delivered_as_canceled(start, receiver, task, params, delay):
