@@ -106,6 +106,25 @@ async def test_two_apps_in_one_process_keep_their_own_metrics(make_client, tmp_p
     assert value(await scrape(second), "asyncjobs_jobs_submitted_total", task="noop") == 0
 
 
+async def test_openapi_describes_the_monitors_pages_for_a_missing_or_expired_job(make_client):
+    """A browser asking the monitor for a missing or an expired job gets a page with the status; the document
+    says so beside the problem an API client gets."""
+    client, _ = await make_client(jobs={"max_age": 0.3})
+    responses = (await (await client.get("/openapi.json")).json())["paths"]["/jobs/{job_id}"]["get"]["responses"]
+    job = await submit(client, "echo", {"n": 1}, delay=30)
+    browser = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    missing = await client.get("/jobs/no-such-job", headers=browser)
+    await eventually(lambda: _status_is(client, job["id"], 410), "the job to expire")
+    expired = await client.get(f"/jobs/{job['id']}", headers=browser)
+    for resp, status in ((missing, 404), (expired, 410)):
+        assert (resp.status, resp.content_type) == (status, "text/html")
+        assert set(responses[str(status)]["content"]) == {"application/problem+json", "text/html"}
+
+
+async def _status_is(client, job_id: str, status: int) -> bool:
+    return (await client.get(f"/jobs/{job_id}")).status == status
+
+
 @pytest.mark.parametrize("auth", [False, True])
 async def test_openapi_describes_every_route_of_the_app(make_client, auth):
     """/openapi.json is OpenAPI 3.1 and names every (method, path) the app serves, task routes included, and

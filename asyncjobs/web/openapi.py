@@ -194,6 +194,13 @@ def _problem(status: int, text: str | None = None, *headers: str) -> dict[str, A
     return answer
 
 
+def _problem_or_page(status: int) -> dict[str, Any]:
+    """A problem, or for a browser (``Accept`` preferring ``text/html``) a small page with the same status."""
+    answer = _problem(status)
+    answer["content"] = {**answer["content"], "text/html": {"schema": {"type": "string"}}}
+    return answer
+
+
 def _job(text: str, *headers: str) -> dict[str, Any]:
     answer: dict[str, Any] = {"description": text, "content": {JSON: {"schema": _ref("Job")}}}
     if headers:
@@ -307,7 +314,9 @@ def _paths(specs: list[TaskSpec]) -> dict[str, Any]:
                         "303": _job("Succeeded: the result is at Location", "Location", "ETag"),
                         "304": {"description": "If-None-Match matched: no change (after the wait, if any)",
                                 "headers": {"ETag": _HEADERS["ETag"]}},
-                        **_job_answers()}},
+                        **_job_answers(),
+                        # A browser asking for a missing or expired job gets a page with the same status.
+                        **{str(s): _problem_or_page(s) for s in (404, 410)}}},
             "delete": {"summary": "Cancel if needed, then forget", "operationId": "delete", "tags": ["jobs"],
                        "parameters": [job_id],
                        "responses": {"204": {"description": "Forgotten"},
