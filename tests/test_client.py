@@ -70,14 +70,16 @@ HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "date", "ser
 
 class Proxy:
     """An HTTP front for a real server that offers no WebSocket (``/ws`` is 404); optionally ignores
-    long polls (drops ``wait`` and ``Prefer``), or drops the connection after forwarding the first submit."""
+    long polls (drops ``wait`` and ``Prefer``), drops the connection after forwarding the first submit, or
+    (``store_away``) answers reads of jobs as a node does while its database is away: 503, Retry-After 5."""
 
     def __init__(self, upstream: str, session: aiohttp.ClientSession, *, long_poll: bool = True,
-                 drop_first_submit: bool = False) -> None:
+                 drop_first_submit: bool = False, store_away: bool = False) -> None:
         self.upstream = upstream.rstrip("/")
         self.session = session
         self.long_poll = long_poll
         self.drop_first_submit = drop_first_submit
+        self.store_away = store_away
         self.seen: list[tuple[float, str, str, CIMultiDict]] = []  # (time, method, path?query, headers)
         self.ws_attempts = 0
 
@@ -99,6 +101,10 @@ class Proxy:
             self.ws_attempts += 1
             return web.Response(status=404, text="<html><body>no WebSocket here</body></html>",
                                 content_type="text/html")
+        if self.store_away and request.method == "GET" and request.path.startswith("/jobs/"):
+            return web.json_response({"type": "about:blank", "title": "Service Unavailable", "status": 503,
+                                      "detail": "the store is unavailable"}, status=503,
+                                     content_type="application/problem+json", headers={"Retry-After": "5"})
         query = {k: v for k, v in request.query.items() if self.long_poll or k != "wait"}
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() not in HOP_HEADERS | {"host"} and (self.long_poll or k.lower() != "prefer")}
@@ -488,6 +494,31 @@ async def test_wait_times_out_and_leaves_the_job_running(start, connect):
         assert isinstance(caught.value, TimeoutError) and caught.value.job.id == job.id
     assert (await client.get(job)).status == "running"
     await client.cancel(job)
+
+
+@pytest.mark.parametrize("channels", [("websocket", "long_poll", "poll"), ("long_poll",), ("poll",)])
+async def test_wait_with_no_time_left_still_reads_a_job_that_has_ended(start, connect, channels):
+    """`wait(timeout=0)` on a job that has already succeeded returns it: one reading is always made."""
+    server = await start()
+    client = connect(server.url, channels=channels)
+    job = await client.submit("echo", {"a": 1}, wait=10)
+    assert job.status == "succeeded"
+    final = await asyncio.wait_for(client.wait(job, timeout=0), 10)
+    assert final.status == "succeeded" and final.result == {"a": 1}
+
+
+@pytest.mark.parametrize("channels", [("long_poll",), ("poll",)])
+async def test_wait_keeps_its_timeout_while_the_server_answers_503(start, proxy, connect, channels):
+    """Reads answered 503 with Retry-After 5 (a node whose database is away): `wait(timeout=1)` does not
+    sleep through Retry-After past its deadline; it raises WaitTimeout near it."""
+    server = await start()
+    front, url = await proxy(server.url, store_away=True)
+    job = await connect(server.url).submit("block")
+    started = time.monotonic()
+    with pytest.raises(WaitTimeout):
+        await asyncio.wait_for(connect(url, channels=channels).wait(job.id, timeout=1), 30)
+    assert time.monotonic() - started < 3.5
+    assert front.monitor_gets(job.id)  # the server was asked (and answered 503)
 
 
 async def test_a_bearer_token_is_sent_and_a_wrong_one_is_unauthorized(start, connect):

@@ -38,6 +38,7 @@ __all__ = ["Client", "JobRef"]
 JobRef = str | JobState  # a job id, or a state the server gave (whose URLs are then used)
 T = TypeVar("T")
 USER_AGENT = "asyncjobs-client/0.1"
+LAST_LOOK_S = 2.0  # at most this long for the one reading of a wait whose time ran out before any reading
 
 
 class _Unavailable(Exception):
@@ -315,6 +316,13 @@ class Client:
             except (_Deadline, RequestTimeout) as exc:
                 if isinstance(exc, RequestTimeout) and rules.remaining_s(deadline, loop.time()) != 0:
                     raise
+                if last is None:  # nothing read in the time given (a timeout of 0): one short look, so that
+                    with contextlib.suppress(TransportError, RequestTimeout, _Deadline):  # a job that has
+                        last = (await self._monitor(url, timeout_s=min(self.request_timeout_s, LAST_LOOK_S),
+                                                    deadline=deadline)).job  # ended already is not missed
+                    if last is not None and last.terminal:
+                        yield last
+                        return
                 status = last.status if last else "unknown"
                 raise WaitTimeout(f"job {job_id} is still {status} after {timeout:g}s; it keeps running",
                                   job=last, url=url) from None
@@ -336,7 +344,7 @@ class Client:
                           progress: bool) -> AsyncGenerator[JobState, None]:
         """Plain polling, at the server's ``Retry-After``."""
         while True:
-            reading = await self._monitor(url, timeout_s=self._timeout_for(deadline))
+            reading = await self._monitor(url, timeout_s=self._timeout_for(deadline), deadline=deadline)
             url = reading.next_url
             if reading.job is not None:
                 yield reading.job
@@ -346,7 +354,7 @@ class Client:
     async def _watch_long_poll(self, job_id: str, url: str, deadline: float | None,
                                progress: bool) -> AsyncGenerator[JobState, None]:
         """Long polls (``?wait=N``; with ``If-None-Match`` for progress); unavailable if the server answers at once."""
-        reading = await self._monitor(url, timeout_s=self._timeout_for(deadline))
+        reading = await self._monitor(url, timeout_s=self._timeout_for(deadline), deadline=deadline)
         while True:
             url, etag = reading.next_url, reading.etag or None
             if reading.job is not None:
@@ -354,7 +362,7 @@ class Client:
             wait_s = rules.long_poll_s(self._left(deadline), self.long_poll_s)
             try:
                 reading = await self._monitor(url, wait_s=wait_s, etag=etag if progress else None,
-                                              timeout_s=self._timeout_for(deadline, wait_s))
+                                              timeout_s=self._timeout_for(deadline, wait_s), deadline=deadline)
             except BadRequest:
                 raise _Unavailable from None  # a server that refuses ``wait``
             if reading.job is not None and not reading.job.terminal and not reading.long_poll_honoured:
@@ -378,7 +386,7 @@ class Client:
         async with ws:
             await ws.send_str(rules.subscribe_frame(job_id, progress=progress).decode())
             await self._ws_event(ws, ws_url, job_id, deadline, until="subscribed")
-            reading = await self._monitor(url, timeout_s=self._timeout_for(deadline))
+            reading = await self._monitor(url, timeout_s=self._timeout_for(deadline), deadline=deadline)
             if reading.job is not None:
                 yield reading.job
             while True:
@@ -428,15 +436,16 @@ class Client:
             job.id if isinstance(job, JobState) else job))
 
     async def _monitor(self, url: str, *, timeout_s: float, wait_s: float | None = None,
-                       etag: str | None = None) -> rules.MonitorReading:
-        """One answer of the status monitor (a long poll with ``wait_s``), without following its 303."""
+                       etag: str | None = None, deadline: float | None = None) -> rules.MonitorReading:
+        """One answer of the status monitor (a long poll with ``wait_s``), without following its 303; its
+        repeats after a busy answer end at the caller's ``deadline`` (``_Deadline``)."""
         target = url if wait_s is None else rules.with_wait(url, wait_s)
         headers = {"If-None-Match": etag} if etag else {}
-        answer = await self._call("GET", target, retry=True, headers=headers, timeout_s=timeout_s)
+        answer = await self._call("GET", target, retry=True, headers=headers, timeout_s=timeout_s, deadline=deadline)
         reading = _read(answer, lambda: rules.read_monitor(answer, now=_now()))
         if reading.redirect_without_job:  # a 303 without the job: ask for the job itself
             answer = await self._call("GET", rules.with_query(url, {"redirect": "false"}), retry=True,
-                                      timeout_s=timeout_s)
+                                      timeout_s=timeout_s, deadline=deadline)
             reading = _read(answer, lambda: rules.read_monitor(answer, now=_now()))
             if reading.job is None:
                 raise rules.not_asyncjobs(answer)
@@ -449,11 +458,12 @@ class Client:
 
     async def _call(self, method: str, url: str, *, retry: bool, retry_timeouts: bool = False,
                     retry_statuses: frozenset[int] = rules.RETRYABLE_STATUSES, timeout_s: float | None = None,
-                    **kwargs: Any) -> Answer:
+                    deadline: float | None = None, **kwargs: Any) -> Answer:
         """One request, repeated (when ``retry``: the request is safe to repeat) after a lost
         connection or an answer with one of ``retry_statuses`` (429/502/503/504), as
         ``rules.retry_delay_s`` says. A request that timed out is repeated only with ``retry_timeouts``
-        (its caller has no deadline of its own)."""
+        (its caller has no deadline of its own). A repeat that would start past ``deadline`` (the loop's
+        clock) is not made: ``_Deadline``."""
         attempt = 0
         while True:
             attempt += 1
@@ -471,6 +481,9 @@ class Client:
                                             retry_after=retry_after, statuses=retry_statuses)
                 if delay is None or answer.status < 400:
                     return answer
+            left = rules.remaining_s(deadline, asyncio.get_running_loop().time())
+            if left is not None and delay >= left:
+                raise _Deadline
             await asyncio.sleep(delay)
 
     async def _exchange(self, method: str, url: str, *, timeout_s: float | None = None,
