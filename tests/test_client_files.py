@@ -169,6 +169,7 @@ def test_multipart_framing_and_content_types():
     head = rules.form_part_head("B", "video", "video/mp4", filename='a"b\r\n€.mp4')
     assert head == ('--B\r\nContent-Disposition: form-data; name="video"; filename="a%22b%0D%0A€.mp4"\r\n'
                     'Content-Type: video/mp4\r\n\r\n').encode()
+    assert b'filename="100%2541 a%5Cb.txt"' in rules.form_part_head("B", "f", "text/plain", filename="100%41 a\\b.txt")
     assert rules.form_part_head("B", "job", "application/json").startswith(b'--B\r\nContent-Disposition: form-data; '
                                                                            b'name="job"\r\n')
     assert rules.form_end("B") == b"--B--\r\n" and rules.PART_END == b"\r\n"
@@ -249,6 +250,15 @@ async def test_submit_with_a_file_streams_it_and_reports_progress(start, connect
     assert done == sorted(done) and len(set(done)) >= 4 and {t for _, t in reports.seen} == {len(data)}
     final = await client.wait(job, timeout=20)
     assert final.status == "succeeded" and final.result == {"sha256": sha256, "size": len(data)}
+
+
+@pytest.mark.parametrize("name, stored", [("100%41 done.txt", "100%41 done.txt"), ("dir\\a.txt", "a.txt")])
+async def test_a_file_name_with_percent_or_backslash_arrives_as_it_is(start, connect, tmp_path, name, stored):
+    """A `%` in a file's name is not decoded away on the server; a `\\` is a path separator there as a `/`."""
+    server = await start()
+    (tmp_path / name).write_bytes(b"hello")
+    job = await connect(server.url).submit("digest", files={"file": tmp_path / name})
+    assert job.files["inputs"]["file"]["name"] == stored
 
 
 async def test_a_content_type_can_be_given_and_json_params_go_beside_files(start, connect, tmp_path):

@@ -627,11 +627,17 @@ def _form_quote(value: str) -> str:
     return value.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
 
 
+def _file_name_quote(name: str) -> str:
+    """A part's file name: as a form value, and ``%`` and ``\\`` encoded too, since the server percent-decodes
+    file names and reads ``\\`` in a quoted string as an escape (the name then arrives as it is)."""
+    return _form_quote(name.replace("%", "%25").replace("\\", "%5C"))
+
+
 def form_part_head(boundary: str, name: str, content_type: str, *, filename: str | None = None) -> bytes:
     """The delimiter and headers that open one part of a ``multipart/form-data`` body (RFC 7578)."""
     disposition = f'form-data; name="{_form_quote(name)}"'
     if filename is not None:
-        disposition += f'; filename="{_form_quote(filename)}"'
+        disposition += f'; filename="{_file_name_quote(filename)}"'
     return (f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
             f"Content-Type: {content_type}\r\n\r\n").encode()
 
