@@ -219,6 +219,11 @@ def test_submit_wait_prints_the_result_of_echo_sleep_and_hash(server):
     assert code == 0 and codec.loads(out) == {"slept": 0.3}, err
     code, out, err = run("submit", "hash", "data=\"abc\"", "rounds=7", "--wait", "--priority", "3", url=server.url)
     assert code == 0 and out.strip() == digest("abc", 7), err
+    # Pairs may also come after options, and between them.
+    code, out, err = run("submit", "echo", "--wait", "a=1", "--priority", "2", "b=text", url=server.url)
+    assert code == 0 and codec.loads(out) == {"a": 1, "b": "text"}, err
+    code, out, err = run("submit", "echo", "--wait", "a=1", "stray", url=server.url)
+    assert code == 2 and "unrecognized arguments: stray" in err, err
 
 
 def test_submit_then_status_wait_result_each_by_id(server):

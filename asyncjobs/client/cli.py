@@ -96,6 +96,18 @@ RESULT_HELP = ("The result is printed: JSON as JSON, text as it is. A file resul
                "again after an interruption and the download resumes where it stopped.")
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The command line read by ``parser``, where a submit's ``key=value`` pairs may also follow its options
+    (argparse takes a positional list only from before the first option)."""
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "submit":
+        args.pairs += [a for a in extra if "=" in a]
+        extra = [a for a in extra if "=" not in a]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The client's argument parser: common options, then one subcommand per command."""
     common = _common()
@@ -678,7 +690,7 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     out, err = stdout or sys.stdout, stderr or sys.stderr
     env = os.environ if env is None else env
     try:
-        args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+        args = parse_args(build_parser(), list(sys.argv[1:] if argv is None else argv))
     except UsageError as exc:
         err.write(error_line(exc, "") + "\n")
         return EXIT_USAGE
