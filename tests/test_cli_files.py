@@ -184,6 +184,21 @@ def test_file_usage_errors_exit_2_with_one_line(server, argv, words):
     assert_one_line(err, *words)
 
 
+def test_o_naming_a_folder_or_a_missing_folder_is_refused_before_any_transfer(server, api, tmp_path):
+    """`-o` naming a folder, or a file in a folder that does not exist, exits 2 with one line before the
+    submit or the download: no job is made, and no partial file is left beside the folder."""
+    (tmp_path / "out").mkdir()
+    before = [j.id for j in api.list()]
+    for target, words in ((tmp_path / "out", ["is a folder"]), (tmp_path / "nosuch" / "x.bin", ["no folder"])):
+        code, out, err = run("submit", "bytes", "size=300001", "--wait", "-q", "-o", str(target), url=server.url)
+        assert code == 2 and out == ""
+        assert_one_line(err, str(target), *words)
+        code, out, err = run("result", "some-job-id", "-o", str(target), url=server.url)
+        assert code == 2 and out == ""
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and not any((tmp_path / "out").iterdir())
+    assert [j.id for j in api.list()] == before
+
+
 def test_a_failed_job_with_o_writes_nothing(server, tmp_path):
     """`submit fail --wait -o out` exits 1 with one line, and no file appears."""
     code, out, err = run("submit", "fail", "message=boom", "--wait", "-q", "-o", str(tmp_path / "out.bin"),

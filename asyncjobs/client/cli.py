@@ -668,8 +668,20 @@ async def execute(run: Run) -> int:
         client = Client(run.settings.url, token=run.settings.token)
     except ValueError as exc:
         raise UsageError(f"--url: {exc}") from None
+    check_output(getattr(run.args, "output", None))
     async with client:
         return await HANDLERS[run.args.command](client, run)
+
+
+def check_output(output: str | None) -> None:
+    """A usage error, before anything is submitted or downloaded, for an ``-o`` that cannot be written."""
+    if output is None or output == "-":
+        return
+    path = Path(output)
+    if path.is_dir():
+        raise UsageError(f"-o {output}: is a folder; name the file to write")
+    if not path.parent.is_dir():
+        raise UsageError(f"-o {output}: no folder {path.parent}")
 
 
 def interrupted_line(run: Run) -> str:
