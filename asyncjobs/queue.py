@@ -122,6 +122,7 @@ class JobQueue:
         # Jobs queued in the store by priority, kept in memory: backpressure, and the position of a new job.
         self._queued_by_priority: Counter[int] = Counter()
         self.next_due: float | None = None  # earliest run_at of a delayed job, if any
+        self._noted_during_refresh: list[float] | None = None  # due times noted while the store is re-read
         self.deliveries = asyncio.Event()  # set when a callback delivery was scheduled
 
     async def start(self) -> None:
@@ -501,11 +502,20 @@ class JobQueue:
     def _due_at(self, run_at: float) -> None:
         if run_at > self.clock():
             self.next_due = run_at if self.next_due is None else min(self.next_due, run_at)
+            if self._noted_during_refresh is not None:
+                self._noted_during_refresh.append(run_at)
         self.wakeup.set()
 
     async def refresh_next_due(self) -> None:
-        """After a claim: the next delayed job's time, or None if every queued job is due."""
-        self.next_due = await self.store.next_run_at(after=self.clock())
+        """After a claim: the next delayed job's time, or None if every queued job is due. A job delayed
+        while the store is read may be missing from its answer: its time is kept all the same."""
+        noted: list[float] = []
+        self._noted_during_refresh = noted
+        try:
+            read = await self.store.next_run_at(after=self.clock())
+        finally:
+            self._noted_during_refresh = None
+        self.next_due = min([t for t in (read, *noted) if t is not None], default=None)
 
     # -- housekeeping --------------------------------------------------------
     async def sweep(self) -> None:

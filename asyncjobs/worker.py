@@ -212,7 +212,7 @@ class Workers:
         queue = self.queue
         while not self._stopping:
             timeout = WAIT_CAP_S  # even with nothing due, look again: a wake-up may have been missed
-            if queue.next_due is not None:
+            if queue.next_due is not None and self._busy < self.count:  # (a worker that frees wakes it)
                 timeout = min(timeout, max(0.0, queue.next_due - queue.clock()))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):

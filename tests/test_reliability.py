@@ -431,6 +431,48 @@ async def test_delay_runs_a_job_no_earlier_than_asked(start):
     assert parse_time(done["started_at"]) >= parse_time(job["run_at"]) - 0.002, done
 
 
+async def test_a_job_due_while_every_worker_is_busy_does_not_spin_the_dispatcher(start):
+    """A delayed job falls due while the only worker runs a long job: the dispatcher waits for the worker
+    (it takes almost no CPU meanwhile), and starts the job at once when the worker frees."""
+    client, app = await start(queue={"workers": 1})
+    blocker = await submit(client, "block", {"seconds": 30})
+    await wait_status(client, blocker["id"], "running")
+    job = await submit(client, "echo", {"n": 1}, delay=0.2)
+    await asyncio.sleep(0.4)  # due now, no worker free
+    cpu = time.process_time()
+    await asyncio.sleep(1.0)
+    assert time.process_time() - cpu < 0.3, "the dispatcher spun while it could start nothing"
+    assert (await client.post(f"/jobs/{blocker['id']}/cancel")).status == 200
+    done = await wait_status(client, job["id"], TERMINAL)
+    assert done["status"] == "succeeded"
+    assert parse_time(done["started_at"]) - parse_time(job["run_at"]) < 3
+
+
+async def test_a_job_delayed_while_the_next_due_time_is_read_keeps_its_wake_up(start):
+    """A job delayed just as the dispatcher reads the next due time from the store starts when due, not up
+    to a second late: a read that began before its submit must not hide it. (The store's read is given
+    a pause, to hold that window open; it still answers what the store holds.)"""
+    client, app = await start(queue={"workers": 2})
+    reading = asyncio.Event()
+    real_read = app.store.next_run_at
+
+    async def slow_read(*, after: float) -> float | None:
+        found = await real_read(after=after)
+        if not reading.is_set():
+            reading.set()
+            await asyncio.sleep(0.2)
+        return found
+
+    app.store.next_run_at = slow_read  # type: ignore[method-assign]
+    first = await submit(client, "echo", {"n": 1}, delay=0.2)  # its claim makes the dispatcher read
+    await asyncio.wait_for(reading.wait(), 10)
+    second = await submit(client, "echo", {"n": 2}, delay=0.4)  # due after the read has answered
+    done = await wait_status(client, second["id"], TERMINAL)
+    late = parse_time(done["started_at"]) - parse_time(second["run_at"])
+    assert late < 0.25, f"the job started {late:.2f}s after it was due"
+    assert (await wait_status(client, first["id"], TERMINAL))["status"] == "succeeded"
+
+
 # -- 4. delayed and backed-off jobs survive restarts -------------------------------------
 
 async def test_delayed_and_backed_off_jobs_survive_kill_9(server_factory, tmp_path):
