@@ -108,7 +108,8 @@ class JobContext:
     def progress(self, fraction: float | None = None, message: str | None = None) -> asyncio.Future:
         if fraction is not None:
             fraction = min(1.0, max(0.0, float(fraction)))
-        message = None if message is None else str(message)[:1000]
+        # (a text from the file system may hold lone surrogates, which no JSON encoder takes: they become "?")
+        message = None if message is None else codec.scrubbed(str(message)[:1000])
         if threading.get_ident() == self._loop_thread:
             self._workers.progress(self._execution, fraction, message)
             done = self._loop.create_future()

@@ -233,3 +233,11 @@ async def two_reports(ctx: Any, hold: float = 5.0) -> str:
     await ctx.progress(0.2, "second")
     await asyncio.sleep(hold)
     return "done"
+
+
+@task()
+async def odd_name_progress(ctx: Any, hold: float = 1.0) -> str:
+    """Reports a file name as the file system gives it: bytes that are not UTF-8 kept as lone surrogates."""
+    await ctx.progress(0.5, "file " + os.fsdecode(b"\xff.bin"))
+    await asyncio.sleep(hold)
+    return "done"

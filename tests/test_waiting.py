@@ -643,6 +643,26 @@ async def test_submit_retry_after_follows_the_eta(start):
     await cancel(client, blocker["id"])
 
 
+async def test_a_progress_message_that_is_not_valid_unicode_is_shown_with_a_replacement(start):
+    """A handler reports a file name with bytes that are not UTF-8 (lone surrogates in Python): the monitor,
+    the list and the job's page still answer, showing "?", and the job ends as its handler does."""
+    client, _ = await start()
+    job = await submit(client, "odd_name_progress", {"hold": 1.0})
+    body = await eventually(lambda: _progress_of(client, job["id"]), "the progress report")
+    assert body["progress"]["message"] == "file ?.bin", body
+    assert (await client.get("/jobs")).status == 200
+    page = await client.get(f"/jobs/{job['id']}", headers={"Accept": "text/html"})
+    assert page.status == 200 and page.content_type == "text/html"
+    done = await wait_status(client, job["id"], "succeeded")
+    assert done["result"] == "done" and done["progress"]["message"] == "file ?.bin"
+
+
+async def _progress_of(client, job_id: str) -> dict | None:
+    resp = await client.get(f"/jobs/{job_id}", params={"redirect": "false"})
+    body = await resp.json() if resp.status == 200 else None
+    return body if body and body.get("progress") else None
+
+
 async def test_running_eta_comes_from_progress_fraction(start):
     """A running job's eta is started_at + elapsed / fraction once it reports progress."""
     client, _ = await start()
