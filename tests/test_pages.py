@@ -76,6 +76,20 @@ async def test_running_job_page_is_html_with_the_job(client):
     await client.post(f"/jobs/{job['id']}/cancel")
 
 
+async def test_the_pages_links_to_the_job_as_json_give_json_to_the_browser(client):
+    """A link cannot set `Accept`: the job page's "Job as JSON" links (and the one for a browser without
+    JavaScript) ask for JSON with `format=json`, and a browser following them gets the job, not the page."""
+    job = await submit(client, "sleep", {"seconds": 5, "steps": 5})
+    text = await (await client.get(f"/jobs/{job['id']}", headers={"Accept": BROWSER})).text()
+    links = [html.unescape(h) for h in re.findall(r'href="([^"]*)">(?:Job as JSON|the job as JSON)<', text)]
+    assert len(links) == 2, links
+    for link in links:
+        resp = await client.get(link, headers={"Accept": BROWSER}, allow_redirects=False)
+        assert resp.status == 200 and resp.content_type == "application/json", link
+        assert (await resp.json())["id"] == job["id"]
+    await client.post(f"/jobs/{job['id']}/cancel")
+
+
 async def test_an_accept_on_two_field_lines_is_one_list(client):
     """RFC 9110 5.3: `Accept: image/webp` then `Accept: text/html` asks for the page as one line would."""
     job = await submit(client, "echo", {"word": "hello"})

@@ -96,7 +96,10 @@ def wants_html(request: web.Request) -> bool:
     True only when ``text/html`` is named (not just matched by ``*/*``) and ranks above
     ``application/json``: a browser's ``text/html,…,*/*;q=0.8`` gets the page; ``*/*`` alone
     (curl, most HTTP libraries), no ``Accept`` at all, or anything naming JSON first gets JSON.
+    ``?format=json`` asks for JSON whatever the ``Accept`` (a link cannot set that header).
     """
+    if request.query.get("format") == "json":
+        return False
     header = list_header(request, "Accept")
     if not header:
         return False
