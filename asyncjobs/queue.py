@@ -113,7 +113,9 @@ class JobQueue:
         self.feed: Feed = feed or LocalFeed(hub, store)  # changes and cancels from and to other processes
         self.lease_s = lease_s  # how long a claim holds a job without renewal (None: while this process lives)
         self.clock = clock
-        self.virtual_time = 0  # the vt of the latest job claimed: a new principal's first job starts here
+        # The vt of the latest job claimed, per priority: a new principal's first job of that priority starts
+        # here (a claim of another priority moves only its own, so it sends no newcomer behind a backlog).
+        self.virtual_time: dict[int, int] = {}
         self._delete_when_done: set[str] = set()  # jobs deleted while their handler was still stopping
         self._new_id = JobIds()
         self.run_times = RunTimes()
@@ -144,7 +146,8 @@ class JobQueue:
         """Read the queued counts and the virtual time again: at start, and periodically when other
         processes share the store (their submits and claims change both)."""
         self._queued_by_priority = Counter(await self.store.queued_by_priority())
-        self.virtual_time = max(self.virtual_time, await self.store.min_queued_vt())
+        for priority, vt in (await self.store.min_queued_vt()).items():
+            self.virtual_time[priority] = max(self.virtual_time.get(priority, 0), vt)
 
     def close_intake(self) -> None:
         """Take no more submits (503): the server is stopping."""
@@ -226,7 +229,7 @@ class JobQueue:
             if uploads:
                 await self.files.place(job.id, uploads)
             inserted = await self.store.insert(job, admit=admit, reuse_s=spec.reuse, fresh=fresh,
-                                               vt_floor=self.virtual_time,
+                                               vt_floor=self.virtual_time.get(job.priority, 0),
                                                max_queued_for_owner=self.max_queued_per_owner)
         except BaseException:
             self._count_queued(job.priority, -1)
@@ -340,7 +343,7 @@ class JobQueue:
         """
         position = None
         if job.status is Status.QUEUED:
-            if just_submitted and job.vt > self.virtual_time:  # behind its owner's backlog: last of its priority
+            if just_submitted and job.vt > self.virtual_time.get(job.priority, 0):  # behind its owner's backlog
                 position = sum(n for p, n in self._queued_by_priority.items() if p >= job.priority)
             else:  # a newcomer's turn comes soon, ahead of other backlogs: few jobs to count
                 position = await self.store.queue_position(job)
@@ -495,7 +498,7 @@ class JobQueue:
                                       lease_s=self.lease_s)
         for job in jobs:
             self._count_queued(job.priority, -1)
-            self.virtual_time = max(self.virtual_time, job.vt)
+            self.virtual_time[job.priority] = max(self.virtual_time.get(job.priority, 0), job.vt)
             self.hub.publish(job)
         return jobs
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import pytest
 
@@ -345,6 +346,31 @@ async def test_a_lone_job_waits_behind_at_most_one_job_per_worker_of_a_backlog(m
     assert len(started_between) <= 2, len(started_between)
     queued_left = [j for j in alice_jobs if j["status"] == "queued"]
     assert len(queued_left) > 100  # bob did not wait for the backlog
+
+
+async def test_a_claim_of_another_priority_sends_no_newcomer_behind_a_backlog(make_client):
+    """Alice has a backlog at priority 0 and one job at priority 1, which starts first. Bob's lone job at
+    priority 0, submitted then, still waits behind at most one of alice's priority-0 jobs (one worker): a
+    claim of priority 1 moves that priority's turn only."""
+    client, app = await make_client(auth={"tokens": TOKENS}, queue={"workers": 1})
+
+    async def post(token: str, params: dict, **extra: Any) -> dict:
+        resp = await client.post("/jobs", json={"task": "block", "params": params, **extra}, headers=auth(token))
+        assert resp.status == 202, await resp.text()
+        return await resp.json()
+
+    blocker = await post(ALICE, {"seconds": 30})
+    await wait_status(client, blocker["id"], "running", headers=auth(ALICE))
+    backlog = [await post(ALICE, {"seconds": 0.05}) for _ in range(8)]
+    high = await post(ALICE, {"seconds": 0.5}, priority=1)
+    assert (await client.post(f"/jobs/{blocker['id']}/cancel", headers=auth(ALICE))).status == 200
+    await wait_status(client, high["id"], "running", headers=auth(ALICE))
+    lone = await post(BOB, {"seconds": 0.05})
+    assert lone["queue_position"] <= 2, lone
+    done = await wait_status(client, lone["id"], "succeeded", headers=auth(BOB), timeout_s=20)
+    ahead = [j for j in await jobs_of(client, auth(ALICE)) if j["id"] in {b["id"] for b in backlog}
+             and j["started_at"] and j["started_at"] < done["started_at"]]
+    assert len(ahead) <= 1, [j["started_at"] for j in ahead]
 
 
 # -- admins -----------------------------------------------------------------------------
