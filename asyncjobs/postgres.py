@@ -314,7 +314,7 @@ POSITIONS_SQL = ("SELECT id, pos FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY pr
                  " FROM jobs WHERE status = 'queued') AS q WHERE id = ANY($1::text[])")
 BY_PRIORITY_SQL = "SELECT priority, COUNT(*) FROM jobs WHERE status = 'queued' GROUP BY priority"
 OWNER_QUEUED_SQL = "SELECT COUNT(*) FROM jobs WHERE owner = $1 AND status = 'queued'"
-MIN_VT_SQL = "SELECT priority, MIN(vt) FROM jobs WHERE status = 'queued' GROUP BY priority"
+QUEUED_VTS_SQL = "SELECT priority, MIN(vt), MAX(vt) FROM jobs WHERE status = 'queued' GROUP BY priority"
 SAME_KEY_SQL = f"SELECT {_COLUMNS} FROM jobs WHERE owner = $1 AND idempotency_key = $2 AND expires_at > $3"
 # An Idempotency-Key first answered by an equal job: the hash it came with, and that job while it lives.
 KEY_REUSE_SQL = (f"SELECT k.request_hash, {', '.join(f'j.{c}' for c in COLUMN_NAMES)} FROM idempotency_keys k"
@@ -937,9 +937,9 @@ class PostgresStore:
                                  " ORDER BY GREATEST(run_at, $2), vt, seq LIMIT 1", owner, now)
         return row_to_job(rows[0]) if rows else None
 
-    async def min_queued_vt(self) -> dict[int, int]:
-        """The virtual time of each priority to resume from: the lowest ``vt`` still queued."""
-        return {priority: vt for priority, vt in await self._fetch(MIN_VT_SQL)}
+    async def queued_vts(self) -> dict[int, tuple[int, int]]:
+        """The lowest and highest ``vt`` queued, per priority (the virtual time to resume from)."""
+        return {priority: (low, high) for priority, low, high in await self._fetch(QUEUED_VTS_SQL)}
 
     async def lookup(self, job_id: str) -> Lookup:
         rows = await self._fetch(f"SELECT {_COLUMNS} FROM jobs WHERE id = $1", job_id)

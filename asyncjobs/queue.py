@@ -116,6 +116,9 @@ class JobQueue:
         # The vt of the latest job claimed, per priority: a new principal's first job of that priority starts
         # here (a claim of another priority moves only its own, so it sends no newcomer behind a backlog).
         self.virtual_time: dict[int, int] = {}
+        # The place (vt, seq) of the last queued job of each priority (or a place past it): a new job there is
+        # the last of its priority, so its position is the count of queued jobs at its priority or above.
+        self._last_place: dict[int, tuple[int, int]] = {}
         self._delete_when_done: set[str] = set()  # jobs deleted while their handler was still stopping
         self._new_id = JobIds()
         self.run_times = RunTimes()
@@ -146,8 +149,9 @@ class JobQueue:
         """Read the queued counts and the virtual time again: at start, and periodically when other
         processes share the store (their submits and claims change both)."""
         self._queued_by_priority = Counter(await self.store.queued_by_priority())
-        for priority, vt in (await self.store.min_queued_vt()).items():
-            self.virtual_time[priority] = max(self.virtual_time.get(priority, 0), vt)
+        for priority, (low, high) in (await self.store.queued_vts()).items():
+            self.virtual_time[priority] = max(self.virtual_time.get(priority, 0), low)
+            self._last_place[priority] = max(self._last_place.get(priority, (high, 0)), (high, 0))
 
     def close_intake(self) -> None:
         """Take no more submits (503): the server is stopping."""
@@ -254,6 +258,8 @@ class JobQueue:
                     "this Idempotency-Key was used before with a different request; use a new key",
                     job_status=inserted.job.status.value, job_version=inserted.job.version)
             return inserted
+        place = (inserted.job.vt, inserted.job.seq)
+        self._last_place[job.priority] = max(self._last_place.get(job.priority, place), place)
         self.hub.publish(inserted.job)
         self._due_at(inserted.job.run_at)
         log.debug("job %s submitted (%s)", inserted.job.id, inserted.job.task)
@@ -338,14 +344,16 @@ class JobQueue:
     async def view(self, job: Job, *, just_submitted: bool = False) -> JobView:
         """Add the ETA and, for a queued job, its position.
 
-        A job just submitted is the last of its priority, so its position comes from the in-memory
-        counts; any other queued job's from the store (a count that grows with the queue).
+        A job just submitted whose vt is the highest of its priority is the last of it, so its position
+        comes from the in-memory counts; any other queued job's from the store (a count that grows with the
+        jobs ahead: few for a newcomer, whose turn comes soon, ahead of other backlogs).
         """
         position = None
         if job.status is Status.QUEUED:
-            if just_submitted and job.vt > self.virtual_time.get(job.priority, 0):  # behind its owner's backlog
+            place = (job.vt, job.seq)
+            if just_submitted and place >= self._last_place.get(job.priority, place):
                 position = sum(n for p, n in self._queued_by_priority.items() if p >= job.priority)
-            else:  # a newcomer's turn comes soon, ahead of other backlogs: few jobs to count
+            else:
                 position = await self.store.queue_position(job)
         return self._estimate(job, position)
 

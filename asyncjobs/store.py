@@ -181,7 +181,8 @@ BY_PRIORITY_SQL = ("SELECT priority, COUNT(*) FROM jobs INDEXED BY jobs_fair WHE
                    " GROUP BY priority")
 OWNER_LAST_VT_SQL = "SELECT MAX(vt) FROM jobs INDEXED BY jobs_owner_queued WHERE owner = ? AND status = 'queued'"
 OWNER_QUEUED_SQL = "SELECT COUNT(*) FROM jobs INDEXED BY jobs_owner_queued WHERE owner = ? AND status = 'queued'"
-MIN_VT_SQL = "SELECT priority, MIN(vt) FROM jobs INDEXED BY jobs_fair WHERE status = 'queued' GROUP BY priority"
+QUEUED_VTS_SQL = ("SELECT priority, MIN(vt), MAX(vt) FROM jobs INDEXED BY jobs_fair WHERE status = 'queued'"
+                  " GROUP BY priority")
 # An Idempotency-Key first answered by an equal job: the hash it came with, and that job while it lives.
 KEY_REUSE_SQL = (f"SELECT k.request_hash, {', '.join(f'j.{c}' for c in COLUMN_NAMES)} FROM idempotency_keys k"
                  " JOIN jobs j ON j.id = k.job_id WHERE k.owner = ? AND k.key = ? AND j.expires_at > ?")
@@ -313,7 +314,7 @@ class Store(Protocol):
     async def create_session(self, session_id: str, *, principal: str, csrf: str, expires_at: float) -> None: ...
     async def session(self, session_id: str, *, now: float) -> tuple[str, str] | None: ...
     async def delete_session(self, session_id: str) -> None: ...
-    async def min_queued_vt(self) -> dict[int, int]: ...
+    async def queued_vts(self) -> dict[int, tuple[int, int]]: ...
     async def next_queued(self, owner: str, *, now: float) -> Job | None: ...
     async def update(self, job: Job, *, expected_version: int, deliver: Payload | None = None,
                      fence: str | None = None) -> bool: ...
@@ -748,9 +749,9 @@ class SQLiteStore:
                                     " AND status = 'queued' ORDER BY MAX(run_at, ?), vt, seq LIMIT 1", (owner, now))
         return row_to_job(rows[0]) if rows else None
 
-    async def min_queued_vt(self) -> dict[int, int]:
-        """The virtual time of each priority to resume from at start: the lowest ``vt`` still queued."""
-        return dict(await self._fetchall(MIN_VT_SQL))
+    async def queued_vts(self) -> dict[int, tuple[int, int]]:
+        """The lowest and highest ``vt`` queued, per priority (the virtual time to resume from at start)."""
+        return {priority: (low, high) for priority, low, high in await self._fetchall(QUEUED_VTS_SQL)}
 
     async def delivery_attempted(self, job_id: str, *, ok: bool, next_at: float | None, error: str | None) -> None:
         """Record a callback attempt: delivered, to be retried at ``next_at``, or given up (None)."""

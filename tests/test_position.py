@@ -17,6 +17,24 @@ async def test_submit_position_matches_the_monitor(make_client):
     await eventually(lambda: app.queue.queued == 0, "the queue to drain")
 
 
+async def test_submit_position_matches_the_monitor_while_principals_take_turns(make_client):
+    """Alice queues ten jobs behind a busy worker; bob's jobs, taking turns with hers, are not last of their
+    priority: each 202 still gives the position the monitor gives."""
+    tokens = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789ab"}
+    alice, bob = ({"Authorization": f"Bearer {t}"} for t in tokens.values())
+    client, app = await make_client(queue={"workers": 1, "shutdown_grace": 0.5}, auth={"tokens": tokens})
+    blocker = await (await client.post("/jobs", json={"task": "block", "params": {"seconds": 30}},
+                                       headers=alice)).json()
+    await eventually(lambda: blocker["id"] in app.workers.running, "the blocker to run")
+    for i in range(10):
+        assert (await client.post("/jobs", json={"task": "echo", "params": {"a": i}}, headers=alice)).status == 202
+    for headers in (bob, bob, bob, alice):
+        accepted = await (await client.post("/jobs", json={"task": "echo", "params": {}}, headers=headers)).json()
+        monitor = await (await client.get(f"/jobs/{accepted['id']}", headers=headers)).json()
+        assert accepted["queue_position"] == monitor["queue_position"], (accepted, monitor)
+    await client.post(f"/jobs/{blocker['id']}/cancel", headers=alice)
+
+
 async def test_list_positions_match_the_monitor(make_client):
     """GET /jobs gives each queued job the same position as its monitor (one query for the whole page)."""
     client, app = await make_client(queue={"workers": 1, "shutdown_grace": 0.5})

@@ -286,9 +286,10 @@ async def test_principals_take_turns_within_a_priority(store):
     assert (await store.insert(make_job(owner="a"), vt_floor=9)).job.vt == 9  # the floor past a's backlog wins
     order = [j.owner for j in await store.claim(now=100.0, limit=6, tasks={"echo": None})]
     assert order == ["a", "a", "b", "a", "a", "a"]
-    assert await store.min_queued_vt() == {0: 9}
+    assert await store.queued_vts() == {0: (9, 9)}
     await store.insert(make_job(owner="c", priority=2), vt_floor=4)
-    assert await store.min_queued_vt() == {0: 9, 2: 4}  # each priority's own
+    await store.insert(make_job(owner="c", priority=2), vt_floor=4)
+    assert await store.queued_vts() == {0: (9, 9), 2: (4, 5)}  # each priority's own
 
 
 async def test_next_queued_of_an_owner(store):
