@@ -230,7 +230,9 @@ class Workers:
                 for job in jobs:
                     self._launch(job)
                 if queue.next_due is not None and queue.next_due <= queue.clock():
+                    # A due time passed, maybe while the claim ran (it read the queue before): look again now.
                     await queue.refresh_next_due()
+                    queue.wakeup.set()
             except StoreError as exc:
                 log.error("cannot claim jobs: %s", exc)
                 await asyncio.sleep(1.0)

@@ -473,6 +473,19 @@ async def test_a_job_delayed_while_the_next_due_time_is_read_keeps_its_wake_up(s
     assert (await wait_status(client, first["id"], TERMINAL))["status"] == "succeeded"
 
 
+async def test_a_job_that_falls_due_while_a_claim_runs_starts_after_that_claim(start):
+    """The submit of a delayed job wakes the dispatcher, whose claim reads the queue before the job is due and
+    answers after it (the server's loop is held here for that): the next claim follows at once, not after
+    the dispatcher's idle wait of a second."""
+    client, _ = await start()
+    began = time.time()
+    job = await submit(client, "echo", {"n": 1}, delay=0.3)
+    time.sleep(max(0.0, began + 0.6 - time.time()))  # the loop is held past the job's run_at
+    done = await wait_status(client, job["id"], TERMINAL)
+    late = parse_time(done["started_at"]) - (began + 0.6)
+    assert late < 0.5, f"the job started {late:.2f}s after the loop was free again"
+
+
 # -- 4. delayed and backed-off jobs survive restarts -------------------------------------
 
 async def test_delayed_and_backed_off_jobs_survive_kill_9(server_factory, tmp_path):
