@@ -755,28 +755,41 @@ class PostgresStore:
                     await db.execute(LOCK_SQL, lock_key("concurrency", task))
                 running = dict(await db.fetch(RUNNING_BY_TASK_SQL, capped))
                 room.update({t: max(0, (tasks[t] or 0) - running.get(t, 0)) for t in capped})
-            runnable = [t for t in open_tasks if room[t] is None or (room[t] or 0) > 0]
-            if not runnable:
-                return []
-            if capped:
-                # Candidates beyond the limit, as a capped task may have to be passed over (each one read is
-                # locked until the commit, so other nodes skip it meanwhile); the chosen ones started below.
-                rows = await db.fetch(CLAIM_SQL, now, runnable, limit * 4)
-            else:  # every row read starts: read and started by one statement, which returns them unordered
-                rows = sorted(await db.fetch(CLAIM_START_SQL, now, runnable, limit, node, lease_s),
+            if not capped:  # every row read starts: read and started by one statement, which returns them unordered
+                rows = sorted(await db.fetch(CLAIM_START_SQL, now, open_tasks, limit, node, lease_s),
                               key=lambda r: (-r["priority"], r["vt"], r["seq"]))  # _CLAIMABLE's order
-            if not rows:
-                return []
-            db_now = rows[0][-1]  # the database's clock, read with the rows
-            claimed = rules.pick_claimable((row_to_job(tuple(r)[:-1]) for r in rows), room, limit, now, node=node,
-                                           lease_until=None if lease_s is None else db_now + lease_s)
-            if claimed and capped:
-                await db.execute(START_SQL, [j.id for j in claimed], [j.started_at for j in claimed],
-                                 [j.version for j in claimed], node, claimed[0].lease_until,
-                                 [j.attempts for j in claimed])
-            return claimed
+                return self._started(rows, room, limit, now, node, lease_s)
+            claimed: list[Job] = []
+            while True:
+                runnable = [t for t in open_tasks if room[t] is None or (room[t] or 0) > 0]
+                want = limit - len(claimed)
+                if not runnable or want <= 0:
+                    return claimed
+                # Candidates beyond those wanted, as a capped task may have to be passed over (each one read is
+                # locked until the commit, so other nodes skip it meanwhile); the chosen ones started below.
+                rows = await db.fetch(CLAIM_SQL, now, runnable, want * 4)
+                picked = self._started(rows, room, want, now, node, lease_s)
+                if picked:
+                    await db.execute(START_SQL, [j.id for j in picked], [j.started_at for j in picked],
+                                     [j.version for j in picked], node, picked[0].lease_until,
+                                     [j.attempts for j in picked])
+                claimed += picked
+                if len(rows) < want * 4 or len(picked) == want:
+                    return claimed
+                # A page of jobs of tasks at their cap: read on past it, without those tasks.
+                room = rules.room_after(room, picked)
 
         return await self._write(op)
+
+    @staticmethod
+    def _started(rows: list[asyncpg.Record], room: dict[str, int | None], limit: int, now: float, node: str,
+                 lease_s: float | None) -> list[Job]:
+        """The jobs of claimed ``rows`` (each ending with the database's clock) that start, as started."""
+        if not rows:
+            return []
+        db_now = rows[0][-1]  # the database's clock, read with the rows
+        return rules.pick_claimable((row_to_job(tuple(r)[:-1]) for r in rows), room, limit, now, node=node,
+                                    lease_until=None if lease_s is None else db_now + lease_s)
 
     async def recover(self, *, now: float, retention_s: float, payload: Payload, node: str = "",
                       at_start: bool = False, lease_s: float = 30.0) -> list[Job]:

@@ -43,6 +43,16 @@ def pick_claimable(candidates: Iterable[Job], room: Mapping[str, int | None], li
     return started
 
 
+def room_after(room: Mapping[str, int | None], started: Iterable[Job]) -> dict[str, int | None]:
+    """``room`` (see ``pick_claimable``) once ``started`` have started."""
+    left = dict(room)
+    for job in started:
+        cap = left.get(job.task)
+        if cap is not None:
+            left[job.task] = cap - 1
+    return left
+
+
 def lease_lost(job: Job, now: float, *, node: str, owner_gone: bool = False) -> bool:
     """Whether a running job's runner is gone: its lease ran out by ``now`` (the database's clock; whoever
     held it, this node too: a lease it could not renew is over), or it has a lease without an end (one

@@ -645,20 +645,28 @@ class SQLiteStore:
                     f"SELECT task, COUNT(*) FROM jobs WHERE status = 'running' AND task IN"
                     f" ({', '.join('?' for _ in capped)}) GROUP BY task", capped).fetchall())
                 room.update({t: max(0, (tasks[t] or 0) - running.get(t, 0)) for t in capped})
-            runnable = [t for t in open_tasks if room[t] is None or (room[t] or 0) > 0]
-            if not runnable:
-                return []
-            marks = ", ".join("?" for _ in runnable)
-            # Candidates of a task at its cap are skipped, so read more than ``limit`` only when a cap applies.
-            cur = db.execute(CLAIM_SQL.format(marks=marks), (now, now, *runnable, limit * 4 if capped else limit))
-            claimed = rules.pick_claimable(map(row_to_job, cur.fetchall()), room, limit, now, node=node,
-                                           lease_until=None if lease_s is None else now + lease_s)
-            db.executemany(
-                "UPDATE jobs SET status = 'running', started_at = ?, attempts = ?, version = ?, error = NULL,"
-                " lease_owner = ?, lease_until = ?, cancel_reason = NULL WHERE id = ?",
-                [(j.started_at, j.attempts, j.version, j.lease_owner, j.lease_until, j.id) for j in claimed],
-            )
-            return claimed
+            claimed: list[Job] = []
+            while True:
+                runnable = [t for t in open_tasks if room[t] is None or (room[t] or 0) > 0]
+                want = limit - len(claimed)
+                if not runnable or want <= 0:
+                    return claimed
+                # Candidates of a task at its cap are skipped, so read more than wanted only when a cap applies.
+                page = want * 4 if capped else want
+                rows = db.execute(CLAIM_SQL.format(marks=", ".join("?" for _ in runnable)),
+                                  (now, now, *runnable, page)).fetchall()
+                picked = rules.pick_claimable(map(row_to_job, rows), room, want, now, node=node,
+                                              lease_until=None if lease_s is None else now + lease_s)
+                db.executemany(
+                    "UPDATE jobs SET status = 'running', started_at = ?, attempts = ?, version = ?, error = NULL,"
+                    " lease_owner = ?, lease_until = ?, cancel_reason = NULL WHERE id = ?",
+                    [(j.started_at, j.attempts, j.version, j.lease_owner, j.lease_until, j.id) for j in picked],
+                )
+                claimed += picked
+                if len(rows) < page or len(picked) == want:
+                    return claimed
+                # A page of jobs of tasks at their cap: read on past it, without those tasks.
+                room = rules.room_after(room, picked)
 
         return await self._write(op)
 

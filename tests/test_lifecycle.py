@@ -375,6 +375,24 @@ async def test_task_concurrency_limit_keeps_runs_apart(make_client):
         assert next_start >= end, spans
 
 
+async def test_a_backlog_of_a_task_at_its_cap_does_not_keep_a_free_worker_idle(make_client):
+    """Twelve jobs of a task with concurrency 1, and behind them one of another task, fall due together
+    (as after a restart): one capped job starts, and the other job at once on the other worker, not once a
+    capped job has run (a claim read only the capped jobs, four for each free worker, and passed them over)."""
+    client, _ = await start(make_client, queue={"workers": 2})
+    began = time.time()
+    capped = [await submit(client, "one_at_a_time", {"seconds": 3.0}, priority=1, delay=1.0) for _ in range(12)]
+    job = await submit(client, "echo", {"n": 1}, delay=1.0)
+    assert time.time() - began < 0.9
+    time.sleep(max(0.0, began + 1.2 - time.time()))  # the server's loop is held: all are due at its next claim
+    done = await wait_status(client, job["id"], "succeeded", timeout_s=15)
+    assert ts(done["started_at"]) - (began + 1.2) < 0.5, done
+    started = [await (await client.get(f"/jobs/{j['id']}", params={"redirect": "false"})).json() for j in capped]
+    assert sum(1 for j in started if j["started_at"] and ts(j["started_at"]) <= ts(done["started_at"])) == 1
+    for j in capped:
+        await client.post(f"/jobs/{j['id']}/cancel")
+
+
 # -- 6. retention and expiry -------------------------------------------------------
 
 async def test_finished_job_is_readable_then_gone_then_not_found(make_client):
