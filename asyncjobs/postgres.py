@@ -760,11 +760,8 @@ class PostgresStore:
                               key=lambda r: (-r["priority"], r["vt"], r["seq"]))  # _CLAIMABLE's order
                 return self._started(rows, room, limit, now, node, lease_s)
             claimed: list[Job] = []
-            while True:
-                runnable = [t for t in open_tasks if room[t] is None or (room[t] or 0) > 0]
+            while runnable := rules.runnable(open_tasks, room):
                 want = limit - len(claimed)
-                if not runnable or want <= 0:
-                    return claimed
                 # Candidates beyond those wanted, as a capped task may have to be passed over (each one read is
                 # locked until the commit, so other nodes skip it meanwhile); the chosen ones started below.
                 rows = await db.fetch(CLAIM_SQL, now, runnable, want * 4)
@@ -774,10 +771,10 @@ class PostgresStore:
                                      [j.version for j in picked], node, picked[0].lease_until,
                                      [j.attempts for j in picked])
                 claimed += picked
-                if len(rows) < want * 4 or len(picked) == want:
-                    return claimed
-                # A page of jobs of tasks at their cap: read on past it, without those tasks.
+                if rules.claim_done(read=len(rows), page=want * 4, picked=len(picked), wanted=want):
+                    break
                 room = rules.room_after(room, picked)
+            return claimed
 
         return await self._write(op)
 

@@ -43,6 +43,17 @@ def pick_claimable(candidates: Iterable[Job], room: Mapping[str, int | None], li
     return started
 
 
+def runnable(tasks: Iterable[str], room: Mapping[str, int | None]) -> list[str]:
+    """The ``tasks`` that may start another job: no cap, or room left (see ``pick_claimable``)."""
+    return [t for t in tasks if room.get(t) is None or (room.get(t) or 0) > 0]
+
+
+def claim_done(*, read: int, page: int, picked: int, wanted: int) -> bool:
+    """Whether a claim is over after a page: it has what it wanted, or the page was not full (nothing
+    more to read). Otherwise the page held jobs of tasks at their cap, and it reads on without them."""
+    return picked == wanted or read < page
+
+
 def room_after(room: Mapping[str, int | None], started: Iterable[Job]) -> dict[str, int | None]:
     """``room`` (see ``pick_claimable``) once ``started`` have started."""
     left = dict(room)

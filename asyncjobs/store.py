@@ -646,11 +646,8 @@ class SQLiteStore:
                     f" ({', '.join('?' for _ in capped)}) GROUP BY task", capped).fetchall())
                 room.update({t: max(0, (tasks[t] or 0) - running.get(t, 0)) for t in capped})
             claimed: list[Job] = []
-            while True:
-                runnable = [t for t in open_tasks if room[t] is None or (room[t] or 0) > 0]
+            while runnable := rules.runnable(open_tasks, room):
                 want = limit - len(claimed)
-                if not runnable or want <= 0:
-                    return claimed
                 # Candidates of a task at its cap are skipped, so read more than wanted only when a cap applies.
                 page = want * 4 if capped else want
                 rows = db.execute(CLAIM_SQL.format(marks=", ".join("?" for _ in runnable)),
@@ -663,10 +660,10 @@ class SQLiteStore:
                     [(j.started_at, j.attempts, j.version, j.lease_owner, j.lease_until, j.id) for j in picked],
                 )
                 claimed += picked
-                if len(rows) < page or len(picked) == want:
-                    return claimed
-                # A page of jobs of tasks at their cap: read on past it, without those tasks.
+                if rules.claim_done(read=len(rows), page=page, picked=len(picked), wanted=want):
+                    break
                 room = rules.room_after(room, picked)
+            return claimed
 
         return await self._write(op)
 

@@ -394,20 +394,26 @@ async def test_delivery_resumes_after_a_kill_between_tries(server_factory, recei
     assert len(receiver.received["restart"]) == 2
 
 
-async def test_job_interrupted_by_a_kill_is_delivered_after_restart(server_factory, receiver, http):
-    """A job running at a kill -9 becomes failed ("interrupted") at the restart, a terminal state, so it is POSTed."""
-    config = _served_config()
-    first = await asyncio.to_thread(server_factory, config_text=config)
-    async with http.post(f"{first.url}/jobs", json={"task": "block", "params": {"seconds": 60},
-                                                    "callback_url": receiver.url("interrupted")}) as resp:
+async def _running_job(http, url: str, body: dict) -> dict:
+    """Submit ``body`` to the server at ``url`` and wait until its job runs."""
+    async with http.post(f"{url}/jobs", json=body) as resp:
         assert resp.status == 202, await resp.text()
         job = await resp.json()
 
     async def running() -> bool:
-        async with http.get(f"{first.url}/jobs/{job['id']}") as resp:
+        async with http.get(f"{url}/jobs/{job['id']}") as resp:
             return (await resp.json())["status"] == "running"
 
-    await eventually(running, "the job to run")
+    await eventually(running, "the job to run", 10)
+    return job
+
+
+async def test_job_interrupted_by_a_kill_is_delivered_after_restart(server_factory, receiver, http):
+    """A job running at a kill -9 becomes failed ("interrupted") at the restart, a terminal state, so it is POSTed."""
+    config = _served_config()
+    first = await asyncio.to_thread(server_factory, config_text=config)
+    job = await _running_job(http, first.url, {"task": "block", "params": {"seconds": 60},
+                                               "callback_url": receiver.url("interrupted")})
     first.kill()
     second = await asyncio.to_thread(server_factory, config_text=config, db=first.db)
     async with http.get(f"{second.url}/jobs/{job['id']}") as resp:
@@ -423,16 +429,8 @@ async def test_a_cancel_accepted_before_a_kill_stands_after_the_restart(server_f
     process does not run the job again (it has retries left), it ends canceled, and that is called back."""
     config = _served_config() + "\n[tasks.stubborn]\nretries = 2\n\n[jobs]\ncancel_grace = 0.3\n"
     first = await asyncio.to_thread(server_factory, config_text=config)
-    async with http.post(f"{first.url}/jobs", json={"task": "stubborn", "params": {"seconds": 30},
-                                                    "callback_url": receiver.url("stands")}) as resp:
-        assert resp.status == 202, await resp.text()
-        job = await resp.json()
-
-    async def running() -> bool:
-        async with http.get(f"{first.url}/jobs/{job['id']}") as resp:
-            return (await resp.json())["status"] == "running"
-
-    await eventually(running, "the job to run", 10)
+    job = await _running_job(http, first.url, {"task": "stubborn", "params": {"seconds": 30},
+                                               "callback_url": receiver.url("stands")})
     async with http.post(f"{first.url}/jobs/{job['id']}/cancel") as resp:
         assert resp.status == 202, await resp.text()  # accepted; the handler is still running
     first.kill()
