@@ -5,9 +5,10 @@ file (an interrupted download to the same PATH resumes). Without ``-o`` a file r
 when stdout is not a terminal, else to a file in the current folder named as the server says.
 
 Exit status: 0 done (the job succeeded), 1 the job failed, was canceled or does not exist,
-2 usage error (including params the server refused), 3 cannot reach the server, unauthorized,
-or not an asyncjobs server, 4 timeout, 5 too many requests (over the caller's quota or submit
-rate: nothing was submitted; the message says when to try again), 130 interrupted (the job keeps running).
+2 usage error (including params the server refused), 3 cannot reach the server, unauthorized or
+forbidden, the server busy or failing (503, other 5xx), or not an asyncjobs server, 4 timeout,
+5 too many requests (over the caller's quota or submit rate: nothing was submitted; the message says
+when to try again), 130 interrupted (the job keeps running).
 
 A submit that the server answers with an equal earlier job (a task that reuses equal requests)
 prints that job's id, and says so on stderr; ``submit --fresh`` asks for a new job all the same.
@@ -113,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common()
     parser = _Parser(prog="asyncjobs", parents=[common],
                      description="Submit and follow jobs of an asyncjobs service.",
-                     epilog="exit status: 0 succeeded, 1 job failed/canceled/not found, 2 usage error, "
-                            "3 cannot reach the server or unauthorized, 4 timeout, 5 too many requests "
+                     epilog="exit status: 0 succeeded, 1 job failed/canceled/not found, "
+                            "2 usage error or params refused, 3 cannot reach the server, unauthorized, "
+                            "server busy or failing, or not asyncjobs, 4 timeout, 5 too many requests "
                             "(over quota or rate; try again later), 130 interrupted")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     submit = commands.add_parser("submit", parents=[common], help="submit a job",
