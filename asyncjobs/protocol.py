@@ -153,12 +153,20 @@ def monitor_answer(job: Job, *, eta: float | None, now: float, style: MonitorSty
     return Answer(200, headers)
 
 
+# A result's bytes are served as their task typed them (a Blob): a browser must neither guess another type
+# nor run what they hold (an SVG or HTML result with a script) in this site's origin, where it could act
+# with the viewer's sign-in session. A sandboxed document has an origin of its own and runs no script.
+RESULT_SAFETY = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"}
+
+
 def result_answer(job: Job, *, eta: float | None, now: float, if_none_match: str | None = None) -> Answer:
     """200 with the result (304 when ``If-None-Match`` names its ETag: RFC 9110 13.1.2); 404 while it does
     not exist yet; 409 when it never will. A file result has validators of its own (``file_answer``)."""
     headers = job_headers(job)
     if job.status is Status.SUCCEEDED:
-        return Answer(304 if etag_matches(if_none_match, headers["ETag"]) else 200, headers)
+        if etag_matches(if_none_match, headers["ETag"]):
+            return Answer(304, headers)
+        return Answer(200, {**headers, **RESULT_SAFETY})
     if job.status in (Status.QUEUED, Status.RUNNING):
         return Answer(404, {**headers, "Retry-After": str(retry_after_s(eta, now))})
     return Answer(409, headers)
@@ -562,7 +570,7 @@ def file_answer(*, sha256: str, size: int, name: str, content_type: str, stored_
     elif (modified_since := _http_date(if_modified_since)) is not None and modified <= modified_since:
         return FileAnswer(304, validators)
     headers = {**validators, "Content-Type": content_type, "Content-Disposition": content_disposition(name),
-               "Repr-Digest": repr_digest(sha256), "X-Content-Type-Options": "nosniff"}
+               "Repr-Digest": repr_digest(sha256), **RESULT_SAFETY}
     if range_header is None or method != "GET" or ignores_range(range_header) or (
             if_range is not None and not _if_range_holds(if_range, etag, last_modified)):
         return FileAnswer(200, headers, 0, size)

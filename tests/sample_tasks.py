@@ -241,3 +241,10 @@ async def odd_name_progress(ctx: Any, hold: float = 1.0) -> str:
     await ctx.progress(0.5, "file " + os.fsdecode(b"\xff.bin"))
     await asyncio.sleep(hold)
     return "done"
+
+
+@task()
+async def markup(text: str = "hello") -> Blob:
+    """Returns markup a user gave: an SVG picture that carries a script."""
+    return Blob(f'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script><text>{text}</text></svg>'
+                .encode(), "image/svg+xml")

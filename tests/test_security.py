@@ -154,6 +154,22 @@ async def test_every_endpoint_but_healthz_answers_401_without_a_valid_bearer_tok
     assert (await list_ids(client, BOB))[0] == []
 
 
+async def test_a_result_that_holds_markup_runs_no_script_in_this_sites_origin(start):
+    """A task returns what a user gave as its result bytes (here an SVG picture with a script). Opened in a
+    browser, the result is not sniffed as another type and is a sandboxed document: its script cannot act
+    with the viewer's session. The same goes for a file result and for a JSON one."""
+    client, _ = await start()
+    headers = {"Authorization": f"Bearer {ALICE}"}
+    for task, params in (("markup", {"text": "hi"}), ("echo", {"n": 1}), ("bytes", {"size": 300_001, "seed": "x"})):
+        job = await submit_as(client, ALICE, task, params)
+        await wait_status(client, job["id"], "succeeded", headers=headers)
+        resp = await client.get(f"/jobs/{job['id']}/result", headers=headers)
+        assert resp.status == 200, task
+        assert resp.headers["X-Content-Type-Options"] == "nosniff", task
+        assert resp.headers["Content-Security-Policy"] == "sandbox", task
+    assert resp.headers["Content-Disposition"].startswith("attachment")  # a file result is a download
+
+
 async def test_healthz_needs_no_token_and_valid_tokens_are_accepted(start):
     """/healthz answers 200 without a token; each principal's token (scheme in any case) is accepted."""
     client, _ = await start()
