@@ -180,6 +180,11 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (owner, key)
     );
     """,
+    # An owner's queued jobs by priority: a new job's vt follows its owner's last of the same priority.
+    """
+    DROP INDEX jobs_owner_queued;
+    CREATE INDEX jobs_owner_queued ON jobs (owner, priority, vt) WHERE status = 'queued';
+    """,
 )
 CHANGES_CHANNEL = "asyncjobs_changes"  # "node|id:version:s,..." or "node|*" (see the migration)
 CANCELS_CHANNEL = "asyncjobs_cancels"  # "id|reason": stop this job if it runs here
@@ -192,7 +197,8 @@ _NEXT = len(MUTABLE) + 1  # the first placeholder after the mutable values
 # The new job's vt is rules.virtual_start written in SQL (one round trip, not two): one past its owner's last
 # queued job ($18 is the owner), no earlier than the floor passed as its vt ($24).
 _VT = ("GREATEST($24::bigint,"
-       " COALESCE((SELECT MAX(q.vt) + 1 FROM jobs q WHERE q.owner = $18 AND q.status = 'queued'), 0))")
+       " COALESCE((SELECT MAX(q.vt) + 1 FROM jobs q WHERE q.owner = $18 AND q.priority = $5 AND q.status = 'queued'),"
+       " 0))")
 INSERT_SQL = (f"INSERT INTO jobs ({_INSERT_COLUMNS}) VALUES"
               f" ({', '.join(_VT if i == 24 else f'${i}' for i in range(1, 27))}) RETURNING seq, vt")
 UPDATE_SQL = f"UPDATE jobs SET {_ASSIGN} WHERE id = ${_NEXT} AND version = ${_NEXT + 1}"
@@ -212,10 +218,11 @@ _INSERT_TYPES = ("text", "text", "bytea", "text", "int", "float8", "float8", "fl
 INSERTS_SQL = (f"INSERT INTO jobs ({_INSERT_COLUMNS}) SELECT * FROM unnest("
                + ", ".join(f"${i}::{t}[]" for i, t in enumerate(_INSERT_TYPES, start=1))
                + ") RETURNING id, seq")
-# Each owner's last queued vt: one row read from the end of jobs_owner_queued per owner. (MAX(vt) ... GROUP BY
-# owner would aggregate every queued row of each owner: its whole backlog, on every batch of inserts.)
-OWNERS_LAST_VT_SQL = ("SELECT o.owner, (SELECT q.vt FROM jobs q WHERE q.owner = o.owner AND q.status = 'queued'"
-                      " ORDER BY q.vt DESC LIMIT 1) FROM unnest($1::text[]) AS o(owner)")
+# Each owner's last queued vt of each priority: one row read from the end of jobs_owner_queued per pair. (MAX(vt)
+# ... GROUP BY would aggregate every queued row of each owner: its whole backlog, on every batch of inserts.)
+OWNERS_LAST_VT_SQL = ("SELECT o.owner, o.priority, (SELECT q.vt FROM jobs q WHERE q.owner = o.owner"
+                      " AND q.priority = o.priority AND q.status = 'queued' ORDER BY q.vt DESC LIMIT 1)"
+                      " FROM unnest($1::text[], $2::int[]) AS o(owner, priority)")
 # The reports of a batch (progress and outcomes of running jobs) in one statement: the same rules as
 # FENCED_UPDATE_SQL, a row each from the arrays; it returns the ids it wrote. It reads the rows by their ids
 # ("jobs.id = ANY(...)" repeats the join's condition for the index). The status a row must still have
@@ -407,12 +414,14 @@ class _Insert:
 
 async def _write_inserts(db: asyncpg.Connection, inserts: list[_Insert]) -> dict[str, Inserted]:
     """Store ``inserts`` with their vt (``rules.virtual_start``, in the batch's order per owner)."""
-    owners = sorted({i.job.owner for i in inserts})
-    last: dict[str, int | None] = dict(await db.fetch(OWNERS_LAST_VT_SQL, owners))
+    pairs = sorted({(i.job.owner, i.job.priority) for i in inserts})
+    rows = await db.fetch(OWNERS_LAST_VT_SQL, [o for o, _ in pairs], [p for _, p in pairs])
+    last: dict[tuple[str, int], int | None] = {(owner, priority): vt for owner, priority, vt in rows}
     jobs = []
     for item in inserts:
-        vt = rules.virtual_start(owner_last=last.get(item.job.owner), floor=item.vt_floor)
-        last[item.job.owner] = vt
+        key = (item.job.owner, item.job.priority)
+        vt = rules.virtual_start(owner_last=last.get(key), floor=item.vt_floor)
+        last[key] = vt
         jobs.append(evolve(item.job, vt=vt))
     columns = [list(values) for values in zip(*(_insert_values(j) for j in jobs), strict=True)]
     seqs = dict(await db.fetch(INSERTS_SQL, *columns))

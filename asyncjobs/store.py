@@ -151,6 +151,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN cancel_reason TEXT;
     """,
+    # An owner's queued jobs by priority: a new job's vt follows its owner's last of the same priority.
+    """
+    DROP INDEX jobs_owner_queued;
+    CREATE INDEX jobs_owner_queued ON jobs (owner, priority, vt) WHERE status = 'queued';
+    """,
 )
 
 # A job's row, in the same column order in every backend; ``row_to_job`` and ``mutable_values`` map it.
@@ -179,7 +184,8 @@ POSITIONS_SQL = ("SELECT id, pos FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY pr
                  " FROM jobs INDEXED BY jobs_fair WHERE status = 'queued') WHERE id IN ({marks})")
 BY_PRIORITY_SQL = ("SELECT priority, COUNT(*) FROM jobs INDEXED BY jobs_fair WHERE status = 'queued'"
                    " GROUP BY priority")
-OWNER_LAST_VT_SQL = "SELECT MAX(vt) FROM jobs INDEXED BY jobs_owner_queued WHERE owner = ? AND status = 'queued'"
+OWNER_LAST_VT_SQL = ("SELECT MAX(vt) FROM jobs INDEXED BY jobs_owner_queued WHERE owner = ? AND priority = ?"
+                     " AND status = 'queued'")
 OWNER_QUEUED_SQL = "SELECT COUNT(*) FROM jobs INDEXED BY jobs_owner_queued WHERE owner = ? AND status = 'queued'"
 QUEUED_VTS_SQL = ("SELECT priority, MIN(vt), MAX(vt) FROM jobs INDEXED BY jobs_fair WHERE status = 'queued'"
                   " GROUP BY priority")
@@ -579,7 +585,7 @@ class SQLiteStore:
                 db.execute("UPDATE jobs SET idempotency_key = NULL WHERE owner = ? AND idempotency_key = ?",
                            (job.owner, job.idempotency_key))
                 db.execute("DELETE FROM idempotency_keys WHERE owner = ? AND key = ?", (job.owner, job.idempotency_key))
-            (last,) = db.execute(OWNER_LAST_VT_SQL, (job.owner,)).fetchone()
+            (last,) = db.execute(OWNER_LAST_VT_SQL, (job.owner, job.priority)).fetchone()
             vt = rules.virtual_start(owner_last=last, floor=vt_floor)
             cur = db.execute(
                 f"INSERT INTO jobs ({_COLUMNS}) VALUES (NULL{', ?' * 26})",

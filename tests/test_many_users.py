@@ -373,6 +373,31 @@ async def test_a_claim_of_another_priority_sends_no_newcomer_behind_a_backlog(ma
     assert len(ahead) <= 1, [j["started_at"] for j in ahead]
 
 
+async def test_a_backlog_at_one_priority_does_not_send_its_owners_lone_job_at_another_to_the_back(make_client):
+    """Bob has a backlog at priority 0, alice one at priority 1. Bob's lone job at priority 1 waits behind at
+    most one of alice's priority-1 jobs (one worker): its place follows bob's last job of priority 1 (none),
+    not his last of any priority."""
+    client, _ = await make_client(auth={"tokens": TOKENS}, queue={"workers": 1})
+
+    async def post(token: str, params: dict, **extra: Any) -> dict:
+        resp = await client.post("/jobs", json={"task": "block", "params": params, **extra}, headers=auth(token))
+        assert resp.status == 202, await resp.text()
+        return await resp.json()
+
+    blocker = await post(ALICE, {"seconds": 30}, priority=5)
+    await wait_status(client, blocker["id"], "running", headers=auth(ALICE))
+    for _ in range(8):
+        await post(BOB, {"seconds": 0.05})
+    backlog = [await post(ALICE, {"seconds": 0.05}, priority=1) for _ in range(8)]
+    lone = await post(BOB, {"seconds": 0.05}, priority=1)
+    assert lone["queue_position"] <= 2, lone
+    assert (await client.post(f"/jobs/{blocker['id']}/cancel", headers=auth(ALICE))).status == 200
+    done = await wait_status(client, lone["id"], "succeeded", headers=auth(BOB), timeout_s=20)
+    ahead = [j for j in await jobs_of(client, auth(ALICE)) if j["id"] in {b["id"] for b in backlog}
+             and j["started_at"] and j["started_at"] < done["started_at"]]
+    assert len(ahead) <= 1, [j["started_at"] for j in ahead]
+
+
 # -- admins -----------------------------------------------------------------------------
 
 async def test_admins_see_and_manage_every_job_others_only_their_own(make_client):

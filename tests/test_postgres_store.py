@@ -36,8 +36,8 @@ def rows_read(plan: dict[str, Any], relation: str) -> float:
 
 
 async def test_each_owners_last_vt_is_one_row_however_long_its_backlog(postgres_url):
-    """A batch of plain inserts reads each owner's last queued vt: one index row per owner. Aggregating
-    (MAX ... GROUP BY owner) would read every queued job of the owner, on every batch of submits."""
+    """A batch of plain inserts reads each owner's last queued vt of each priority: one index row per pair.
+    Aggregating (MAX ... GROUP BY owner) would read every queued job of the owner, on every batch of submits."""
     store = PostgresStore(postgres_url)
     await store.open()
     try:
@@ -48,12 +48,13 @@ async def test_each_owners_last_vt_is_one_row_however_long_its_backlog(postgres_
     try:
         await db.execute("ANALYZE jobs")
         last = await db.fetchval("SELECT MAX(vt) FROM jobs WHERE owner = 'a' AND status = 'queued'")
-        found = dict(await db.fetch(OWNERS_LAST_VT_SQL, ["a", "b"]))
-        assert last is not None and found["a"] == last and found.get("b") is None
-        (plan,) = json.loads(await db.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {OWNERS_LAST_VT_SQL}", ["a", "b"]))
+        found = {(o, p): vt for o, p, vt in await db.fetch(OWNERS_LAST_VT_SQL, ["a", "a", "b"], [0, 1, 0])}
+        assert last is not None and found == {("a", 0): last, ("a", 1): None, ("b", 0): None}
+        (plan,) = json.loads(await db.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {OWNERS_LAST_VT_SQL}",
+                                               ["a", "a", "b"], [0, 1, 0]))
     finally:
         await db.close()
-    assert rows_read(plan["Plan"], "jobs") <= 2, plan
+    assert rows_read(plan["Plan"], "jobs") <= 3, plan
 
 
 async def test_a_batch_of_outcomes_reads_its_jobs_by_id(postgres_url):
