@@ -155,11 +155,12 @@ async def test_a_full_store_answers_503_and_stays_intact(server_factory, http, t
     async with http.post(f"{server.url}/jobs", json={"task": "noop"}) as resp:
         assert resp.status == 202
     filler = store / "filler"
-    with open(filler, "wb") as out:  # fill the disk to the last block
+    # Fill the disk to the last block. Unbuffered: a buffered file would try its last bytes again at its
+    # close, and raise there (ENOSPC) outside the loop that expects it.
+    with open(filler, "wb", buffering=0) as out:
         try:
             while True:
                 out.write(b"f" * 65536)
-                out.flush()
         except OSError:
             pass
     statuses = []
