@@ -167,7 +167,7 @@ class App:
     def _feed(self) -> Feed:
         """The change feed that goes with the store: the hub alone, unless other processes share the store."""
         if not self.store.shared:
-            return LocalFeed(self.hub, self.store)
+            return LocalFeed(self.hub)
         from .cluster import ClusterFeed
         from .postgres import PostgresStore
 

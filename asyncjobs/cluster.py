@@ -78,11 +78,6 @@ class ClusterFeed:
         self._tasks = []
         self.up = False
 
-    async def request_cancel(self, job_id: str, reason: CancelReason) -> None:
-        """Stop ``job_id`` wherever it runs: here at once, elsewhere through the database."""
-        self.hub.request_cancel(job_id, reason)
-        await self.store.request_cancel(job_id, reason.value)
-
     # -- the listening connection ------------------------------------------
     async def _listen_loop(self, connected: asyncio.Event) -> None:
         backoff = 0.1

@@ -175,8 +175,8 @@ class Hub:
 
 
 class Feed(Protocol):
-    """How changes and cancel requests made by other processes reach this one's hub, and how this one's
-    cancel requests reach the process that runs the job. Chosen with the store (``App``)."""
+    """How changes and cancel requests made by other processes reach this one's hub (this one's are recorded
+    by the store, ``JobQueue._request_cancel``). Chosen with the store (``App``)."""
 
     @property
     def up(self) -> bool:
@@ -185,31 +185,18 @@ class Feed(Protocol):
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
-    async def request_cancel(self, job_id: str, reason: CancelReason) -> None: ...
-
-
-class CancelRecords(Protocol):
-    """Where a cancel asked of a running job is recorded, to stand after a crash (the store)."""
-
-    async def request_cancel(self, job_id: str, reason: str) -> bool: ...
 
 
 class LocalFeed:
-    """The feed of a store that one process holds (SQLite): every change is made here, so the hub is all;
-    a cancel is also recorded in the store, so that one accepted and not yet applied stands after a crash."""
+    """The feed of a store that one process holds (SQLite): every change is made here, so the hub is all."""
 
     up = True
 
-    def __init__(self, hub: Hub, records: CancelRecords) -> None:
+    def __init__(self, hub: Hub) -> None:
         self.hub = hub
-        self.records = records
 
     async def start(self) -> None:
         pass
 
     async def stop(self) -> None:
         pass
-
-    async def request_cancel(self, job_id: str, reason: CancelReason) -> None:
-        self.hub.request_cancel(job_id, reason)
-        await self.records.request_cancel(job_id, reason.value)

@@ -110,7 +110,7 @@ class JobQueue:
         self.max_queued_per_owner = max_queued_per_owner  # 0: no limit
         self.callback_payload = callback_payload  # what a callback POSTs (the App gives the wire form)
         self.node = node or new_node_id()  # this process, as the holder of its running jobs' leases
-        self.feed: Feed = feed or LocalFeed(hub, store)  # changes and cancels from and to other processes
+        self.feed: Feed = feed or LocalFeed(hub)  # changes and cancels from and to other processes
         self.lease_s = lease_s  # how long a claim holds a job without renewal (None: while this process lives)
         self.clock = clock
         # The vt of the latest job claimed, per priority: a new principal's first job of that priority starts
@@ -426,10 +426,17 @@ class JobQueue:
         raise Unavailable(f"job {job_id} kept changing; try again", retry_after_s=1)
 
     async def _stop_running(self, job: Job, reason: CancelReason, *, owner: str | None) -> tuple[Job, bool]:
-        """Ask the feed to stop the job wherever it runs, and wait for it to end (``cancel_grace``)."""
-        await self.feed.request_cancel(job.id, reason)
+        """Ask for the job to stop wherever it runs, and wait for it to end (``cancel_grace``)."""
+        await self._request_cancel(job.id, reason)
         job = await self.wait(job.id, timeout_s=self.cancel_grace_s, until=lambda j: j.terminal, owner=owner)
         return job, job.terminal
+
+    async def _request_cancel(self, job_id: str, reason: CancelReason) -> None:
+        """Stop ``job_id``: here at once (the hub tells its runner, if it runs here), and recorded on its row,
+        where another node's runner reads it (the store also announces it) and a restart after a crash
+        finds it: an accepted cancel stands."""
+        self.hub.request_cancel(job_id, reason)
+        await self.store.request_cancel(job_id, reason.value)
 
     async def delete(self, job_id: str, *, owner: str | None = None) -> bool:
         """Forget the job (canceling it first); False while a running handler is still stopping."""
@@ -543,7 +550,7 @@ class JobQueue:
         if result.with_files:
             await self.files.remove_jobs(result.with_files)
         for job_id in result.expired_running:
-            await self.feed.request_cancel(job_id, CancelReason.EXPIRED)
+            await self._request_cancel(job_id, CancelReason.EXPIRED)
         if result.tombstoned or result.forgotten:
             log.info("sweep: %d jobs expired to tombstones, %d tombstones forgotten",
                      result.tombstoned, result.forgotten)
