@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -150,18 +151,20 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     sock = _Socket(ws=ws, sub=queue.hub.subscribe(maxsize=settings.ws_buffer), principal=visible_owner(request))
     sender = asyncio.create_task(_send_changes(queue, sock), name="asyncjobs-ws-sender")
 
+    def close_later(closing: Coroutine[Any, Any, Any]) -> None:
+        """Close from outside the handler, in a task the app keeps until it is done."""
+        task = asyncio.create_task(closing)
+        request.app[CLOSING_KEY].add(task)
+        task.add_done_callback(request.app[CLOSING_KEY].discard)
+
     def too_slow() -> None:
         # The sender may be stuck in a send to a peer that stopped reading: stop it, then close.
         sender.cancel()
-        closing = asyncio.create_task(_close_slow(ws, transport))
-        request.app[CLOSING_KEY].add(closing)
-        closing.add_done_callback(request.app[CLOSING_KEY].discard)
+        close_later(_close_slow(ws, transport))
 
     def signed_out() -> None:
         sock.sub.end()  # the sender stops
-        closing = asyncio.create_task(ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"the sign-in session ended"))
-        request.app[CLOSING_KEY].add(closing)
-        closing.add_done_callback(request.app[CLOSING_KEY].discard)
+        close_later(ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"the sign-in session ended"))
 
     sock.sub.on_overflow = too_slow
     try:

@@ -49,7 +49,7 @@ from aiohttp import web
 from itsdangerous import BadSignature, TimestampSigner
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..errors import Forbidden, StoreError, UnsupportedType
+from ..errors import Forbidden, UnsupportedType
 from . import pages
 from .common import (
     BEARER_CHALLENGE,
@@ -260,8 +260,9 @@ class Sessions:
             for session_id in list(self._held):
                 try:
                     stored = await queue.store.session(_digest(session_id), now=queue.clock())
-                except StoreError:
-                    break  # the store is away: ask again next time
+                except Exception as exc:  # (the store away, or closing): ask again next time
+                    log.debug("sessions: cannot recheck the open streams' sessions (%s)", exc)
+                    break
                 if stored is None:
                     log.info("ending the event streams and sockets of a session that ended")
                     self._end_streams(session_id)
