@@ -360,6 +360,22 @@ async def test_submit_prefer_wait_on_a_job_that_expires_meanwhile_answers_200_ca
     assert (await client.get(f"/jobs/{body['id']}")).status == 410
 
 
+async def test_an_equal_submit_waiting_on_a_job_that_expires_meanwhile_answers_200_canceled(start):
+    """An equal submit of a unique task, with `Prefer: wait`, waits on the queued job it is answered with
+    (the only worker is busy); that job's `expires_at` passes during the wait: 200 with the canceled job,
+    as for a job canceled within the wait, not a 410."""
+    client, _ = await start(jobs={"max_age": 1}, queue={"workers": 1})
+    blocker = await submit(client, "block", {"seconds": 30})
+    await wait_status(client, blocker["id"], "running")
+    first = await submit(client, "dedupe", {"key": "k"})
+    resp = await client.post("/jobs", json={"task": "dedupe", "params": {"key": "k"}},
+                             headers={"Prefer": "wait=10"}, allow_redirects=False)
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert body["id"] == first["id"] and body["status"] == "canceled", body
+    assert resp.headers.get("Preference-Applied") == "wait=10"
+
+
 async def test_submit_prefer_wait_not_done_in_time_answers_202(start):
     """`Prefer: wait=N` on a job still running after N seconds answers the normal 202, held about N seconds."""
     client, _ = await start()
