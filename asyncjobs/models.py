@@ -27,7 +27,8 @@ class Status(StrEnum):
 class CancelReason(StrEnum):
     """Why a running handler is being stopped; each ends the job differently (see the worker)."""
 
-    REQUEST = "request"  # a client canceled or deleted it: canceled
+    REQUEST = "request"  # a client canceled it: canceled
+    DELETE = "delete"  # a client deleted it: canceled, then forgotten (by its runner, or by the next sweep)
     SHUTDOWN = "shutdown"  # the server stops: queued again, the attempt refunded
     EXPIRED = "expired"  # its expires_at passed: canceled and gone
     LEASE_LOST = "lease"  # this node's lease ended (not renewed in time): another node may run it now
@@ -39,6 +40,7 @@ class CancelReason(StrEnum):
 
 _CANCEL_MESSAGES = {
     CancelReason.REQUEST: "canceled by request",
+    CancelReason.DELETE: "canceled by request",
     CancelReason.SHUTDOWN: "the server is shutting down",
     CancelReason.EXPIRED: "expired before it finished",
     CancelReason.LEASE_LOST: "this node's lease on the job ended; another node may run it",

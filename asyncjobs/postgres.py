@@ -38,6 +38,7 @@ from .errors import InvalidRequest, StoreError
 from .models import CancelReason, Job, Status, evolve
 from .store import (
     COLUMN_NAMES,
+    DELETED_ENDED,
     MUTABLE,
     Delivery,
     Inserted,
@@ -185,6 +186,11 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX jobs_owner_queued;
     CREATE INDEX jobs_owner_queued ON jobs (owner, priority, vt) WHERE status = 'queued';
     """,
+    # A delete accepted while the handler still ran (cancel_reason 'delete'): the sweep finds the ones that a
+    # crash or a race left behind once they ended, without a scan (the index holds only those rows).
+    """
+    CREATE INDEX jobs_deleting ON jobs (id) WHERE cancel_reason = 'delete';
+    """,
 )
 CHANGES_CHANNEL = "asyncjobs_changes"  # "node|id:version:s,..." or "node|*" (see the migration)
 CANCELS_CHANNEL = "asyncjobs_cancels"  # "id|reason": stop this job if it runs here
@@ -306,7 +312,8 @@ END_SILENT_SQL = ("SELECT application_name, wait_event = 'ClientWrite' AS blocke
                   " AND usename = current_user AND state_change < clock_timestamp() - make_interval(secs => $2)")
 RENEW_SQL = ("UPDATE jobs SET lease_until = $3 + $4 WHERE id = ANY($1::text[]) AND status = 'running'"
              " AND lease_owner = $2 AND lease_until > $3 RETURNING id, cancel_reason")
-CANCEL_SQL = "UPDATE jobs SET cancel_reason = $2 WHERE id = $1 AND status = 'running' AND cancel_reason IS NULL"
+CANCEL_SQL = ("UPDATE jobs SET cancel_reason = $2 WHERE id = $1 AND status = 'running'"
+              " AND (cancel_reason IS NULL OR (cancel_reason = 'request' AND $2 = 'delete'))")  # as SQLite's
 CLAIM_DELIVERIES_SQL = (
     "UPDATE deliveries SET next_at = $3 WHERE job_id IN (SELECT job_id FROM deliveries WHERE state = 'pending'"
     " AND next_at <= $1 ORDER BY next_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
@@ -847,6 +854,7 @@ class PostgresStore:
             if gone:
                 await db.executemany(TOMBSTONE_SQL, [(j.id, j.owner, now + tombstone_retention_s) for j in gone])
                 await db.execute("DELETE FROM jobs WHERE id = ANY($1::text[])", [j.id for j in gone])
+            deleted = await db.fetch(f"DELETE FROM jobs WHERE {DELETED_ENDED} RETURNING id, files IS NOT NULL")
             await db.execute("DELETE FROM deliveries WHERE state != 'pending' AND next_at <= $1",
                              now - tombstone_retention_s)
             await db.execute("DELETE FROM sessions WHERE expires_at <= $1", now)
@@ -858,7 +866,8 @@ class PostgresStore:
                 expired_running=running,
                 tombstoned=len(gone),
                 forgotten=forgotten,
-                with_files=[j.id for j in gone if j.files is not None],
+                with_files=[j.id for j in gone if j.files is not None] + [r[0] for r in deleted if r[1]],
+                deleted=len(deleted),
             )
 
         return await self._write(op)
@@ -905,7 +914,8 @@ class PostgresStore:
 
     async def request_cancel(self, job_id: str, reason: str) -> bool:
         """Ask the node that runs ``job_id`` to stop it: recorded on the row (its heartbeat reads it) and
-        announced at once. False when the job is not running."""
+        announced at once. False when the job is not running, or a cancel is recorded already (a delete
+        still replaces a client's cancel)."""
 
         async def op(db: asyncpg.Connection) -> bool:
             done = _rowcount(await db.execute(CANCEL_SQL, job_id, reason)) == 1

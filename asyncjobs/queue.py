@@ -119,7 +119,6 @@ class JobQueue:
         # The place (vt, seq) of the last queued job of each priority (or a place past it): a new job there is
         # the last of its priority, so its position is the count of queued jobs at its priority or above.
         self._last_place: dict[int, tuple[int, int]] = {}
-        self._delete_when_done: set[str] = set()  # jobs deleted while their handler was still stopping
         self._new_id = JobIds()
         self.run_times = RunTimes()
         self.wakeup = asyncio.Event()  # set when there may be work for the dispatcher
@@ -398,7 +397,8 @@ class JobQueue:
         return latest if latest is not None and latest.version > job.version else job
 
     # -- cancel and delete ---------------------------------------------------
-    async def cancel(self, job_id: str, *, owner: str | None = None) -> tuple[Job, bool]:
+    async def cancel(self, job_id: str, *, owner: str | None = None,
+                     reason: CancelReason = CancelReason.REQUEST) -> tuple[Job, bool]:
         """Cancel; returns the job and whether it has stopped (False: still stopping after the grace)."""
         for _ in range(50):
             job = await self.find(job_id, owner=owner)
@@ -408,7 +408,7 @@ class JobQueue:
                 raise StateConflict(f"job {job_id} has already {job.status.value}", job_status=job.status.value,
                                     job_version=job.version)
             if job.status is Status.RUNNING:
-                job, stopped = await self._stop_running(job, CancelReason.REQUEST, owner=owner)
+                job, stopped = await self._stop_running(job, reason, owner=owner)
                 if job.status in (Status.SUCCEEDED, Status.FAILED):  # its outcome was stored before the cancel
                     raise StateConflict(f"job {job_id} has already {job.status.value}", job_status=job.status.value,
                                         job_version=job.version)
@@ -439,20 +439,22 @@ class JobQueue:
         await self.store.request_cancel(job_id, reason.value)
 
     async def delete(self, job_id: str, *, owner: str | None = None) -> bool:
-        """Forget the job (canceling it first); False while a running handler is still stopping."""
+        """Forget the job (canceling it first); False while a running handler is still stopping.
+
+        A running job's delete is recorded on its row (``CancelReason.DELETE``), wherever it runs: its runner
+        forgets it once the handler has stopped, and a sweep forgets any that a crash or a race left behind
+        (``Store.sweep``), so an accepted delete stands like an accepted cancel."""
         job = await self.find(job_id, owner=owner)
         if not job.terminal:
             try:
-                job, stopped = await self.cancel(job_id, owner=owner)
+                job, stopped = await self.cancel(job_id, owner=owner, reason=CancelReason.DELETE)
             except StateConflict:  # it ended on its own meanwhile: forget it as it is
                 job, stopped = await self.find(job_id, owner=owner), True
             if not stopped:
-                self._delete_when_done.add(job_id)  # finish() forgets it once its handler has stopped
                 found = await self.store.lookup(job_id)
                 if found.job is None or not found.job.terminal:
                     return False
-                self._delete_when_done.discard(job_id)  # it ended meanwhile: forget it now
-                job = found.job
+                job = found.job  # it ended meanwhile: forget it now
         await self._forget(job)
         return True
 
@@ -482,9 +484,10 @@ class JobQueue:
             log.warning("job %s: progress not stored: %s", job.id, exc)
             return False
 
-    async def finish(self, new: Job, *, expected_version: int) -> bool:
-        """Persist a running job's next state (terminal, or queued again), then publish it. False (and nothing
-        published) when the stored job changed under its worker, or this node's lease on it ended."""
+    async def finish(self, new: Job, *, expected_version: int, forget: bool = False) -> bool:
+        """Persist a running job's next state (terminal, or queued again), then publish it; with ``forget`` (a
+        client deleted it), forget a terminal one then. False (and nothing published) when the stored job
+        changed under its worker, or this node's lease on it ended."""
         deliver = new.terminal and new.callback_url is not None
         if not await self.store.update(new, expected_version=expected_version, fence=self.node,
                                        deliver=self.callback_payload if deliver else None):
@@ -498,8 +501,7 @@ class JobQueue:
             self._due_at(new.run_at)
         self.hub.publish(new)
         await self._settle_files(new)
-        if new.terminal and new.id in self._delete_when_done:
-            self._delete_when_done.discard(new.id)
+        if forget and new.terminal:
             await self._forget(new)
         log.debug("job %s %s (attempt %d)", new.id, new.status.value, new.attempts)
         return True
@@ -554,6 +556,8 @@ class JobQueue:
         if result.tombstoned or result.forgotten:
             log.info("sweep: %d jobs expired to tombstones, %d tombstones forgotten",
                      result.tombstoned, result.forgotten)
+        if result.deleted:
+            log.info("sweep: %d jobs deleted while they ran forgotten now that they have ended", result.deleted)
 
     async def rescue(self) -> None:
         """Take over running jobs whose lease ended (their node died or was cut off): queued again while

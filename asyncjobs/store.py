@@ -156,6 +156,11 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX jobs_owner_queued;
     CREATE INDEX jobs_owner_queued ON jobs (owner, priority, vt) WHERE status = 'queued';
     """,
+    # A delete accepted while the handler still ran (cancel_reason 'delete'): the sweep finds the ones that a
+    # crash or a race left behind once they ended, without a scan (the index holds only those rows).
+    """
+    CREATE INDEX jobs_deleting ON jobs (id) WHERE cancel_reason = 'delete';
+    """,
 )
 
 # A job's row, in the same column order in every backend; ``row_to_job`` and ``mutable_values`` map it.
@@ -186,6 +191,10 @@ BY_PRIORITY_SQL = ("SELECT priority, COUNT(*) FROM jobs INDEXED BY jobs_fair WHE
                    " GROUP BY priority")
 OWNER_LAST_VT_SQL = ("SELECT MAX(vt) FROM jobs INDEXED BY jobs_owner_queued WHERE owner = ? AND priority = ?"
                      " AND status = 'queued'")
+# A cancel may be recorded on a running job that has none, and a client's delete may replace its cancel (the
+# parameter: the reason asked). Jobs deleted while they ran, once ended: what the sweep forgets.
+_MAY_ASK = "(cancel_reason IS NULL OR (cancel_reason = 'request' AND ? = 'delete'))"
+DELETED_ENDED = "cancel_reason = 'delete' AND status IN ('succeeded', 'failed', 'canceled')"
 OWNER_QUEUED_SQL = "SELECT COUNT(*) FROM jobs INDEXED BY jobs_owner_queued WHERE owner = ? AND status = 'queued'"
 QUEUED_VTS_SQL = ("SELECT priority, MIN(vt), MAX(vt) FROM jobs INDEXED BY jobs_fair WHERE status = 'queued'"
                   " GROUP BY priority")
@@ -301,6 +310,7 @@ class SweepResult:
     tombstoned: int
     forgotten: int
     with_files: list[str] = dataclasses.field(default_factory=list)  # ids of gone jobs that had files
+    deleted: int = 0  # jobs a client deleted while they ran, forgotten now that they have ended
 
 
 class Store(Protocol):
@@ -721,6 +731,8 @@ class SQLiteStore:
             canceled = [new for j, new in gone if j.status is Status.QUEUED]
             for new in canceled:
                 _schedule_delivery(db, new, payload)
+            deleted = db.execute(f"SELECT id, files IS NOT NULL FROM jobs WHERE {DELETED_ENDED}").fetchall()
+            db.executemany("DELETE FROM jobs WHERE id = ?", [(job_id,) for job_id, _ in deleted])
             db.execute("DELETE FROM deliveries WHERE state != 'pending' AND next_at <= ?",
                              (now - tombstone_retention_s,))
             db.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
@@ -731,7 +743,8 @@ class SQLiteStore:
                 expired_running=running,
                 tombstoned=len(gone),
                 forgotten=cur.rowcount,
-                with_files=[j.id for j, _ in gone if j.files is not None],
+                with_files=[j.id for j, _ in gone if j.files is not None] + [i for i, files in deleted if files],
+                deleted=len(deleted),
             )
 
         return await self._write(op)
@@ -890,11 +903,11 @@ class SQLiteStore:
     async def request_cancel(self, job_id: str, reason: str) -> bool:
         """Record a cancel asked of ``job_id`` while it runs (its process, the only one, is told through its
         own feed), so that it stands if the process dies before the handler stops. False when the job is
-        not running, or a cancel is recorded already."""
+        not running, or a cancel is recorded already (a delete still replaces a client's cancel)."""
 
         def op(db: sqlite3.Connection) -> bool:
-            return db.execute("UPDATE jobs SET cancel_reason = ? WHERE id = ? AND status = 'running'"
-                              " AND cancel_reason IS NULL", (reason, job_id)).rowcount == 1
+            return db.execute(f"UPDATE jobs SET cancel_reason = ? WHERE id = ? AND status = 'running' AND {_MAY_ASK}",
+                              (reason, job_id, reason)).rowcount == 1
 
         return await self._write(op)
 

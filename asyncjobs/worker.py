@@ -51,6 +51,8 @@ class Execution:
         if self.cancel_reason is None:
             self.cancel_reason = reason
             self.stop()
+        elif self.cancel_reason is CancelReason.REQUEST and reason is CancelReason.DELETE:
+            self.cancel_reason = reason  # stopping already, and canceled either way: forgotten once stopped
 
 
 class JobContext:
@@ -393,7 +395,8 @@ class Workers:
                         if new.files is not None and new.files.get("result"):
                             await self.queue.files.remove_job(job.id)
                         new = self._canceled(execution)
-                    if await self.queue.finish(new, expected_version=execution.stored_version):
+                    if await self.queue.finish(new, expected_version=execution.stored_version,
+                                               forget=execution.cancel_reason is CancelReason.DELETE):
                         execution.stored_version = new.version
                 execution.job = new
             except StoreError as exc:

@@ -315,3 +315,35 @@ async def test_a_logout_on_one_node_closes_the_sessions_socket_on_another(nodes)
     assert resp.status == 303
     closed = await ws.receive(timeout=10)
     assert closed.type is aiohttp.WSMsgType.CLOSE and closed.data == 1008, closed
+
+
+async def test_a_delete_on_another_node_of_a_job_still_stopping_forgets_it_once_it_stops(nodes):
+    """A handler that ignores cancels runs on A; a delete through B answers 202 after cancel_grace, and once the
+    handler returns the record goes (404 on every node), as on one node."""
+    (a, app_a), (b, _) = await nodes(2, modules=[TEST_MODULES, BUILTIN_ONLY], jobs={"cancel_grace": 0.5})
+    job = await (await a.post("/jobs", json={"task": "stubborn", "params": {"seconds": 2}})).json()
+    await wait_status(b, job["id"], "running")
+    resp = await b.delete(f"/jobs/{job['id']}")
+    assert resp.status == 202, await resp.text()
+
+    async def gone_everywhere() -> bool:
+        return all([(await node.get(f"/jobs/{job['id']}")).status == 404 for node in (a, b)])
+
+    await eventually(gone_everywhere, "the record to go once the handler stopped", timeout_s=15)
+    assert not app_a.workers.running
+
+
+async def test_a_delete_on_another_node_after_a_cancel_there_forgets_the_job_once_it_stops(nodes):
+    """A cancel through B answers 202 (the handler on A ignores it), then a delete through B answers 202 too:
+    the delete replaces the cancel, and the record goes once the handler returns."""
+    (a, _), (b, _) = await nodes(2, modules=[TEST_MODULES, BUILTIN_ONLY], jobs={"cancel_grace": 0.3})
+    job = await (await a.post("/jobs", json={"task": "stubborn", "params": {"seconds": 2}})).json()
+    await wait_status(b, job["id"], "running")
+    assert (await b.post(f"/jobs/{job['id']}/cancel")).status == 202
+    assert (await b.delete(f"/jobs/{job['id']}")).status == 202
+
+    async def gone_everywhere() -> bool:
+        return all([(await node.get(f"/jobs/{job['id']}")).status == 404 for node in (a, b)])
+
+    await eventually(gone_everywhere, "the record to go once the handler stopped", timeout_s=15)
+

@@ -535,6 +535,28 @@ async def test_delayed_and_backed_off_jobs_survive_kill_9(server_factory, tmp_pa
             assert parse_time(again["started_at"]) >= parse_time(old["run_at"]) - 0.002, again
 
 
+async def test_a_delete_accepted_before_a_kill_stands_after_the_restart(server_factory, tmp_path):
+    """A delete answered 202 (the sync handler, which ignores its cancel, still runs), then a kill -9: the next
+    process neither runs the job again nor keeps it as canceled; it forgets it (404), as the delete promised."""
+    db = tmp_path / "deleted.db"
+    config = config_text(jobs={"cancel_grace": 0.3})
+    server = server_factory(db=db, config_text=config)
+    async with session_for(server) as http:
+        job = await post(http, "/jobs", {"task": "stubborn", "params": {"seconds": 30}})
+        await poll_job(http, job.body["id"], lambda b: b["status"] == "running", what="running")
+        deleted = await post(http, f"/jobs/{job.body['id']}", method="DELETE")
+        assert deleted.status == 202, deleted  # accepted; the handler is still running
+    server.kill()
+
+    server = server_factory(db=db, config_text=config)
+    async with session_for(server) as http:
+        deadline = time.monotonic() + 15
+        while (now := await get_job(http, job.body["id"])).status != 404:
+            assert now.status == 200 and now.body["status"] == "canceled", now  # never run again
+            assert time.monotonic() < deadline, "the deleted job is still kept after the restart"
+            await asyncio.sleep(0.1)
+
+
 # -- 5. backpressure -----------------------------------------------------------------
 
 async def test_full_queue_answers_503_and_stores_nothing(start):

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from asyncjobs.errors import StoreError
-from asyncjobs.models import Job, JobIds, Status, is_expired, start, succeed
+from asyncjobs.models import Job, JobIds, Status, cancel, is_expired, start, succeed
 from asyncjobs.rules import Dedupe
 from asyncjobs.store import SQLiteStore
 
@@ -102,6 +102,25 @@ async def test_reports_are_fenced_by_the_lease_holder(store):
     assert await store.update(done, expected_version=running.version, fence="a")
     assert await store.renew([job.id], node="a", lease_s=30.0) == {}  # no longer running
     assert (await store.jobs([job.id, "nothing"]))[0].status is Status.SUCCEEDED
+
+
+async def test_a_delete_recorded_on_a_running_job_is_forgotten_by_the_sweep_once_it_ends(store):
+    """A delete may replace a client's cancel (not the other way round); once the job has ended, the sweep
+    forgets it, and a running one it leaves alone. A job merely canceled stays."""
+    deleted, canceled = [(await store.insert(make_job())).job for _ in range(2)]
+    running = {j.id: j for j in await store.claim(now=200.0, limit=2, tasks={"echo": None}, node="a")}
+    assert await store.request_cancel(deleted.id, "request")
+    assert await store.request_cancel(deleted.id, "delete")
+    assert not await store.request_cancel(deleted.id, "request")
+    assert await store.request_cancel(canceled.id, "request")
+    assert (await store.sweep(now=201.0, retention_s=10, tombstone_retention_s=5, payload=lambda j: b"{}")).deleted == 0
+    for job in running.values():
+        assert await store.update(cancel(job, 202.0, retention_s=10), expected_version=job.version, fence="a")
+    result = await store.sweep(now=203.0, retention_s=10, tombstone_retention_s=5, payload=lambda j: b"{}")
+    assert result.deleted == 1 and result.tombstoned == 0
+    assert (await store.lookup(deleted.id)).job is None and not (await store.lookup(deleted.id)).gone
+    assert (await store.lookup(canceled.id)).job.status is Status.CANCELED
+    assert not await store.request_cancel(deleted.id, "delete")  # nothing left to ask
 
 
 async def test_recover_requeues_or_interrupts(store):
