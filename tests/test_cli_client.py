@@ -224,6 +224,9 @@ def test_submit_wait_prints_the_result_of_echo_sleep_and_hash(server):
     assert code == 0 and codec.loads(out) == {"a": 1, "b": "text"}, err
     code, out, err = run("submit", "echo", "--wait", "a=1", "stray", url=server.url)
     assert code == 2 and "unrecognized arguments: stray" in err, err
+    for misspelled in (["--priorty=5", "a=1"], ["a=1", "--wait", "--priorty=5"]):  # never a param "--priorty"
+        code, out, err = run("submit", "echo", *misspelled, url=server.url)
+        assert code == 2 and "unrecognized option: --priorty" in err and not out, (out, err)
 
 
 def test_submit_then_status_wait_result_each_by_id(server):

@@ -104,6 +104,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
     if args.command == "submit":
         args.pairs += [a for a in extra if "=" in a]
         extra = [a for a in extra if "=" not in a]
+        misspelled = [a.split("=", 1)[0] for a in args.pairs if a.startswith("--")]
+        if misspelled:  # no param is named so: an option mistyped (--priorty=5) must not become one
+            parser.error(f"unrecognized option: {misspelled[0]}")
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
