@@ -176,11 +176,21 @@ class ClusterFeed:
             ids, self._pending = list(self._pending), set()
             try:
                 for at in range(0, len(ids), READ_BATCH):
-                    for job in await self.store.jobs(ids[at:at + READ_BATCH]):
+                    batch = ids[at:at + READ_BATCH]
+                    jobs = await self.store.jobs(batch)
+                    for job in jobs:
                         self._publish(job)
+                    self._vanished(set(batch).difference(job.id for job in jobs))
             except StoreError as exc:
                 log.debug("change feed: cannot read changed jobs (%s); the next poll retries", exc)
                 await asyncio.sleep(self.poll_s)
+
+    def _vanished(self, job_ids: set[str]) -> None:
+        """Jobs gone from the store (deleted, or expired to a tombstone) before their last change was read:
+        their waiters here must not wait on for a change that cannot come."""
+        for job_id in job_ids:
+            self._seen.pop(job_id, None)
+            self.hub.vanish(job_id)
 
     def _publish(self, job: Job) -> None:
         if job.version > self._seen.get(job.id, 0) and self.hub.watched(job.id):

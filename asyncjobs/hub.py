@@ -29,6 +29,7 @@ class Subscription:
         self._ready = asyncio.Event()
         self.overflowed = False
         self.ended = False  # set by end(): its owner stops waiting (the stream's session ended)
+        self.vanished: set[str] = set()  # watched ids whose job is no longer stored (deleted on another node)
         self.on_overflow: Callable[[], None] | None = None  # told once, when the buffer overflows
 
     def _push(self, job: Job) -> None:
@@ -49,14 +50,20 @@ class Subscription:
             self._buffer.append(job)
         self._ready.set()
 
+    def _vanish(self, job_id: str) -> None:
+        if not self.ended:
+            self.vanished.add(job_id)
+            self._ready.set()
+
     def end(self) -> None:
         """Wake a waiting ``get`` with None, now and from now on (see ``ended``)."""
         self.ended = True
         self._ready.set()
 
     async def get(self, timeout_s: float | None = None) -> Job | None:
-        """The next job published, or None after ``timeout_s``, on overflow, or once ended."""
-        if not self._buffer and not self.overflowed and not self.ended:
+        """The next job published, or None after ``timeout_s``, on overflow, once ended, or while a watched
+        job has vanished (``vanished``, which its owner empties)."""
+        if not self._buffer and not self.overflowed and not self.ended and not self.vanished:
             self._ready.clear()
             try:
                 async with asyncio.timeout(timeout_s):
@@ -146,6 +153,13 @@ class Hub:
         for sub in self._everything:
             if job.id not in sub.job_ids:
                 sub._push(job)
+
+    def vanish(self, job_id: str) -> None:
+        """Tell the subscriptions that watch ``job_id`` by name that it is no longer stored: it was deleted
+        (or expired) where the change feed could not read its last state."""
+        self._running.pop(job_id, None)
+        for sub in self._by_job.get(job_id, ()):
+            sub._vanish(job_id)
 
     def watched(self, job_id: str) -> bool:
         """Whether a subscription watches ``job_id`` (or every job)."""

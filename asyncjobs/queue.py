@@ -323,6 +323,8 @@ class JobQueue:
                     break
                 newer = await sub.get(remaining)
                 if newer is None:
+                    if sub.vanished:  # deleted (or expired) on another node: answer as a read now would
+                        job = await self.find(job_id, owner=owner)
                     break
                 job = newer
         if expired_is_gone and is_expired(job, self.clock()):

@@ -19,7 +19,7 @@ import pytest
 from asyncjobs import App
 from asyncjobs.web.common import SESSIONS_KEY
 from asyncjobs.web.session import COOKIE_NAME
-from tests.conftest import TEST_MODULES, eventually, make_config, recv_until, wait_status
+from tests.conftest import TEST_MODULES, eventually, make_config, recv, recv_until, wait_status
 
 BUILTIN_ONLY = ["asyncjobs.builtin"]  # a node with these cannot run the test tasks: it only answers
 
@@ -347,3 +347,34 @@ async def test_a_delete_on_another_node_after_a_cancel_there_forgets_the_job_onc
 
     await eventually(gone_everywhere, "the record to go once the handler stopped", timeout_s=15)
 
+
+async def test_waiters_on_another_node_learn_that_a_job_they_watch_is_gone(nodes):
+    """A job gone from the store before node B read its last change (here its row is deleted with no change
+    to announce, as when a delete follows its cancel before B reads it): B's long poll answers 404, its SSE
+    stream ends and its WebSocket gets a 404 error frame, at B's next read, not when their waits run out."""
+    (a, app_a), (b, app_b) = await nodes(2)
+    job = await (await a.post("/jobs", json={"task": "echo", "params": {"n": 1}, "delay": 60})).json()
+    ws = await b.ws_connect("/ws")
+    await ws.send_json({"op": "subscribe", "jobs": [job["id"]]})
+    assert (await recv(ws))["type"] == "subscribed"
+
+    async def long_poll() -> int:
+        return (await b.get(f"/jobs/{job['id']}?wait=30", allow_redirects=False)).status
+
+    async def stream() -> int:
+        async with b.get(f"/jobs/{job['id']}/events") as resp:
+            assert resp.status == 200
+            return len([line async for line in resp.content if line.startswith(b"data:")])
+
+    polled, streamed = asyncio.create_task(long_poll()), asyncio.create_task(stream())
+    await eventually(lambda: app_b.queue.hub.subscriptions >= 3, "B's three waiters")
+    assert await app_a.store.delete(job["id"])
+    started = time.monotonic()
+    assert await asyncio.wait_for(polled, 15) == 404
+    assert await asyncio.wait_for(streamed, 15) == 1  # the job as it was, then the end of the stream
+    frame = await recv(ws, 15)
+    assert frame["type"] == "error" and frame["status"] == 404 and frame["id"] == job["id"], frame
+    assert time.monotonic() - started < 10  # the feed re-reads what it watches every second
+    await ws.send_json({"op": "subscribe", "jobs": [job["id"]]})  # the socket goes on
+    assert (await recv(ws))["type"] == "subscribed"
+    await ws.close()

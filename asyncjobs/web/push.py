@@ -78,7 +78,7 @@ async def _stream(queue: JobQueue, settings: WebSettings, sub: Subscription, res
     while not job.terminal:
         newer = await sub.get(settings.sse_keepalive_s)
         if newer is None:
-            if sub.ended:
+            if sub.ended or sub.vanished:  # its session ended, or the job is gone (deleted on another node)
                 return
             await response.write(protocol.SSE_KEEPALIVE)
             continue
@@ -191,8 +191,25 @@ async def _send_changes(queue: JobQueue, sock: _Socket) -> None:
             if job is not None:
                 async with sock.lock:
                     await sock.send_job(queue, job)
+            elif sock.sub.vanished:
+                async with sock.lock:
+                    await _vanished(queue, sock)
     except (ConnectionResetError, ConnectionError):
         pass
+
+
+async def _vanished(queue: JobQueue, sock: _Socket) -> None:
+    """Jobs watched by id that are no longer stored (deleted or expired on another node before this one
+    read their last state): an error frame each, as a subscribe to them now would get, and no more watching."""
+    ids, sock.sub.vanished = sock.sub.vanished & sock.sub.job_ids, set()
+    for job_id in sorted(ids):
+        try:
+            await queue.find(job_id, owner=sock.principal)
+        except (JobNotFound, JobGone) as exc:
+            sock.sub.remove([job_id])
+            sock.progress_ids.discard(job_id)
+            sock.sent.pop(job_id, None)
+            await sock.send(protocol.ws_error(problems.status_of(exc), exc.detail, id=job_id))
 
 
 async def _close_slow(ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
