@@ -7,6 +7,7 @@ import asyncio
 import ctypes
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -147,6 +148,16 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+def _exit_now(abandoned: int) -> None:
+    """Exit without joining the threads of handlers that ignored the stop (the interpreter would wait for them,
+    however long they run): their jobs are back in the queue, and the store is closed."""
+    log.warning("exiting without waiting for %d handler thread(s) that ignored the stop", abandoned)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if _is_client_command(argv):
@@ -164,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         app = App(cfg)
         with asyncio.Runner(loop_factory=loop_factory(cfg.server.loop)) as runner:
             runner.run(serve(app, reuse_port=args.reuse_port))
+        if app.workers.abandoned:
+            _exit_now(app.workers.abandoned)
     except ConfigError as exc:
         print(f"asyncjobs: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -46,6 +46,8 @@ class Execution:
     trailing: asyncio.TimerHandle | None = None  # the store write planned for a report inside the half second
     finishing: bool = False  # its outcome is being stored: no more progress writes
     has_work_dir: bool = False  # the handler asked for an output path: its folder goes after the attempt
+    handling: bool = False  # the worker waits for the handler now (its outcome is not being made yet)
+    handed_back: bool = False  # queued again at shutdown while its handler ignored the stop: no outcome stored
 
     def request_cancel(self, reason: CancelReason) -> None:
         if self.cancel_reason is None:
@@ -174,6 +176,8 @@ class Workers:
         self._report_lock = threading.Lock()
         self._dispatcher: asyncio.Task | None = None
         self._stopping = False  # set by stop(): the dispatcher claims no more
+        self._stopped: asyncio.Task | None = None  # stop()'s work, done once however often it is asked
+        self.abandoned = 0  # handlers still running after stop() (they ignored it): their jobs were handed back
         self._sweeper: asyncio.Task | None = None
         self._heart: asyncio.Task | None = None
 
@@ -186,6 +190,11 @@ class Workers:
 
     async def stop(self, grace_s: float) -> None:
         """Stop taking jobs; give running ones ``grace_s``; put the rest back in the queue."""
+        if self._stopped is None:
+            self._stopped = asyncio.create_task(self._stop(grace_s), name="asyncjobs-workers-stop")
+        await asyncio.shield(self._stopped)
+
+    async def _stop(self, grace_s: float) -> None:
         # The dispatcher is let finish, not cancelled: a claim in flight commits all the same, and its jobs,
         # started in the store but never run, must be handed back.
         self._stopping = True
@@ -204,6 +213,7 @@ class Workers:
             execution.request_cancel(CancelReason.SHUTDOWN)
         if self._tasks:
             await asyncio.wait(list(self._tasks.values()), timeout=1.0)
+        await self._hand_back_ignored()
         if self._heart is not None:  # the leases are renewed until the last job is handed back
             self._heart.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -242,6 +252,22 @@ class Workers:
                 continue
             if len(jobs) == free:
                 queue.wakeup.set()  # there may be more
+
+    async def _hand_back_ignored(self) -> None:
+        """Jobs whose handler still runs after it was asked to stop (a sync handler that never checks, whose
+        thread cannot be ended): queued again, their attempt refunded, as if they had stopped; what the handler
+        returns later is discarded. The process need not wait for their threads (``abandoned``)."""
+        for execution in [e for e in self.running.values() if e.handling]:
+            job = execution.job
+            execution.handed_back = True
+            self.abandoned += 1
+            try:
+                if await self.queue.finish(requeue(job, run_at=self.queue.clock(), refund_attempt=True),
+                                           expected_version=execution.stored_version):
+                    log.warning("job %s: its handler ignored the stop; queued again for the next start", job.id)
+            except StoreError as exc:
+                log.error("job %s: its handler ignored the stop, and the job was not handed back (%s); it is"
+                          " recovered at the next start", job.id, exc)
 
     async def _hand_back(self, jobs: list[Job]) -> None:
         """Jobs claimed as the server stops: queued again, their attempt refunded (no handler ran)."""
@@ -389,6 +415,9 @@ class Workers:
                 if execution.cancel_reason is CancelReason.LEASE_LOST:
                     log.warning("job %s: its outcome is discarded (the lease ended)", job.id)
                     self.queue.hub.forget(job.id)
+                elif execution.handed_back:
+                    log.warning("job %s: its handler returned after the job was handed back; its outcome is"
+                                " discarded", job.id)
                 else:
                     if new.status is not Status.CANCELED and self._cancel_wins(execution, None):
                         # A cancel accepted while the outcome was made (its result file stored, say) stands.
@@ -438,8 +467,12 @@ class Workers:
             stop()
         # The timeout runs from the handler's start: a thread still held by a timed-out handler that ignored
         # its cancel is no time of this job's.
-        await asyncio.wait({started, handler}, return_when=asyncio.FIRST_COMPLETED)
-        done, _ = await asyncio.wait({handler}, timeout=spec.timeout)
+        execution.handling = True
+        try:
+            await asyncio.wait({started, handler}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({handler}, timeout=spec.timeout)
+        finally:
+            execution.handling = False
         if not done:
             stop()
             return self._timed_out(execution, spec)
@@ -491,13 +524,13 @@ class Workers:
         value: Any = None
         error: BaseException | None = None
         try:
-            in_handler = True
+            in_handler = execution.handling = True
             async with deadline:
                 value = await spec.fn(**params)
         except BaseException as exc:  # sorted out below, with the cancel request and the deadline
             error = exc
         finally:
-            in_handler = False
+            in_handler = execution.handling = False
         if cancelled:
             task.uncancel()  # the cancel was ours and is handled here (even if the handler swallowed it)
         if self._cancel_wins(execution, error):

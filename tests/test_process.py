@@ -561,11 +561,14 @@ async def test_sigterm_finishes_running_job_and_keeps_queued_ones(server_factory
         assert done["status"] == "succeeded" and done["result"] == {"n": n}, done
 
 
-async def test_sigterm_with_short_grace_requeues_the_running_job(server_factory, http, tmp_path):
-    """With a short grace, SIGTERM stops a long job promptly; after a restart it is queued again, attempt refunded."""
+@pytest.mark.parametrize("task", ["block", "stubborn"], ids=["stops when asked", "ignores the stop"])
+async def test_sigterm_with_short_grace_requeues_the_running_job(server_factory, http, tmp_path, task):
+    """With a short grace, SIGTERM stops a long job promptly; after a restart it is queued again, attempt refunded.
+    A sync handler that ignores the stop (its thread cannot be ended) is handed back all the same, and the
+    process exits without waiting for that thread."""
     db = tmp_path / "grace.db"
     server = server_factory(db=db, config_text=config_text(queue={"shutdown_grace": 0.5}))
-    job = (await submit(http, server, "block", {"seconds": 60}))["id"]
+    job = (await submit(http, server, task, {"seconds": 60}))["id"]
     await wait_job(http, server, job, "running")
 
     started = time.monotonic()
@@ -579,7 +582,8 @@ async def test_sigterm_with_short_grace_requeues_the_running_job(server_factory,
     assert code == 200, body
     assert body["status"] in ("queued", "running") and body["error"] is None, body
     assert body["attempts"] == (1 if body["status"] == "running" else 0), body
-    await cancel(http, server, job)
+    if task == "block":  # (a stubborn handler would ignore this too: the fixture's kill ends it)
+        await cancel(http, server, job)
 
 
 async def test_submit_while_draining_gets_503(server_factory, http, tmp_path):
