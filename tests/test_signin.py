@@ -264,6 +264,28 @@ async def test_a_burst_of_wrong_sign_ins_each_gets_401_and_the_server_goes_on(st
     assert (await client.get("/jobs", headers=cookie(value))).status == 200
 
 
+@pytest.mark.parametrize("body, charset, status", [(b"token=\xff&next=/", "", 400),
+                                                   (b"token=x&next=/", "; charset=no-such-charset", 415)],
+                         ids=["not UTF-8", "unknown charset"])
+async def test_a_form_that_cannot_be_read_is_a_4xx_problem_on_every_form_route(start, body, charset, status):
+    """A sign-in form, and a logout or cancel form sent with the cookie, whose bytes are not text in its
+    charset (or whose charset is unknown): 400 or 415, never a 500, and nothing done."""
+    client, _ = await start()
+    headers = {"Content-Type": FORM + charset}
+    resp = await client.post("/login", data=body, headers=headers, allow_redirects=False)
+    await assert_problem(resp, status, "login")
+    assert not resp.headers.getall("Set-Cookie", [])
+    value, _ = await sign_in(client, ALICE)
+    job = await submit_as(client, bearer(ALICE), "block", {"seconds": 30})
+    form = body.replace(b"token", b"csrf_token")
+    for path in (f"/jobs/{job['id']}/cancel", "/logout"):
+        resp = await client.post(path, data=form, headers={**headers, **cookie(value)}, allow_redirects=False)
+        await assert_problem(resp, status, path)
+    assert (await client.get(f"/jobs/{job['id']}", headers=bearer(ALICE))).status == 200
+    assert (await client.get("/jobs", headers=cookie(value))).status == 200  # still signed in
+    assert (await client.post(f"/jobs/{job['id']}/cancel", headers=bearer(ALICE))).status == 200
+
+
 # -- which cookies are refused -----------------------------------------------------------
 
 def _resign(value: str, key: bytes) -> str:

@@ -47,9 +47,9 @@ from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web
 from itsdangerous import BadSignature, TimestampSigner
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
 
-from ..errors import Forbidden, UnsupportedType
+from ..errors import Forbidden, InvalidRequest, UnsupportedType
 from . import pages
 from .common import (
     BEARER_CHALLENGE,
@@ -333,12 +333,22 @@ async def check_csrf(request: web.Request, session: Session, *, form: bool) -> N
     """403 unless the request carries the session's CSRF token (header, or with ``form`` the form field)."""
     given = request.headers.get(CSRF_HEADER)
     if given is None and form and request.content_type == FORM_TYPE:
-        value = (await request.post()).get(CSRF_FIELD)
+        value = (await _form(request)).get(CSRF_FIELD)
         given = value if isinstance(value, str) else None
     if not given:
         raise Forbidden(f"a request made with the sign-in cookie must carry the page's CSRF token in {CSRF_HEADER}")
     if not _equal(given, session.csrf):
         raise Forbidden("the CSRF token does not match this sign-in session")
+
+
+async def _form(request: web.Request) -> MultiDictProxy:
+    """The request's form fields; 400 for a body that is not text in its charset, 415 for an unknown charset."""
+    try:
+        return await request.post()
+    except LookupError:
+        raise UnsupportedType(f"the form's charset {request.charset!r} is not known; send it as UTF-8") from None
+    except ValueError:  # UnicodeDecodeError included
+        raise InvalidRequest(f"the form is not valid {request.charset or 'UTF-8'} text") from None
 
 
 # -- handlers -------------------------------------------------------------------------
@@ -357,7 +367,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         raise Forbidden("sign in from this site's own page")  # login CSRF: a foreign form cannot sign you in
     if request.content_type != FORM_TYPE:
         raise UnsupportedType(f"send the sign-in form as {FORM_TYPE}")
-    form = await request.post()
+    form = await _form(request)
     token, next_value = form.get("token"), form.get("next")
     next_path = safe_next(next_value)
     token = token.strip() if isinstance(token, str) else ""
