@@ -963,7 +963,7 @@ class PostgresStore:
         """The queued job of ``owner`` that runs first: of those due at ``now``, the first in dispatch order;
         with none due, the one due soonest."""
         rows = await self._fetch(f"SELECT {_COLUMNS} FROM jobs WHERE owner = $1 AND status = 'queued'"
-                                 " ORDER BY GREATEST(run_at, $2), vt, seq LIMIT 1", owner, now)
+                                 " ORDER BY GREATEST(run_at, $2), priority DESC, vt, seq LIMIT 1", owner, now)
         return row_to_job(rows[0]) if rows else None
 
     async def queued_vts(self) -> dict[int, tuple[int, int]]:

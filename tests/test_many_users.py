@@ -197,6 +197,34 @@ async def test_quota_retry_after_waits_for_the_callers_delayed_job(make_client, 
     assert refused.status == 429 and int(refused.headers["Retry-After"]) in retry_after
 
 
+async def test_quota_retry_after_is_for_the_callers_job_that_starts_first(make_client):
+    """The caller's job that starts first is its highest-priority one, not its oldest: the 429's Retry-After
+    follows that one (about a second here), not a low-priority job twenty places back."""
+    client, _ = await make_client(auth={"tokens": TOKENS}, queue={"workers": 1},
+                                  limits={"max_queued_per_principal": 21})
+
+    async def post(token: str, priority: int = 0, seconds: float = 1.0) -> dict:
+        resp = await client.post("/jobs", json={"task": "block", "params": {"seconds": seconds},
+                                                "priority": priority}, headers=auth(token))
+        assert resp.status == 202, await resp.text()
+        return await resp.json()
+
+    warm = await post(ROOT)  # the task's mean run time becomes known
+    await wait_status(client, warm["id"], "succeeded", headers=auth(ROOT))
+    blocker = await post(ROOT, 20, 30)
+    await wait_status(client, blocker["id"], "running", headers=auth(ROOT))
+    for _ in range(21):
+        await post(BOB, 10)
+    low = await post(ALICE)
+    high = await post(ALICE, 10)
+    for _ in range(19):
+        await post(ALICE, 10)
+    assert high["queue_position"] <= 2 and low["queue_position"] >= 20, (high, low)
+    refused = await client.post("/jobs", json={"task": "noop"}, headers=auth(ALICE))
+    assert refused.status == 429
+    assert int(refused.headers["Retry-After"]) <= 3, refused.headers["Retry-After"]
+
+
 async def _running(client, token: str) -> bool:
     return bool(await jobs_of(client, auth(token), status="running"))
 
