@@ -100,6 +100,12 @@ async def test_raw_body_on_a_task_route_is_the_file_and_the_query_gives_params(m
     resp = await client.put("/uploads/other?filename=from-query.bin", data=b"x")
     job = await wait_status(client, (await resp.json())["id"], "succeeded")
     assert job["result"]["file_name"] == "from-query.bin"
+    # An empty body said so (Content-Length: 0) is an empty file, as an empty multipart part is.
+    resp = await client.put("/uploads/empty?filename=e.bin", data=b"", headers={"Content-Length": "0"})
+    assert resp.status == 202, await resp.text()
+    job = await wait_status(client, (await resp.json())["id"], "succeeded")
+    assert job["result"]["size"] == 0 and job["result"]["sha256"] == sha(b"") and job["files"]["inputs"]["file"][
+        "size"] == 0, job
 
 
 async def test_task_route_takes_multipart_with_form_fields_as_params(make_client):

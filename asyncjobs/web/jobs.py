@@ -176,6 +176,12 @@ async def _held(request: web.Request, waiting: Awaitable[Job]) -> Job:
         waiters.long_polls -= 1
 
 
+def _raw_file(request: web.Request, spec: TaskSpec) -> bool:
+    """Whether the body is the task's file: any body at all, or an empty one said so (``Content-Length: 0``,
+    an empty file) where the file is required (an optional file is left out by sending nothing)."""
+    return request.body_exists or (request.content_length == 0 and len(spec.files) == 1 and spec.files[0].required)
+
+
 def task_route_handler(spec: TaskSpec) -> Callable[[web.Request], Awaitable[web.Response]]:
     """A task on its own route: path parameters and the JSON body become its params.
 
@@ -185,7 +191,7 @@ def task_route_handler(spec: TaskSpec) -> Callable[[web.Request], Awaitable[web.
 
     async def handle(request: web.Request) -> web.Response:
         queue = request.app[QUEUE_KEY]
-        if uploads.is_multipart(request) or (spec.files and request.body_exists):
+        if uploads.is_multipart(request) or (spec.files and _raw_file(request, spec)):
             async with uploads.receiving() as received:
                 if uploads.is_multipart(request):
                     await uploads.read_multipart(request, received, spec=spec)
