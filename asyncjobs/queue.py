@@ -572,6 +572,8 @@ class JobQueue:
                         requeued, len(recovered) - requeued)
             self.wakeup.set()
             self.deliveries.set()
+            for job in recovered:  # (at start, the orphan sweep that follows the recovery does this)
+                await self._settle_files(job)
 
     def _published_recovered(self, recovered: list[Job]) -> int:
         """Tell this node's waiters of jobs taken over from a lost runner (other nodes learn of them from the

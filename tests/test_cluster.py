@@ -378,3 +378,25 @@ async def test_waiters_on_another_node_learn_that_a_job_they_watch_is_gone(nodes
     await ws.send_json({"op": "subscribe", "jobs": [job["id"]]})  # the socket goes on
     assert (await recv(ws))["type"] == "subscribed"
     await ws.close()
+
+
+async def test_the_inputs_of_a_job_failed_by_a_rescue_are_removed(nodes):
+    """A is cut off while it runs a job with an upload (no retries); B fails it as interrupted once the lease
+    ends. The job can never run again, so its input goes, as when any job ends."""
+    cluster = {"lease": 1, "heartbeat": 0.2}
+    (a, app_a), (b, app_b) = await nodes(2, modules=[TEST_MODULES, BUILTIN_ONLY], cluster=cluster)
+    form = aiohttp.FormData()
+    form.add_field("job", json.dumps({"task": "hold_file", "params": {"seconds": 60}}), content_type="application/json")
+    form.add_field("file", b"x" * 5000, filename="x.bin", content_type="application/octet-stream")
+    resp = await a.post("/jobs", data=form)
+    assert resp.status == 202, await resp.text()
+    job = await resp.json()
+    await wait_status(b, job["id"], "running")
+    assert app_b.files.input_path(job["id"], "file").exists()
+    for loop in (app_a.workers._heart, app_a.workers._dispatcher, app_a.workers._sweeper):
+        assert loop is not None
+        loop.cancel()  # A stops renewing its lease, taking jobs and rescuing: only B rescues
+    done = await wait_status(b, job["id"], "failed", timeout_s=15)
+    assert done["error"]["type"] == "interrupted"
+    await eventually(lambda: not app_b.files.input_path(job["id"], "file").exists(),
+                     "the interrupted job's input to be removed", timeout_s=5)
