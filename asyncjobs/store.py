@@ -770,7 +770,8 @@ class SQLiteStore:
         """The queued job of ``owner`` that runs first: of those due at ``now``, the first in dispatch order;
         with none due, the one due soonest."""
         rows = await self._fetchall(f"SELECT {_COLUMNS} FROM jobs INDEXED BY jobs_owner_queued WHERE owner = ?"
-                                    " AND status = 'queued' ORDER BY MAX(run_at, ?), priority DESC, vt, seq LIMIT 1", (owner, now))
+                                    " AND status = 'queued' ORDER BY MAX(run_at, ?), priority DESC, vt, seq LIMIT 1",
+                                    (owner, now))
         return row_to_job(rows[0]) if rows else None
 
     async def queued_vts(self) -> dict[int, tuple[int, int]]:
