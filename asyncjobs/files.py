@@ -233,7 +233,8 @@ class FileStore:
             terminal, has_result = known[job_id]
             for path in list(folder.iterdir()):
                 if (terminal and path.name.startswith("in.")) or (
-                        path.name == RESULT and not has_result and (not self.careful or _stale(path))):
+                        path.name.partition(".")[0] == RESULT and not has_result
+                        and (not self.careful or _stale(path))):
                     removed += self._unlink(path)
         for name in work:  # a job's work folder outlives no attempt: its job is done, or unknown
             job = known.get(name.rpartition(".")[0])
@@ -289,13 +290,26 @@ class FileStore:
     def input_path(self, job_id: str, param: str) -> Path:
         return self.job_dir(job_id) / f"in.{param}"
 
-    def result_path(self, job_id: str) -> Path:
-        return self.job_dir(job_id) / RESULT
+    def result_path(self, job_id: str, attempt: int) -> Path:
+        """Where the attempt's file result goes. One file an attempt: an attempt whose outcome is discarded (its
+        node's lease ended, another node ran the job again) cannot replace the file the job recorded."""
+        return self.job_dir(job_id) / f"{RESULT}.{attempt}"
+
+    def recorded_result(self, job_id: str, attempt: int) -> Path:
+        """The file result of a job that succeeded at ``attempt`` (or, stored before results were kept per
+        attempt, its one ``result`` file)."""
+        path = self.result_path(job_id, attempt)
+        legacy = self.job_dir(job_id) / RESULT
+        return legacy if not path.exists() and legacy.exists() else path
+
+    async def remove_result(self, job_id: str, attempt: int) -> None:
+        """Remove an attempt's file result whose outcome was not stored."""
+        await asyncio.get_running_loop().run_in_executor(None, self._unlink, self.result_path(job_id, attempt))
 
     def work_dir(self, job_id: str, attempt: int) -> Path:
         return self.root / "work" / f"{job_id}.{attempt}"
 
-    def store_result(self, job_id: str, source: Path | bytes, *, owned: bool, content_type: str,
+    def store_result(self, job_id: str, attempt: int, source: Path | bytes, *, owned: bool, content_type: str,
                      name: str) -> StoredFile:
         """Put a result in place (blocking: call it from a thread). ``owned``: ``source`` is the
         handler's work file and may be moved; otherwise it is copied. Raises 507 when it cannot fit."""
@@ -313,7 +327,7 @@ class FileStore:
                 digest = _copy(source, tmp)
             folder = self.job_dir(job_id)
             folder.mkdir(exist_ok=True)
-            os.replace(tmp, folder / RESULT)
+            os.replace(tmp, self.result_path(job_id, attempt))
             _fsync_dir(folder)
             _fsync_dir(folder.parent)
         except BaseException as exc:

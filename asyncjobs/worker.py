@@ -427,6 +427,8 @@ class Workers:
                     if await self.queue.finish(new, expected_version=execution.stored_version,
                                                forget=execution.cancel_reason is CancelReason.DELETE):
                         execution.stored_version = new.version
+                if execution.stored_version != new.version and new.files is not None and new.files.get("result"):
+                    await self.queue.files.remove_result(job.id, job.attempts)  # its outcome was discarded
                 execution.job = new
             except StoreError as exc:
                 log.error("job %s: outcome not stored (%s); it is recovered at the next start, or"
@@ -609,7 +611,7 @@ class Workers:
         owned = isinstance(source, Path) and source.resolve().parent == ctx.work_dir.resolve()
         try:
             stored = await asyncio.get_running_loop().run_in_executor(None, lambda: self.queue.files.store_result(
-                job.id, source, owned=owned, content_type=content_type, name=name or "result"))
+                job.id, job.attempts, source, owned=owned, content_type=content_type, name=name or "result"))
         except RequestError as exc:
             return fail(job, self.queue.clock(), error_type="storage", retention_s=self.queue.retention_s,
                         message=f"the result could not be stored: {exc.detail}")

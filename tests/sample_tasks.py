@@ -150,6 +150,16 @@ def write_output(ctx: Any, size: int, name: str = "report.txt", return_it: bool 
     return FileResult(path, "text/plain; charset=utf-8", name) if return_it else None
 
 
+@task(retries=1)
+def late_file(ctx: Any, first_s: float = 4.0) -> FileResult:
+    """A file result that names the attempt that made it; the first attempt takes ``first_s`` (ignoring
+    cancels), later ones a moment."""
+    time.sleep(first_s if ctx.attempt == 1 else 0.2)
+    path = ctx.output_path("attempt.txt")
+    path.write_text(f"made by attempt {ctx.attempt}")
+    return FileResult(path, "text/plain; charset=utf-8", "attempt.txt")
+
+
 @task()
 async def big_blob(size: int) -> Blob:
     """A bytes result large enough to be stored as a file."""

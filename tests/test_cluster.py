@@ -5,6 +5,7 @@ across nodes; a late outcome from a node whose lease ended is discarded."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import os
@@ -400,3 +401,27 @@ async def test_the_inputs_of_a_job_failed_by_a_rescue_are_removed(nodes):
     assert done["error"]["type"] == "interrupted"
     await eventually(lambda: not app_b.files.input_path(job["id"], "file").exists(),
                      "the interrupted job's input to be removed", timeout_s=5)
+
+
+async def test_a_late_file_result_from_a_node_whose_lease_ended_neither_replaces_nor_stays(nodes):
+    """A is cut off while its first attempt makes a file result; B runs the job again and succeeds first. A's
+    file, made later, is discarded with its outcome: B's file is the one served (its recorded digest holds)
+    and A's leaves nothing on disk."""
+    cluster = {"lease": 1, "heartbeat": 0.2}
+    [(a, app_a)] = await nodes(1, cluster=cluster)
+    job = await (await a.post("/jobs", json={"task": "late_file", "params": {"first_s": 4}})).json()
+    await wait_status(a, job["id"], "running")
+    [(b, app_b)] = await nodes(1, cluster=cluster)  # B comes once A runs the job
+    for loop in (app_a.workers._heart, app_a.workers._dispatcher):
+        assert loop is not None
+        loop.cancel()  # A stops renewing its lease and taking jobs (as if cut off); its handler goes on
+    execution = app_a.workers.running[job["id"]]
+    done = await wait_status(b, job["id"], "succeeded", timeout_s=20)
+    assert done["attempts"] == 2
+    await asyncio.wait_for(execution.done.wait(), 10)  # A's handler ended and tried to store its outcome
+    resp = await b.get(f"/jobs/{job['id']}/result")
+    body = await resp.read()
+    assert resp.status == 200 and body == b"made by attempt 2", body
+    assert hashlib.sha256(body).hexdigest() == done["files"]["result"]["sha256"]
+    files = sorted(p.name for p in app_b.files.job_dir(job["id"]).iterdir())
+    assert files == ["result.2"], files

@@ -359,7 +359,7 @@ async def test_delete_and_expiry_remove_the_files(make_client):
     """A result file lives as long as its job: DELETE removes it, and so does the end of retention."""
     client, app = await make_client(jobs={"retention": 1})
     job, _ = await _bytes_job(client, 1000)
-    assert app.files.result_path(job["id"]).exists()
+    assert app.files.result_path(job["id"], job["attempts"]).exists()
     resp = await client.delete(f"/jobs/{job['id']}")
     assert resp.status == 204
     assert not app.files.job_dir(job["id"]).exists()
@@ -367,6 +367,16 @@ async def test_delete_and_expiry_remove_the_files(make_client):
     await eventually(lambda: not app.files.job_dir(job["id"]).exists(), "the expired job's file to go")
     resp = await client.get(f"/jobs/{job['id']}/result")
     assert resp.status == 410
+
+
+async def test_a_result_file_stored_before_results_were_kept_per_attempt_is_still_served(make_client):
+    """A store made by an earlier version holds a job's file result as ``result``: it is served as before."""
+    client, app = await make_client()
+    job, expected = await _bytes_job(client, 1000)
+    folder = app.files.job_dir(job["id"])
+    (folder / f"result.{job['attempts']}").rename(folder / "result")
+    resp = await client.get(f"/jobs/{job['id']}/result")
+    assert resp.status == 200 and await resp.read() == expected
 
 
 async def test_files_a_crash_left_behind_are_removed_at_start(app_factory, aiohttp_client, tmp_path):
@@ -382,7 +392,8 @@ async def test_files_a_crash_left_behind_are_removed_at_start(app_factory, aioht
     (root / "tmp" / "half.part").write_bytes(b"partial")
     (root / "jobs" / "never-committed").mkdir()
     (root / "jobs" / "never-committed" / "in.file").write_bytes(b"orphan")
-    (root / "jobs" / kept / "result").write_bytes(b"unrecorded")
+    (root / "jobs" / kept / "result").write_bytes(b"unrecorded")  # as stored before results were per attempt
+    (root / "jobs" / kept / "result.1").write_bytes(b"unrecorded")
     (root / "work" / f"{kept}.1").mkdir()
     again = app_factory()
     await again.start()
