@@ -1068,8 +1068,12 @@ class PostgresStore:
         db.add_termination_listener(lambda _c: on_lost())
         return Listening(db)
 
-    async def counts(self) -> dict[str, int]:
-        rows = await self._fetch("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+    async def counts(self, owner: str | None = None) -> dict[str, int]:
+        """Jobs by status: everyone's, or ``owner``'s."""
+        if owner is None:
+            rows = await self._fetch("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+        else:
+            rows = await self._fetch("SELECT status, COUNT(*) FROM jobs WHERE owner = $1 GROUP BY status", owner)
         return {s.value: 0 for s in Status} | {status: n for status, n in rows}
 
 

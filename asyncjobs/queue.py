@@ -272,9 +272,9 @@ class JobQueue:
             return False
         return True
 
-    async def counts(self) -> dict[str, int]:
-        """Jobs in the store by status (everyone's)."""
-        return await self.store.counts()
+    async def counts(self, owner: str | None = None) -> dict[str, int]:
+        """Jobs in the store by status: everyone's, or ``owner``'s."""
+        return await self.store.counts(owner)
 
     async def _owner_start_s(self, owner: str) -> int:
         """Seconds until one of ``owner``'s queued jobs is likely to start: 1 to 60. Not before it is due

@@ -225,6 +225,21 @@ async def test_quota_retry_after_is_for_the_callers_job_that_starts_first(make_c
     assert int(refused.headers["Retry-After"]) <= 3, refused.headers["Retry-After"]
 
 
+async def test_a_principals_dashboard_counts_all_its_jobs_and_only_its_own(make_client):
+    """The dashboard's counts by status (GET / as JSON) are a principal's own jobs, every one of them (not
+    its newest 200); an admin's are everyone's."""
+    client, _ = await make_client(auth={"tokens": TOKENS, "admins": ["root"]})
+    for _ in range(5):
+        answers = await asyncio.gather(*[client.post("/jobs", json={"task": "noop", "delay": 3600},
+                                                     headers=auth(ALICE)) for _ in range(50)])
+        assert {a.status for a in answers} == {202}
+    assert (await client.post("/jobs", json={"task": "noop", "delay": 3600}, headers=auth(BOB))).status == 202
+    mine = (await (await client.get("/", headers=auth(ALICE))).json())["counts"]
+    assert mine == {"queued": 250, "running": 0, "succeeded": 0, "failed": 0, "canceled": 0}, mine
+    assert (await (await client.get("/", headers=auth(BOB))).json())["counts"]["queued"] == 1
+    assert (await (await client.get("/", headers=auth(ROOT))).json())["counts"]["queued"] == 251
+
+
 async def _running(client, token: str) -> bool:
     return bool(await jobs_of(client, auth(token), status="running"))
 
