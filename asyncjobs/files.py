@@ -84,8 +84,10 @@ def file_too_large(param: str, limit: int) -> TooLarge:
 class Upload:
     """One file arriving from a client: streamed into ``tmp/``, hashed and counted on the way."""
 
-    def __init__(self, files: FileStore, *, param: str, name: str | None, content_type: str) -> None:
+    def __init__(self, files: FileStore, *, param: str, name: str | None, content_type: str,
+                 may_repeat: bool = False) -> None:
         self.files = files
+        self.may_repeat = may_repeat  # the submit may repeat a job: past max_total_bytes, see ``no_room``
         self.param = param
         self.name = sanitize_name(name)
         self.content_type = content_type
@@ -97,13 +99,23 @@ class Upload:
         self._fd: int | None = None
         self._reserved = 0
         self.stored: StoredFile | None = None
+        # Past ``max_total_bytes``: the 507 to answer unless the submit repeats a job (a replay, a reuse),
+        # which needs no new file. The bytes are then only hashed, for that comparison, not kept.
+        self.no_room: StorageFull | None = None
 
     async def write(self, chunk: bytes) -> None:
-        """Take the next bytes; 413 past ``max_upload_bytes``, 507 past ``max_total_bytes``."""
+        """Take the next bytes; 413 past ``max_upload_bytes``; past ``max_total_bytes`` see ``no_room``."""
         self.size += len(chunk)
         if self.size > self.files.max_upload_bytes:
             raise file_too_large(self.param, self.files.max_upload_bytes)
-        self.files.reserve(self, len(chunk))
+        if self.no_room is None:
+            try:
+                self.files.reserve(self, len(chunk))
+            except StorageFull as exc:
+                if not self.may_repeat:
+                    raise
+                self.no_room = exc
+                self.discard()  # what was written goes, and its room with it; the rest is hashed only
         self._chunks.append(chunk)
         self._buffered += len(chunk)
         if self._buffered >= FLUSH_BYTES:
@@ -114,13 +126,15 @@ class Upload:
         await asyncio.get_running_loop().run_in_executor(None, self._write_chunks, chunks)
 
     def _write_chunks(self, chunks: list[bytes]) -> None:
-        """One writev for the batch (resumed after a short write), and the hash over each chunk."""
+        """One writev for the batch (resumed after a short write), and the hash over each chunk (only the
+        hash once there is ``no_room``)."""
         try:
-            if self._fd is None:
+            views = [] if self.no_room is not None else [memoryview(c) for c in chunks if c]
+            if views and self._fd is None:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            views = [memoryview(c) for c in chunks if c]
-            while views:
-                written = os.writev(self._fd, views[:IOV_MAX])
+            fd = self._fd
+            while views and fd is not None:
+                written = os.writev(fd, views[:IOV_MAX])
                 while views and written >= len(views[0]):
                     written -= len(views[0])
                     views.pop(0)
@@ -139,6 +153,8 @@ class Upload:
         return self.stored
 
     def _sync_and_close(self) -> None:
+        if self.no_room is not None:
+            return  # nothing kept
         try:
             if self._fd is None:  # an empty file
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -245,8 +261,8 @@ class FileStore:
         return removed
 
     # -- uploads --------------------------------------------------------------------
-    def upload(self, *, param: str, name: str | None, content_type: str) -> Upload:
-        return Upload(self, param=param, name=name, content_type=content_type)
+    def upload(self, *, param: str, name: str | None, content_type: str, may_repeat: bool = False) -> Upload:
+        return Upload(self, param=param, name=name, content_type=content_type, may_repeat=may_repeat)
 
     def reserve(self, upload: Upload, size: int) -> None:
         if not self._take_room(id(upload), size):

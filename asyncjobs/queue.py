@@ -227,6 +227,10 @@ class JobQueue:
         if refuse_new is not None and job.idempotency_key is None and (job.unique_key is None or fresh):
             raise refuse_new  # no key and no equal job to look for: it could only make a new job
         admit = self.queued < self.max_queued and refuse_new is None  # a replay or a twin is still answered
+        if uploads and refuse_new is not None:
+            for upload in uploads:  # no new job can come of it: its files are not needed
+                upload.discard()
+            uploads = None
         self._count_queued(job.priority, +1)
         try:
             if uploads:

@@ -355,6 +355,35 @@ async def test_uploads_over_max_total_bytes_are_507_and_store_nothing(make_clien
     assert "asyncjobs_files_bytes 60000.0" in metrics and "asyncjobs_files 1.0" in metrics
 
 
+async def test_a_replay_or_a_reuse_past_max_total_bytes_is_answered_not_refused(make_client):
+    """A submit that repeats a job stores no file, so the bound on the files does not refuse it: a retried
+    upload with its Idempotency-Key replays (202), an equal upload to a unique task gets its 303. One that
+    differs, or has no key, still gets 507; nothing of theirs is kept."""
+    client, app = await make_client(files={"max_total_bytes": 100_000})
+    key = {"Idempotency-Key": "upload-retry-1"}
+
+    def body(data: bytes = b"a" * 60_000) -> aiohttp.MultipartWriter:
+        return form({"task": "hold_file", "params": {"seconds": 30}}, {"file": (data, "a.bin")})
+
+    first = await client.post("/jobs", data=body(), headers=key)
+    assert first.status == 202, await first.text()
+    again = await client.post("/jobs", data=body(), headers=key)
+    assert again.status == 202 and again.headers.get("Idempotent-Replayed") == "true", await again.text()
+    assert (await again.json())["id"] == (await first.json())["id"]
+    other = await client.post("/jobs", data=body(b"c" * 60_000), headers=key)
+    assert other.status == 422, await other.text()  # the same key, other bytes
+    assert (await client.post("/jobs", data=body(b"d" * 60_000))).status == 507
+    text = b"t" * 30_000
+    unique = await client.put("/texts/a?seconds=30", data=text, headers={"Content-Type": "text/plain"})
+    assert unique.status == 202, await unique.text()
+    twin = await client.put("/texts/a?seconds=30", data=text, headers={"Content-Type": "text/plain"},
+                            allow_redirects=False)
+    assert twin.status == 303 and twin.headers["Location"] == f"/jobs/{(await unique.json())['id']}"
+    assert len(stored_files(app)) == 2  # the two jobs' inputs: nothing of the repeats
+    metrics = await (await client.get("/metrics")).text()
+    assert "asyncjobs_files_bytes 90000.0" in metrics and "asyncjobs_files 2.0" in metrics
+
+
 async def test_delete_and_expiry_remove_the_files(make_client):
     """A result file lives as long as its job: DELETE removes it, and so does the end of retention."""
     client, app = await make_client(jobs={"retention": 1})

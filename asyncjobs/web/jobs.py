@@ -102,11 +102,13 @@ async def _submit(request: web.Request, queue: JobQueue, body: protocol.Submit,
     rates = request.app[RATES_KEY]
     bucket, over_rate = await _take_token(rates, owner)
     spent_from = rates if over_rate is None else None  # where a token was spent, to give back if it buys nothing
+    # Files past max_total_bytes were hashed, not kept: only a replay or a reuse can be answered (507 otherwise).
+    no_room = next((u.no_room for u in files or () if u.no_room is not None), None)
     try:
         inserted = await queue.submit(
             body.task, body.params, priority=body.priority, delay_s=body.delay_s, owner=owner,
             idempotency_key=key, request_hash=request_hash, callback_url=body.callback_url, uploads=files,
-            fresh=protocol.wants_fresh(list_header(request, "Cache-Control")), refuse_new=over_rate)
+            fresh=protocol.wants_fresh(list_header(request, "Cache-Control")), refuse_new=over_rate or no_room)
     except BaseException as exc:
         if spent_from is not None:
             bucket = await asyncio.shield(spent_from.give_back(owner))  # a refused submit spends no token

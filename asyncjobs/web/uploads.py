@@ -133,7 +133,8 @@ async def read_multipart(request: web.Request, received: Received, *, spec: Task
             raise InvalidRequest(f"{name}: not a file param of task {spec.name!r}" if spec.files else
                              f"{name}: task {spec.name!r} takes no files",
                              errors=[{"field": name, "message": "unexpected part"}])
-        upload = _start_upload(request, file_param, _part_file_name(part.filename), part.headers.get("Content-Type"))
+        upload = _start_upload(request, spec, file_param, _part_file_name(part.filename),
+                               part.headers.get("Content-Type"))
         received.uploads.append(upload)
         await _read_file(part, upload, settings.upload_read_timeout_s)
 
@@ -249,14 +250,18 @@ def _is_text(text: str) -> bool:
     return True
 
 
-def _start_upload(request: web.Request, param: FileParam, name: str | None, content_type: str | None) -> Upload:
+def _start_upload(request: web.Request, spec: TaskSpec, param: FileParam, name: str | None,
+                  content_type: str | None) -> Upload:
     kind = (content_type or "application/octet-stream").split(";", 1)[0].strip().lower() or \
         "application/octet-stream"
     if not kind.isascii():  # a media type is ASCII (RFC 9110 8.3.1); these bytes could not even be stored
         raise UnsupportedType(f"{param.name}: the Content-Type is not a media type (it has bytes outside ASCII)")
     if not param.accepts(kind):
         raise UnsupportedType(f"{param.name}: {kind} is not accepted (accepted: {', '.join(param.accept)})")
-    return request.app[QUEUE_KEY].files.upload(param=param.name, name=name, content_type=kind)
+    # A submit that may repeat a job (its key, or an equal job of a unique or reusing task) is answered even
+    # past max_total_bytes when it does: its files are then hashed to the end, not refused at once.
+    may_repeat = "Idempotency-Key" in request.headers or spec.unique or spec.reuse is not None
+    return request.app[QUEUE_KEY].files.upload(param=param.name, name=name, content_type=kind, may_repeat=may_repeat)
 
 
 # -- raw bodies --------------------------------------------------------------------
@@ -270,7 +275,7 @@ async def read_raw(request: web.Request, received: Received, spec: TaskSpec) -> 
     if request.content_length is not None and request.content_length > settings.max_upload_bytes:
         raise file_too_large(spec.files[0].name, settings.max_upload_bytes)
     name = request.query.get("filename") or _disposition_name(request.headers.get("Content-Disposition"))
-    upload = _start_upload(request, spec.files[0], name, request.headers.get("Content-Type"))
+    upload = _start_upload(request, spec, spec.files[0], name, request.headers.get("Content-Type"))
     received.uploads.append(upload)
     while chunk := await _timed(request.content.read(READ_BYTES), settings.upload_read_timeout_s):
         await upload.write(chunk)
