@@ -172,19 +172,27 @@ async def test_task_concurrency_holds_across_nodes(nodes):
         assert start >= end - 0.01, spans
 
 
+async def _cut_off_while_running(nodes, body: dict) -> tuple[Any, App, dict, Any]:
+    """Node A runs the job submitted with ``body``; node B starts; then A stops renewing its lease and taking
+    jobs (as if cut off) while its handler goes on, so B takes the job over after the one-second lease.
+    Returns B's client and app, the job, and A's execution of it."""
+    cluster = {"lease": 1, "heartbeat": 0.2}
+    [(a, app_a)] = await nodes(1, cluster=cluster)
+    job = await (await a.post("/jobs", json=body)).json()
+    await wait_status(a, job["id"], "running")
+    assert job["id"] in app_a.workers.running
+    [(b, app_b)] = await nodes(1, cluster=cluster)  # B comes once A runs the job
+    for loop in (app_a.workers._heart, app_a.workers._dispatcher):
+        assert loop is not None
+        loop.cancel()
+    return b, app_b, job, app_a.workers.running[job["id"]]
+
+
 async def test_a_late_outcome_from_a_node_whose_lease_ended_is_discarded(nodes):
     """A's heartbeat stops (as if cut off) while its handler runs on; after the lease another node takes the
     job and runs it again; A's outcome, when it comes, is not stored."""
-    cluster = {"lease": 1, "heartbeat": 0.2}
-    [(a, app_a)] = await nodes(1, cluster=cluster)
-    job = await (await a.post("/jobs", json={"task": "whoami", "params": {"seconds": 3, "steps": 1}})).json()
-    await wait_status(a, job["id"], "running")
-    assert job["id"] in app_a.workers.running
-    [(b, _)] = await nodes(1, cluster=cluster)  # B comes once A runs the job
-    for loop in (app_a.workers._heart, app_a.workers._dispatcher):
-        assert loop is not None
-        loop.cancel()  # A stops renewing its lease and taking jobs (as if cut off); its handler goes on
-    execution = app_a.workers.running[job["id"]]
+    b, _, job, execution = await _cut_off_while_running(nodes, {"task": "whoami",
+                                                                 "params": {"seconds": 3, "steps": 1}})
     done = await wait_status(b, job["id"], "succeeded", timeout_s=20)
     assert done["attempts"] == 2 and done["result"]["attempt"] == 2
     await asyncio.wait_for(execution.done.wait(), 10)  # A's handler ended and tried to store its outcome
@@ -407,15 +415,7 @@ async def test_a_late_file_result_from_a_node_whose_lease_ended_neither_replaces
     """A is cut off while its first attempt makes a file result; B runs the job again and succeeds first. A's
     file, made later, is discarded with its outcome: B's file is the one served (its recorded digest holds)
     and A's leaves nothing on disk."""
-    cluster = {"lease": 1, "heartbeat": 0.2}
-    [(a, app_a)] = await nodes(1, cluster=cluster)
-    job = await (await a.post("/jobs", json={"task": "late_file", "params": {"first_s": 4}})).json()
-    await wait_status(a, job["id"], "running")
-    [(b, app_b)] = await nodes(1, cluster=cluster)  # B comes once A runs the job
-    for loop in (app_a.workers._heart, app_a.workers._dispatcher):
-        assert loop is not None
-        loop.cancel()  # A stops renewing its lease and taking jobs (as if cut off); its handler goes on
-    execution = app_a.workers.running[job["id"]]
+    b, app_b, job, execution = await _cut_off_while_running(nodes, {"task": "late_file", "params": {"first_s": 4}})
     done = await wait_status(b, job["id"], "succeeded", timeout_s=20)
     assert done["attempts"] == 2
     await asyncio.wait_for(execution.done.wait(), 10)  # A's handler ended and tried to store its outcome
