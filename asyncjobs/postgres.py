@@ -38,7 +38,8 @@ from .errors import InvalidRequest, StoreError
 from .models import CancelReason, Job, Status, evolve
 from .store import (
     COLUMN_NAMES,
-    DELETED_ENDED,
+    DELETED_ENDED_SQL,
+    FORGET_DELETES_SQL,
     MUTABLE,
     Delivery,
     Inserted,
@@ -186,10 +187,11 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX jobs_owner_queued;
     CREATE INDEX jobs_owner_queued ON jobs (owner, priority, vt) WHERE status = 'queued';
     """,
-    # A delete accepted while the handler still ran (cancel_reason 'delete'): the sweep finds the ones that a
-    # crash or a race left behind once they ended, without a scan (the index holds only those rows).
+    # A delete accepted while the handler still ran (cancel_reason 'delete') is also noted here, so that the sweep
+    # finds the ones a crash or a race left behind once they ended without a scan of the jobs, and without
+    # an index that every insert and claim would have to keep.
     """
-    CREATE INDEX jobs_deleting ON jobs (id) WHERE cancel_reason = 'delete';
+    CREATE TABLE deletes (job_id TEXT PRIMARY KEY);
     """,
 )
 CHANGES_CHANNEL = "asyncjobs_changes"  # "node|id:version:s,..." or "node|*" (see the migration)
@@ -854,7 +856,10 @@ class PostgresStore:
             if gone:
                 await db.executemany(TOMBSTONE_SQL, [(j.id, j.owner, now + tombstone_retention_s) for j in gone])
                 await db.execute("DELETE FROM jobs WHERE id = ANY($1::text[])", [j.id for j in gone])
-            deleted = await db.fetch(f"DELETE FROM jobs WHERE {DELETED_ENDED} RETURNING id, files IS NOT NULL")
+            deleted = await db.fetch(DELETED_ENDED_SQL + " FOR UPDATE OF j SKIP LOCKED")
+            if deleted:
+                await db.execute("DELETE FROM jobs WHERE id = ANY($1::text[])", [r[0] for r in deleted])
+            await db.execute(FORGET_DELETES_SQL)
             await db.execute("DELETE FROM deliveries WHERE state != 'pending' AND next_at <= $1",
                              now - tombstone_retention_s)
             await db.execute("DELETE FROM sessions WHERE expires_at <= $1", now)
@@ -919,6 +924,8 @@ class PostgresStore:
 
         async def op(db: asyncpg.Connection) -> bool:
             done = _rowcount(await db.execute(CANCEL_SQL, job_id, reason)) == 1
+            if done and reason == CancelReason.DELETE.value:
+                await db.execute("INSERT INTO deletes (job_id) VALUES ($1) ON CONFLICT DO NOTHING", job_id)
             if done:
                 await db.execute("SELECT pg_notify($1, $2)", CANCELS_CHANNEL, f"{job_id}|{reason}")
             return done

@@ -156,10 +156,11 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX jobs_owner_queued;
     CREATE INDEX jobs_owner_queued ON jobs (owner, priority, vt) WHERE status = 'queued';
     """,
-    # A delete accepted while the handler still ran (cancel_reason 'delete'): the sweep finds the ones that a
-    # crash or a race left behind once they ended, without a scan (the index holds only those rows).
+    # A delete accepted while the handler still ran (cancel_reason 'delete') is also noted here, so that the sweep
+    # finds the ones a crash or a race left behind once they ended without a scan of the jobs, and without
+    # an index that every insert and claim would have to keep.
     """
-    CREATE INDEX jobs_deleting ON jobs (id) WHERE cancel_reason = 'delete';
+    CREATE TABLE deletes (job_id TEXT PRIMARY KEY);
     """,
 )
 
@@ -194,7 +195,10 @@ OWNER_LAST_VT_SQL = ("SELECT MAX(vt) FROM jobs INDEXED BY jobs_owner_queued WHER
 # A cancel may be recorded on a running job that has none, and a client's delete may replace its cancel (the
 # parameter: the reason asked). Jobs deleted while they ran, once ended: what the sweep forgets.
 _MAY_ASK = "(cancel_reason IS NULL OR (cancel_reason = 'request' AND ? = 'delete'))"
-DELETED_ENDED = "cancel_reason = 'delete' AND status IN ('succeeded', 'failed', 'canceled')"
+DELETED_ENDED_SQL = ("SELECT j.id, j.files IS NOT NULL FROM deletes d JOIN jobs j ON j.id = d.job_id"
+                     " WHERE j.status IN ('succeeded', 'failed', 'canceled')")
+# Notes of deletes whose job is gone (forgotten by its runner, or by the sweep just now).
+FORGET_DELETES_SQL = "DELETE FROM deletes WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.id = deletes.job_id)"
 OWNER_QUEUED_SQL = "SELECT COUNT(*) FROM jobs INDEXED BY jobs_owner_queued WHERE owner = ? AND status = 'queued'"
 QUEUED_VTS_SQL = ("SELECT priority, MIN(vt), MAX(vt) FROM jobs INDEXED BY jobs_fair WHERE status = 'queued'"
                   " GROUP BY priority")
@@ -731,8 +735,9 @@ class SQLiteStore:
             canceled = [new for j, new in gone if j.status is Status.QUEUED]
             for new in canceled:
                 _schedule_delivery(db, new, payload)
-            deleted = db.execute(f"SELECT id, files IS NOT NULL FROM jobs WHERE {DELETED_ENDED}").fetchall()
+            deleted = db.execute(DELETED_ENDED_SQL).fetchall()
             db.executemany("DELETE FROM jobs WHERE id = ?", [(job_id,) for job_id, _ in deleted])
+            db.execute(FORGET_DELETES_SQL)
             db.execute("DELETE FROM deliveries WHERE state != 'pending' AND next_at <= ?",
                              (now - tombstone_retention_s,))
             db.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
@@ -907,8 +912,11 @@ class SQLiteStore:
         not running, or a cancel is recorded already (a delete still replaces a client's cancel)."""
 
         def op(db: sqlite3.Connection) -> bool:
-            return db.execute(f"UPDATE jobs SET cancel_reason = ? WHERE id = ? AND status = 'running' AND {_MAY_ASK}",
+            done = db.execute(f"UPDATE jobs SET cancel_reason = ? WHERE id = ? AND status = 'running' AND {_MAY_ASK}",
                               (reason, job_id, reason)).rowcount == 1
+            if done and reason == CancelReason.DELETE.value:
+                db.execute("INSERT OR IGNORE INTO deletes (job_id) VALUES (?)", (job_id,))
+            return done
 
         return await self._write(op)
 

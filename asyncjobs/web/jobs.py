@@ -103,7 +103,7 @@ async def _submit(request: web.Request, queue: JobQueue, body: protocol.Submit,
     bucket, over_rate = await _take_token(rates, owner)
     spent_from = rates if over_rate is None else None  # where a token was spent, to give back if it buys nothing
     # Files past max_total_bytes were hashed, not kept: only a replay or a reuse can be answered (507 otherwise).
-    no_room = next((u.no_room for u in files or () if u.no_room is not None), None)
+    no_room = next((u.no_room for u in files if u.no_room is not None), None) if files else None
     try:
         inserted = await queue.submit(
             body.task, body.params, priority=body.priority, delay_s=body.delay_s, owner=owner,
