@@ -143,16 +143,19 @@ async def open_events(client, job_id: str, headers: dict[str, str] | None = None
     return resp, SSEReader(resp)
 
 
-def check_event_sequence(events: list[SSEEvent]) -> None:
-    """Ids are versions and grow; an event is `status` exactly when the status differs from the previous one."""
+def check_event_sequence(events: list[SSEEvent], *, resumed_at: int | None = None) -> None:
+    """Ids are versions and grow; an event is `status` exactly when the status differs from the previous one.
+    At ``resumed_at`` (the first event of a stream resumed with Last-Event-ID) a `status` event is the job as
+    it is, sent first as on any stream when it changed while the client was away."""
     previous: dict | None = None
-    for event in events:
+    for i, event in enumerate(events):
         job = event.job
         assert event.id is not None and int(event.id) == job["version"], event
         if previous is not None:
             assert job["version"] > previous["version"], (previous["version"], job["version"])
         expected = "status" if previous is None or previous["status"] != job["status"] else "progress"
-        assert event.event == expected, (event.event, job["status"], previous and previous["status"])
+        assert event.event == expected or (i == resumed_at and event.event == "status"), (
+            event.event, job["status"], previous and previous["status"])
         previous = job
 
 
@@ -242,7 +245,7 @@ async def test_sse_last_event_id_resumes_without_repeats(start):
     ids = [e.id for e in before + after]
     assert len(ids) == len(set(ids)), f"repeated events: {ids}"
     assert after[-1].job["status"] == "succeeded"
-    check_event_sequence(before + after)
+    check_event_sequence(before + after, resumed_at=len(before))
 
     _, reader = await open_events(client, job["id"], headers={"Last-Event-ID": after[-1].id})
     assert await reader.rest(timeout_s=5) == [], "a stream resumed after the terminal event repeated it"
@@ -479,6 +482,29 @@ async def test_ws_star_subscription_sees_every_job(start):
         statuses = [s["status"] for s in states]
         assert statuses[-1] == "succeeded"
         assert all(a != b for a, b in zip(statuses, statuses[1:])), f"a progress frame was pushed: {statuses}"
+
+
+async def test_ws_star_sends_no_progress_of_a_job_running_since_before_it_nor_after_an_unsubscribe_by_id(start):
+    """Without "progress", "*" pushes status changes only: a job already running when "*" was subscribed
+    reports progress (no frame), then succeeds (a frame); a job watched by id as well, unsubscribed by id while
+    "*" stays, sends no progress either."""
+    client, _ = await start()
+    early = await submit(client, "sleep", {"seconds": 1.2, "steps": 6})
+    await wait_status(client, early["id"], "running")
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_json({"op": "subscribe", "jobs": "*"})
+        assert await recv(ws) == {"type": "subscribed", "jobs": "*"}
+        late = await submit(client, "sleep", {"seconds": 1.2, "steps": 6})
+        await recv_until(ws, lambda f: f.get("job", {}).get("id") == late["id"] and f["job"]["status"] == "running")
+        await ws.send_json({"op": "subscribe", "jobs": [late["id"]]})
+        await recv_until(ws, lambda f: f.get("type") == "subscribed")
+        await ws.send_json({"op": "unsubscribe", "jobs": [late["id"]]})
+        await recv_until(ws, lambda f: f.get("type") == "unsubscribed")
+        frames = await recv_until(ws, is_final(early["id"]))
+        frames += await recv_until(ws, is_final(late["id"]))
+    for job in (early, late):
+        seen = [f["job"]["status"] for f in frames if f.get("job", {}).get("id") == job["id"]]
+        assert seen == ["succeeded"], (job["id"], seen)
 
 
 async def test_ws_unsubscribe_stops_pushes(start):

@@ -112,6 +112,7 @@ class _Socket:
     sent: dict[str, tuple[Status, int]] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     principal: str | None = None  # None with auth off: every job is visible
+    star_since: float | None = None  # when "*" was subscribed (None: it is not)
 
     def wants(self, job: Job) -> bool:
         """Status changes always; progress only where asked; never an older version than already sent."""
@@ -120,6 +121,9 @@ class _Socket:
         prev = self.sent.get(job.id)
         if prev is not None and job.version <= prev[1]:
             return False
+        if prev is None and self.star_since is not None and job.status is Status.RUNNING \
+                and job.started_at is not None and job.started_at < self.star_since:
+            prev = (Status.RUNNING, 0)  # seen through "*", running since before it: a change of progress
         if prev is None or prev[0] is not job.status:
             return True
         return self.progress_all or job.id in self.progress_ids
@@ -245,6 +249,8 @@ async def _handle_frame(queue: JobQueue, sock: _Socket, text: str) -> None:
 async def _subscribe(queue: JobQueue, sock: _Socket, command: protocol.WsCommand) -> None:
     if command.jobs is None:
         sock.sub.watch_everything()
+        if sock.star_since is None:
+            sock.star_since = queue.clock()
         sock.progress_all = sock.progress_all or command.progress
         await sock.send({"type": "subscribed", "jobs": "*"})
         return
@@ -281,11 +287,13 @@ async def _unsubscribe(sock: _Socket, command: protocol.WsCommand) -> None:
         sock.sub.unwatch_everything()
         removed: list[str] | str = "*"
         sock.progress_all = False
+        sock.star_since = None
     else:
         sock.sub.remove(command.jobs)
         for job_id in command.jobs:
             sock.progress_ids.discard(job_id)
-            sock.sent.pop(job_id, None)
+            if not sock.sub.everything:  # still seen through "*": what it was sent still counts
+                sock.sent.pop(job_id, None)
         removed = command.jobs
     await sock.send({"type": "unsubscribed", "jobs": removed})
 
