@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,9 +204,10 @@ _NEXT = len(MUTABLE) + 1  # the first placeholder after the mutable values
 
 # The new job's vt is rules.virtual_start written in SQL (one round trip, not two): one past its owner's last
 # queued job ($18 is the owner), no earlier than the floor passed as its vt ($24).
-_VT = ("GREATEST($24::bigint,"
-       " COALESCE((SELECT MAX(q.vt) + 1 FROM jobs q WHERE q.owner = $18 AND q.priority = $5 AND q.status = 'queued'),"
-       " 0))")
+# A waiting job (delayed: rules.first_vt gave it rules.WAITING and more) keeps the vt it is given.
+_VT = (f"CASE WHEN $24::bigint >= {rules.WAITING} THEN $24::bigint ELSE GREATEST($24::bigint,"
+       " COALESCE((SELECT MAX(q.vt) + 1 FROM jobs q WHERE q.owner = $18 AND q.priority = $5 AND q.status = 'queued'"
+       f" AND q.vt < {rules.WAITING}), 0)) END")
 INSERT_SQL = (f"INSERT INTO jobs ({_INSERT_COLUMNS}) VALUES"
               f" ({', '.join(_VT if i == 24 else f'${i}' for i in range(1, 27))}) RETURNING seq, vt")
 UPDATE_SQL = f"UPDATE jobs SET {_ASSIGN} WHERE id = ${_NEXT} AND version = ${_NEXT + 1}"
@@ -229,7 +230,8 @@ INSERTS_SQL = (f"INSERT INTO jobs ({_INSERT_COLUMNS}) SELECT * FROM unnest("
 # Each owner's last queued vt of each priority: one row read from the end of jobs_owner_queued per pair. (MAX(vt)
 # ... GROUP BY would aggregate every queued row of each owner: its whole backlog, on every batch of inserts.)
 OWNERS_LAST_VT_SQL = ("SELECT o.owner, o.priority, (SELECT q.vt FROM jobs q WHERE q.owner = o.owner"
-                      " AND q.priority = o.priority AND q.status = 'queued' ORDER BY q.vt DESC LIMIT 1)"
+                      f" AND q.priority = o.priority AND q.status = 'queued' AND q.vt < {rules.WAITING}"
+                      " ORDER BY q.vt DESC LIMIT 1)"
                       " FROM unnest($1::text[], $2::int[]) AS o(owner, priority)")
 # The reports of a batch (progress and outcomes of running jobs) in one statement: the same rules as
 # FENCED_UPDATE_SQL, a row each from the arrays; it returns the ids it wrote. It reads the rows by their ids
@@ -264,7 +266,13 @@ LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
 # row to find the eight, about 0.5 ms a claim with 3,000 jobs kept and more with each one. Sorting and
 # sequential scans are off on every connection of the store (_settings).
 _CLAIMABLE = ("FROM jobs WHERE status = 'queued' AND run_at <= $1 AND expires_at > $1 AND task = ANY($2::text[])"
-              " ORDER BY priority DESC, vt, seq LIMIT $3 FOR UPDATE SKIP LOCKED")
+              f" AND vt < {rules.WAITING} ORDER BY priority DESC, vt, seq LIMIT $3 FOR UPDATE SKIP LOCKED")
+# Waiting jobs (rules.WAITING) of the given priorities that are due, in the order they fell due (placed before
+# claims), locked so that two nodes do not place one; and an owner's last placed vt of a priority.
+DUE_WAITING_SQL = ("SELECT id, owner, priority, seq FROM jobs WHERE status = 'queued' AND priority = ANY($1::int[])"
+                   f" AND vt >= {rules.WAITING} AND vt <= $2 ORDER BY priority DESC, vt, seq FOR UPDATE SKIP LOCKED")
+OWNER_LAST_VT_SQL = ("SELECT MAX(vt) FROM jobs WHERE owner = $1 AND priority = $2 AND status = 'queued'"
+                     f" AND vt < {rules.WAITING}")
 CLAIM_SQL = f"SELECT {_COLUMNS}, extract(epoch FROM clock_timestamp())::float8 {_CLAIMABLE}"
 # One statement for a whole claim (one NOTIFY, one round trip): the started jobs as arrays, read by their ids
 # ("jobs.id = ANY($1)" repeats the join's condition for the index).
@@ -330,7 +338,8 @@ POSITIONS_SQL = ("SELECT id, pos FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY pr
                  " FROM jobs WHERE status = 'queued') AS q WHERE id = ANY($1::text[])")
 BY_PRIORITY_SQL = "SELECT priority, COUNT(*) FROM jobs WHERE status = 'queued' GROUP BY priority"
 OWNER_QUEUED_SQL = "SELECT COUNT(*) FROM jobs WHERE owner = $1 AND status = 'queued'"
-QUEUED_VTS_SQL = "SELECT priority, MIN(vt), MAX(vt) FROM jobs WHERE status = 'queued' GROUP BY priority"
+QUEUED_VTS_SQL = ("SELECT priority, MIN(vt), MAX(vt) FROM jobs WHERE status = 'queued'"
+                  f" AND vt < {rules.WAITING} GROUP BY priority")
 SAME_KEY_SQL = f"SELECT {_COLUMNS} FROM jobs WHERE owner = $1 AND idempotency_key = $2 AND expires_at > $3"
 # An Idempotency-Key first answered by an equal job: the hash it came with, and that job while it lives.
 KEY_REUSE_SQL = (f"SELECT k.request_hash, {', '.join(f'j.{c}' for c in COLUMN_NAMES)} FROM idempotency_keys k"
@@ -429,8 +438,9 @@ async def _write_inserts(db: asyncpg.Connection, inserts: list[_Insert]) -> dict
     jobs = []
     for item in inserts:
         key = (item.job.owner, item.job.priority)
-        vt = rules.virtual_start(owner_last=last.get(key), floor=item.vt_floor)
-        last[key] = vt
+        vt = rules.first_vt(item.job, owner_last=last.get(key), floor=item.vt_floor)
+        if vt < rules.WAITING:
+            last[key] = vt
         jobs.append(evolve(item.job, vt=vt))
     columns = [list(values) for values in zip(*(_insert_values(j) for j in jobs), strict=True)]
     seqs = dict(await db.fetch(INSERTS_SQL, *columns))
@@ -704,7 +714,8 @@ class PostgresStore:
                                  job.owner, job.idempotency_key)
                 await db.execute("DELETE FROM idempotency_keys WHERE owner = $1 AND key = $2",
                                  job.owner, job.idempotency_key)
-            seq, vt = await db.fetchrow(INSERT_SQL, *_insert_values(evolve(job, vt=vt_floor)))
+            first = rules.waiting_vt(job.run_at) if job.run_at > job.created_at else vt_floor
+            seq, vt = await db.fetchrow(INSERT_SQL, *_insert_values(evolve(job, vt=first)))
             return Inserted(evolve(job, seq=seq, vt=vt))
 
         return await self._write(op)
@@ -965,6 +976,27 @@ class PostgresStore:
         rows = await self._fetch("SELECT principal, csrf FROM sessions WHERE id = $1 AND expires_at > $2",
                                  session_id, now)
         return (rows[0][0], rows[0][1]) if rows else None
+
+    async def place_due(self, *, now: float, floors: dict[int, int]) -> list[tuple[int, int, int]]:
+        """As SQLiteStore.place_due; the rows are locked, so nodes placing at once place each job once."""
+        if not floors:
+            return []
+
+        async def op(db: asyncpg.Connection) -> list[tuple[int, int, int]]:
+            placed = []
+            for job_id, owner, priority, seq in await db.fetch(DUE_WAITING_SQL, list(floors), rules.waiting_vt(now)):
+                last = await db.fetchval(OWNER_LAST_VT_SQL, owner, priority)
+                vt = rules.virtual_start(owner_last=last, floor=floors[priority])
+                await db.execute("UPDATE jobs SET vt = $2 WHERE id = $1", job_id, vt)
+                placed.append((priority, vt, seq))
+            return placed
+
+        return await self._write(op)
+
+    async def count_waiting(self, priorities: Iterable[int]) -> int:
+        """Queued jobs of ``priorities`` still waiting to be due (``rules.WAITING``)."""
+        return await self._fetchval(f"SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND priority = ANY($1::int[])"
+                                    f" AND vt >= {rules.WAITING}", list(priorities))
 
     async def next_queued(self, owner: str, *, now: float) -> Job | None:
         """The queued job of ``owner`` that runs first: of those due at ``now``, the first in dispatch order;

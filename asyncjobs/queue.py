@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import codec, protocol
+from . import codec, protocol, rules
 from .errors import (
     InvalidRequest,
     JobGone,
@@ -119,6 +119,10 @@ class JobQueue:
         # The place (vt, seq) of the last queued job of each priority (or a place past it): a new job there is
         # the last of its priority, so its position is the count of queued jobs at its priority or above.
         self._last_place: dict[int, tuple[int, int]] = {}
+        # Queued jobs waiting to fall due before they take a place (rules.WAITING), as far as this process
+        # knows (at least as many; read again with the counts): while there are any, positions come from
+        # the store, since the in-memory counts include them though they are behind every placed job.
+        self._waiting = 0
         self._new_id = JobIds()
         self.run_times = RunTimes()
         self.wakeup = asyncio.Event()  # set when there may be work for the dispatcher
@@ -140,6 +144,8 @@ class JobQueue:
         await self.files.open(alone=not await self.store.others_alive(self.node))
         await self.files.sweep_orphans(self.store.file_owners)
         await self.refresh_counts()
+        if self._queued_by_priority:
+            await self._place_due()  # what fell due while no process ran
         self.next_due = await self.store.next_run_at(after=self.clock())
         self.wakeup.set()
         self.deliveries.set()
@@ -151,6 +157,7 @@ class JobQueue:
         for priority, (low, high) in (await self.store.queued_vts()).items():
             self.virtual_time[priority] = max(self.virtual_time.get(priority, 0), low)
             self._last_place[priority] = max(self._last_place.get(priority, (high, 0)), (high, 0))
+        self._waiting = await self.store.count_waiting(list(self._queued_by_priority))
 
     def close_intake(self) -> None:
         """Take no more submits (503): the server is stopping."""
@@ -262,7 +269,10 @@ class JobQueue:
                     job_status=inserted.job.status.value, job_version=inserted.job.version)
             return inserted
         place = (inserted.job.vt, inserted.job.seq)
-        self._last_place[job.priority] = max(self._last_place.get(job.priority, place), place)
+        if inserted.job.vt >= rules.WAITING:
+            self._waiting += 1
+        else:
+            self._last_place[job.priority] = max(self._last_place.get(job.priority, place), place)
         self.hub.publish(inserted.job)
         self._due_at(inserted.job.run_at)
         log.debug("job %s submitted (%s)", inserted.job.id, inserted.job.task)
@@ -356,7 +366,7 @@ class JobQueue:
         position = None
         if job.status is Status.QUEUED:
             place = (job.vt, job.seq)
-            if just_submitted and place >= self._last_place.get(job.priority, place):
+            if just_submitted and not self._waiting and place >= self._last_place.get(job.priority, place):
                 position = sum(n for p, n in self._queued_by_priority.items() if p >= job.priority)
             else:
                 position = await self.store.queue_position(job)
@@ -424,6 +434,7 @@ class JobQueue:
                 if new.callback_url is not None:
                     self.deliveries.set()
                 self._count_queued(job.priority, -1)
+                self._left_waiting(job)
                 self.hub.publish(new)
                 await self._settle_files(new)
                 log.info("job %s canceled while queued", job_id)
@@ -517,6 +528,8 @@ class JobQueue:
         every process that shares it), leased to this node. The started jobs are published; the caller
         runs them."""
         concurrency = {spec.name: spec.concurrency for spec in self.registry}
+        if self.next_due is not None and self.next_due <= self.clock() and self._may_wait():
+            await self._place_due()
         jobs = await self.store.claim(now=self.clock(), limit=limit, tasks=concurrency, node=self.node,
                                       lease_s=self.lease_s)
         for job in jobs:
@@ -524,6 +537,24 @@ class JobQueue:
             self.virtual_time[job.priority] = max(self.virtual_time.get(job.priority, 0), job.vt)
             self.hub.publish(job)
         return jobs
+
+    async def _place_due(self) -> None:
+        """Delayed jobs that have fallen due take their place in the fair order now (``Store.place_due``)."""
+        placed = await self.store.place_due(now=self.clock(), floors={
+            priority: self.virtual_time.get(priority, 0) for priority in self._queued_by_priority})
+        for priority, vt, seq in placed:
+            self._last_place[priority] = max(self._last_place.get(priority, (vt, seq)), (vt, seq))
+        self._waiting = max(0, self._waiting - len(placed))
+
+    def _may_wait(self) -> bool:
+        """Whether delayed jobs may be waiting for their place: this process knows of some, or others submit
+        to the same store."""
+        return bool(self._queued_by_priority) and (self._waiting > 0 or self.store.shared)
+
+    def _left_waiting(self, job: Job) -> None:
+        """A queued job left the queue (canceled, expired): one waiting job fewer if it was one."""
+        if job.vt >= rules.WAITING:
+            self._waiting = max(0, self._waiting - 1)
 
     def _due_at(self, run_at: float) -> None:
         if run_at > self.clock():
@@ -545,13 +576,17 @@ class JobQueue:
 
     # -- housekeeping --------------------------------------------------------
     async def sweep(self) -> None:
-        """Expire jobs past ``expires_at`` and forget old tombstones."""
+        """Expire jobs past ``expires_at`` and forget old tombstones; place the delayed jobs that fell due
+        unseen (another process submitted them, and this one's next due time did not know of them)."""
+        if self._may_wait():
+            await self._place_due()
         now = self.clock()
         result = await self.store.sweep(now=now, retention_s=self.retention_s,
                                         tombstone_retention_s=self.tombstone_retention_s,
                                         payload=self.callback_payload)
         for job in result.expired_queued:
             self._count_queued(job.priority, -1)
+            self._left_waiting(job)
             self.hub.publish(job)
             if job.callback_url is not None:
                 self.deliveries.set()

@@ -117,3 +117,20 @@ def virtual_start(*, owner_last: int | None, floor: int) -> int:
     """A new job's place in the fair order: one past its owner's last queued job, no earlier than the
     virtual time (the latest job started), so principals take turns within a priority."""
     return max(floor, 0 if owner_last is None else owner_last + 1)
+
+
+# A job submitted with a delay takes its place in the fair order when it falls due, not at its submit: until
+# then its vt is WAITING plus its run_at in milliseconds (``waiting_vt``), past every placed job's and in the
+# order the waiting jobs fall due, so the claims leave it and the owner's next due job is not sent behind it.
+WAITING = 1 << 62
+
+
+def waiting_vt(run_at: float) -> int:
+    return WAITING + int(run_at * 1000)
+
+
+def first_vt(job: Job, *, owner_last: int | None, floor: int) -> int:
+    """A new job's vt: waiting while it is delayed, else its place (``virtual_start``)."""
+    if job.run_at > job.created_at:
+        return waiting_vt(job.run_at)
+    return virtual_start(owner_last=owner_last, floor=floor)

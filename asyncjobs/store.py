@@ -19,7 +19,7 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,8 +180,11 @@ MUTABLE = (
 # The statements that walk the queue name their index: left to itself, SQLite picks
 # jobs_status_seq and sorts every queued job in a temp B-tree, a cost that grows with the queue.
 # The dispatch order is (priority DESC, vt, seq): within a priority, principals take turns (see insert).
-CLAIM_SQL = (f"SELECT {_COLUMNS} FROM jobs INDEXED BY jobs_fair WHERE status = 'queued'"
+CLAIM_SQL = (f"SELECT {_COLUMNS} FROM jobs INDEXED BY jobs_fair WHERE status = 'queued' AND vt < {rules.WAITING}"
              " AND run_at <= ? AND expires_at > ? AND task IN ({marks}) ORDER BY priority DESC, vt, seq LIMIT ?")
+# Waiting jobs (rules.WAITING) of one priority that are due, in the order they fell due: placed before a claim.
+DUE_WAITING_SQL = ("SELECT id, owner, seq FROM jobs INDEXED BY jobs_fair WHERE status = 'queued' AND priority = ?"
+                   f" AND vt >= {rules.WAITING} AND vt <= ? ORDER BY vt, seq")
 POSITION_SQL = (
     "SELECT (SELECT COUNT(*) FROM jobs INDEXED BY jobs_fair WHERE status = 'queued' AND priority > ?)"
     " + (SELECT COUNT(*) FROM jobs INDEXED BY jobs_fair WHERE status = 'queued' AND priority = ?"
@@ -191,7 +194,7 @@ POSITIONS_SQL = ("SELECT id, pos FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY pr
 BY_PRIORITY_SQL = ("SELECT priority, COUNT(*) FROM jobs INDEXED BY jobs_fair WHERE status = 'queued'"
                    " GROUP BY priority")
 OWNER_LAST_VT_SQL = ("SELECT MAX(vt) FROM jobs INDEXED BY jobs_owner_queued WHERE owner = ? AND priority = ?"
-                     " AND status = 'queued'")
+                     f" AND status = 'queued' AND vt < {rules.WAITING}")
 # A cancel may be recorded on a running job that has none, and a client's delete may replace its cancel (the
 # parameter: the reason asked). Jobs deleted while they ran, once ended: what the sweep forgets.
 _MAY_ASK = "(cancel_reason IS NULL OR (cancel_reason = 'request' AND ? = 'delete'))"
@@ -201,7 +204,7 @@ DELETED_ENDED_SQL = ("SELECT j.id, j.files IS NOT NULL FROM deletes d JOIN jobs 
 FORGET_DELETES_SQL = "DELETE FROM deletes WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.id = deletes.job_id)"
 OWNER_QUEUED_SQL = "SELECT COUNT(*) FROM jobs INDEXED BY jobs_owner_queued WHERE owner = ? AND status = 'queued'"
 QUEUED_VTS_SQL = ("SELECT priority, MIN(vt), MAX(vt) FROM jobs INDEXED BY jobs_fair WHERE status = 'queued'"
-                  " GROUP BY priority")
+                  f" AND vt < {rules.WAITING} GROUP BY priority")
 # An Idempotency-Key first answered by an equal job: the hash it came with, and that job while it lives.
 KEY_REUSE_SQL = (f"SELECT k.request_hash, {', '.join(f'j.{c}' for c in COLUMN_NAMES)} FROM idempotency_keys k"
                  " JOIN jobs j ON j.id = k.job_id WHERE k.owner = ? AND k.key = ? AND j.expires_at > ?")
@@ -335,6 +338,8 @@ class Store(Protocol):
     async def session(self, session_id: str, *, now: float) -> tuple[str, str] | None: ...
     async def delete_session(self, session_id: str) -> None: ...
     async def queued_vts(self) -> dict[int, tuple[int, int]]: ...
+    async def place_due(self, *, now: float, floors: dict[int, int]) -> list[tuple[int, int, int]]: ...
+    async def count_waiting(self, priorities: Iterable[int]) -> int: ...
     async def next_queued(self, owner: str, *, now: float) -> Job | None: ...
     async def update(self, job: Job, *, expected_version: int, deliver: Payload | None = None,
                      fence: str | None = None) -> bool: ...
@@ -599,8 +604,9 @@ class SQLiteStore:
                 db.execute("UPDATE jobs SET idempotency_key = NULL WHERE owner = ? AND idempotency_key = ?",
                            (job.owner, job.idempotency_key))
                 db.execute("DELETE FROM idempotency_keys WHERE owner = ? AND key = ?", (job.owner, job.idempotency_key))
-            (last,) = db.execute(OWNER_LAST_VT_SQL, (job.owner, job.priority)).fetchone()
-            vt = rules.virtual_start(owner_last=last, floor=vt_floor)
+            last = None if job.run_at > job.created_at else \
+                db.execute(OWNER_LAST_VT_SQL, (job.owner, job.priority)).fetchone()[0]
+            vt = rules.first_vt(job, owner_last=last, floor=vt_floor)
             cur = db.execute(
                 f"INSERT INTO jobs ({_COLUMNS}) VALUES (NULL{', ?' * 26})",
                 (job.id, job.task, job.params, job.status.value, job.priority, job.created_at,
@@ -778,6 +784,32 @@ class SQLiteStore:
                                     " AND status = 'queued' ORDER BY MAX(run_at, ?), priority DESC, vt, seq LIMIT 1",
                                     (owner, now))
         return row_to_job(rows[0]) if rows else None
+
+    async def place_due(self, *, now: float, floors: dict[int, int]) -> list[tuple[int, int, int]]:
+        """Give the waiting jobs (``rules.WAITING``) of the priorities in ``floors`` that are due at ``now``
+        their place in the fair order, in the order they fell due: ``rules.virtual_start`` from their owner's
+        last placed job and the priority's virtual time (the floor). Returns (priority, vt, seq) of each."""
+
+        def op(db: sqlite3.Connection) -> list[tuple[int, int, int]]:
+            placed = []
+            for priority, floor in floors.items():
+                for job_id, owner, seq in db.execute(DUE_WAITING_SQL, (priority, rules.waiting_vt(now))).fetchall():
+                    (last,) = db.execute(OWNER_LAST_VT_SQL, (owner, priority)).fetchone()
+                    vt = rules.virtual_start(owner_last=last, floor=floor)
+                    db.execute("UPDATE jobs SET vt = ? WHERE id = ?", (vt, job_id))
+                    placed.append((priority, vt, seq))
+            return placed
+
+        return await self._write(op)
+
+    async def count_waiting(self, priorities: Iterable[int]) -> int:
+        """Queued jobs of ``priorities`` still waiting to be due (``rules.WAITING``)."""
+        total = 0
+        for priority in priorities:
+            rows = await self._fetchall("SELECT COUNT(*) FROM jobs INDEXED BY jobs_fair WHERE status = 'queued'"
+                                        f" AND priority = ? AND vt >= {rules.WAITING}", (priority,))
+            total += rows[0][0]
+        return total
 
     async def queued_vts(self) -> dict[int, tuple[int, int]]:
         """The lowest and highest ``vt`` queued, per priority (the virtual time to resume from at start)."""

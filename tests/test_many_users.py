@@ -391,6 +391,59 @@ async def test_a_lone_job_waits_behind_at_most_one_job_per_worker_of_a_backlog(m
     assert len(queued_left) > 100  # bob did not wait for the backlog
 
 
+@pytest.mark.parametrize("delayed", [0, 8])
+async def test_delayed_jobs_send_neither_their_owners_due_job_behind_a_backlog_nor_count_ahead(make_client, delayed):
+    """Alice's jobs delayed by an hour take no place until due: her one due job, submitted after them and after
+    bob's backlog, starts after at most one of bob's jobs (one worker), and its position counts no delayed
+    job ahead of it."""
+    client, _ = await make_client(auth={"tokens": TOKENS}, queue={"workers": 1})
+
+    async def post(token: str, seconds: float, **extra: Any) -> dict:
+        resp = await client.post("/jobs", json={"task": "block", "params": {"seconds": seconds}, **extra},
+                                 headers=auth(token))
+        assert resp.status == 202, await resp.text()
+        return await resp.json()
+
+    blocker = await post(ROOT, 30, priority=5)
+    await wait_status(client, blocker["id"], "running", headers=auth(ROOT))
+    for _ in range(delayed):
+        await post(ALICE, 0.01, delay=3600)
+    backlog = [await post(BOB, 0.05) for _ in range(8)]
+    lone = await post(ALICE, 0.05)
+    assert lone["queue_position"] == 2, lone["queue_position"]  # behind bob's first job only
+    assert (await client.post(f"/jobs/{blocker['id']}/cancel", headers=auth(ROOT))).status == 200
+    done = await wait_status(client, lone["id"], "succeeded", headers=auth(ALICE), timeout_s=20)
+    listed = await (await client.get("/jobs", params={"limit": "500"}, headers=auth(BOB))).json()
+    ahead = [j for j in listed["jobs"] if j["id"] in {b["id"] for b in backlog}
+             and j["started_at"] and j["started_at"] < done["started_at"]]
+    assert len(ahead) <= 1, f"{len(ahead)} of bob's backlog started before alice's only due job"
+
+
+async def test_delayed_jobs_take_their_turns_once_due(make_client):
+    """Alice's three jobs delayed a second, bob's backlog of 12 due at once (one worker, 0.2 s a job): once
+    alice's are due they take turns with bob's from the place his backlog has reached (as jobs submitted then
+    would; ties go to the earlier submit, hers), neither at the end of his backlog nor all three at once."""
+    client, _ = await make_client(auth={"tokens": TOKENS}, queue={"workers": 1})
+
+    async def post(token: str, seconds: float, **extra: Any) -> dict:
+        resp = await client.post("/jobs", json={"task": "block", "params": {"seconds": seconds}, **extra},
+                                 headers=auth(token))
+        assert resp.status == 202, await resp.text()
+        return await resp.json()
+
+    delayed = [await post(ALICE, 0.05, delay=1.0) for _ in range(3)]
+    backlog = [await post(BOB, 0.2) for _ in range(12)]  # bob's first jobs run while alice's wait
+    started = {}
+    for job in delayed + backlog:
+        done = await wait_status(client, job["id"], "succeeded", headers=auth(ALICE if job in delayed else BOB),
+                                 timeout_s=30)
+        started[job["id"]] = done["started_at"]
+    order = sorted(started, key=started.__getitem__)
+    places = [order.index(j["id"]) for j in delayed]
+    assert 0 < places[0] < 9, places  # bob's jobs ran while alice's were not due; hers then came soon
+    assert places[2] - places[0] in (3, 4), places  # taking turns: at most two in a row, then one of bob's
+
+
 async def test_a_claim_of_another_priority_sends_no_newcomer_behind_a_backlog(make_client):
     """Alice has a backlog at priority 0 and one job at priority 1, which starts first. Bob's lone job at
     priority 0, submitted then, still waits behind at most one of alice's priority-0 jobs (one worker): a

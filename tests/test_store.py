@@ -319,8 +319,31 @@ async def test_next_queued_of_an_owner(store):
     first = (await store.insert(make_job(owner="a"))).job
     await store.insert(make_job(owner="a"))
     assert (await store.next_queued("a", now=100.0)).id == first.id  # due: ahead of the delayed ones
-    assert (await store.next_queued("a", now=600.0)).id == later.id  # all due: the dispatch order
+    # All due: the dispatch order, where a delayed job takes its place once due (behind the placed ones).
+    assert (await store.next_queued("a", now=600.0)).id == first.id
+    await store.place_due(now=600.0, floors={0: 0})
+    assert (await store.next_queued("a", now=600.0)).id == first.id
     assert await store.next_queued("nobody", now=100.0) is None
+
+
+async def test_a_delayed_job_waits_unplaced_and_takes_its_place_once_due(store):
+    """A delayed job is not claimed, even once due, until placed; placing gives the due ones, in the order
+    they fell due, places after their owner's last placed job and no earlier than the floor."""
+    placed_first = (await store.insert(make_job(owner="a"), vt_floor=7)).job
+    assert placed_first.vt == 7
+    early = (await store.insert(make_job(owner="b", run_at=200.0))).job
+    late = (await store.insert(make_job(owner="a", run_at=300.0))).job
+    never = (await store.insert(make_job(owner="a", run_at=900.0))).job
+    assert (await store.insert(make_job(owner="a"), vt_floor=0)).job.vt == 8  # delayed jobs hold no place
+    assert await store.count_waiting([0]) == 3
+    claimed = await store.claim(now=400.0, limit=10, tasks={"echo": None})
+    assert {j.id for j in claimed} == {placed_first.id} | {j.id for j in claimed if j.vt == 8}
+    assert len(claimed) == 2  # the two placed jobs; the due waiting ones are left
+    placed = await store.place_due(now=400.0, floors={0: 20})
+    assert placed == [(0, 20, early.seq), (0, 20, late.seq)]
+    assert await store.count_waiting([0]) == 1
+    assert [j.id for j in await store.claim(now=400.0, limit=10, tasks={"echo": None})] == [early.id, late.id]
+    assert (await store.lookup(never.id)).job.status is Status.QUEUED
 
 
 async def test_sessions_live_until_they_expire_or_are_deleted(store):
