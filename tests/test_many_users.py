@@ -202,23 +202,16 @@ async def test_quota_retry_after_is_for_the_callers_job_that_starts_first(make_c
     follows that one (about a second here), not a low-priority job twenty places back."""
     client, _ = await make_client(auth={"tokens": TOKENS}, queue={"workers": 1},
                                   limits={"max_queued_per_principal": 21})
-
-    async def post(token: str, priority: int = 0, seconds: float = 1.0) -> dict:
-        resp = await client.post("/jobs", json={"task": "block", "params": {"seconds": seconds},
-                                                "priority": priority}, headers=auth(token))
-        assert resp.status == 202, await resp.text()
-        return await resp.json()
-
-    warm = await post(ROOT)  # the task's mean run time becomes known
+    warm = await _block(client, ROOT, 1.0)  # the task's mean run time becomes known
     await wait_status(client, warm["id"], "succeeded", headers=auth(ROOT))
-    blocker = await post(ROOT, 20, 30)
+    blocker = await _block(client, ROOT, 30, priority=20)
     await wait_status(client, blocker["id"], "running", headers=auth(ROOT))
     for _ in range(21):
-        await post(BOB, 10)
-    low = await post(ALICE)
-    high = await post(ALICE, 10)
+        await _block(client, BOB, 1.0, priority=10)
+    low = await _block(client, ALICE, 1.0)
+    high = await _block(client, ALICE, 1.0, priority=10)
     for _ in range(19):
-        await post(ALICE, 10)
+        await _block(client, ALICE, 1.0, priority=10)
     assert high["queue_position"] <= 2 and low["queue_position"] >= 20, (high, low)
     refused = await client.post("/jobs", json={"task": "noop"}, headers=auth(ALICE))
     assert refused.status == 429
@@ -391,6 +384,14 @@ async def test_a_lone_job_waits_behind_at_most_one_job_per_worker_of_a_backlog(m
     assert len(queued_left) > 100  # bob did not wait for the backlog
 
 
+async def _block(client, token: str, seconds: float, **extra: Any) -> dict:
+    """Submit a ``block`` job of ``seconds`` as the principal of ``token`` (202 asserted)."""
+    resp = await client.post("/jobs", json={"task": "block", "params": {"seconds": seconds}, **extra},
+                             headers=auth(token))
+    assert resp.status == 202, await resp.text()
+    return await resp.json()
+
+
 @pytest.mark.parametrize("delayed", [0, 8])
 async def test_delayed_jobs_send_neither_their_owners_due_job_behind_a_backlog_nor_count_ahead(make_client, delayed):
     """Alice's jobs delayed by an hour take no place until due: her one due job, submitted after them and after
@@ -398,18 +399,12 @@ async def test_delayed_jobs_send_neither_their_owners_due_job_behind_a_backlog_n
     job ahead of it."""
     client, _ = await make_client(auth={"tokens": TOKENS}, queue={"workers": 1})
 
-    async def post(token: str, seconds: float, **extra: Any) -> dict:
-        resp = await client.post("/jobs", json={"task": "block", "params": {"seconds": seconds}, **extra},
-                                 headers=auth(token))
-        assert resp.status == 202, await resp.text()
-        return await resp.json()
-
-    blocker = await post(ROOT, 30, priority=5)
+    blocker = await _block(client, ROOT, 30, priority=5)
     await wait_status(client, blocker["id"], "running", headers=auth(ROOT))
     for _ in range(delayed):
-        await post(ALICE, 0.01, delay=3600)
-    backlog = [await post(BOB, 0.05) for _ in range(8)]
-    lone = await post(ALICE, 0.05)
+        await _block(client, ALICE, 0.01, delay=3600)
+    backlog = [await _block(client, BOB, 0.05) for _ in range(8)]
+    lone = await _block(client, ALICE, 0.05)
     assert lone["queue_position"] == 2, lone["queue_position"]  # behind bob's first job only
     assert (await client.post(f"/jobs/{blocker['id']}/cancel", headers=auth(ROOT))).status == 200
     done = await wait_status(client, lone["id"], "succeeded", headers=auth(ALICE), timeout_s=20)
@@ -425,14 +420,8 @@ async def test_delayed_jobs_take_their_turns_once_due(make_client):
     would; ties go to the earlier submit, hers), neither at the end of his backlog nor all three at once."""
     client, _ = await make_client(auth={"tokens": TOKENS}, queue={"workers": 1})
 
-    async def post(token: str, seconds: float, **extra: Any) -> dict:
-        resp = await client.post("/jobs", json={"task": "block", "params": {"seconds": seconds}, **extra},
-                                 headers=auth(token))
-        assert resp.status == 202, await resp.text()
-        return await resp.json()
-
-    delayed = [await post(ALICE, 0.05, delay=1.0) for _ in range(3)]
-    backlog = [await post(BOB, 0.2) for _ in range(12)]  # bob's first jobs run while alice's wait
+    delayed = [await _block(client, ALICE, 0.05, delay=1.0) for _ in range(3)]
+    backlog = [await _block(client, BOB, 0.2) for _ in range(12)]  # bob's first jobs run while alice's wait
     started = {}
     for job in delayed + backlog:
         done = await wait_status(client, job["id"], "succeeded", headers=auth(ALICE if job in delayed else BOB),
@@ -449,19 +438,13 @@ async def test_a_claim_of_another_priority_sends_no_newcomer_behind_a_backlog(ma
     priority 0, submitted then, still waits behind at most one of alice's priority-0 jobs (one worker): a
     claim of priority 1 moves that priority's turn only."""
     client, app = await make_client(auth={"tokens": TOKENS}, queue={"workers": 1})
-
-    async def post(token: str, params: dict, **extra: Any) -> dict:
-        resp = await client.post("/jobs", json={"task": "block", "params": params, **extra}, headers=auth(token))
-        assert resp.status == 202, await resp.text()
-        return await resp.json()
-
-    blocker = await post(ALICE, {"seconds": 30})
+    blocker = await _block(client, ALICE, 30)
     await wait_status(client, blocker["id"], "running", headers=auth(ALICE))
-    backlog = [await post(ALICE, {"seconds": 0.05}) for _ in range(8)]
-    high = await post(ALICE, {"seconds": 0.5}, priority=1)
+    backlog = [await _block(client, ALICE, 0.05) for _ in range(8)]
+    high = await _block(client, ALICE, 0.5, priority=1)
     assert (await client.post(f"/jobs/{blocker['id']}/cancel", headers=auth(ALICE))).status == 200
     await wait_status(client, high["id"], "running", headers=auth(ALICE))
-    lone = await post(BOB, {"seconds": 0.05})
+    lone = await _block(client, BOB, 0.05)
     assert lone["queue_position"] <= 2, lone
     done = await wait_status(client, lone["id"], "succeeded", headers=auth(BOB), timeout_s=20)
     ahead = [j for j in await jobs_of(client, auth(ALICE)) if j["id"] in {b["id"] for b in backlog}
@@ -474,18 +457,12 @@ async def test_a_backlog_at_one_priority_does_not_send_its_owners_lone_job_at_an
     most one of alice's priority-1 jobs (one worker): its place follows bob's last job of priority 1 (none),
     not his last of any priority."""
     client, _ = await make_client(auth={"tokens": TOKENS}, queue={"workers": 1})
-
-    async def post(token: str, params: dict, **extra: Any) -> dict:
-        resp = await client.post("/jobs", json={"task": "block", "params": params, **extra}, headers=auth(token))
-        assert resp.status == 202, await resp.text()
-        return await resp.json()
-
-    blocker = await post(ALICE, {"seconds": 30}, priority=5)
+    blocker = await _block(client, ALICE, 30, priority=5)
     await wait_status(client, blocker["id"], "running", headers=auth(ALICE))
     for _ in range(8):
-        await post(BOB, {"seconds": 0.05})
-    backlog = [await post(ALICE, {"seconds": 0.05}, priority=1) for _ in range(8)]
-    lone = await post(BOB, {"seconds": 0.05}, priority=1)
+        await _block(client, BOB, 0.05)
+    backlog = [await _block(client, ALICE, 0.05, priority=1) for _ in range(8)]
+    lone = await _block(client, BOB, 0.05, priority=1)
     assert lone["queue_position"] <= 2, lone
     assert (await client.post(f"/jobs/{blocker['id']}/cancel", headers=auth(ALICE))).status == 200
     done = await wait_status(client, lone["id"], "succeeded", headers=auth(BOB), timeout_s=20)
