@@ -538,9 +538,9 @@ class JobQueue:
             self.hub.publish(job)
         return jobs
 
-    async def _place_due(self) -> None:
-        """Delayed jobs that have fallen due take their place in the fair order now (``Store.place_due``)."""
-        placed = await self.store.place_due(now=self.clock(), floors={
+    async def _place_due(self, now: float | None = None) -> None:
+        """Delayed jobs that have fallen due (by ``now``) take their place in the fair order (``Store.place_due``)."""
+        placed = await self.store.place_due(now=self.clock() if now is None else now, floors={
             priority: self.virtual_time.get(priority, 0) for priority in self._queued_by_priority})
         for priority, vt, seq in placed:
             self._last_place[priority] = max(self._last_place.get(priority, (vt, seq)), (vt, seq))
@@ -565,11 +565,16 @@ class JobQueue:
 
     async def refresh_next_due(self) -> None:
         """After a claim: the next delayed job's time, or None if every queued job is due. A job delayed
-        while the store is read may be missing from its answer: its time is kept all the same."""
+        while the store is read may be missing from its answer: its time is kept all the same. The delayed
+        jobs that fell due since the last look take their place first (the claim that follows may start them,
+        though it began before they were due)."""
+        now = self.clock()  # one time for both: a job due just after the placement stays the next due time
+        if self.next_due is not None and self.next_due <= now and self._may_wait():
+            await self._place_due(now)
         noted: list[float] = []
         self._noted_during_refresh = noted
         try:
-            read = await self.store.next_run_at(after=self.clock())
+            read = await self.store.next_run_at(after=now)
         finally:
             self._noted_during_refresh = None
         self.next_due = min([t for t in (read, *noted) if t is not None], default=None)
