@@ -129,6 +129,9 @@ class JobQueue:
         self.accepting = True  # False once the server stops taking submits (close_intake)
         # Jobs queued in the store by priority, kept in memory: backpressure, and the position of a new job.
         self._queued_by_priority: Counter[int] = Counter()
+        # Every priority a queued job has had here (never forgotten): where delayed jobs may wait to be placed.
+        # (On a shared store the counts above are read again each second and may miss a job just inserted.)
+        self._priorities: set[int] = set()
         self.next_due: float | None = None  # earliest run_at of a delayed job, if any
         self._noted_during_refresh: list[float] | None = None  # due times noted while the store is re-read
         self.deliveries = asyncio.Event()  # set when a callback delivery was scheduled
@@ -144,7 +147,7 @@ class JobQueue:
         await self.files.open(alone=not await self.store.others_alive(self.node))
         await self.files.sweep_orphans(self.store.file_owners)
         await self.refresh_counts()
-        if self._queued_by_priority:
+        if self._priorities:
             await self._place_due()  # what fell due while no process ran
         self.next_due = await self.store.next_run_at(after=self.clock())
         self.wakeup.set()
@@ -154,10 +157,11 @@ class JobQueue:
         """Read the queued counts and the virtual time again: at start, and periodically when other
         processes share the store (their submits and claims change both)."""
         self._queued_by_priority = Counter(await self.store.queued_by_priority())
+        self._priorities.update(self._queued_by_priority)
         for priority, (low, high) in (await self.store.queued_vts()).items():
             self.virtual_time[priority] = max(self.virtual_time.get(priority, 0), low)
             self._last_place[priority] = max(self._last_place.get(priority, (high, 0)), (high, 0))
-        self._waiting = await self.store.count_waiting(list(self._queued_by_priority))
+        self._waiting = await self.store.count_waiting(sorted(self._priorities))
 
     def close_intake(self) -> None:
         """Take no more submits (503): the server is stopping."""
@@ -350,6 +354,8 @@ class JobQueue:
         return sum(self._queued_by_priority.values())
 
     def _count_queued(self, priority: int, delta: int) -> None:
+        if delta > 0:
+            self._priorities.add(priority)
         left = self._queued_by_priority[priority] + delta
         if left > 0:
             self._queued_by_priority[priority] = left
@@ -541,7 +547,7 @@ class JobQueue:
     async def _place_due(self, now: float | None = None) -> None:
         """Delayed jobs that have fallen due (by ``now``) take their place in the fair order (``Store.place_due``)."""
         placed = await self.store.place_due(now=self.clock() if now is None else now, floors={
-            priority: self.virtual_time.get(priority, 0) for priority in self._queued_by_priority})
+            priority: self.virtual_time.get(priority, 0) for priority in self._priorities})
         for priority, vt, seq in placed:
             self._last_place[priority] = max(self._last_place.get(priority, (vt, seq)), (vt, seq))
         self._waiting = max(0, self._waiting - len(placed))
@@ -549,7 +555,7 @@ class JobQueue:
     def _may_wait(self) -> bool:
         """Whether delayed jobs may be waiting for their place: this process knows of some, or others submit
         to the same store."""
-        return bool(self._queued_by_priority) and (self._waiting > 0 or self.store.shared)
+        return bool(self._priorities) and (self._waiting > 0 or self.store.shared)
 
     def _left_waiting(self, job: Job) -> None:
         """A queued job left the queue (canceled, expired): one waiting job fewer if it was one."""
