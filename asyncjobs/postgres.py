@@ -993,10 +993,12 @@ class PostgresStore:
 
         return await self._write(op)
 
-    async def count_waiting(self, priorities: Iterable[int]) -> int:
-        """Queued jobs of ``priorities`` still waiting to be due (``rules.WAITING``)."""
-        return await self._fetchval(f"SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND priority = ANY($1::int[])"
-                                    f" AND vt >= {rules.WAITING}", list(priorities))
+    async def count_waiting(self, priorities: Iterable[int]) -> dict[int, int]:
+        """Queued jobs of each of ``priorities`` still waiting to be due (``rules.WAITING``); none left out."""
+        rows = await self._fetch("SELECT priority, COUNT(*) FROM jobs WHERE status = 'queued'"
+                                 f" AND priority = ANY($1::int[]) AND vt >= {rules.WAITING} GROUP BY priority",
+                                 list(priorities))
+        return {priority: n for priority, n in rows}
 
     async def next_queued(self, owner: str, *, now: float) -> Job | None:
         """The queued job of ``owner`` that runs first: of those due at ``now``, the first in dispatch order;

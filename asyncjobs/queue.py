@@ -119,10 +119,10 @@ class JobQueue:
         # The place (vt, seq) of the last queued job of each priority (or a place past it): a new job there is
         # the last of its priority, so its position is the count of queued jobs at its priority or above.
         self._last_place: dict[int, tuple[int, int]] = {}
-        # Queued jobs waiting to fall due before they take a place (rules.WAITING), as far as this process
-        # knows (at least as many; read again with the counts): while there are any, positions come from
-        # the store, since the in-memory counts include them though they are behind every placed job.
-        self._waiting = 0
+        # Queued jobs waiting to fall due before they take a place (rules.WAITING), by priority, as far as this
+        # process knows (read again with the counts): the in-memory counts include them, though they are
+        # behind every placed job, so a new job's position leaves them out.
+        self._waiting: Counter[int] = Counter()
         self._new_id = JobIds()
         self.run_times = RunTimes()
         self.wakeup = asyncio.Event()  # set when there may be work for the dispatcher
@@ -161,7 +161,7 @@ class JobQueue:
         for priority, (low, high) in (await self.store.queued_vts()).items():
             self.virtual_time[priority] = max(self.virtual_time.get(priority, 0), low)
             self._last_place[priority] = max(self._last_place.get(priority, (high, 0)), (high, 0))
-        self._waiting = await self.store.count_waiting(sorted(self._priorities))
+        self._waiting = Counter(await self.store.count_waiting(sorted(self._priorities)))
 
     def close_intake(self) -> None:
         """Take no more submits (503): the server is stopping."""
@@ -274,7 +274,7 @@ class JobQueue:
             return inserted
         place = (inserted.job.vt, inserted.job.seq)
         if inserted.job.vt >= rules.WAITING:
-            self._waiting += 1
+            self._waiting[job.priority] += 1
         else:
             self._last_place[job.priority] = max(self._last_place.get(job.priority, place), place)
         self.hub.publish(inserted.job)
@@ -372,8 +372,12 @@ class JobQueue:
         position = None
         if job.status is Status.QUEUED:
             place = (job.vt, job.seq)
-            if just_submitted and not self._waiting and place >= self._last_place.get(job.priority, place):
-                position = sum(n for p, n in self._queued_by_priority.items() if p >= job.priority)
+            waiting = job.vt >= rules.WAITING
+            if just_submitted and (waiting or place >= self._last_place.get(job.priority, place)):
+                # The last placed job of its priority: the placed jobs at its priority and above. (A job that
+                # waits to fall due: all those queued now, a preview of its place if it were due.)
+                position = sum(n - (0 if waiting else self._waiting.get(p, 0))
+                               for p, n in self._queued_by_priority.items() if p >= job.priority)
             else:
                 position = await self.store.queue_position(job)
         return self._estimate(job, position)
@@ -550,17 +554,18 @@ class JobQueue:
             priority: self.virtual_time.get(priority, 0) for priority in self._priorities})
         for priority, vt, seq in placed:
             self._last_place[priority] = max(self._last_place.get(priority, (vt, seq)), (vt, seq))
-        self._waiting = max(0, self._waiting - len(placed))
+        for priority, _, _ in placed:
+            self._waiting[priority] = max(0, self._waiting[priority] - 1)
 
     def _may_wait(self) -> bool:
         """Whether delayed jobs may be waiting for their place: this process knows of some, or others submit
         to the same store."""
-        return bool(self._priorities) and (self._waiting > 0 or self.store.shared)
+        return bool(self._priorities) and (any(self._waiting.values()) or self.store.shared)
 
     def _left_waiting(self, job: Job) -> None:
         """A queued job left the queue (canceled, expired): one waiting job fewer if it was one."""
         if job.vt >= rules.WAITING:
-            self._waiting = max(0, self._waiting - 1)
+            self._waiting[job.priority] = max(0, self._waiting[job.priority] - 1)
 
     def _due_at(self, run_at: float) -> None:
         if run_at > self.clock():

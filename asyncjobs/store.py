@@ -339,7 +339,7 @@ class Store(Protocol):
     async def delete_session(self, session_id: str) -> None: ...
     async def queued_vts(self) -> dict[int, tuple[int, int]]: ...
     async def place_due(self, *, now: float, floors: dict[int, int]) -> list[tuple[int, int, int]]: ...
-    async def count_waiting(self, priorities: Iterable[int]) -> int: ...
+    async def count_waiting(self, priorities: Iterable[int]) -> dict[int, int]: ...
     async def next_queued(self, owner: str, *, now: float) -> Job | None: ...
     async def update(self, job: Job, *, expected_version: int, deliver: Payload | None = None,
                      fence: str | None = None) -> bool: ...
@@ -802,14 +802,15 @@ class SQLiteStore:
 
         return await self._write(op)
 
-    async def count_waiting(self, priorities: Iterable[int]) -> int:
-        """Queued jobs of ``priorities`` still waiting to be due (``rules.WAITING``)."""
-        total = 0
+    async def count_waiting(self, priorities: Iterable[int]) -> dict[int, int]:
+        """Queued jobs of each of ``priorities`` still waiting to be due (``rules.WAITING``); none left out."""
+        counts = {}
         for priority in priorities:
             rows = await self._fetchall("SELECT COUNT(*) FROM jobs INDEXED BY jobs_fair WHERE status = 'queued'"
                                         f" AND priority = ? AND vt >= {rules.WAITING}", (priority,))
-            total += rows[0][0]
-        return total
+            if rows[0][0]:
+                counts[priority] = rows[0][0]
+        return counts
 
     async def queued_vts(self) -> dict[int, tuple[int, int]]:
         """The lowest and highest ``vt`` queued, per priority (the virtual time to resume from at start)."""

@@ -335,13 +335,13 @@ async def test_a_delayed_job_waits_unplaced_and_takes_its_place_once_due(store):
     late = (await store.insert(make_job(owner="a", run_at=300.0))).job
     never = (await store.insert(make_job(owner="a", run_at=900.0))).job
     assert (await store.insert(make_job(owner="a"), vt_floor=0)).job.vt == 8  # delayed jobs hold no place
-    assert await store.count_waiting([0]) == 3
+    assert await store.count_waiting([0, 1]) == {0: 3}
     claimed = await store.claim(now=400.0, limit=10, tasks={"echo": None})
     assert {j.id for j in claimed} == {placed_first.id} | {j.id for j in claimed if j.vt == 8}
     assert len(claimed) == 2  # the two placed jobs; the due waiting ones are left
     placed = await store.place_due(now=400.0, floors={0: 20})
     assert placed == [(0, 20, early.seq), (0, 20, late.seq)]
-    assert await store.count_waiting([0]) == 1
+    assert await store.count_waiting([0]) == {0: 1}
     assert [j.id for j in await store.claim(now=400.0, limit=10, tasks={"echo": None})] == [early.id, late.id]
     assert (await store.lookup(never.id)).job.status is Status.QUEUED
 
