@@ -24,7 +24,7 @@ import unicodedata
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .errors import StorageFull, StoreError, TooLarge, Unavailable
 
@@ -311,12 +311,13 @@ class FileStore:
         node's lease ended, another node ran the job again) cannot replace the file the job recorded."""
         return self.job_dir(job_id) / f"{RESULT}.{attempt}"
 
-    def recorded_result(self, job_id: str, attempt: int) -> Path:
-        """The file result of a job that succeeded at ``attempt`` (or, stored before results were kept per
-        attempt, its one ``result`` file)."""
-        path = self.result_path(job_id, attempt)
-        legacy = self.job_dir(job_id) / RESULT
-        return legacy if not path.exists() and legacy.exists() else path
+    def open_result(self, job_id: str, attempt: int) -> IO[bytes]:
+        """Open the file result of a job that succeeded at ``attempt`` (or, stored before results were kept per
+        attempt, its one ``result`` file); blocking: call it from a thread. FileNotFoundError if neither is."""
+        try:
+            return open(self.result_path(job_id, attempt), "rb")
+        except FileNotFoundError:
+            return open(self.job_dir(job_id) / RESULT, "rb")
 
     async def remove_result(self, job_id: str, attempt: int) -> None:
         """Remove an attempt's file result whose outcome was not stored."""

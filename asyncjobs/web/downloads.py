@@ -37,9 +37,8 @@ async def send_file_result(request: web.Request, queue: JobQueue, job: Job) -> w
         problem = problem_body(416, f"the range {request.headers.get('Range')!r} cannot be served from a file of"
                                     f" {stored['size']} bytes; ask for one range within it")
         return problem_response({**problem, "job_status": job.status.value}, answer.headers)
-    path = queue.files.recorded_result(job.id, job.attempts)
     try:
-        file = await asyncio.get_running_loop().run_in_executor(None, open, path, "rb")
+        file = await asyncio.get_running_loop().run_in_executor(None, queue.files.open_result, job.id, job.attempts)
     except FileNotFoundError:  # deleted or expired between the read of the job and now
         raise JobGone(f"job {job.id} has expired", job_status=job.status.value, job_version=job.version) from None
     try:
