@@ -714,7 +714,7 @@ class PostgresStore:
                                  job.owner, job.idempotency_key)
                 await db.execute("DELETE FROM idempotency_keys WHERE owner = $1 AND key = $2",
                                  job.owner, job.idempotency_key)
-            first = rules.waiting_vt(job.run_at) if job.run_at > job.created_at else vt_floor
+            first = rules.waiting_vt(job.run_at) if rules.waits(job) else vt_floor
             seq, vt = await db.fetchrow(INSERT_SQL, *_insert_values(evolve(job, vt=first)))
             return Inserted(evolve(job, seq=seq, vt=vt))
 

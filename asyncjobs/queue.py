@@ -554,7 +554,6 @@ class JobQueue:
             priority: self.virtual_time.get(priority, 0) for priority in self._priorities})
         for priority, vt, seq in placed:
             self._last_place[priority] = max(self._last_place.get(priority, (vt, seq)), (vt, seq))
-        for priority, _, _ in placed:
             self._waiting[priority] = max(0, self._waiting[priority] - 1)
 
     def _may_wait(self) -> bool:

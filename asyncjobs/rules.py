@@ -129,8 +129,13 @@ def waiting_vt(run_at: float) -> int:
     return WAITING + int(run_at * 1000)
 
 
+def waits(job: Job) -> bool:
+    """Whether a new job waits to fall due before it takes a place (it was submitted with a delay)."""
+    return job.run_at > job.created_at
+
+
 def first_vt(job: Job, *, owner_last: int | None, floor: int) -> int:
     """A new job's vt: waiting while it is delayed, else its place (``virtual_start``)."""
-    if job.run_at > job.created_at:
+    if waits(job):
         return waiting_vt(job.run_at)
     return virtual_start(owner_last=owner_last, floor=floor)

@@ -604,7 +604,7 @@ class SQLiteStore:
                 db.execute("UPDATE jobs SET idempotency_key = NULL WHERE owner = ? AND idempotency_key = ?",
                            (job.owner, job.idempotency_key))
                 db.execute("DELETE FROM idempotency_keys WHERE owner = ? AND key = ?", (job.owner, job.idempotency_key))
-            last = None if job.run_at > job.created_at else \
+            last = None if rules.waits(job) else \
                 db.execute(OWNER_LAST_VT_SQL, (job.owner, job.priority)).fetchone()[0]
             vt = rules.first_vt(job, owner_last=last, floor=vt_floor)
             cur = db.execute(

@@ -509,12 +509,12 @@ class Workers:
         """
         task = asyncio.current_task()
         assert task is not None
-        in_handler = cancelled = False
+        cancelled = False
 
         def stop() -> None:
             nonlocal cancelled
             ctx._canceled = True
-            if in_handler:
+            if execution.handling:
                 cancelled = True
                 task.cancel()
 
@@ -526,13 +526,13 @@ class Workers:
         value: Any = None
         error: BaseException | None = None
         try:
-            in_handler = execution.handling = True
+            execution.handling = True
             async with deadline:
                 value = await spec.fn(**params)
         except BaseException as exc:  # sorted out below, with the cancel request and the deadline
             error = exc
         finally:
-            in_handler = execution.handling = False
+            execution.handling = False
         if cancelled:
             task.uncancel()  # the cancel was ours and is handled here (even if the handler swallowed it)
         if self._cancel_wins(execution, error):
