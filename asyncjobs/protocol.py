@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from email.utils import formatdate, parsedate_to_datetime
@@ -204,6 +204,14 @@ def too_deep(raw: bytes, value: Any) -> bool:
     if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
         return False
     return json_depth(value) > MAX_JSON_DEPTH
+
+
+def undecodable_coding(content_encoding: str | None, decodable: Collection[str]) -> bool:
+    """Whether a request body's ``Content-Encoding`` is one the server cannot undo (RFC 9110, section 8.4.1:
+    ``415``): anything but none, ``identity``, or exactly one of the ``decodable`` codings (the HTTP stack undoes
+    one coding, not a list of them). Such a body is refused, never read as if it were plain."""
+    value = (content_encoding or "").strip().lower()
+    return bool(value) and value not in decodable and any(c.strip() != "identity" for c in value.split(","))
 
 
 def is_json_content_type(content_type: str | None) -> bool:

@@ -29,7 +29,7 @@ from .errors import (
 )
 from .files import FileStore, Upload
 from .hub import Feed, Hub, LocalFeed
-from .models import CancelReason, Job, JobIds, Status, cancel, is_expired
+from .models import CancelReason, Job, JobIds, Status, cancel, expire, is_expired
 from .store import Inserted, Store
 from .tasks import TaskRegistry, validate
 
@@ -319,8 +319,9 @@ class JobQueue:
         if found.job is None:
             raise JobNotFound(f"no job {job_id}")
         job = self._fresher(found.job)
-        if is_expired(job, self.clock()):
-            raise JobGone(f"job {job_id} has expired", job_status=job.status.value, job_version=job.version)
+        now = self.clock()
+        if is_expired(job, now):
+            raise _expired(job, now)
         return job
 
     async def wait(self, job_id: str, *, timeout_s: float, until: Callable[[Job], bool],
@@ -345,8 +346,9 @@ class JobQueue:
                         job = await self.find(job_id, owner=owner)
                     break
                 job = newer
-        if expired_is_gone and is_expired(job, self.clock()):
-            raise JobGone(f"job {job_id} has expired", job_status=job.status.value, job_version=job.version)
+        now = self.clock()
+        if expired_is_gone and is_expired(job, now):
+            raise _expired(job, now)
         return job
 
     @property
@@ -640,3 +642,11 @@ class JobQueue:
         """Extend this node's leases of ``job_ids``: the ones still held, each with any cancel asked of it."""
         assert self.lease_s is not None
         return await self.store.renew(job_ids, node=self.node, lease_s=self.lease_s)
+
+
+def _expired(job: Job, now: float) -> JobGone:
+    """The 410 of a job past ``expires_at``, with the status it has or, queued until the sweep comes by, the
+    status the sweep will give it (canceled)."""
+    if job.status is Status.QUEUED:
+        job = expire(job, now)
+    return JobGone(f"job {job.id} has expired", job_status=job.status.value, job_version=job.version)

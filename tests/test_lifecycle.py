@@ -442,6 +442,20 @@ async def test_queued_job_past_max_age_is_gone_and_never_runs(make_client):
     assert (await get_job(client, job["id"]))[0] == 410
 
 
+async def test_a_queued_job_past_max_age_answers_410_as_canceled_before_the_sweep_comes(make_client):
+    """Past ``expires_at`` an unfinished job is canceled: its 410 says ``job_status: canceled`` even while the
+    sweep (every 10 s with the defaults) has not yet stored that, on the monitor, its long poll, the result,
+    the cancel and the delete. The clock is moved on a day, so no sweep runs in between."""
+    client, app = await start(make_client)
+    job = await submit(client, "echo", {"n": 1}, delay=3600)
+    app.queue.clock = lambda: time.time() + 86400 + 5  # past expires_at (jobs.max_age, a day)
+    for method, path in (("GET", ""), ("GET", "?wait=1"), ("GET", "/result"), ("POST", "/cancel"), ("DELETE", "")):
+        async with client.request(method, f"/jobs/{job['id']}{path}", allow_redirects=False) as resp:
+            problem = await body_of(resp)
+            assert resp.status == 410, (method, path, resp.status, problem)
+            assert problem.get("job_status") == "canceled", (method, path, problem)
+
+
 async def test_running_job_past_max_age_is_canceled(make_client):
     """A job still running when its ``expires_at`` passes has its handler stopped and answers 410."""
     client, app = await start(make_client, jobs={"max_age": 0.5}, queue={"workers": 1})

@@ -329,6 +329,26 @@ async def test_chunked_submit_over_body_limit_is_413(start):
     assert await listed_ids(client) == []
 
 
+async def test_a_body_in_an_unknown_content_coding_is_415_naming_the_codings_taken(start):
+    """RFC 9110: a body whose Content-Encoding the server cannot undo (an unknown coding, or a list of them)
+    is 415 with Accept-Encoding, and nothing is stored; plain, identity and gzip bodies are taken."""
+    import gzip
+    client, _ = await start()
+    body = b'{"task": "echo", "params": {"n": 1}}'
+    for coding in ("br2", "gzip, br", "compress", "x-unknown"):
+        status, headers, answer = await raw_post(client, "/jobs", body,
+                                                 {"Content-Type": "application/json", "Content-Encoding": coding})
+        assert status == 415, (coding, status, answer)
+        assert headers.get("content-type", "").startswith(PROBLEM_TYPE), coding
+        assert "gzip" in headers.get("accept-encoding", ""), headers
+    assert await listed_ids(client) == []
+    for coding, sent in (("identity", body), ("gzip", gzip.compress(body)), ("GZIP", gzip.compress(body))):
+        status, _, answer = await raw_post(client, "/jobs", sent,
+                                           {"Content-Type": "application/json", "Content-Encoding": coding})
+        assert status == 202, (coding, status, answer)
+    assert len(await listed_ids(client)) == 3
+
+
 # -- 3. the monitor, rest style ----------------------------------------------------
 
 async def test_monitor_queued_and_running_answer_200_with_retry_after(start):
@@ -437,6 +457,20 @@ async def test_monitor_unknown_id_is_404_problem(start):
     for path in (f"/jobs/{secrets.token_urlsafe(16)}", f"/jobs/{secrets.token_urlsafe(16)}/result"):
         resp = await client.get(path, allow_redirects=False)
         await read_problem(resp, 404)
+
+
+async def test_the_monitors_json_404_and_410_vary_on_accept(start):
+    """A browser asking the monitor for a missing or expired job gets a page, anyone else problem details: the
+    JSON 404 and 410 say so with Vary: Accept, as the pages do."""
+    client, _ = await start(jobs={"retention": 0.2})
+    job = await submit(client, "echo", {"x": 1})
+    resp, _ = await poll(client, f"/jobs/{job['id']}", lambda r, t: r.status == 410)
+    for path, status in ((f"/jobs/{secrets.token_urlsafe(16)}", 404), (f"/jobs/{job['id']}", 410)):
+        for accept in ("application/json", "text/html"):
+            resp = await client.get(path, headers={"Accept": accept}, allow_redirects=False)
+            assert resp.status == status, (path, accept)
+            vary = {v.strip().lower() for v in resp.headers.get("Vary", "").split(",")}
+            assert "accept" in vary, (path, accept, resp.headers)
 
 
 async def test_monitor_and_result_are_410_after_retention_and_as_tombstone(start):

@@ -125,6 +125,30 @@ def _http_exception_detail(request: web.Request, exc: web.HTTPException) -> str:
 
 # -- reading requests ----------------------------------------------------------
 
+def _decodable_codings() -> tuple[str, ...]:
+    """The content codings aiohttp undoes in a request body: gzip and deflate, br and zstd where their
+    libraries are installed."""
+    try:
+        from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
+    except ImportError:  # an aiohttp that moved them: the two it always has
+        return ("gzip", "deflate")
+    return ("gzip", "deflate") + ("br",) * HAS_BROTLI + ("zstd",) * HAS_ZSTD
+
+
+DECODABLE_CODINGS = _decodable_codings()
+
+
+def refuse_undecodable(request: web.Request) -> None:
+    """A body in a content coding this server cannot undo: ``415`` naming the ones it can (``Accept-Encoding``,
+    RFC 9110, section 12.5.3), before any of it is read."""
+    coding = list_header(request, "Content-Encoding")
+    if request.body_exists and protocol.undecodable_coding(coding, DECODABLE_CODINGS):
+        raise problems.WebProblem(
+            UnsupportedType(f"the body's Content-Encoding {coding!r} is not one this server decodes; send it as"
+                            f" it is, or in one of: {', '.join(DECODABLE_CODINGS)}"),
+            {"Accept-Encoding": ", ".join(DECODABLE_CODINGS)})
+
+
 async def read_json(request: web.Request, *, required: bool = True) -> Any:
     """The body as JSON: 415 if not JSON, 413 if too large, 400 if malformed."""
     settings = request.app[SETTINGS_KEY]
@@ -132,6 +156,7 @@ async def read_json(request: web.Request, *, required: bool = True) -> Any:
         if required:
             raise InvalidRequest("the body is empty; send a JSON object")
         return None
+    refuse_undecodable(request)
     if not protocol.is_json_content_type(request.headers.get("Content-Type")):
         raise UnsupportedType(
             f"the body must be application/json, not {request.headers.get('Content-Type') or 'untyped'}")

@@ -221,10 +221,21 @@ def _with_path_params(request: web.Request, given: dict) -> dict:
     return params
 
 
+# Every answer of the monitor depends on Accept (a browser gets a page, its errors too) and on Prefer (a long poll).
+_MONITOR_VARY = {"Vary": "Prefer, Accept"}
+
+
 async def monitor(request: web.Request) -> web.StreamResponse:
     """The status monitor; with ``?wait=N`` or ``Prefer: wait=N`` a long poll; a page for browsers."""
     if pages.wants_html(request):
         return await pages.job_page(request)
+    try:
+        return await _monitor(request)
+    except RequestError as exc:  # a 404, a 410, a 400: problem details, which a browser would have had as a page
+        raise WebProblem(exc, _MONITOR_VARY) from exc
+
+
+async def _monitor(request: web.Request) -> web.StreamResponse:
     queue = request.app[QUEUE_KEY]
     settings = request.app[SETTINGS_KEY]
     job_id = job_id_of(request)
@@ -242,7 +253,7 @@ async def monitor(request: web.Request) -> web.StreamResponse:
                                               until=lambda j: protocol.long_poll_done(j, if_none_match)))
     else:
         job = await queue.find(job_id, owner=visible_owner(request))
-    wait_headers = {**protocol.wait_headers(applied), "Vary": "Prefer, Accept"}  # browsers get a page
+    wait_headers = {**protocol.wait_headers(applied), **_MONITOR_VARY}
     if protocol.etag_matches(if_none_match, protocol.etag(job)):
         return web.Response(status=304, headers={**protocol.job_headers(job), **wait_headers})
     view = await queue.view(job)

@@ -60,6 +60,7 @@ from .common import (
     Session,
     WebSettings,
     find_principal,
+    refuse_undecodable,
 )
 
 log = logging.getLogger("asyncjobs.web")
@@ -343,6 +344,7 @@ async def check_csrf(request: web.Request, session: Session, *, form: bool) -> N
 
 async def _form(request: web.Request) -> MultiDictProxy:
     """The request's form fields; 400 for a body that is not text in its charset, 415 for an unknown charset."""
+    refuse_undecodable(request)
     try:
         return await request.post()
     except LookupError:

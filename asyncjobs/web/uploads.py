@@ -22,7 +22,7 @@ from .. import codec, protocol
 from ..errors import InvalidRequest, TooLarge, UnsupportedType, UploadStalled
 from ..files import Upload, file_too_large
 from ..tasks import FileParam, TaskSpec
-from .common import QUEUE_KEY, SETTINGS_KEY
+from .common import QUEUE_KEY, SETTINGS_KEY, refuse_undecodable
 
 READ_BYTES = 256 * 1024  # one read from a part or a raw body
 # The job part and form fields are read in smaller pieces: aiohttp reads one piece past a part's end before it
@@ -87,6 +87,7 @@ async def read_multipart(request: web.Request, received: Received, *, spec: Task
     as params and the files, in any order."""
     settings = request.app[SETTINGS_KEY]
     queue = request.app[QUEUE_KEY]
+    refuse_undecodable(request)
     try:
         reader = await request.multipart()
     except (ValueError, AssertionError, KeyError) as exc:
@@ -269,6 +270,7 @@ def _start_upload(request: web.Request, spec: TaskSpec, param: FileParam, name: 
 async def read_raw(request: web.Request, received: Received, spec: TaskSpec) -> None:
     """The whole body is the task's single file; 413 at once when ``Content-Length`` is over the limit."""
     settings = request.app[SETTINGS_KEY]
+    refuse_undecodable(request)
     if len(spec.files) != 1:
         raise UnsupportedType(f"task {spec.name!r} takes {len(spec.files)} files: send multipart/form-data"
                                    if spec.files else f"task {spec.name!r} takes no file; send JSON")
