@@ -330,12 +330,14 @@ CLAIM_DELIVERIES_SQL = (
     " RETURNING job_id, message_id, url, payload, attempts")
 EXPIRED_SQL = (f"SELECT {_COLUMNS} FROM jobs WHERE expires_at <= $1 ORDER BY expires_at LIMIT 5000"
                " FOR UPDATE SKIP LOCKED")
+# As the SQLite store's (see there).
 POSITION_SQL = (
-    "SELECT (SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND priority > $1)"
+    "SELECT (SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND priority > $1"
+    f" AND (vt < {rules.WAITING} OR $4))"
     " + (SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND priority = $1"
     " AND (vt < $2 OR (vt = $2 AND seq < $3)))")
 POSITIONS_SQL = ("SELECT id, pos FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY priority DESC, vt, seq) AS pos"
-                 " FROM jobs WHERE status = 'queued') AS q WHERE id = ANY($1::text[])")
+                 f" FROM jobs WHERE status = 'queued' AND vt < {rules.WAITING}) AS q WHERE id = ANY($1::text[])")
 BY_PRIORITY_SQL = "SELECT priority, COUNT(*) FROM jobs WHERE status = 'queued' GROUP BY priority"
 OWNER_QUEUED_SQL = "SELECT COUNT(*) FROM jobs WHERE owner = $1 AND status = 'queued'"
 QUEUED_VTS_SQL = ("SELECT priority, MIN(vt), MAX(vt) FROM jobs WHERE status = 'queued'"
@@ -1036,15 +1038,21 @@ class PostgresStore:
         return [row_to_job(r) for r in rows]
 
     async def queue_position(self, job: Job) -> int:
-        """1 for the next job to run, counting due and delayed jobs alike."""
-        return (await self._fetchval(POSITION_SQL, job.priority, job.vt, job.seq)) + 1
+        """1 for the next job to run (see ``rules.position_counts_waiting``)."""
+        return (await self._fetchval(POSITION_SQL, job.priority, job.vt, job.seq,
+                                     rules.position_counts_waiting(job))) + 1
 
     async def queue_positions(self, jobs: list[Job]) -> dict[str, int]:
-        """Positions of several queued jobs from one pass over the queue (not one count each)."""
+        """As the SQLite store's."""
         if not jobs:
             return {}
-        rows = await self._fetch(POSITIONS_SQL, [j.id for j in jobs])
-        return {job_id: pos for job_id, pos in rows}
+        placed = [j.id for j in jobs if not rules.position_counts_waiting(j)]
+        rows = await self._fetch(POSITIONS_SQL, placed) if placed else []
+        positions = {job_id: pos for job_id, pos in rows}
+        for job in jobs:
+            if rules.position_counts_waiting(job):
+                positions[job.id] = await self.queue_position(job)
+        return positions
 
     async def count_queued(self) -> int:
         return await self._fetchval("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")

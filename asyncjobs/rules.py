@@ -134,6 +134,13 @@ def waits(job: Job) -> bool:
     return job.run_at > job.created_at
 
 
+def position_counts_waiting(job: Job) -> bool:
+    """Whether a queued job's position counts the waiting jobs of higher priorities: only for a waiting job,
+    whose position previews its place among all the queued jobs. A placed job's counts the placed jobs ahead of
+    it, the ones that will start before it (a job that falls due later is placed then)."""
+    return job.vt >= WAITING
+
+
 def first_vt(job: Job, *, owner_last: int | None, floor: int) -> int:
     """A new job's vt: waiting while it is delayed, else its place (``virtual_start``)."""
     if waits(job):

@@ -185,12 +185,17 @@ CLAIM_SQL = (f"SELECT {_COLUMNS} FROM jobs INDEXED BY jobs_fair WHERE status = '
 # Waiting jobs (rules.WAITING) of one priority that are due, in the order they fell due: placed before a claim.
 DUE_WAITING_SQL = ("SELECT id, owner, seq FROM jobs INDEXED BY jobs_fair WHERE status = 'queued' AND priority = ?"
                    f" AND vt >= {rules.WAITING} AND vt <= ? ORDER BY vt, seq")
+# A job's queue position (see rules.position_counts_waiting): the jobs ahead of it at higher priorities (the
+# placed ones; the waiting ones too when the last parameter is 1) and at its own.
 POSITION_SQL = (
-    "SELECT (SELECT COUNT(*) FROM jobs INDEXED BY jobs_fair WHERE status = 'queued' AND priority > ?)"
+    "SELECT (SELECT COUNT(*) FROM jobs INDEXED BY jobs_fair WHERE status = 'queued' AND priority > ?"
+    f" AND (vt < {rules.WAITING} OR ?))"
     " + (SELECT COUNT(*) FROM jobs INDEXED BY jobs_fair WHERE status = 'queued' AND priority = ?"
     " AND (vt < ? OR (vt = ? AND seq < ?)))")
+# The positions of placed jobs, in one pass over the placed ones.
 POSITIONS_SQL = ("SELECT id, pos FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY priority DESC, vt, seq) AS pos"
-                 " FROM jobs INDEXED BY jobs_fair WHERE status = 'queued') WHERE id IN ({marks})")
+                 f" FROM jobs INDEXED BY jobs_fair WHERE status = 'queued' AND vt < {rules.WAITING})"
+                 " WHERE id IN ({marks})")
 BY_PRIORITY_SQL = ("SELECT priority, COUNT(*) FROM jobs INDEXED BY jobs_fair WHERE status = 'queued'"
                    " GROUP BY priority")
 OWNER_LAST_VT_SQL = ("SELECT MAX(vt) FROM jobs INDEXED BY jobs_owner_queued WHERE owner = ? AND priority = ?"
@@ -866,15 +871,21 @@ class SQLiteStore:
         return [row_to_job(r) for r in rows]
 
     async def queue_position(self, job: Job) -> int:
-        """1 for the next job to run, counting due and delayed jobs alike."""
-        rows = await self._fetchall(POSITION_SQL, (job.priority, job.priority, job.vt, job.vt, job.seq))
+        """1 for the next job to run (see ``rules.position_counts_waiting``)."""
+        rows = await self._fetchall(POSITION_SQL, (job.priority, rules.position_counts_waiting(job), job.priority,
+                                                   job.vt, job.vt, job.seq))
         return rows[0][0] + 1
 
     async def queue_positions(self, jobs: list[Job]) -> dict[str, int]:
-        """Positions of several queued jobs from one pass over the queue (not one count each)."""
-        marks = ", ".join("?" for _ in jobs)
-        rows = await self._fetchall(POSITIONS_SQL.format(marks=marks), tuple(j.id for j in jobs))
-        return dict(rows)
+        """Positions of several queued jobs: the placed ones' from one pass over the queue (not one count each),
+        a waiting one's (rare) from its own count."""
+        placed = [j.id for j in jobs if not rules.position_counts_waiting(j)]
+        rows = await self._fetchall(POSITIONS_SQL.format(marks=", ".join("?" for _ in placed)), tuple(placed))
+        positions = dict(rows)
+        for job in jobs:
+            if rules.position_counts_waiting(job):
+                positions[job.id] = await self.queue_position(job)
+        return positions
 
     async def count_queued(self) -> int:
         rows = await self._fetchall("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")

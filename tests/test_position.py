@@ -48,3 +48,23 @@ async def test_list_positions_match_the_monitor(make_client):
         monitor = await (await client.get(f"/jobs/{job['id']}")).json()
         assert job["queue_position"] == monitor["queue_position"]
     await client.post(f"/jobs/{blocker['id']}/cancel")
+
+
+async def test_a_placed_jobs_position_leaves_out_delayed_jobs_of_higher_priority(make_client):
+    """Jobs of priority 5 that wait out a delay hold no place yet: a due job of priority 0 behind a busy worker
+    is 1 in its 202, on its monitor and in the list, and stays so; the delayed ones, while they wait, are
+    each given the same position on the monitor and in the list."""
+    client, app = await make_client(queue={"workers": 1, "shutdown_grace": 0.5})
+    blocker = await submit(client, "block", {"seconds": 30})
+    await eventually(lambda: blocker["id"] in app.workers.running, "the blocker to run")
+    delayed = [await submit(client, "echo", {"d": i}, priority=5, delay=3600) for i in range(3)]
+    due = await submit(client, "echo", {"due": True}, priority=0)
+    later = await submit(client, "echo", {"due": 2}, priority=0)
+    assert (due["queue_position"], later["queue_position"]) == (1, 2)
+    monitors = {j["id"]: (await (await client.get(f"/jobs/{j['id']}")).json())["queue_position"]
+                for j in [*delayed, due, later]}
+    assert (monitors[due["id"]], monitors[later["id"]]) == (1, 2), monitors
+    listed = {j["id"]: j["queue_position"]
+              for j in (await (await client.get("/jobs", params={"status": "queued"})).json())["jobs"]}
+    assert listed == monitors, (listed, monitors)
+    await client.post(f"/jobs/{blocker['id']}/cancel")
