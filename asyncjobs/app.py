@@ -142,7 +142,7 @@ class App:
         )
         self.workers = Workers(self.queue, count=config.queue.workers, heartbeat_s=heartbeat_s(config),
                                sweep_interval_s=sweep_interval_s(config, shared=self.store.shared))
-        callback_hosts = tuple(h.lower() for h in config.callbacks.allow_hosts)
+        callback_hosts = callbacks.allow_list(config.callbacks.allow_hosts)
         self.deliverer = None if callback_key is None else callbacks.Deliverer(
             store=self.store, wakeup=self.queue.deliveries, key=callback_key,
             max_attempts=config.callbacks.max_attempts, retry_delay_s=config.callbacks.retry_delay,

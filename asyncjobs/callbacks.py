@@ -16,8 +16,9 @@ import hashlib
 import hmac
 import logging
 import random
+import re
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -49,8 +50,45 @@ def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(mac).decode()
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_HOST_NAME = re.compile(r"[a-z0-9._-]+")  # a DNS name or an IPv4 address (lowercased); no wildcards
+
+
+def allow_list(entries: Iterable[str]) -> tuple[str, ...]:
+    """``callbacks.allow_hosts`` as ``host_allowed`` compares it: each entry a "host" or a "host:port" (an IPv6
+    address in brackets, or bare without a port), lowercased. Anything else (a URL, a path, a bad port, an
+    empty entry) is a ConfigError naming it."""
+    allowed = []
+    for entry in entries:
+        normal = _allow_entry(entry)
+        if normal is None:
+            raise ConfigError(f'callbacks.allow_hosts: expected "host" or "host:port", got {entry!r}')
+        allowed.append(normal)
+    return tuple(allowed)
+
+
+def _allow_entry(entry: str) -> str | None:
+    """One allow-list entry as ``_host_port`` writes it; None when it is not a host or a host:port."""
+    bare_ipv6 = entry.count(":") > 1 and not entry.startswith("[")
+    try:
+        parts = urlsplit(f"//[{entry}]" if bare_ipv6 else f"//{entry}")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return None
+    if host is None or not (":" in host or _HOST_NAME.fullmatch(host)) or "@" in entry:
+        return None
+    return None if parts.path or parts.query or parts.fragment or "#" in entry else _host_port(host, port)
+
+
+def _host_port(host: str, port: int | None) -> str:
+    """``host`` (lowercased, an IPv6 address in brackets), with ``:port`` when given."""
+    host = f"[{host.lower()}]" if ":" in host else host.lower()
+    return host if port is None else f"{host}:{port}"
+
+
 def host_allowed(url: str, allow_hosts: Collection[str]) -> bool:
-    """Only http(s) URLs whose "host" or "host:port" is in the allow-list."""
+    """Only http(s) URLs whose "host" or "host:port" (the scheme's port when the URL names none) is in the
+    allow-list (as ``allow_list`` gives it)."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -58,8 +96,8 @@ def host_allowed(url: str, allow_hosts: Collection[str]) -> bool:
         return False
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
         return False
-    host = parts.hostname.lower()
-    return host in allow_hosts or (port is not None and f"{host}:{port}" in allow_hosts)
+    port = _DEFAULT_PORTS[parts.scheme] if port is None else port
+    return _host_port(parts.hostname, None) in allow_hosts or _host_port(parts.hostname, port) in allow_hosts
 
 
 class Deliverer:

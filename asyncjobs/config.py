@@ -206,8 +206,13 @@ def _build_tasks(values: Mapping[str, Any]) -> TasksConfig:
     return TasksConfig(modules=modules, overrides=overrides)
 
 
-def _parse_env_value(raw: str) -> Any:
-    """An environment value is read as a TOML value when it is one, else as a plain string."""
+def _parse_env_value(section: str, key: str, raw: str) -> Any:
+    """An environment value: as it is for a text setting (a path of digits is still a path), else read as a
+    TOML value when it is one (a number, a list, a table), else as a plain string (which the setting's check
+    then refuses, naming it)."""
+    fields = {f.name: str(f.type) for f in dataclasses.fields(_SECTIONS[section])} if section in _SECTIONS else {}
+    if fields.get(key) == "str":
+        return raw
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -237,7 +242,8 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"{name}: names no section of the configuration (known: "
                               f"{', '.join(s.upper() for s in sorted(sections))}; the client's: "
                               f"{', '.join(sorted(CLIENT_VARIABLES))})")
-        out.setdefault(section, {})[rest[len(section) + 1:]] = _parse_env_value(raw)
+        key = rest[len(section) + 1:]
+        out.setdefault(section, {})[key] = _parse_env_value(section, key, raw)
     return out
 
 

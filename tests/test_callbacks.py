@@ -473,3 +473,37 @@ def test_good_callback_settings_build_the_app(tmp_path):
     """A whsec_ secret with an allow-list, or neither, builds an App."""
     App(make_config(tmp_path, callbacks={"allow_hosts": ["127.0.0.1", "hooks.example:8443"], "secret": SECRET}))
     App(make_config(tmp_path))
+
+
+def test_allow_list_entries_are_hosts_or_host_ports_and_a_url_takes_its_schemes_port():
+    """``host:port`` admits a URL that leaves that port implied by its scheme; IPv6 entries are written in
+    brackets (or bare without a port); host names compare without case."""
+    from asyncjobs.callbacks import allow_list, host_allowed
+    allowed = allow_list(["127.0.0.1:80", "Hooks.Example:443", "[::1]:8443", "fe80::1", "any.example"])
+    assert allowed == ("127.0.0.1:80", "hooks.example:443", "[::1]:8443", "[fe80::1]", "any.example")
+    for url in ("http://127.0.0.1/x", "http://127.0.0.1:80/x", "https://HOOKS.example/x", "https://[::1]:8443/x",
+                "http://[fe80::1]:9000/x", "http://any.example:1234/x"):
+        assert host_allowed(url, allowed), url
+    for url in ("https://127.0.0.1/x", "http://hooks.example/x", "http://[::1]/x", "https://[::1]:8444/x",
+                "ftp://any.example/x", "http://user@any.example/x"):
+        assert not host_allowed(url, allowed), url
+
+
+@pytest.mark.parametrize("entry", ["http://127.0.0.1:8080/", "127.0.0.1:notaport", "", "*", "*.example.com",
+                                   "hooks.example/path", "user@hooks.example", "hooks.example:99999", "[::1"])
+def test_an_allow_list_entry_that_is_no_host_stops_the_app(tmp_path, entry):
+    """A URL, a path, a wildcard, a bad port or an empty entry in callbacks.allow_hosts would admit nothing
+    (or not what was meant): the start stops, naming the key and the entry."""
+    with pytest.raises(ConfigError) as error:
+        App(make_config(tmp_path, callbacks={"allow_hosts": [entry], "secret": SECRET}))
+    assert "callbacks.allow_hosts" in str(error.value) and repr(entry) in str(error.value), str(error.value)
+
+
+async def test_a_callback_url_without_a_port_matches_an_entry_with_its_schemes_port(start):
+    """allow_hosts ["127.0.0.1:80", "[::1]:PORT"]: http://127.0.0.1/... and http://[::1]:PORT/... are accepted
+    (202), https://127.0.0.1/... (port 443) is not."""
+    client, _ = await start({"allow_hosts": ["127.0.0.1:80", "[::1]:18999"]})
+    for url in ("http://127.0.0.1/hook/implied", "http://[::1]:18999/hook/v6"):
+        resp = await client.post("/jobs", json={"task": "noop", "delay": 3600, "callback_url": url})
+        assert resp.status == 202, (url, await resp.text())
+    await assert_callback_refused(client, "https://127.0.0.1/hook/other-port")

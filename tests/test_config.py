@@ -151,3 +151,13 @@ def test_cluster_keys_are_accepted_and_processes_on_sqlite_are_refused(capsys, t
 def test_a_listening_address_in_a_url_has_ipv6_in_brackets():
     """The "listening on" line is a URL a client can use: http://[::1]:8080, not http://::1:8080."""
     assert config.url_host("::1") == "[::1]" and config.url_host("127.0.0.1") == "127.0.0.1"
+
+
+def test_a_text_setting_from_the_environment_is_taken_as_it_is():
+    """ASYNCJOBS_STORE_PATH=1234 names the file 1234 (not the number 1234, refused as no text); a number,
+    true or a date in any text setting stays text, and the other settings still read TOML values."""
+    loaded = config.load(None, environ={"ASYNCJOBS_STORE_PATH": "1234", "ASYNCJOBS_SERVER_HOST": "true",
+                                        "ASYNCJOBS_FILES_DIR": "2024-01-01", "ASYNCJOBS_QUEUE_WORKERS": "16",
+                                        "ASYNCJOBS_CALLBACKS_ALLOW_HOSTS": '["hooks.example"]'})
+    assert (loaded.store.path, loaded.server.host, loaded.files.dir) == ("1234", "true", "2024-01-01")
+    assert loaded.queue.workers == 16 and loaded.callbacks.allow_hosts == ["hooks.example"]
