@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 
-from .models import CancelReason, Job, Status, cancel, expire, fail, requeue, start
+from .models import CancelReason, Job, Status, cancel, evolve, expire, fail, requeue, start
 
 INTERRUPTED = "the server stopped while the job ran, and it has no attempts left"
 
@@ -78,9 +78,18 @@ def lease_lost(job: Job, now: float, *, node: str, owner_gone: bool = False) -> 
     return job.lease_until <= now
 
 
+# A running job's versions that its runner may have shown and not stored: a progress report reaches waiters at
+# once and the store at most every half second, and the runner holds back reports beyond this many until a
+# write lands. A job taken from a lost runner goes on past them, so no version (and ETag) a client was shown
+# stands for another state of the job.
+UNSTORED_VERSIONS = 100
+
+
 def recover_one(job: Job, now: float, *, retention_s: float, canceled: CancelReason | None = None) -> Job:
     """A job found running whose runner is gone: canceled if a cancel was asked of it (``canceled``, which
-    its runner never applied), else queued again while attempts remain, else failed as interrupted."""
+    its runner never applied), else queued again while attempts remain, else failed as interrupted. Its
+    version goes on past any its runner showed (``UNSTORED_VERSIONS``)."""
+    job = evolve(job, version=job.version + UNSTORED_VERSIONS)
     if canceled is CancelReason.EXPIRED:
         return cancel(job, now, retention_s=max(0.0, job.expires_at - now), message=canceled.message)
     if canceled is not None:

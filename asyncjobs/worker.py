@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import codec
+from . import codec, rules
 from .errors import Canceled, RequestError, StoreError
 from .files import sanitize_name
 from .models import CancelReason, Job, Status, cancel, fail, requeue, succeed, with_progress
@@ -28,6 +28,11 @@ MAX_BACKOFF_S = 3600.0
 WAIT_CAP_S = 1.0  # the longest the dispatcher sleeps without looking at the store
 BLOB_FILE_BYTES = 256 * 1024  # bytes results larger than this are stored as files, not in the job's row
 PROGRESS_PERSIST_INTERVAL_S = 0.5  # progress reaches waiters at once, the store at most this often
+# On a shared store the other nodes learn of progress from the store: it is written at most this often, so a
+# report reaches them within the 100 ms the protocol promises (this, the write, the notification, a read).
+SHARED_PROGRESS_PERSIST_INTERVAL_S = 0.02
+OUTCOME_RETRY_S = 0.5  # an outcome the store refused (a full disk, a lost connection) is tried again after this,
+OUTCOME_RETRY_MAX_S = 5.0  # then twice as long each time, up to this
 PENDING_CANCELS = 1024  # cancel requests remembered for jobs not (yet) running here
 
 
@@ -43,11 +48,12 @@ class Execution:
     last_persist: float = 0.0
     leased_at: float = field(default_factory=time.monotonic)  # when its lease was last taken or renewed
     pending_write: asyncio.Task | None = None
-    trailing: asyncio.TimerHandle | None = None  # the store write planned for a report inside the half second
+    trailing: asyncio.TimerHandle | None = None  # the store write planned for a report inside the interval
     finishing: bool = False  # its outcome is being stored: no more progress writes
     has_work_dir: bool = False  # the handler asked for an output path: its folder goes after the attempt
     handling: bool = False  # the worker waits for the handler now (its outcome is not being made yet)
     handed_back: bool = False  # queued again at shutdown while its handler ignored the stop: no outcome stored
+    held_report: dict[str, Any] | None = None  # the latest progress, held until a write lands (see progress)
 
     def request_cancel(self, reason: CancelReason) -> None:
         if self.cancel_reason is None:
@@ -164,6 +170,8 @@ class Workers:
         self.count = count
         self.sweep_interval_s = sweep_interval_s
         self.heartbeat_s = heartbeat_s  # between lease renewals, when leases end (queue.lease_s)
+        self.persist_interval_s = SHARED_PROGRESS_PERSIST_INTERVAL_S if queue.store.shared \
+            else PROGRESS_PERSIST_INTERVAL_S
         # Twice the workers: a sync handler that ignores its timeout's cancel keeps its thread to the end, and up
         # to ``count`` of those do not hold the next sync jobs back.
         self._executor = ThreadPoolExecutor(max_workers=2 * count, thread_name_prefix="asyncjobs-handler")
@@ -214,6 +222,7 @@ class Workers:
         if self._tasks:
             await asyncio.wait(list(self._tasks.values()), timeout=1.0)
         await self._hand_back_ignored()
+        await self._give_up_outcomes()
         if self._heart is not None:  # the leases are renewed until the last job is handed back
             self._heart.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -269,6 +278,16 @@ class Workers:
                 log.error("job %s: its handler ignored the stop, and the job was not handed back (%s); it is"
                           " recovered at the next start", job.id, exc)
 
+    async def _give_up_outcomes(self) -> None:
+        """Outcomes the store still refuses at the end of a stop are left to the recovery of the next start (or
+        of another node): the job stays running in the store until then."""
+        retrying = [self._tasks[e.job.id] for e in self.running.values()
+                    if e.finishing and e.job.id in self._tasks]
+        for task in retrying:
+            task.cancel()
+        if retrying:
+            await asyncio.wait(retrying)
+
     async def _hand_back(self, jobs: list[Job]) -> None:
         """Jobs claimed as the server stops: queued again, their attempt refunded (no handler ran)."""
         for job in jobs:
@@ -302,20 +321,28 @@ class Workers:
 
     # -- progress reports --------------------------------------------------
     def progress(self, execution: Execution, fraction: float | None, message: str | None) -> None:
-        """A handler's progress: to waiters at once, to the store at most every half second."""
+        """A handler's progress: to waiters at once, to the store at most every ``persist_interval_s``. Once
+        ``rules.UNSTORED_VERSIONS`` reports went out unstored, the latest waits for the write under way."""
         report: dict[str, Any] = {"fraction": fraction, "message": message}
         if execution.job.status is not Status.RUNNING or execution.job.progress == report:
             return
+        if execution.job.version - execution.stored_version >= rules.UNSTORED_VERSIONS:
+            execution.held_report = report
+            if execution.trailing is not None:
+                execution.trailing.cancel()
+            self._persist_now(execution)
+            return
+        execution.held_report = None
         execution.job = with_progress(execution.job, report)
         self.queue.publish(execution.job)
         self._persist_soon(execution)
 
     def _persist_soon(self, execution: Execution) -> None:
-        """Store the latest report now if none was stored in the last half second, else once it is over: the
+        """Store the latest report now if none was stored in the last interval, else once it is over: the
         last report of a burst is stored too (other nodes, and a restart, read progress from the store)."""
         if execution.finishing or execution.pending_write is not None or execution.trailing is not None:
             return  # the write under way looks again when it is done; the one planned takes the latest
-        wait = execution.last_persist + PROGRESS_PERSIST_INTERVAL_S - time.monotonic()
+        wait = execution.last_persist + self.persist_interval_s - time.monotonic()
         if wait > 0:
             execution.trailing = asyncio.get_running_loop().call_later(wait, self._persist_now, execution)
         else:
@@ -334,9 +361,15 @@ class Workers:
         try:
             if await self.queue.save_progress(job, expected_version=execution.stored_version):
                 execution.stored_version = job.version
+        except StoreError as exc:  # the next report, or the outcome, carries it
+            log.warning("job %s: progress not stored (%s)", job.id, exc)
+            return
         finally:
             execution.pending_write = None
-        if execution.job.version != job.version:  # reported while this one was being stored
+        held, execution.held_report = execution.held_report, None
+        if held is not None and not execution.finishing:  # held back while too many went out unstored
+            self.progress(execution, held["fraction"], held["message"])
+        elif execution.job.version != job.version:  # reported while this one was being stored
             self._persist_soon(execution)
 
     async def _sweep_loop(self) -> None:
@@ -405,34 +438,20 @@ class Workers:
                 # The worker is free while the outcome is stored: the next claim can share its commit.
                 self._busy -= 1
                 self.queue.wakeup.set()
-            try:
-                execution.finishing = True  # the outcome carries the last report; no progress write may race it
-                if execution.trailing is not None:
-                    execution.trailing.cancel()
-                    execution.trailing = None
-                if execution.pending_write is not None:
-                    await execution.pending_write
-                if execution.cancel_reason is CancelReason.LEASE_LOST:
-                    log.warning("job %s: its outcome is discarded (the lease ended)", job.id)
-                    self.queue.hub.forget(job.id)
-                elif execution.handed_back:
-                    log.warning("job %s: its handler returned after the job was handed back; its outcome is"
-                                " discarded", job.id)
-                else:
-                    if new.status is not Status.CANCELED and self._cancel_wins(execution, None):
-                        # A cancel accepted while the outcome was made (its result file stored, say) stands.
-                        if new.files is not None and new.files.get("result"):
-                            await self.queue.files.remove_job(job.id)
-                        new = self._canceled(execution)
-                    if await self.queue.finish(new, expected_version=execution.stored_version,
-                                               forget=execution.cancel_reason is CancelReason.DELETE):
-                        execution.stored_version = new.version
-                if execution.stored_version != new.version and new.files is not None and new.files.get("result"):
-                    await self.queue.files.remove_result(job.id, job.attempts)  # its outcome was discarded
-                execution.job = new
-            except StoreError as exc:
-                log.error("job %s: outcome not stored (%s); it is recovered at the next start, or"
-                          " by another node once its lease ends", job.id, exc)
+            execution.finishing = True  # the outcome carries the last report; no progress write may race it
+            if execution.trailing is not None:
+                execution.trailing.cancel()
+                execution.trailing = None
+            if execution.pending_write is not None:
+                await execution.pending_write
+            retry_s = OUTCOME_RETRY_S
+            while not await self._store_outcome(execution, new):  # the store refused the write: try again
+                if execution.has_work_dir:  # the handler's scratch space goes now: a full disk may need it
+                    execution.has_work_dir = False
+                    await asyncio.get_running_loop().run_in_executor(
+                        None, self.queue.files.remove_work, job.id, job.attempts)
+                await asyncio.sleep(retry_s)  # (a stop cancels this: then a restart, or another node, recovers it)
+                retry_s = min(retry_s * 2, OUTCOME_RETRY_MAX_S)
         finally:
             self.running.pop(job.id, None)
             self._tasks.pop(job.id, None)
@@ -441,6 +460,35 @@ class Workers:
             if execution.has_work_dir:  # known without a look at the disk for every job
                 await asyncio.get_running_loop().run_in_executor(
                     None, self.queue.files.remove_work, job.id, job.attempts)
+
+    async def _store_outcome(self, execution: Execution, new: Job) -> bool:
+        """Store the job's outcome ``new``, or discard it when the job is no longer this runner's (its lease
+        ended, or it was handed back at shutdown). False when the store could not be written."""
+        job = execution.job
+        try:
+            if execution.cancel_reason is CancelReason.LEASE_LOST:
+                log.warning("job %s: its outcome is discarded (the lease ended)", job.id)
+                self.queue.hub.forget(job.id)
+            elif execution.handed_back:
+                log.warning("job %s: its handler returned after the job was handed back; its outcome is"
+                            " discarded", job.id)
+            else:
+                if new.status is not Status.CANCELED and self._cancel_wins(execution, None):
+                    # A cancel accepted while the outcome was made (its result file stored, say) stands.
+                    if new.files is not None and new.files.get("result"):
+                        await self.queue.files.remove_job(job.id)
+                    new = self._canceled(execution)
+                if await self.queue.finish(new, expected_version=execution.stored_version,
+                                           forget=execution.cancel_reason is CancelReason.DELETE):
+                    execution.stored_version = new.version
+            if execution.stored_version != new.version and new.files is not None and new.files.get("result"):
+                await self.queue.files.remove_result(job.id, job.attempts)  # its outcome was discarded
+            execution.job = new
+            return True
+        except StoreError as exc:
+            log.error("job %s: outcome not stored (%s); trying again while this process runs (else a restart,"
+                      " or another node once its lease ends, recovers it)", job.id, exc)
+            return False
 
     async def _outcome(self, spec: TaskSpec, execution: Execution) -> Job:
         """Run the handler and turn what happened into the job's next state."""

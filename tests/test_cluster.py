@@ -85,6 +85,30 @@ async def test_a_job_is_watched_on_other_nodes_by_long_poll_sse_and_websocket(no
     assert any((f["job"].get("progress") or {}).get("message") for f in frames if f.get("type") == "job"), frames
 
 
+async def test_each_progress_report_reaches_another_nodes_long_poll(nodes):
+    """Progress is a change like any other: reports 0.3 s apart on A each reach a long poll on B (If-None-Match
+    with the last ETag it saw), soon after they are made, not only the ones a half-second store write took."""
+    (a, _), (b, app_b) = await nodes(2, modules=[TEST_MODULES, BUILTIN_ONLY])
+    app_b.queue.feed.poll_s = 3600  # the notifications alone
+    job = await (await a.post("/jobs", json={"task": "whoami", "params": {"seconds": 2.4, "steps": 8}})).json()
+    etag, seen, late = job["version"], set(), []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        async with b.get(f"/jobs/{job['id']}", params={"wait": "5", "redirect": "false"},
+                         headers={"If-None-Match": f'W/"{etag}"'}) as resp:
+            if resp.status == 304:
+                continue
+            body = await resp.json()
+        etag = body["version"]
+        if body["progress"]:
+            seen.add(body["progress"]["message"])
+        if body["status"] == "succeeded":
+            break
+    assert body["status"] == "succeeded", body
+    # Each report is 0.3 s after the last: one that took longer than that to cross would be missed.
+    assert len(seen) >= 7, f"B saw {len(seen)} of 8 reports: {sorted(seen)}"
+
+
 async def test_cancel_and_delete_on_another_node_stop_the_job_where_it_runs(nodes):
     """A job running on A is canceled through B (200, stopped) and another deleted through C (204)."""
     (a, app_a), (b, _), (c, _) = await nodes(modules=[TEST_MODULES, BUILTIN_ONLY, BUILTIN_ONLY],

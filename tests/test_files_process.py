@@ -75,6 +75,18 @@ async def wait_for(check, what: str, timeout_s: float = 10.0):
     return value
 
 
+async def wait_for_status(http: aiohttp.ClientSession, url: str, job_id: str, statuses: set[str],
+                          timeout_s: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        async with http.get(f"{url}/jobs/{job_id}", params={"redirect": "false"}) as resp:
+            body = await resp.json()
+        if body["status"] in statuses:
+            return body
+        assert time.monotonic() < deadline, f"job {job_id} stayed {body['status']}, wanted {statuses}"
+        await asyncio.sleep(0.05)
+
+
 async def test_kill_9_during_an_upload_leaves_no_job_and_after_restart_no_file(server_factory, http, tmp_path):
     """The upload never reached a commit: no job exists, and the restart sweeps its partial file."""
     files = tmp_path / "files"
@@ -179,6 +191,35 @@ async def test_a_full_store_answers_503_and_stays_intact(server_factory, http, t
     assert server.terminate() == 0
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+@pytest.mark.sqlite_only  # fills a tmpfs under the SQLite file
+async def test_an_outcome_the_full_store_refused_is_stored_once_there_is_room(server_factory, http, tmpfs):
+    """A job ends while the disk under the store is full: its outcome cannot be written. The server tries it
+    again, and once there is room the job is succeeded, not running until the next restart."""
+    store = tmpfs("store", "2m")
+    server = server_factory(db=store / "jobs.db", config_text=config_text(files={"dir": str(store / "files")}))
+    async with http.post(f"{server.url}/jobs", json={"task": "sleep", "params": {"seconds": 1.5, "steps": 1}}) as r:
+        assert r.status == 202
+        job_id = (await r.json())["id"]
+    await wait_for_status(http, server.url, job_id, {"running"})
+    filler = store / "filler"
+    with open(filler, "wb", buffering=0) as out:  # unbuffered, as in the test above
+        try:
+            while True:
+                out.write(b"f" * 65536)
+        except OSError:
+            pass
+    deadline = time.monotonic() + 15
+    while "outcome not stored" not in server.log():
+        assert time.monotonic() < deadline, f"the outcome was stored on a full disk:\n{server.log()}"
+        await asyncio.sleep(0.1)
+    async with http.get(f"{server.url}/jobs/{job_id}", params={"redirect": "false"}) as resp:
+        assert (await resp.json())["status"] == "running"
+    filler.unlink()
+    body = await wait_for_status(http, server.url, job_id, {"succeeded"}, timeout_s=15)
+    assert body["result"] == {"slept": 1.5}, body
+    assert "Traceback" not in server.log()
 
 
 async def test_a_read_only_files_folder_answers_503_and_the_server_goes_on(server_factory, http, tmpfs):

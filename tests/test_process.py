@@ -508,6 +508,32 @@ async def test_kill_9_loses_no_acknowledged_job(server_factory, http, tmp_path):
             assert body["result"] == (params if task == "echo" else {"slept": params["seconds"]}), body
 
 
+async def test_a_version_shown_before_a_kill_9_never_stands_for_another_state_after_the_restart(
+        server_factory, http, tmp_path):
+    """Progress reaches a client at once and the store at most every half second, so a kill -9 loses the last
+    versions a client saw. After the restart the job (failed as interrupted) has a version past every one
+    shown, and an If-None-Match with the last one seen gets the job, not a 304 that says nothing changed."""
+    db = tmp_path / "versions.db"
+    server = server_factory(db=db)
+    job_id = (await submit(http, server, "sleep", {"seconds": 60, "steps": 6000}))["id"]  # 100 reports a second
+    await wait_job(http, server, job_id, "running")
+    seen = 0
+    deadline = time.monotonic() + 1.2
+    while time.monotonic() < deadline:
+        code, body = await get_job(http, server, job_id)
+        assert code == 200 and body["status"] == "running", body
+        seen = max(seen, body["version"])
+    server.kill()
+
+    server = server_factory(db=db)
+    code, body = await get_job(http, server, job_id)
+    assert code == 200 and body["status"] == "failed" and body["error"]["type"] == "interrupted", body
+    assert body["version"] > seen, (body["version"], seen)
+    async with http.get(f"{server.url}/jobs/{job_id}", headers={"If-None-Match": f'W/"{seen}"'},
+                        params={"wait": "5"}, timeout=REQUEST_TIMEOUT) as resp:
+        assert resp.status == 200, f"a version seen before the kill ({seen}) matched the failed job"
+
+
 async def test_kill_9_keeps_queued_jobs_for_the_restart(server_factory, http, tmp_path):
     """Jobs queued behind a busy worker at a kill -9 run after the restart; the interrupted block fails."""
     db = tmp_path / "queued.db"

@@ -555,6 +555,28 @@ async def test_the_last_report_of_a_burst_reaches_the_store(start):
     await client.post(f"/jobs/{job['id']}/cancel")
 
 
+async def test_reports_shown_run_at_most_a_bounded_number_of_versions_ahead_of_the_store(start):
+    """A handler that reports as fast as it can is shown at most rules.UNSTORED_VERSIONS versions past the
+    store's (the later reports wait for a write), so a restart after a crash, which goes on that many past
+    the stored version, never reuses a version a client saw."""
+    from asyncjobs.rules import UNSTORED_VERSIONS
+    client, app = await start(tasks={"modules": ["asyncjobs.builtin", "tests.sample_tasks"]})
+    job = await submit(client, "whoami", {"seconds": 0, "steps": 20000})
+    widest = 0
+    deadline = asyncio.get_running_loop().time() + 30
+    while asyncio.get_running_loop().time() < deadline:
+        shown = app.queue.hub.latest(job["id"])
+        found = (await app.store.lookup(job["id"])).job
+        assert found is not None
+        if found.terminal:
+            break
+        if shown is not None:
+            widest = max(widest, shown.version - found.version)
+    else:
+        raise AssertionError("the job did not finish")
+    assert 0 < widest <= UNSTORED_VERSIONS, widest
+
+
 async def _is(value, expected) -> bool:
     return await value == expected
 
