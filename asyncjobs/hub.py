@@ -116,6 +116,11 @@ class Hub:
         """Drop a running job's latest state (its runner is done with it, though nothing was published)."""
         self._running.pop(job_id, None)
 
+    def end_all(self) -> None:
+        """End every subscription (the server stops): a long poll answers with the job as it is, a stream ends."""
+        for sub in {s for subs in self._by_job.values() for s in subs} | self._everything:
+            sub.end()
+
     def add_cancel_listener(self, callback: Callable[[str, CancelReason], None]) -> None:
         """Call ``callback(job_id, reason)`` on every cancel request (the runners of jobs listen)."""
         self._cancel_listeners.append(callback)

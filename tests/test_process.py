@@ -612,6 +612,33 @@ async def test_sigterm_with_short_grace_requeues_the_running_job(server_factory,
         await cancel(http, server, job)
 
 
+async def test_sigterm_answers_open_long_polls_and_ends_event_streams(server_factory, http, tmp_path):
+    """A long poll and an event stream open on a job that outlives the grace are not cut off at SIGTERM: the
+    long poll answers 200 with the job as it is (queued again), the stream ends after its last event."""
+    server = server_factory(db=tmp_path / "term.db", config_text=config_text(queue={"shutdown_grace": 0.5}))
+    job = (await submit(http, server, "block", {"seconds": 60}))["id"]
+    await wait_job(http, server, job, "running")
+
+    async def long_poll() -> tuple[int, dict]:
+        async with http.get(f"{server.url}/jobs/{job}", params={"wait": "30"},
+                            timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            return resp.status, await resp.json()
+
+    async def stream() -> list[bytes]:
+        async with http.get(f"{server.url}/jobs/{job}/events", timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            assert resp.status == 200
+            return [line async for line in resp.content]
+
+    polled, streamed = asyncio.create_task(long_poll()), asyncio.create_task(stream())
+    await asyncio.sleep(0.5)  # both are open and waiting
+    server.proc.send_signal(signal.SIGTERM)
+    status, body = await polled
+    assert status == 200 and body["status"] in ("queued", "running"), (status, body)
+    lines = await streamed
+    assert any(line.startswith(b"event: status") for line in lines), lines
+    assert server.proc.wait(20) == 0, server.log()
+
+
 async def test_submit_while_draining_gets_503(server_factory, http, tmp_path):
     """While the server drains after SIGTERM, a submit gets 503 with Retry-After, and the server still exits 0."""
     server = server_factory(db=tmp_path / "503.db", config_text=config_text(queue={"shutdown_grace": 5}))

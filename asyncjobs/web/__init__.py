@@ -47,7 +47,7 @@ def make_web_app(queue: JobQueue, settings: WebSettings, *, rates: Rates | None 
     app[WAITERS_KEY] = Waiters()
     app[push.SOCKETS_KEY] = weakref.WeakSet()
     app[push.CLOSING_KEY] = set()
-    app.on_shutdown.append(push.close_sockets)
+    app.on_shutdown.append(push.end_waits)
     routes = [
         ("POST", "/jobs", jobs.submit),
         ("GET", "/jobs", jobs.list_jobs),

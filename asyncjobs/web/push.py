@@ -298,8 +298,10 @@ async def _unsubscribe(sock: _Socket, command: protocol.WsCommand) -> None:
     await sock.send({"type": "unsubscribed", "jobs": removed})
 
 
-async def close_sockets(app: web.Application) -> None:
-    """At shutdown: tell every socket the server is going away."""
+async def end_waits(app: web.Application) -> None:
+    """At shutdown: a long poll still open answers with its job as it is now (to poll again elsewhere or
+    later), an event stream ends, and every socket is told the server is going away: none is cut off."""
+    app[QUEUE_KEY].hub.end_all()
     sockets: weakref.WeakSet[web.WebSocketResponse] = app[SOCKETS_KEY]
     for ws in list(sockets):
         with contextlib.suppress(Exception):
