@@ -135,15 +135,17 @@ class JobQueue:
         self.next_due: float | None = None  # earliest run_at of a delayed job, if any
         self._noted_during_refresh: list[float] | None = None  # due times noted while the store is re-read
         self.deliveries = asyncio.Event()  # set when a callback delivery was scheduled
+        # The jobs a crash left running are not yet recovered (the store refused the writes at start, a full
+        # disk say): no job is claimed until they are, and each sweep tries again.
+        self.unrecovered = False
 
     async def start(self) -> None:
-        recovered = await self.store.recover(now=self.clock(), retention_s=self.retention_s, node=self.node,
-                                             payload=self.callback_payload, at_start=True,
-                                             lease_s=self.lease_s or 0.0)
-        if recovered:
-            requeued = self._published_recovered(recovered)
-            log.warning("recovered %d interrupted jobs: %d queued again, %d failed", len(recovered),
-                        requeued, len(recovered) - requeued)
+        try:
+            await self._recover_at_start()
+        except StoreError as exc:
+            self.unrecovered = True
+            log.error("cannot recover the jobs left running (%s); no job starts until they are, and each sweep"
+                      " tries again", exc)
         await self.files.open(alone=not await self.store.others_alive(self.node))
         await self.files.sweep_orphans(self.store.file_owners)
         await self.refresh_counts()
@@ -152,6 +154,18 @@ class JobQueue:
         self.next_due = await self.store.next_run_at(after=self.clock())
         self.wakeup.set()
         self.deliveries.set()
+
+    async def _recover_at_start(self) -> None:
+        """The jobs left running by the process before this one: queued again, or failed as interrupted."""
+        recovered = await self.store.recover(now=self.clock(), retention_s=self.retention_s, node=self.node,
+                                             payload=self.callback_payload, at_start=True,
+                                             lease_s=self.lease_s or 0.0)
+        self.unrecovered = False
+        if recovered:
+            requeued = self._published_recovered(recovered)
+            log.warning("recovered %d interrupted jobs: %d queued again, %d failed", len(recovered),
+                        requeued, len(recovered) - requeued)
+            self.wakeup.set()
 
     async def refresh_counts(self) -> None:
         """Read the queued counts and the virtual time again: at start, and periodically when other
@@ -539,6 +553,8 @@ class JobQueue:
         """Start up to ``limit`` due jobs, each task within its concurrency (counted by the store, across
         every process that shares it), leased to this node. The started jobs are published; the caller
         runs them."""
+        if self.unrecovered:  # a job left running would be taken for one of this process's
+            return []
         concurrency = {spec.name: spec.concurrency for spec in self.registry}
         if self.next_due is not None and self.next_due <= self.clock() and self._may_wait():
             await self._place_due()
@@ -594,7 +610,11 @@ class JobQueue:
     # -- housekeeping --------------------------------------------------------
     async def sweep(self) -> None:
         """Expire jobs past ``expires_at`` and forget old tombstones; place the delayed jobs that fell due
-        unseen (another process submitted them, and this one's next due time did not know of them)."""
+        unseen (another process submitted them, and this one's next due time did not know of them). First, the
+        jobs left running at start, if the store refused their recovery then."""
+        if self.unrecovered:
+            await self._recover_at_start()
+            await self.refresh_counts()  # with the jobs it queued again
         if self._may_wait():
             await self._place_due()
         now = self.clock()

@@ -222,6 +222,43 @@ async def test_an_outcome_the_full_store_refused_is_stored_once_there_is_room(se
     assert "Traceback" not in server.log()
 
 
+@pytest.mark.sqlite_only  # fills a tmpfs under the SQLite file
+async def test_a_restart_on_a_full_disk_serves_and_recovers_the_running_jobs_once_there_is_room(
+        server_factory, http, tmpfs):
+    """kill -9 while a job runs and the disk under the store is full: the restart cannot write the job's
+    recovery, yet it starts and answers (the job reads as running, nothing new starts); once there is room a
+    sweep recovers it (failed as interrupted, the task has no retries) and queued jobs run again."""
+    store = tmpfs("store", "2m")
+    text = config_text(files={"dir": str(store / "files")}, jobs={"retention": 2})  # a sweep every 0.5 s
+    server = server_factory(db=store / "jobs.db", config_text=text)
+    async with http.post(f"{server.url}/jobs", json={"task": "block", "params": {"seconds": 60}}) as resp:
+        job_id = (await resp.json())["id"]
+    await wait_for_status(http, server.url, job_id, {"running"})
+    async with http.post(f"{server.url}/jobs", json={"task": "echo", "params": {"n": 1}, "delay": 1}) as resp:
+        queued_id = (await resp.json())["id"]
+    filler = store / "filler"
+    with open(filler, "wb", buffering=0) as out:
+        try:
+            while True:
+                out.write(b"f" * 65536)
+        except OSError:
+            pass
+    server.kill()
+
+    server.start()
+    assert "cannot recover the jobs left running" in server.log(), server.log()
+    async with http.get(f"{server.url}/healthz") as resp:
+        assert resp.status == 200
+    await asyncio.sleep(1.5)  # the delayed job is due, but nothing starts before the recovery
+    assert (await wait_for_status(http, server.url, queued_id, {"queued"}))["status"] == "queued"
+    assert (await wait_for_status(http, server.url, job_id, {"running"}))["status"] == "running"
+    filler.unlink()
+    body = await wait_for_status(http, server.url, job_id, {"failed"}, timeout_s=15)
+    assert body["error"]["type"] == "interrupted", body
+    await wait_for_status(http, server.url, queued_id, {"succeeded"}, timeout_s=15)
+    assert "Traceback" not in server.log()
+
+
 async def test_a_read_only_files_folder_answers_503_and_the_server_goes_on(server_factory, http, tmpfs):
     """Uploads to a files folder that turned read-only get 503 with Retry-After, not 500; once it is
     writable again they are taken."""
