@@ -141,6 +141,8 @@ DECODABLE_CODINGS = _decodable_codings()
 def refuse_undecodable(request: web.Request) -> None:
     """A body in a content coding this server cannot undo: ``415`` naming the ones it can (``Accept-Encoding``,
     RFC 9110, section 12.5.3), before any of it is read."""
+    if "Content-Encoding" not in request.headers:  # the usual case, known at one look
+        return
     coding = list_header(request, "Content-Encoding")
     if request.body_exists and protocol.undecodable_coding(coding, DECODABLE_CODINGS):
         raise problems.WebProblem(
