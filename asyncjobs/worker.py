@@ -327,10 +327,8 @@ class Workers:
         if execution.job.status is not Status.RUNNING or execution.job.progress == report:
             return
         if execution.job.version - execution.stored_version >= rules.UNSTORED_VERSIONS:
-            execution.held_report = report
-            if execution.trailing is not None:
-                execution.trailing.cancel()
-            self._persist_now(execution)
+            execution.held_report = report  # shown once a write lands (the next one, in its time), or stored
+            self._persist_soon(execution)  # with the outcome (``_take_held``)
             return
         execution.held_report = None
         execution.job = with_progress(execution.job, report)
@@ -358,19 +356,27 @@ class Workers:
 
     async def _persist_progress(self, execution: Execution) -> None:
         job = execution.job
-        try:
-            if await self.queue.save_progress(job, expected_version=execution.stored_version):
+        try:  # (a write the store refused is logged there, and returns False: the next report tries again)
+            stored = await self.queue.save_progress(job, expected_version=execution.stored_version)
+            if stored:
                 execution.stored_version = job.version
-        except StoreError as exc:  # the next report, or the outcome, carries it
-            log.warning("job %s: progress not stored (%s)", job.id, exc)
-            return
         finally:
             execution.pending_write = None
-        held, execution.held_report = execution.held_report, None
-        if held is not None and not execution.finishing:  # held back while too many went out unstored
+        if execution.finishing:
+            return
+        if stored and execution.held_report is not None:  # held back while too many went out unstored
+            held, execution.held_report = execution.held_report, None
             self.progress(execution, held["fraction"], held["message"])
         elif execution.job.version != job.version:  # reported while this one was being stored
             self._persist_soon(execution)
+
+    @staticmethod
+    def _take_held(execution: Execution) -> None:
+        """The handler is done: a report still held back (see ``progress``) goes into the job's outcome, stored
+        with it and never shown before, so the last report before the job ends is kept."""
+        held, execution.held_report = execution.held_report, None
+        if held is not None and execution.job.status is Status.RUNNING:
+            execution.job = with_progress(execution.job, held)
 
     async def _sweep_loop(self) -> None:
         shared = self.queue.store.shared
@@ -523,6 +529,7 @@ class Workers:
             done, _ = await asyncio.wait({handler}, timeout=spec.timeout)
         finally:
             execution.handling = False
+        self._take_held(execution)  # (a thread's last report was applied before its handler's end was seen)
         if not done:
             stop()
             return self._timed_out(execution, spec)
@@ -581,6 +588,7 @@ class Workers:
             error = exc
         finally:
             execution.handling = False
+        self._take_held(execution)
         if cancelled:
             task.uncancel()  # the cancel was ours and is handled here (even if the handler swallowed it)
         if self._cancel_wins(execution, error):

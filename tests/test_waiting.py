@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import sqlite3
 import time
 from datetime import datetime
 from typing import Any
@@ -539,6 +540,41 @@ async def test_progress_reaches_waiters_at_once_and_the_store_throttled(start):
     assert len(seen) >= 10, f"long polls saw only {len(seen)} of 30 progress reports"
     writes = app.store.commits - commits_before
     assert writes <= 12, f"{writes} store commits for 30 progress reports in 1.5 s"
+
+
+async def test_a_fast_reporter_is_stored_at_most_every_half_second_and_keeps_its_last_report(start):
+    """A handler reporting as fast as it can (20,000 reports) still costs the store a write at most every half
+    second (reports beyond the unstored bound wait for the next write in its time, not a write of their own),
+    and its last report is in its terminal state, on the wire and in the store."""
+    client, app = await start(tasks={"modules": ["asyncjobs.builtin", "tests.sample_tasks"]})
+    commits_before, began = app.store.commits, time.monotonic()
+    job = await submit(client, "whoami", {"seconds": 0, "steps": 20000})
+    done = await wait_status(client, job["id"], "succeeded", timeout_s=30)
+    elapsed = time.monotonic() - began
+    assert done["progress"] == {"fraction": 1.0, "message": "step 20000"}, done["progress"]
+    stored = (await app.store.lookup(job["id"])).job
+    assert stored is not None and stored.progress == done["progress"]
+    # The submit, the claim, the outcome, a look or two of the dispatcher and the sweep; and the progress, the
+    # first report's write at once, then one each half second.
+    writes = app.store.commits - commits_before
+    assert writes <= 6 + elapsed / 0.5, f"{writes} store commits in {elapsed:.2f} s"
+
+
+@pytest.mark.sqlite_only  # changes the job's row behind the worker, as another writer would
+async def test_progress_writes_the_store_refuses_are_not_retried_in_a_loop(start):
+    """Once another writer changed a running job (its version moved on, as a node that took it over would),
+    the runner's progress writes all fail: each later report tries again in its time, and with reports held
+    back (past the unstored bound) nothing tries in a loop."""
+    client, app = await start(tasks={"modules": ["asyncjobs.builtin", "tests.sample_tasks"]})
+    job = await submit(client, "whoami", {"seconds": 1.5, "steps": 3000})
+    await eventually(lambda: job["id"] in app.workers.running, "the job to run")
+    with sqlite3.connect(app.config.store.path) as other:
+        other.execute("UPDATE jobs SET version = version + 100000 WHERE id = ?", (job["id"],))
+    await asyncio.sleep(0.3)  # more than a hundred reports: the runner holds them back
+    commits_before = app.store.commits
+    await asyncio.sleep(0.5)
+    writes = app.store.commits - commits_before
+    assert writes <= 5, f"{writes} store commits in half a second of refused progress writes"
 
 
 async def test_the_last_report_of_a_burst_reaches_the_store(start):
