@@ -136,7 +136,8 @@ class JobQueue:
         self._noted_during_refresh: list[float] | None = None  # due times noted while the store is re-read
         self.deliveries = asyncio.Event()  # set when a callback delivery was scheduled
         # The jobs a crash left running are not yet recovered (the store refused the writes at start, a full
-        # disk say): no job is claimed until they are, and each sweep tries again.
+        # disk say): each sweep tries again. (The jobs this process claims meanwhile are its own: held by its
+        # node, the recovery leaves them alone.)
         self.unrecovered = False
 
     async def start(self) -> None:
@@ -144,8 +145,7 @@ class JobQueue:
             await self._recover_at_start()
         except StoreError as exc:
             self.unrecovered = True
-            log.error("cannot recover the jobs left running (%s); no job starts until they are, and each sweep"
-                      " tries again", exc)
+            log.error("cannot recover the jobs left running (%s); each sweep tries again", exc)
         await self.files.open(alone=not await self.store.others_alive(self.node))
         await self.files.sweep_orphans(self.store.file_owners)
         await self.refresh_counts()
@@ -553,8 +553,6 @@ class JobQueue:
         """Start up to ``limit`` due jobs, each task within its concurrency (counted by the store, across
         every process that shares it), leased to this node. The started jobs are published; the caller
         runs them."""
-        if self.unrecovered:  # a job left running would be taken for one of this process's
-            return []
         concurrency = {spec.name: spec.concurrency for spec in self.registry}
         if self.next_due is not None and self.next_due <= self.clock() and self._may_wait():
             await self._place_due()
