@@ -51,7 +51,7 @@ def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_HOST_NAME = re.compile(r"[a-z0-9._-]+")  # a DNS name or an IPv4 address (lowercased); no wildcards
+_HOST_NAME = re.compile(r"[\w.-]+")  # a DNS name (international too) or an IPv4 address; no wildcards
 
 
 def allow_list(entries: Iterable[str]) -> tuple[str, ...]:

@@ -207,16 +207,17 @@ def _build_tasks(values: Mapping[str, Any]) -> TasksConfig:
 
 
 def _parse_env_value(section: str, key: str, raw: str) -> Any:
-    """An environment value: as it is for a text setting (a path of digits is still a path), else read as a
-    TOML value when it is one (a number, a list, a table), else as a plain string (which the setting's check
-    then refuses, naming it)."""
+    """An environment value, read as a TOML value when it is one (a number, a list, a table, a quoted string),
+    else as a plain string (which the setting's check refuses, naming it, where it wants no text); a text
+    setting takes anything but a quoted string as it is (a path of digits is still a path)."""
     fields = {f.name: str(f.type) for f in dataclasses.fields(_SECTIONS[section])} if section in _SECTIONS else {}
-    if fields.get(key) == "str":
-        return raw
     try:
-        return tomllib.loads(f"v = {raw}")["v"]
+        value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw
+    if fields.get(key) == "str" and not isinstance(value, str):  # (a quoted one, from an env file, is read)
+        return raw
+    return value
 
 
 def url_host(host: str) -> str:

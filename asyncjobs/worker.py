@@ -54,6 +54,7 @@ class Execution:
     handling: bool = False  # the worker waits for the handler now (its outcome is not being made yet)
     handed_back: bool = False  # queued again at shutdown while its handler ignored the stop: no outcome stored
     held_report: dict[str, Any] | None = None  # the latest progress, held until a write lands (see progress)
+    outcome_refused: bool = False  # the store refused its outcome: tried again until stored, or the stop
 
     def request_cancel(self, reason: CancelReason) -> None:
         if self.cancel_reason is None:
@@ -282,7 +283,7 @@ class Workers:
         """Outcomes the store still refuses at the end of a stop are left to the recovery of the next start (or
         of another node): the job stays running in the store until then."""
         retrying = [self._tasks[e.job.id] for e in self.running.values()
-                    if e.finishing and e.job.id in self._tasks]
+                    if e.outcome_refused and e.job.id in self._tasks]
         for task in retrying:
             task.cancel()
         if retrying:
@@ -452,6 +453,7 @@ class Workers:
                 await execution.pending_write
             retry_s = OUTCOME_RETRY_S
             while not await self._store_outcome(execution, new):  # the store refused the write: try again
+                execution.outcome_refused = True
                 if execution.has_work_dir:  # the handler's scratch space goes now: a full disk may need it
                     execution.has_work_dir = False
                     await asyncio.get_running_loop().run_in_executor(

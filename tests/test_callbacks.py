@@ -479,8 +479,11 @@ def test_allow_list_entries_are_hosts_or_host_ports_and_a_url_takes_its_schemes_
     """``host:port`` admits a URL that leaves that port implied by its scheme; IPv6 entries are written in
     brackets (or bare without a port); host names compare without case."""
     from asyncjobs.callbacks import allow_list, host_allowed
-    allowed = allow_list(["127.0.0.1:80", "Hooks.Example:443", "[::1]:8443", "fe80::1", "any.example"])
-    assert allowed == ("127.0.0.1:80", "hooks.example:443", "[::1]:8443", "[fe80::1]", "any.example")
+    allowed = allow_list(["127.0.0.1:80", "Hooks.Example:443", "[::1]:8443", "fe80::1", "any.example",
+                          "Bücher.example"])
+    assert allowed == ("127.0.0.1:80", "hooks.example:443", "[::1]:8443", "[fe80::1]", "any.example",
+                       "bücher.example")
+    assert host_allowed("https://BÜCHER.example/x", allowed)
     for url in ("http://127.0.0.1/x", "http://127.0.0.1:80/x", "https://HOOKS.example/x", "https://[::1]:8443/x",
                 "http://[fe80::1]:9000/x", "http://any.example:1234/x"):
         assert host_allowed(url, allowed), url

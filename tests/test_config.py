@@ -161,3 +161,5 @@ def test_a_text_setting_from_the_environment_is_taken_as_it_is():
                                         "ASYNCJOBS_CALLBACKS_ALLOW_HOSTS": '["hooks.example"]'})
     assert (loaded.store.path, loaded.server.host, loaded.files.dir) == ("1234", "true", "2024-01-01")
     assert loaded.queue.workers == 16 and loaded.callbacks.allow_hosts == ["hooks.example"]
+    # A quoted value (as a Docker env file passes it on, quotes and all) is the text inside the quotes.
+    assert config.load(None, environ={"ASYNCJOBS_STORE_PATH": '"jobs.db"'}).store.path == "jobs.db"
