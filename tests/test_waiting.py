@@ -522,6 +522,7 @@ async def test_malformed_if_none_match_is_tolerated(start, inm):
 async def test_progress_reaches_waiters_at_once_and_the_store_throttled(start):
     """Every progress report reaches long polls at once, while the store is written at most every 0.5 s."""
     client, app = await start()
+    app.workers.persist_interval_s = 0.5  # SQLite's (a shared store's is shorter: other nodes read it there)
     commits_before = app.store.commits
     job, etag = await running_job(client, "sleep", {"seconds": 1.5, "steps": 30})
     seen: set[int] = set()
@@ -547,6 +548,7 @@ async def test_a_fast_reporter_is_stored_at_most_every_half_second_and_keeps_its
     second (reports beyond the unstored bound wait for the next write in its time, not a write of their own),
     and its last report is in its terminal state, on the wire and in the store."""
     client, app = await start(tasks={"modules": ["asyncjobs.builtin", "tests.sample_tasks"]})
+    app.workers.persist_interval_s = 0.5  # SQLite's (a shared store's is shorter: other nodes read it there)
     commits_before, began = app.store.commits, time.monotonic()
     job = await submit(client, "whoami", {"seconds": 0, "steps": 20000})
     done = await wait_status(client, job["id"], "succeeded", timeout_s=30)
@@ -554,10 +556,10 @@ async def test_a_fast_reporter_is_stored_at_most_every_half_second_and_keeps_its
     assert done["progress"] == {"fraction": 1.0, "message": "step 20000"}, done["progress"]
     stored = (await app.store.lookup(job["id"])).job
     assert stored is not None and stored.progress == done["progress"]
-    # The submit, the claim, the outcome, a look or two of the dispatcher and the sweep; and the progress, the
-    # first report's write at once, then one each half second.
+    # The submit, the claim, the outcome, a look or two of the dispatcher and the sweep (and on a shared store
+    # its rescue and counts); and the progress, the first report's write at once, then one each half second.
     writes = app.store.commits - commits_before
-    assert writes <= 6 + elapsed / 0.5, f"{writes} store commits in {elapsed:.2f} s"
+    assert writes <= 8 + elapsed / 0.5, f"{writes} store commits in {elapsed:.2f} s"
 
 
 @pytest.mark.sqlite_only  # changes the job's row behind the worker, as another writer would
