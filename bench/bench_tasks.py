@@ -1,10 +1,12 @@
 """Tasks for the benchmarks: `stamp` (its result is the moment the handler finished), `blob` (an upload
-target) and `pause` (a fixed short job that reports when its handler started)."""
+target), `ticker` (progress reports that carry the moment they were made) and `pause` (a fixed short job that
+reports when its handler started)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from asyncjobs import InputFile, task
 
@@ -15,6 +17,16 @@ async def stamp(delay: float = 0.0) -> float:
     if delay:
         await asyncio.sleep(delay)
     return time.time()
+
+
+@task()
+async def ticker(ctx: Any, reports: int = 50, every: float = 0.1) -> int:
+    """Reports progress ``reports`` times, ``every`` seconds apart, each report's message the wall-clock time
+    it was made (full precision): the cross-node progress benchmark's job (bench/pg_wake.py)."""
+    for i in range(reports):
+        await asyncio.sleep(every)
+        await ctx.progress((i + 1) / reports, repr(time.time()))
+    return reports
 
 
 @task()

@@ -1,6 +1,6 @@
 """Cross-node wake latency on PostgreSQL: a job finishes on node A, a long poll on node B learns of it.
 
-    python bench/pg_wake.py [--jobs 300] [--batch 50] [--warmup 1] [--modes same,cross] [--fsync on|off]
+    python bench/pg_wake.py [--jobs 300] [--batch 50] [--warmup 1] [--modes same,cross,progress] [--fsync on|off]
 
 One throwaway PostgreSQL cluster (bench/pg_cluster.py), a fresh database per mode:
 
@@ -17,6 +17,12 @@ millisecond time, truncated, so up to 1 ms more than the truth) and minus the ha
 (the `stamp` result, full precision, before the terminal state is committed). p50, p90, p99, max in ms.
 Answers that were not terminal (the wait ran out: the node never learned) are counted apart, as are
 long polls sent after the job had already finished (answered at once, not a wake).
+
+- progress: as cross, for progress instead of completions: --jobs `ticker` jobs at once on A, each
+  reporting 50 times 0.1 s apart (the report's wall-clock time in its message); B follows each with
+  long polls carrying the last ETag it saw (`If-None-Match`), which answer at the next change. Per report
+  B saw: receipt time minus the moment the report was made; and how many reports B never saw (a later one
+  came first).
 """
 
 from __future__ import annotations
@@ -83,6 +89,42 @@ async def measure(submit_url: str, wait_url: str, jobs: int, batch: int, wait_s:
             "late": late}
 
 
+async def measure_progress(submit_url: str, wait_url: str, jobs: int, wait_s: int) -> dict:
+    """The progress mode: see the module's docstring."""
+    import aiohttp
+
+    reports, every = 50, 0.1
+    delays: list[float] = []
+    seen = 0
+    timeout = aiohttp.ClientTimeout(total=wait_s + 60)
+    async with aiohttp.ClientSession(submit_url, timeout=timeout) as a, \
+            aiohttp.ClientSession(wait_url, connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as b:
+        async def follow(job_id: str, etag: str) -> None:
+            nonlocal seen
+            while True:
+                async with b.get(f"/jobs/{job_id}?wait={wait_s}&redirect=false",
+                                 headers={"If-None-Match": etag}) as r:
+                    received = time.time()
+                    if r.status == 304:
+                        continue
+                    etag = r.headers["ETag"]
+                    body = await r.json()
+                if body["progress"] and body["status"] == "running":
+                    seen += 1
+                    delays.append((received - float(body["progress"]["message"])) * 1000)
+                if body["status"] != "running" and body["status"] != "queued":
+                    return
+
+        followers = []
+        for _ in range(jobs):
+            async with a.post("/jobs", json={"task": "ticker", "params": {"reports": reports, "every": every}}) as r:
+                if r.status != 202:
+                    raise RuntimeError(f"submit answered {r.status}: {await r.text()}")
+                followers.append(asyncio.create_task(follow((await r.json())["id"], r.headers["ETag"])))
+        await asyncio.gather(*followers)
+    return {"delays": delays, "missed": jobs * reports - seen, "reports": jobs * reports}
+
+
 def summary(values: list[float]) -> str:
     if not values:
         return "no samples"
@@ -97,7 +139,7 @@ def run_mode(pg: Cluster, mode: str, args: argparse.Namespace) -> dict | None:
     try:
         try:
             nodes.append(Node(db, files_dir=files, workers=args.workers, loop=args.loop, name=f"wake-{mode}-a"))
-            if mode == "cross":
+            if mode in ("cross", "progress"):
                 # B does not load bench_tasks: it cannot claim `stamp` jobs, so every job runs on A
                 nodes.append(Node(db, files_dir=files, workers=args.workers, loop=args.loop, name=f"wake-{mode}-b",
                                   modules=("asyncjobs.builtin",)))
@@ -110,6 +152,8 @@ def run_mode(pg: Cluster, mode: str, args: argparse.Namespace) -> dict | None:
         if note:
             print(note)
         a, b = nodes[0], nodes[-1]
+        if mode == "progress":
+            return asyncio.run(measure_progress(a.url, b.url, args.progress_jobs, args.wait))
         return asyncio.run(measure(a.url, b.url, args.jobs, args.batch, args.wait, args.warmup))
     finally:
         for node in nodes:
@@ -122,7 +166,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=1, help="batches run first and not counted")
-    parser.add_argument("--modes", default="same,cross", help="comma-separated: same, cross")
+    parser.add_argument("--modes", default="same,cross,progress", help="comma-separated: same, cross, progress")
+    parser.add_argument("--progress-jobs", type=int, default=20, help="ticker jobs of the progress mode, at once")
     parser.add_argument("--wait", type=int, default=10, help="the long poll's ?wait=, seconds")
     parser.add_argument("--workers", type=int, default=64, help="workers per node (a batch runs at once)")
     parser.add_argument("--fsync", default="on", choices=["on", "off"])
@@ -138,6 +183,11 @@ def main() -> None:
         for mode in args.modes.split(","):
             r = run_mode(pg, mode, args)
             if r is None:
+                continue
+            if mode == "progress":
+                print(f"progress (ticker jobs on node A, long polls with If-None-Match on node B): {r['reports']}"
+                      f" reports, {len(r['delays'])} seen on B, {r['missed']} never seen (a later one came first)")
+                print(f"  report made -> client receipt on B, ms: {summary(r['delays'])}")
                 continue
             where = "submit and long poll on one node" if mode == "same" else "submit on node A, long poll on node B"
             print(f"{mode} ({where}): {len(r['from_finished'])} jobs measured, {r['not_terminal']} long polls"
