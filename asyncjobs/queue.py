@@ -150,7 +150,11 @@ class JobQueue:
         await self.files.sweep_orphans(self.store.file_owners)
         await self.refresh_counts()
         if self._priorities:
-            await self._place_due()  # what fell due while no process ran
+            try:
+                await self._place_due()  # what fell due while no process ran
+            except StoreError as exc:  # (a full disk, say) the claims and the sweeps place them later
+                log.error("cannot place the delayed jobs that fell due (%s); the next claim or sweep tries again",
+                          exc)
         self.next_due = await self.store.next_run_at(after=self.clock())
         self.wakeup.set()
         self.deliveries.set()

@@ -75,6 +75,20 @@ async def wait_for(check, what: str, timeout_s: float = 10.0):
     return value
 
 
+def fill_up(folder: Path) -> Path:
+    """Fill the disk under ``folder`` to its last block with one file, returned (unlink it to make room).
+    Unbuffered: a buffered file would try its last bytes again at its close, and raise there (ENOSPC) outside
+    the loop that expects it."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as out:
+        try:
+            while True:
+                out.write(b"f" * 65536)
+        except OSError:
+            pass
+    return filler
+
+
 async def wait_for_status(http: aiohttp.ClientSession, url: str, job_id: str, statuses: set[str],
                           timeout_s: float = 10.0) -> dict:
     deadline = time.monotonic() + timeout_s
@@ -166,15 +180,7 @@ async def test_a_full_store_answers_503_and_stays_intact(server_factory, http, t
     server = server_factory(db=db, config_text=config_text(files={"dir": str(store / "files")}))
     async with http.post(f"{server.url}/jobs", json={"task": "noop"}) as resp:
         assert resp.status == 202
-    filler = store / "filler"
-    # Fill the disk to the last block. Unbuffered: a buffered file would try its last bytes again at its
-    # close, and raise there (ENOSPC) outside the loop that expects it.
-    with open(filler, "wb", buffering=0) as out:
-        try:
-            while True:
-                out.write(b"f" * 65536)
-        except OSError:
-            pass
+    filler = fill_up(store)
     statuses = []
     for i in range(30):
         async with http.post(f"{server.url}/jobs", json={"task": "echo", "params": {"pad": "p" * 20000, "i": i}}) as r:
@@ -203,13 +209,7 @@ async def test_an_outcome_the_full_store_refused_is_stored_once_there_is_room(se
         assert r.status == 202
         job_id = (await r.json())["id"]
     await wait_for_status(http, server.url, job_id, {"running"})
-    filler = store / "filler"
-    with open(filler, "wb", buffering=0) as out:  # unbuffered, as in the test above
-        try:
-            while True:
-                out.write(b"f" * 65536)
-        except OSError:
-            pass
+    filler = fill_up(store)
     deadline = time.monotonic() + 15
     while "outcome not stored" not in server.log():
         assert time.monotonic() < deadline, f"the outcome was stored on a full disk:\n{server.log()}"
@@ -234,15 +234,10 @@ async def test_a_restart_on_a_full_disk_serves_and_recovers_the_running_jobs_onc
     async with http.post(f"{server.url}/jobs", json={"task": "block", "params": {"seconds": 60}}) as resp:
         job_id = (await resp.json())["id"]
     await wait_for_status(http, server.url, job_id, {"running"})
-    async with http.post(f"{server.url}/jobs", json={"task": "echo", "params": {"n": 1}, "delay": 1}) as resp:
+    async with http.post(f"{server.url}/jobs", json={"task": "echo", "params": {"n": 1}, "delay": 0.2}) as resp:
         queued_id = (await resp.json())["id"]
-    filler = store / "filler"
-    with open(filler, "wb", buffering=0) as out:
-        try:
-            while True:
-                out.write(b"f" * 65536)
-        except OSError:
-            pass
+    filler = fill_up(store)
+    await asyncio.sleep(0.3)  # the delayed job falls due before the restart, whose placement of it fails too
     server.kill()
 
     server.start()
