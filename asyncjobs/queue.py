@@ -496,7 +496,12 @@ class JobQueue:
             try:
                 job, stopped = await self.cancel(job_id, owner=owner, reason=CancelReason.DELETE)
             except StateConflict:  # it ended on its own meanwhile: forget it as it is
-                job, stopped = await self.find(job_id, owner=owner), True
+                try:
+                    job, stopped = await self.find(job_id, owner=owner), True
+                except JobNotFound:  # and was forgotten too
+                    return True
+            except JobNotFound:  # its runner stopped and forgot it (on another node) before its end was read here
+                return True
             if not stopped:
                 found = await self.store.lookup(job_id)
                 if found.job is None or not found.job.terminal:
