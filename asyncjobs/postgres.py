@@ -1038,19 +1038,19 @@ class PostgresStore:
         return [row_to_job(r) for r in rows]
 
     async def queue_position(self, job: Job) -> int:
-        """1 for the next job to run (see ``rules.position_counts_waiting``)."""
+        """1 for the next job to run (see ``rules.is_waiting``)."""
         return (await self._fetchval(POSITION_SQL, job.priority, job.vt, job.seq,
-                                     rules.position_counts_waiting(job))) + 1
+                                     rules.is_waiting(job))) + 1
 
     async def queue_positions(self, jobs: list[Job]) -> dict[str, int]:
         """As the SQLite store's."""
         if not jobs:
             return {}
-        placed = [j.id for j in jobs if not rules.position_counts_waiting(j)]
+        placed = [j.id for j in jobs if not rules.is_waiting(j)]
         rows = await self._fetch(POSITIONS_SQL, placed) if placed else []
         positions = {job_id: pos for job_id, pos in rows}
         for job in jobs:
-            if rules.position_counts_waiting(job):
+            if rules.is_waiting(job):
                 positions[job.id] = await self.queue_position(job)
         return positions
 

@@ -291,7 +291,7 @@ class JobQueue:
                     job_status=inserted.job.status.value, job_version=inserted.job.version)
             return inserted
         place = (inserted.job.vt, inserted.job.seq)
-        if inserted.job.vt >= rules.WAITING:
+        if rules.is_waiting(inserted.job):
             self._waiting[job.priority] += 1
         else:
             self._last_place[job.priority] = max(self._last_place.get(job.priority, place), place)
@@ -392,7 +392,7 @@ class JobQueue:
         position = None
         if job.status is Status.QUEUED:
             place = (job.vt, job.seq)
-            waiting = job.vt >= rules.WAITING
+            waiting = rules.is_waiting(job)
             if just_submitted and (waiting or place >= self._last_place.get(job.priority, place)):
                 # The last placed job of its priority: the placed jobs at its priority and above. (A job that
                 # waits to fall due: all those queued now, a preview of its place if it were due.)
@@ -588,7 +588,7 @@ class JobQueue:
 
     def _left_waiting(self, job: Job) -> None:
         """A queued job left the queue (canceled, expired): one waiting job fewer if it was one."""
-        if job.vt >= rules.WAITING:
+        if rules.is_waiting(job):
             self._waiting[job.priority] = max(0, self._waiting[job.priority] - 1)
 
     def _due_at(self, run_at: float) -> None:

@@ -143,10 +143,11 @@ def waits(job: Job) -> bool:
     return job.run_at > job.created_at
 
 
-def position_counts_waiting(job: Job) -> bool:
-    """Whether a queued job's position counts the waiting jobs of higher priorities: only for a waiting job,
-    whose position previews its place among all the queued jobs. A placed job's counts the placed jobs ahead of
-    it, the ones that will start before it (a job that falls due later is placed then)."""
+def is_waiting(job: Job) -> bool:
+    """Whether a queued job still waits to fall due (its vt is WAITING and more) rather than holding a place.
+    Its queue position counts the waiting jobs of higher priorities too, a preview of its place among all the
+    queued jobs; a placed job's counts only the placed jobs ahead of it, the ones that will start before it (a
+    job that falls due later is placed then)."""
     return job.vt >= WAITING
 
 

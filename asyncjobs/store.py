@@ -185,7 +185,7 @@ CLAIM_SQL = (f"SELECT {_COLUMNS} FROM jobs INDEXED BY jobs_fair WHERE status = '
 # Waiting jobs (rules.WAITING) of one priority that are due, in the order they fell due: placed before a claim.
 DUE_WAITING_SQL = ("SELECT id, owner, seq FROM jobs INDEXED BY jobs_fair WHERE status = 'queued' AND priority = ?"
                    f" AND vt >= {rules.WAITING} AND vt <= ? ORDER BY vt, seq")
-# A job's queue position (see rules.position_counts_waiting): the jobs ahead of it at higher priorities (the
+# A job's queue position (see rules.is_waiting): the jobs ahead of it at higher priorities (the
 # placed ones; the waiting ones too when the last parameter is 1) and at its own.
 POSITION_SQL = (
     "SELECT (SELECT COUNT(*) FROM jobs INDEXED BY jobs_fair WHERE status = 'queued' AND priority > ?"
@@ -871,19 +871,19 @@ class SQLiteStore:
         return [row_to_job(r) for r in rows]
 
     async def queue_position(self, job: Job) -> int:
-        """1 for the next job to run (see ``rules.position_counts_waiting``)."""
-        rows = await self._fetchall(POSITION_SQL, (job.priority, rules.position_counts_waiting(job), job.priority,
+        """1 for the next job to run (see ``rules.is_waiting``)."""
+        rows = await self._fetchall(POSITION_SQL, (job.priority, rules.is_waiting(job), job.priority,
                                                    job.vt, job.vt, job.seq))
         return rows[0][0] + 1
 
     async def queue_positions(self, jobs: list[Job]) -> dict[str, int]:
         """Positions of several queued jobs: the placed ones' from one pass over the queue (not one count each),
         a waiting one's (rare) from its own count."""
-        placed = [j.id for j in jobs if not rules.position_counts_waiting(j)]
-        rows = await self._fetchall(POSITIONS_SQL.format(marks=", ".join("?" for _ in placed)), tuple(placed))
-        positions = dict(rows)
+        placed = [j.id for j in jobs if not rules.is_waiting(j)]
+        positions = dict(await self._fetchall(POSITIONS_SQL.format(marks=", ".join("?" for _ in placed)),
+                                              tuple(placed))) if placed else {}
         for job in jobs:
-            if rules.position_counts_waiting(job):
+            if rules.is_waiting(job):
                 positions[job.id] = await self.queue_position(job)
         return positions
 
