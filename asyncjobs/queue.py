@@ -495,16 +495,15 @@ class JobQueue:
         if not job.terminal:
             try:
                 job, stopped = await self.cancel(job_id, owner=owner, reason=CancelReason.DELETE)
-            except StateConflict:  # it ended on its own meanwhile: forget it as it is
-                try:
-                    job, stopped = await self.find(job_id, owner=owner), True
-                except JobNotFound:  # and was forgotten too
-                    return True
             except JobNotFound:  # its runner stopped and forgot it (on another node) before its end was read here
                 return True
+            except StateConflict:  # it ended on its own meanwhile: forget it as the store has it, below
+                stopped = False
             if not stopped:
                 found = await self.store.lookup(job_id)
-                if found.job is None or not found.job.terminal:
+                if found.job is None:  # forgotten by its runner meanwhile
+                    return True
+                if not found.job.terminal:
                     return False
                 job = found.job  # it ended meanwhile: forget it now
         await self._forget(job)
