@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
@@ -10,7 +12,7 @@ from aiohttp import web
 
 from . import callbacks, codec, protocol
 from .config import Config
-from .errors import ConfigError
+from .errors import ConfigError, StoreError, StoreUnreachable
 from .files import FileStore, default_dir
 from .hub import Feed, Hub, LocalFeed
 from .limits import Rates, SharedSubmitRates
@@ -99,6 +101,12 @@ def heartbeat_s(config: Config) -> float:
     return min(config.cluster.heartbeat, config.cluster.lease / 3)
 
 
+# A node whose database is away at its start tries again after this long, twice as long each time, up to the
+# most; it listens meanwhile and answers 503.
+CONNECT_RETRY_FIRST_S = 0.5
+CONNECT_RETRY_MOST_S = 5.0
+
+
 def sweep_interval_s(config: Config, *, shared: bool = False) -> float:
     """Often enough that retention and expiry are honoured within a fraction of the shortest of them; on a
     shared store at least every second, since the same loop rescues jobs whose lease ended and reads the
@@ -163,6 +171,7 @@ class App:
         self.web[METRICS_KEY] = self.metrics
         self.web.cleanup_ctx.append(self._lifecycle)
         self._started = False
+        self._connecting: asyncio.Task[None] | None = None  # a start waiting for the database to answer
 
     def _feed(self) -> Feed:
         """The change feed that goes with the store: the hub alone, unless other processes share the store."""
@@ -193,9 +202,37 @@ class App:
         await self.stop()
 
     async def start(self) -> None:
-        if self._started:
+        """Open the store and start the queue, workers and deliveries. A database that is away (a shared
+        store) does not stop the start: the node answers 503 meanwhile and starts once it can connect, as
+        it reconnects after the database went away later on (PROTOCOL: nodes reconnect on their own). A
+        database that refuses (a wrong password, a missing database) raises StoreError at once."""
+        if self._started or self._connecting is not None:
             return
-        await self.store.open()
+        try:
+            await self.store.open()
+        except StoreUnreachable as exc:
+            log.warning("%s; this node answers 503 until the database answers", exc)
+            self._connecting = asyncio.create_task(self._start_once_reachable(), name="asyncjobs-connect")
+            return
+        await self._start_on_open_store()
+
+    async def _start_once_reachable(self) -> None:
+        delay = CONNECT_RETRY_FIRST_S
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.store.open()
+                await self._start_on_open_store()
+            except StoreError as exc:  # still away, or away again; or refusing, which someone may mend
+                delay = min(delay * 2, CONNECT_RETRY_MOST_S)
+                log.log(logging.INFO if isinstance(exc, StoreUnreachable) else logging.ERROR,
+                        "%s; trying again in %.1fs", exc, delay)
+                continue
+            except Exception:
+                log.exception("asyncjobs could not start")
+            return
+
+    async def _start_on_open_store(self) -> None:
         try:
             await self.queue.feed.start()
             await self.queue.start()
@@ -217,6 +254,11 @@ class App:
             await self.workers.stop(self.config.queue.shutdown_grace if grace_s is None else grace_s)
 
     async def stop(self) -> None:
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None:  # (done once the node has started; else the start is given up)
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
         if not self._started:
             return
         await self.drain()

@@ -92,6 +92,11 @@ class StoreError(AsyncJobsError):
     """The store cannot do its work (file unreadable, read-only, full)."""
 
 
+class StoreUnreachable(StoreError):
+    """The store's server does not answer (down, starting, cut off, out of connections): unlike a store
+    that refuses (a wrong password, a missing database, a newer schema), it may answer later."""
+
+
 class InvalidTransition(AsyncJobsError):
     """A job was asked to move to a status its current status does not allow."""
 

@@ -34,7 +34,7 @@ from typing import Any
 import asyncpg
 
 from . import limits, rules
-from .errors import InvalidRequest, StoreError
+from .errors import InvalidRequest, StoreError, StoreUnreachable
 from .models import CancelReason, Job, Status, evolve
 from .store import (
     COLUMN_NAMES,
@@ -363,7 +363,16 @@ TOMBSTONE_SQL = ("INSERT INTO tombstones (id, owner, gone_until) VALUES ($1, $2,
 # What a connection that failed, or a database that refused, raises; all become StoreError.
 _DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
+# Of those, what a database that is away raises (not there, starting or stopping, cut off, full up): it may
+# answer later, where a refusal (a wrong password, a missing database) stays until someone changes something.
+_AWAY_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, asyncpg.TooManyConnectionsError)
 
+
+
+def _store_error(message: str, exc: BaseException) -> StoreError:
+    return StoreUnreachable(message) if isinstance(exc, _AWAY_ERRORS) else StoreError(message)
 
 
 def _insert_values(job: Job) -> tuple:
@@ -508,12 +517,14 @@ class PostgresStore:
 
     # -- lifecycle -------------------------------------------------------
     async def open(self) -> None:
+        """Connect and bring the schema up to date. StoreUnreachable: the database is away and may be back
+        later; StoreError: it refused (or the URL is wrong), which lasts."""
         try:
             pool = await asyncpg.create_pool(
                 self.url, min_size=self.min_size, max_size=self.max_size, timeout=self.connect_timeout,
                 command_timeout=self.command_timeout, server_settings=self._settings(), reset=_keep_session)
         except _DB_ERRORS as exc:
-            raise StoreError(f"store.url: cannot connect to PostgreSQL: {exc}") from exc
+            raise _store_error(f"store.url: cannot connect to PostgreSQL: {exc}", exc) from exc
         except ValueError as exc:  # a malformed URL
             raise StoreError(f"store.url: {exc}") from exc
         try:
@@ -522,7 +533,7 @@ class PostgresStore:
         except BaseException as exc:
             await pool.close()
             if isinstance(exc, _DB_ERRORS):
-                raise StoreError(f"store.url: cannot migrate the PostgreSQL schema: {exc}") from exc
+                raise _store_error(f"store.url: cannot migrate the PostgreSQL schema: {exc}", exc) from exc
             raise
         self._pool = pool
         self._writer_tasks = [asyncio.create_task(self._writer(pool), name=f"asyncjobs-pg-writer-{i}")

@@ -139,6 +139,7 @@ class JobQueue:
         # disk say): each sweep tries again. (The jobs this process claims meanwhile are its own: held by its
         # node, the recovery leaves them alone.)
         self.unrecovered = False
+        self.started = False  # until start() has read the store: on a shared store, requests get 503
 
     async def start(self) -> None:
         try:
@@ -158,6 +159,7 @@ class JobQueue:
         self.next_due = await self.store.next_run_at(after=self.clock())
         self.wakeup.set()
         self.deliveries.set()
+        self.started = True
 
     async def _recover_at_start(self) -> None:
         """The jobs left running by the process before this one: queued again, or failed as interrupted."""

@@ -299,6 +299,52 @@ async def test_a_database_restart_mid_load_gives_503s_never_500s_and_loses_nothi
         assert " 500 " not in server.log() and "Traceback" not in server.log()
 
 
+async def test_a_node_started_while_its_database_is_away_answers_503_and_starts_once_it_is_back(
+        server_factory, tmp_path, private_cluster):
+    """A node whose database is down when it starts (a host's boot, a compose file) listens all the same:
+    /healthz says unavailable and every other request gets a 503 problem with Retry-After, never a 500; once
+    the database is up the node connects on its own and runs jobs. A node stopped while it waits exits
+    cleanly; a database that refuses (here, one that does not exist) still stops the start at once."""
+    url = create_database(private_cluster.server)
+    config = node_config(tmp_path)
+    await asyncio.to_thread(private_cluster.stop)
+    try:
+        node = server_factory("--db", url, config_text=config)
+        quitter = server_factory("--db", url, config_text=config)
+        async with aiohttp.ClientSession() as http:
+            for server in (node, quitter):
+                async with http.get(f"{server.url}/healthz") as resp:
+                    body = await resp.json()
+                    assert resp.status == 503 and body["status"] == "unavailable", body
+                    assert body["store"] == "down" and body["feed"] == "down" and "Retry-After" in resp.headers
+            for method, path, sent in (("POST", "/jobs", {"task": "whoami", "params": {"seconds": 0}}),
+                                       ("GET", "/jobs", None), ("GET", "/jobs/nosuchjob", None),
+                                       ("GET", "/metrics", None)):
+                async with http.request(method, f"{node.url}{path}", json=sent) as resp:
+                    assert resp.status == 503, (method, path, resp.status, await resp.text())
+                    assert resp.content_type == "application/problem+json" and "Retry-After" in resp.headers
+            assert await asyncio.to_thread(quitter.terminate, 10.0) == 0
+            await asyncio.sleep(1.5)  # a few attempts to connect
+            assert node.proc is not None and node.proc.poll() is None, node.log()
+    finally:
+        await asyncio.to_thread(private_cluster.start)
+    async with aiohttp.ClientSession() as http:
+        async def healthy() -> bool:
+            async with http.get(f"{node.url}/healthz") as resp:
+                body = await resp.json()
+                return resp.status == 200 and body["store"] == "up" and body["feed"] == "up"
+
+        await eventually(healthy, "the node to reach its database", timeout_s=20)
+        async with http.post(f"{node.url}/jobs", json={"task": "whoami", "params": {"seconds": 0}}) as resp:
+            assert resp.status == 202, await resp.text()
+            job_id = (await resp.json())["id"]
+        assert (await until_terminal(http, node.url, [job_id], timeout_s=20))[job_id]["status"] == "succeeded"
+    assert "Traceback" not in node.log() + quitter.log() and " 500 " not in node.log()
+    missing = url.rsplit("/", 1)[0] + "/no_such_database"
+    with pytest.raises(AssertionError, match=r"server exited with 1:(.|\n)*no_such_database"):
+        server_factory("--db", missing, config_text=config)
+
+
 async def test_a_node_starting_just_after_a_database_restart_leaves_live_leases_alone(server_factory, tmp_path,
                                                                                    private_cluster):
     """At its start a node takes at once the jobs of nodes with no session on the database (killed ones). Just

@@ -23,6 +23,7 @@ from .common import (
     expect_handler,
     make_expect_handler,
     problems_middleware,
+    starting_middleware,
 )
 from .runner import ProblemRunner
 
@@ -36,8 +37,11 @@ def _body_limit(request: web.Request, *, spec: TaskSpec | None) -> int | None:
 def make_web_app(queue: JobQueue, settings: WebSettings, *, rates: Rates | None = None) -> web.Application:
     """The aiohttp application. ``rates``: where the submit rate's buckets are kept (by default, with a
     ``submit_rate`` set, in this process)."""
-    # Without tokens the auth middleware would only pass every request on: it is left out.
+    # Without tokens the auth middleware would only pass every request on: it is left out. Only a node of a
+    # shared store may listen before its store is open (it starts before its database).
     middlewares = [problems_middleware, auth_middleware] if settings.tokens else [problems_middleware]
+    if queue.store.shared:
+        middlewares.insert(0, starting_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[QUEUE_KEY] = queue
     app[SETTINGS_KEY] = settings

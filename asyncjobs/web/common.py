@@ -255,6 +255,17 @@ def presented_token(request: web.Request) -> str | None:
 
 
 @web.middleware
+async def starting_middleware(request: web.Request,
+                              handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    """On a shared store, until the node has reached its database (it may start first): 503 for every
+    request but ``/healthz``, which says the store is down."""
+    if request.app[QUEUE_KEY].started or request.path == "/healthz":
+        return await handler(request)
+    return problem_response(problem_body(503, "this node has not reached its job store yet; try again shortly"),
+                            {"Retry-After": "5"})
+
+
+@web.middleware
 async def auth_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
     """With tokens configured, every endpoint but the open ones needs a bearer token or a sign-in session.
 

@@ -325,11 +325,12 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: this node, whether its store and change feed are up, and who waits on each channel;
-    503 while the store does not answer."""
+    503 while the store does not answer, or the node has not started on it yet."""
     waiters = request.app[WAITERS_KEY]
     queue = request.app[QUEUE_KEY]
-    up = await queue.store_up()
-    body = {"status": "ok" if up else "unavailable", "node": queue.node, "store": "up" if up else "down",
+    store_up = await queue.store_up()
+    up = store_up and queue.started
+    body = {"status": "ok" if up else "unavailable", "node": queue.node, "store": "up" if store_up else "down",
             "feed": "up" if queue.feed.up else "down", "waiting": vars(waiters)}
     return json_response(body, status=200 if up else 503,
                          headers={**protocol.NO_STORE, **({} if up else {"Retry-After": "5"})})
