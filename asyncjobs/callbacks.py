@@ -116,8 +116,8 @@ class Deliverer:
         self.concurrency = concurrency
         self.clock = clock
         self._session: aiohttp.ClientSession | None = None
-        self._task: asyncio.Task | None = None
-        self._in_flight: dict[str, asyncio.Task] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._finished: set[str] = set()  # attempts that ended since the last read of due deliveries
 
     @property
@@ -170,7 +170,7 @@ class Deliverer:
         task = asyncio.create_task(self._deliver(delivery), name=f"asyncjobs-callback-{delivery.job_id}")
         self._in_flight[delivery.job_id] = task
 
-        def done(_: asyncio.Task) -> None:
+        def done(_: asyncio.Task[None]) -> None:
             self._in_flight.pop(delivery.job_id, None)
             self._finished.add(delivery.job_id)
             self.wakeup.set()

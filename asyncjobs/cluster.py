@@ -57,7 +57,7 @@ class ClusterFeed:
         self._seen: OrderedDict[str, int] = OrderedDict()
         self._pending: set[str] = set()
         self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         hub.add_listener(self._record)
 
     # -- lifecycle -------------------------------------------------------

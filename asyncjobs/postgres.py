@@ -375,7 +375,7 @@ def _store_error(message: str, exc: BaseException) -> StoreError:
     return StoreUnreachable(message) if isinstance(exc, _AWAY_ERRORS) else StoreError(message)
 
 
-def _insert_values(job: Job) -> tuple:
+def _insert_values(job: Job) -> tuple[Any, ...]:
     return (
         job.id, job.task, job.params, job.status.value, job.priority, job.created_at,
         job.started_at, job.finished_at, job.expires_at, job.run_at, job.attempts,
@@ -385,7 +385,7 @@ def _insert_values(job: Job) -> tuple:
     )
 
 
-def _matchable(args: tuple) -> tuple | None:
+def _matchable(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """A read's arguments without what no stored text can equal: PostgreSQL text holds no NUL character,
     so a value with one (an id or filter a client sent) matches nothing. None: nothing can match at all;
     a list loses just those items."""
@@ -509,9 +509,9 @@ class PostgresStore:
             raise ValueError("a PostgreSQL store needs at least one writer task")
         self._writers = writers  # group-commit writer tasks
         self.max_batch = max_batch
-        self._pending: asyncio.Queue[tuple[WriteOp | _Report | _Insert, asyncio.Future, Kept | None]] = \
+        self._pending: asyncio.Queue[tuple[WriteOp | _Report | _Insert, asyncio.Future[Any], Kept | None]] = \
             asyncio.Queue()
-        self._writer_tasks: list[asyncio.Task] = []
+        self._writer_tasks: list[asyncio.Task[None]] = []
         self.commits = 0  # transactions committed, for tests and metrics
         self.on_commit: Callable[[float, int], None] | None = None  # told (seconds, writes) after each commit
 
@@ -622,7 +622,7 @@ class PostgresStore:
                 raise
 
     async def _run_batch(self, pool: asyncpg.Pool,
-                         batch: list[tuple[WriteOp | _Report | _Insert, asyncio.Future, Kept | None]]) -> None:
+                         batch: list[tuple[WriteOp | _Report | _Insert, asyncio.Future[Any], Kept | None]]) -> None:
         try:
             results = await self._transaction(pool, [op for op, _, _ in batch])
         except Exception as exc:
@@ -657,7 +657,7 @@ class PostgresStore:
             self.on_commit(time.perf_counter() - started, len(ops))
         return results
 
-    async def _fetch(self, sql: str, *args: Any) -> list:
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         pool = self._require_pool()
         clean = _matchable(args)
         if clean is None:
@@ -1082,7 +1082,7 @@ class PostgresStore:
         meanwhile (``delivery_attempted`` then records the outcome); if this node dies, they are due again
         after the hold. (The ``busy`` ones, in flight here, are held: never due.)"""
 
-        async def op(db: asyncpg.Connection) -> list:
+        async def op(db: asyncpg.Connection) -> list[asyncpg.Record]:
             return list(await db.fetch(CLAIM_DELIVERIES_SQL, now, limit, now + hold_s))
 
         rows = await self._write(op)

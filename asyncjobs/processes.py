@@ -56,7 +56,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _spawn(command: list[str]) -> subprocess.Popen:
+def _spawn(command: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, preexec_fn=_die_with_parent)
 
 

@@ -257,7 +257,7 @@ def encoded(value: Any) -> bytes | None:
 _ASSIGN = ", ".join(f"{c} = ?" for c in MUTABLE)  # SQLite's "SET" list for the MUTABLE columns
 
 
-def mutable_values(job: Job) -> tuple:
+def mutable_values(job: Job) -> tuple[Any, ...]:
     """The values of ``MUTABLE``, as every backend writes them."""
     return (
         job.status.value, job.started_at, job.finished_at, job.expires_at, job.run_at,
@@ -398,8 +398,8 @@ class SQLiteStore:
         self._writer: sqlite3.Connection | None = None  # used only on _writer_thread
         self._writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncjobs-store-writer")
         self._reader: aiosqlite.Connection | None = None
-        self._pending: asyncio.Queue[tuple[WriteOp, asyncio.Future, Kept | None]] = asyncio.Queue()
-        self._writer_task: asyncio.Task | None = None
+        self._pending: asyncio.Queue[tuple[WriteOp, asyncio.Future[Any], Kept | None]] = asyncio.Queue()
+        self._writer_task: asyncio.Task[None] | None = None
         self.commits = 0  # transactions committed, for tests and metrics
         self.on_commit: Callable[[float, int], None] | None = None  # told (seconds, writes) after each commit
         self._lock_fd: int | None = None  # holds <path>.lock while open
@@ -532,7 +532,7 @@ class SQLiteStore:
                     settle_write(fut, kept, error=StoreError("the store is closed"))
                 raise
 
-    async def _run_batch(self, batch: list[tuple[WriteOp, asyncio.Future, Kept | None]]) -> None:
+    async def _run_batch(self, batch: list[tuple[WriteOp, asyncio.Future[Any], Kept | None]]) -> None:
         db = self._writer
         assert db is not None
         started = time.perf_counter()
@@ -834,7 +834,7 @@ class SQLiteStore:
         await self._write(op)
 
     # -- reads -----------------------------------------------------------
-    async def _fetchall(self, sql: str, params: tuple = ()) -> list:
+    async def _fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         if self._reader is None:
             raise StoreError("the store is closed")
         try:
@@ -973,7 +973,7 @@ class SQLiteStore:
         return {s.value: 0 for s in Status} | {status: n for status, n in rows}
 
 
-def settle_write(fut: asyncio.Future, kept: Kept | None = None, *, result: Any = None,
+def settle_write(fut: asyncio.Future[Any], kept: Kept | None = None, *, result: Any = None,
                  error: BaseException | None = None) -> None:
     """Answer a queued write: its future, or (its caller cancelled while it waited) its ``kept``."""
     if fut.done():
@@ -993,7 +993,7 @@ class Kept:
     result: Any = None
     error: BaseException | None = None
     done = False
-    waiter: asyncio.Future | None = None
+    waiter: asyncio.Future[Any] | None = None
 
     def settle(self, result: Any, error: BaseException | None) -> None:
         self.result, self.error, self.done = result, error, True
@@ -1001,10 +1001,10 @@ class Kept:
             self.waiter.set_result(None)
 
 
-def enqueue_write(pending: asyncio.Queue, op: Any, *, outlasting: bool) -> Awaitable[Any]:
+def enqueue_write(pending: asyncio.Queue[Any], op: Any, *, outlasting: bool) -> Awaitable[Any]:
     """Put ``op`` on a writer's queue; await what this returns for its answer. With ``outlasting``, a caller
     cancelled while it waits still gets the answer (``_outlast``)."""
-    fut: asyncio.Future = asyncio.get_running_loop().create_future()
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     if not outlasting:
         pending.put_nowait((op, fut, None))
         return fut
@@ -1013,7 +1013,7 @@ def enqueue_write(pending: asyncio.Queue, op: Any, *, outlasting: bool) -> Await
     return _outlast(fut, kept)
 
 
-async def _outlast(fut: asyncio.Future, kept: Kept) -> Any:
+async def _outlast(fut: asyncio.Future[Any], kept: Kept) -> Any:
     """The answer of a queued write, even if the caller is cancelled while it waits for ``fut``.
 
     Once queued, a write commits with its batch all the same; a caller that must act on what it did (a

@@ -290,12 +290,13 @@ def validate(value: Any, schema: Mapping[str, Any], path: str = "") -> list[dict
         return [{"field": here, "message": f"expected one of {schema['enum']}"}]
     errors: list[dict[str, str]] = []
     if _JSON_TYPES["number"](value):
-        for key, ok, words in (
+        bounds: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
             ("minimum", lambda b: value >= b, "at least"),
             ("maximum", lambda b: value <= b, "at most"),
             ("exclusiveMinimum", lambda b: value > b, "more than"),
             ("exclusiveMaximum", lambda b: value < b, "less than"),
-        ):
+        )
+        for key, ok, words in bounds:
             if key in schema and not ok(schema[key]):
                 errors.append({"field": here, "message": f"must be {words} {schema[key]}"})
     if isinstance(value, str):
@@ -378,7 +379,7 @@ class TaskRegistry:
     def __contains__(self, name: object) -> bool:
         return name in self._specs
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[TaskSpec]:
         return iter(self._specs.values())
 
     def __len__(self) -> int:

@@ -9,7 +9,7 @@ import mimetypes
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +47,7 @@ class Execution:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     last_persist: float = 0.0
     leased_at: float = field(default_factory=time.monotonic)  # when its lease was last taken or renewed
-    pending_write: asyncio.Task | None = None
+    pending_write: asyncio.Task[None] | None = None
     trailing: asyncio.TimerHandle | None = None  # the store write planned for a report inside the interval
     finishing: bool = False  # its outcome is being stored: no more progress writes
     has_work_dir: bool = False  # the handler asked for an output path: its folder goes after the attempt
@@ -116,7 +116,7 @@ class JobContext:
             reason = self._execution.cancel_reason
             raise Canceled(reason.message if reason is not None else "canceled")
 
-    def progress(self, fraction: float | None = None, message: str | None = None) -> asyncio.Future:
+    def progress(self, fraction: float | None = None, message: str | None = None) -> asyncio.Future[None]:
         if fraction is not None:
             fraction = min(1.0, max(0.0, float(fraction)))
         # (a text from the file system may hold lone surrogates, which no JSON encoder takes: they become "?")
@@ -144,14 +144,14 @@ class JobContext:
 class _Done:
     """An awaitable that is already finished, returned to sync callers of ``progress``."""
 
-    def __await__(self):  # pragma: no cover - sync callers do not await
+    def __await__(self) -> Iterator[None]:  # pragma: no cover - sync callers do not await
         return iter(())
 
 
 _DONE: Any = _Done()
 
 
-def _resolve(fut: asyncio.Future) -> None:
+def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
 
@@ -176,19 +176,19 @@ class Workers:
         # Twice the workers: a sync handler that ignores its timeout's cancel keeps its thread to the end, and up
         # to ``count`` of those do not hold the next sync jobs back.
         self._executor = ThreadPoolExecutor(max_workers=2 * count, thread_name_prefix="asyncjobs-handler")
-        self._tasks: dict[str, asyncio.Task] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self.running: dict[str, Execution] = {}  # the jobs this process runs, by id
         self._pending_cancels: dict[str, CancelReason] = {}  # asked before the job was registered here
         queue.hub.add_cancel_listener(self._cancel_requested)
         self._busy = 0  # handlers running now; a job whose outcome is being stored no longer holds a worker
         self._loop_thread = 0  # the event loop's thread, known in start()
         self._report_lock = threading.Lock()
-        self._dispatcher: asyncio.Task | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
         self._stopping = False  # set by stop(): the dispatcher claims no more
-        self._stopped: asyncio.Task | None = None  # stop()'s work, done once however often it is asked
+        self._stopped: asyncio.Task[None] | None = None  # stop()'s work, done once however often it is asked
         self.abandoned = 0  # handlers still running after stop() (they ignored it): their jobs were handed back
-        self._sweeper: asyncio.Task | None = None
-        self._heart: asyncio.Task | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._heart: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._loop_thread = threading.get_ident()

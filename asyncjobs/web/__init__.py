@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -52,7 +53,7 @@ def make_web_app(queue: JobQueue, settings: WebSettings, *, rates: Rates | None 
     app[push.SOCKETS_KEY] = weakref.WeakSet()
     app[push.CLOSING_KEY] = set()
     app.on_shutdown.append(push.end_waits)
-    routes = [
+    routes: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
         ("POST", "/jobs", jobs.submit),
         ("GET", "/jobs", jobs.list_jobs),
         ("GET", "/jobs/{job_id}", jobs.monitor),

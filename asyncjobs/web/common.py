@@ -86,7 +86,8 @@ _KEPT_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate")
 
 
 @web.middleware
-async def problems_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+async def problems_middleware(request: web.Request,
+                              handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """Every error becomes problem details (RFC 9457); a bug becomes a bare 500, never a traceback."""
     try:
         return await handler(request)
@@ -256,7 +257,7 @@ def presented_token(request: web.Request) -> str | None:
 
 @web.middleware
 async def starting_middleware(request: web.Request,
-                              handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+                              handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """On a shared store, until the node has reached its database (it may start first): 503 for every
     request but ``/healthz``, which says the store is down."""
     if request.app[QUEUE_KEY].started or request.path == "/healthz":
@@ -266,7 +267,8 @@ async def starting_middleware(request: web.Request,
 
 
 @web.middleware
-async def auth_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+async def auth_middleware(request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """With tokens configured, every endpoint but the open ones needs a bearer token or a sign-in session.
 
     A bearer token (or ``?access_token=`` on the push channels), when presented, decides alone: valid, or 401,

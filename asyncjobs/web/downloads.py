@@ -11,7 +11,8 @@ from .. import protocol
 from ..errors import JobGone
 from ..models import Job
 from ..queue import JobQueue
-from .common import list_header, problem_body, problem_response
+from .common import list_header, problem_response
+from .problems import problem_body
 
 SEND_BYTES = 1 << 20  # a chunk when sendfile is not available
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -28,12 +29,11 @@ from .common import (
     json_response,
     list_header,
     principal_of,
-    problem_body,
     problem_response,
     read_json,
     visible_owner,
 )
-from .problems import WebProblem
+from .problems import WebProblem, problem_body
 
 log = logging.getLogger("asyncjobs.web")
 
@@ -211,7 +211,7 @@ def task_route_handler(spec: TaskSpec) -> Callable[[web.Request], Awaitable[web.
     return handle
 
 
-def _with_path_params(request: web.Request, given: dict) -> dict:
+def _with_path_params(request: web.Request, given: dict[str, Any]) -> dict[str, Any]:
     params = dict(given)
     for name, value in request.match_info.items():
         if name in params and params[name] != value:

@@ -6,7 +6,7 @@ import bisect
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
@@ -135,7 +135,8 @@ _HISTOGRAMS = (
     ("asyncjobs_queue_wait_seconds", "From when a job was due to when a worker started it, by task.", "queue_wait"),
     ("asyncjobs_run_seconds", "From start to finish of a job's last attempt, by task.", "run_time"),
 )
-_BOUNDS = [floatToGoString(b) for b in _TIME_BUCKETS_S] + ["+Inf"]
+_GO_FLOAT: Callable[[float], str] = floatToGoString  # (prometheus_client's own spelling of a bucket's bound)
+_BOUNDS = [_GO_FLOAT(b) for b in _TIME_BUCKETS_S] + ["+Inf"]
 
 
 class _TaskCollector:

@@ -14,6 +14,7 @@ import html
 import re
 import statistics
 import time
+from collections.abc import AsyncIterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,12 @@ from aiohttp import web
 
 from .. import codec, protocol
 from ..errors import JobGone, JobNotFound
+from ..models import Job
 from .common import (
     METRICS_KEY,
     QUEUE_KEY,
     SETTINGS_KEY,
+    Session,
     is_admin,
     json_response,
     list_header,
@@ -131,7 +134,7 @@ def _render(name: str, request: web.Request | None = None, **values: str) -> str
     return text
 
 
-def _account(session) -> str:
+def _account(session: Session | None) -> str:
     """The header's "signed in as … / Sign out" (a plain form: it works without JavaScript)."""
     if session is None:
         return ""
@@ -202,7 +205,7 @@ async def job_page(request: web.Request) -> web.StreamResponse:
     return _page(text, status=answer.status, headers={"ETag": etag})
 
 
-def _rerun(request: web.Request, job) -> dict[str, Any] | None:
+def _rerun(request: web.Request, job: Job) -> dict[str, Any] | None:
     """What "Run again" submits: the task, params and priority, for the job's own viewer only (its
     params are not in the API's representation: an admin looking at another's job does not get them),
     and only for a job without files (its input files are gone once it is terminal)."""
@@ -218,7 +221,7 @@ def _rerun(request: web.Request, job) -> dict[str, Any] | None:
 
 # -- the dashboard ------------------------------------------------------------------
 
-def _run_time_figures(jobs: list, estimates: dict[str, float]) -> dict[str, dict[str, Any]]:
+def _run_time_figures(jobs: list[Job], estimates: dict[str, float]) -> dict[str, dict[str, Any]]:
     """Per task, from recent jobs: runs, failures, and mean / median / max run time of the successes."""
     durations: dict[str, list[float]] = {}
     failed: dict[str, int] = {}
@@ -300,7 +303,7 @@ async def static_file(request: web.Request) -> web.StreamResponse:
         "Content-Type": STATIC_TYPES[path.suffix], "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
 
-async def _sample_history(app: web.Application):
+async def _sample_history(app: web.Application) -> AsyncIterator[None]:
     """While the app runs: sample the queue depth every few seconds for the dashboard's chart."""
 
     async def sample() -> None:

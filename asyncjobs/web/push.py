@@ -36,7 +36,7 @@ CLOSING_KEY = web.AppKey("asyncjobs_closing", set)
 MAX_FRAME_BYTES = 1 << 20
 
 
-async def _body(queue: JobQueue, job: Job) -> dict:
+async def _body(queue: JobQueue, job: Job) -> dict[str, Any]:
     view = await queue.view(job)
     return protocol.job_body(job, eta=view.eta, queue_position=view.queue_position)
 
@@ -139,7 +139,7 @@ class _Socket:
             self.mark_sent(job)
             await self.send({"type": "job", "job": await _body(queue, job)})
 
-    async def send(self, message: dict) -> None:
+    async def send(self, message: dict[str, Any]) -> None:
         await self.ws.send_str(codec.dumps(message).decode())
 
 

@@ -10,7 +10,8 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
-from .common import problem_body, problem_response
+from .common import problem_response
+from .problems import problem_body
 
 log = logging.getLogger("asyncjobs.web")
 

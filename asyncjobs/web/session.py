@@ -50,6 +50,7 @@ from itsdangerous import BadSignature, TimestampSigner
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
 
 from ..errors import Forbidden, InvalidRequest, UnsupportedType
+from ..queue import JobQueue
 from . import pages
 from .common import (
     BEARER_CHALLENGE,
@@ -190,10 +191,10 @@ class Sessions:
         # is asked whether those sessions still stand (a /logout on another node, or their time ran out).
         self._held: dict[str, set[Callable[[], None]]] = {}
         self.recheck_s = RECHECK_S
-        self._rechecking: asyncio.Task | None = None
+        self._rechecking: asyncio.Task[None] | None = None
 
     @property
-    def _queue(self):
+    def _queue(self) -> JobQueue:
         return self.app[QUEUE_KEY]
 
     def sign(self, principal: str, session_id: str) -> str:
@@ -342,7 +343,7 @@ async def check_csrf(request: web.Request, session: Session, *, form: bool) -> N
         raise Forbidden("the CSRF token does not match this sign-in session")
 
 
-async def _form(request: web.Request) -> MultiDictProxy:
+async def _form(request: web.Request) -> MultiDictProxy[str | bytes | bytearray | web.FileField]:
     """The request's form fields; 400 for a body that is not text in its charset, 415 for an unknown charset."""
     refuse_undecodable(request)
     try:

@@ -174,7 +174,7 @@ async def _read_file(part: BodyPartReader, upload: Upload, timeout_s: float) -> 
 class _HeldWatch:
     """Stops a file part's read (only while it waits for bytes) once the part is over the limit."""
 
-    def __init__(self, part: BodyPartReader, upload: Upload, reader: asyncio.Task) -> None:
+    def __init__(self, part: BodyPartReader, upload: Upload, reader: asyncio.Task[Any]) -> None:
         self.part, self.upload, self.reader = part, upload, reader
         self.reading = False
         self.over = False
