@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from . import callbacks, codec, protocol
 from .config import Config
-from .errors import ConfigError, StoreError, StoreUnreachable
+from .errors import ConfigError, StoreUnreachable
 from .files import FileStore, default_dir
 from .hub import Feed, Hub, LocalFeed
 from .limits import Rates, SharedSubmitRates
@@ -172,6 +172,10 @@ class App:
         self.web.cleanup_ctx.append(self._lifecycle)
         self._started = False
         self._connecting: asyncio.Task[None] | None = None  # a start waiting for the database to answer
+        # What stopped a start that had waited for the database (else None), and whom to tell: it ends the
+        # node as the same failure at once would have (asyncjobs serve exits with its message).
+        self.start_failure: Exception | None = None
+        self.on_start_failure: Callable[[], None] | None = None
 
     def _feed(self) -> Feed:
         """The change feed that goes with the store: the hub alone, unless other processes share the store."""
@@ -205,7 +209,8 @@ class App:
         """Open the store and start the queue, workers and deliveries. A database that is away (a shared
         store) does not stop the start: the node answers 503 meanwhile and starts once it can connect, as
         it reconnects after the database went away later on (PROTOCOL: nodes reconnect on their own). A
-        database that refuses (a wrong password, a missing database) raises StoreError at once."""
+        database that refuses (a wrong password, a missing database) raises StoreError at once; once
+        waited for, it sets ``start_failure`` and calls ``on_start_failure``."""
         if self._started or self._connecting is not None:
             return
         try:
@@ -223,13 +228,15 @@ class App:
             try:
                 await self.store.open()
                 await self._start_on_open_store()
-            except StoreError as exc:  # still away, or away again; or refusing, which someone may mend
+            except StoreUnreachable as exc:  # still away, or away again
                 delay = min(delay * 2, CONNECT_RETRY_MOST_S)
-                log.log(logging.INFO if isinstance(exc, StoreUnreachable) else logging.ERROR,
-                        "%s; trying again in %.1fs", exc, delay)
+                log.info("%s; trying again in %.1fs", exc, delay)
                 continue
-            except Exception:
-                log.exception("asyncjobs could not start")
+            except Exception as exc:  # a refusal, or anything else a start at once would have stopped on
+                log.error("asyncjobs cannot start: %s", exc)
+                self.start_failure = exc
+                if self.on_start_failure is not None:
+                    self.on_start_failure()
             return
 
     async def _start_on_open_store(self) -> None:

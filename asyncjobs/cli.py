@@ -127,11 +127,17 @@ async def serve(app: App, *, reuse_port: bool = False) -> None:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        app.on_start_failure = stop.set  # (a start that waited for the database, then failed)
+        if app.start_failure is not None:  # (already)
+            stop.set()
         await stop.wait()
-        log.info("shutting down: no new jobs; running jobs get %.0fs", app.config.queue.shutdown_grace)
+        if app.start_failure is None:
+            log.info("shutting down: no new jobs; running jobs get %.0fs", app.config.queue.shutdown_grace)
         await app.drain()
     finally:
         await runner.cleanup()
+    if app.start_failure is not None:
+        raise app.start_failure  # the exit it would have had, failing at once
 
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

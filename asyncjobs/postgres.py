@@ -651,7 +651,7 @@ class PostgresStore:
             if len(ops) > 1 and isinstance(exc, asyncpg.PostgresError):
                 raise  # the database refused one write of a batch: each is tried alone
             log.error("store write failed: %s", exc)
-            raise StoreError(f"store write failed: {exc}") from exc
+            raise _store_error(f"store write failed: {exc}", exc) from exc
         self.commits += 1
         if self.on_commit is not None:
             self.on_commit(time.perf_counter() - started, len(ops))
@@ -665,7 +665,7 @@ class PostgresStore:
         try:
             return list(await pool.fetch(sql, *clean))
         except _DB_ERRORS as exc:
-            raise StoreError(f"store read failed: {exc}") from exc
+            raise _store_error(f"store read failed: {exc}", exc) from exc
 
     async def _fetchval(self, sql: str, *args: Any) -> Any:
         pool = self._require_pool()
@@ -675,7 +675,7 @@ class PostgresStore:
         try:
             return await pool.fetchval(sql, *clean)
         except _DB_ERRORS as exc:
-            raise StoreError(f"store read failed: {exc}") from exc
+            raise _store_error(f"store read failed: {exc}", exc) from exc
 
     # -- writes ----------------------------------------------------------
     async def insert(self, job: Job, *, admit: bool = True, reuse_s: float | None = None, fresh: bool = False,
@@ -1122,7 +1122,7 @@ class PostgresStore:
             await db.add_listener(CHANGES_CHANNEL, lambda _c, _p, _ch, payload: on_change(payload))
             await db.add_listener(CANCELS_CHANNEL, lambda _c, _p, _ch, payload: on_cancel(payload))
         except _DB_ERRORS as exc:
-            raise StoreError(f"cannot listen for changes: {exc}") from exc
+            raise _store_error(f"cannot listen for changes: {exc}", exc) from exc
         except ValueError as exc:
             raise StoreError(f"store.url: {exc}") from exc
         db.add_termination_listener(lambda _c: on_lost())
@@ -1149,7 +1149,7 @@ class Listening:
         try:
             await self._db.fetchval("SELECT 1", timeout=timeout_s)
         except _DB_ERRORS as exc:
-            raise StoreError(f"the listening connection is lost: {exc}") from exc
+            raise _store_error(f"the listening connection is lost: {exc}", exc) from exc
 
     async def end_silent(self, node: str, silent_s: float) -> list[tuple[str, bool]]:
         """End the listening sessions of other nodes that have not pinged for ``silent_s`` (a node frozen or
@@ -1162,7 +1162,7 @@ class Listening:
         try:
             rows = await self._db.fetch(END_SILENT_SQL, node, silent_s)
         except _DB_ERRORS as exc:
-            raise StoreError(f"cannot look for silent listeners: {exc}") from exc
+            raise _store_error(f"cannot look for silent listeners: {exc}", exc) from exc
         return [(r["application_name"], bool(r["blocked"])) for r in rows if r["ended"]]
 
     async def close(self) -> None:

@@ -304,13 +304,16 @@ async def test_a_node_started_while_its_database_is_away_answers_503_and_starts_
     """A node whose database is down when it starts (a host's boot, a compose file) listens all the same:
     /healthz says unavailable and every other request gets a 503 problem with Retry-After, never a 500; once
     the database is up the node connects on its own and runs jobs. A node stopped while it waits exits
-    cleanly; a database that refuses (here, one that does not exist) still stops the start at once."""
+    cleanly. A database that refuses (here, one that does not exist) stops the start as it would have at
+    once: exit 1, saying why, whether the node had to wait for the server or not."""
     url = create_database(private_cluster.server)
+    missing = url.rsplit("/", 1)[0] + "/no_such_database"
     config = node_config(tmp_path)
     await asyncio.to_thread(private_cluster.stop)
     try:
         node = server_factory("--db", url, config_text=config)
         quitter = server_factory("--db", url, config_text=config)
+        refused = server_factory("--db", missing, config_text=config)
         async with aiohttp.ClientSession() as http:
             for server in (node, quitter):
                 async with http.get(f"{server.url}/healthz") as resp:
@@ -326,8 +329,12 @@ async def test_a_node_started_while_its_database_is_away_answers_503_and_starts_
             assert await asyncio.to_thread(quitter.terminate, 10.0) == 0
             await asyncio.sleep(1.5)  # a few attempts to connect
             assert node.proc is not None and node.proc.poll() is None, node.log()
+            assert refused.proc is not None and refused.proc.poll() is None, refused.log()
     finally:
         await asyncio.to_thread(private_cluster.start)
+    await asyncio.to_thread(refused.proc.wait, 20)
+    assert refused.proc.returncode == 1 and "no_such_database" in refused.log(), refused.log()
+    assert "Traceback" not in refused.log()
     async with aiohttp.ClientSession() as http:
         async def healthy() -> bool:
             async with http.get(f"{node.url}/healthz") as resp:
@@ -340,7 +347,6 @@ async def test_a_node_started_while_its_database_is_away_answers_503_and_starts_
             job_id = (await resp.json())["id"]
         assert (await until_terminal(http, node.url, [job_id], timeout_s=20))[job_id]["status"] == "succeeded"
     assert "Traceback" not in node.log() + quitter.log() and " 500 " not in node.log()
-    missing = url.rsplit("/", 1)[0] + "/no_such_database"
     with pytest.raises(AssertionError, match=r"server exited with 1:(.|\n)*no_such_database"):
         server_factory("--db", missing, config_text=config)
 
