@@ -221,6 +221,13 @@ async def wait_status(client, job_id: str, statuses: set[str] | str, timeout_s: 
         await asyncio.sleep(0.02)
 
 
+def files_under(folder: Path) -> list[Path]:
+    """Every file under ``folder``, sorted. A folder the server removes while this looks (a job's, once it
+    ended) is passed over: os.walk skips a folder it can no longer list, where Path.rglob raises."""
+    found = (Path(parent, name) for parent, _, names in os.walk(folder) for name in names)
+    return sorted(p for p in found if p.is_file())
+
+
 async def eventually(check: Callable[[], Any], what: str, timeout_s: float = 10.0) -> Any:
     """Poll ``check`` (sync or async) until it returns something truthy; fail with ``what`` at the deadline."""
     deadline = time.monotonic() + timeout_s

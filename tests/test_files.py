@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import eventually, submit, wait_status
+from tests.conftest import eventually, files_under, submit, wait_status
 
 @pytest.fixture
 def make_client(make_client):
@@ -54,7 +54,7 @@ def files_dir(app) -> Path:
 
 def stored_files(app) -> list[Path]:
     """Every file under the files folder (committed, arriving, or work files)."""
-    return sorted(p for p in files_dir(app).rglob("*") if p.is_file())
+    return files_under(files_dir(app))
 
 
 def sha(data: bytes) -> str:

@@ -18,7 +18,7 @@ from typing import AsyncIterator
 import aiohttp
 import pytest
 
-from tests.conftest import config_text
+from tests.conftest import config_text, files_under
 
 MIB = 1 << 20
 
@@ -48,7 +48,7 @@ def rss_bytes(pid: int) -> int:
 
 
 def files_in(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    return sorted(str(p.relative_to(folder)) for p in files_under(folder))
 
 
 async def chunks(path: Path, size: int = MIB) -> AsyncIterator[bytes]:
