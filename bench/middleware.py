@@ -4,8 +4,8 @@
 
 On PostgreSQL a node may start before its database, so its web app has one more middleware
 (``starting_middleware``: 503 until the node has started). This times the chain aiohttp builds for a
-route (aiohttp's own, ``problems_middleware`` and the handler, with and without the gate in front), called with a
-stand-in request (``app`` and ``path``, which is all either middleware reads), in one process, the two
+route (aiohttp's own, ``problems_middleware`` and the handler, with and without the gate behind
+``problems_middleware``), called with a stand-in request (``app`` and ``path``, which is all either middleware reads), in one process, the two
 taking turns. It prints the median nanoseconds a call and the difference: what every request to a
 PostgreSQL node pays once the node has started. No server, no network: a request's own cost is
 hundreds of microseconds (bench/cost.py), far above what this measures.
@@ -48,7 +48,7 @@ async def _handler(_request: Any) -> None:
 
 
 def _chain(gate: bool) -> tuple[Callable[[Any], Awaitable[Any]], _Request]:
-    app = web.Application(middlewares=[starting_middleware, problems_middleware] if gate else [problems_middleware])
+    app = web.Application(middlewares=[problems_middleware, starting_middleware] if gate else [problems_middleware])
     app[QUEUE_KEY] = _Started()  # type: ignore[assignment]
     app.freeze()  # (aiohttp lists the middlewares it calls when the app is frozen)
     return _build_middlewares(_handler, (app,)), _Request(app)  # type: ignore[arg-type]
@@ -74,7 +74,7 @@ async def main() -> None:
     without, with_gate = statistics.median(times[False]), statistics.median(times[True])
     print(f"{os.cpu_count()} cores, Python {platform.python_version()}, {args.rounds} rounds of {args.calls:,} calls")
     print(f"  the chain without the gate: {without:,.0f} ns a request")
-    print(f"  with the gate in front:     {with_gate:,.0f} ns a request")
+    print(f"  with the gate:              {with_gate:,.0f} ns a request")
     print(f"  the gate costs:             {with_gate - without:,.0f} ns a request")
 
 

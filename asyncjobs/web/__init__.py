@@ -39,10 +39,11 @@ def make_web_app(queue: JobQueue, settings: WebSettings, *, rates: Rates | None 
     """The aiohttp application. ``rates``: where the submit rate's buckets are kept (by default, with a
     ``submit_rate`` set, in this process)."""
     # Without tokens the auth middleware would only pass every request on: it is left out. Only a node of a
-    # shared store may listen before its store is open (it starts before its database).
+    # shared store may listen before its store is open (it starts before its database): its 503 until then is
+    # the problems middleware's answer to a store that is away.
     middlewares = [problems_middleware, auth_middleware] if settings.tokens else [problems_middleware]
     if queue.store.shared:
-        middlewares.insert(0, starting_middleware)
+        middlewares.insert(1, starting_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[QUEUE_KEY] = queue
     app[SETTINGS_KEY] = settings

@@ -15,7 +15,15 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from .. import codec, protocol
-from ..errors import InvalidRequest, RequestError, StoreError, TooLarge, Unauthorized, UnsupportedType
+from ..errors import (
+    InvalidRequest,
+    RequestError,
+    StoreError,
+    StoreUnreachable,
+    TooLarge,
+    Unauthorized,
+    UnsupportedType,
+)
 from ..limits import Rates
 from ..queue import JobQueue
 from . import problems
@@ -258,12 +266,11 @@ def presented_token(request: web.Request) -> str | None:
 @web.middleware
 async def starting_middleware(request: web.Request,
                               handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """On a shared store, until the node has reached its database (it may start first): 503 for every
-    request but ``/healthz``, which says the store is down."""
+    """On a shared store, until the node has reached its database (it may start first): every request but
+    ``/healthz`` (which says the store is down) is answered as when the store goes away later (503)."""
     if request.app[QUEUE_KEY].started or request.path == "/healthz":
         return await handler(request)
-    return problem_response(problem_body(503, "this node has not reached its job store yet; try again shortly"),
-                            {"Retry-After": "5"})
+    raise StoreUnreachable("this node has not reached its job store yet")
 
 
 @web.middleware
